@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -25,6 +26,11 @@ from tl_degeneracy.result import BasisResult  # noqa: E402
 from tl_degeneracy.viz import plot_ablation_curves, plot_spectra, save_figure  # noqa: E402
 
 
+def plain(name: str) -> str:
+    """A site or section name without its position list."""
+    return re.sub(r"\[[^\]]*\]", "", name)
+
+
 def per_row_edges(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, float, int]]:
     """Median (over output features and sections) of the inputs needed for 99% and 90% of one
     output feature's incoming edge weight, for attention and MLP sections."""
@@ -33,7 +39,7 @@ def per_row_edges(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, fl
     for name, e in tensors.items():
         if not name.endswith("/edges"):
             continue
-        part = "attention" if "hook_resid_pre->" in name else "MLP"
+        part = "attention" if "hook_resid_pre->" in plain(name) else "MLP"
         k_in = e.shape[1]
         srt = e.sort(dim=1, descending=True).values
         cum = srt.cumsum(1) / srt.sum(1, keepdim=True).clamp_min(1e-300)
@@ -55,6 +61,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("--img", default="docs/img")
+    p.add_argument("--prefix", default="lm", help="file name prefix of the figures")
     args = p.parse_args()
     out, img = Path(args.out), Path(args.img)
     img.mkdir(parents=True, exist_ok=True)
@@ -63,19 +70,21 @@ def main() -> None:
     abl = summary["ablation"]
     if abl:
         curves = {
-            site.replace("blocks.", "block ").replace(".hook_", " "): {
+            plain(site).replace("blocks.", "block ").replace(".hook_", " "): {
                 kind: {int(k): v for k, v in entry["loss"].items()} for kind, entry in by.items()
             }
             for site, by in abl.items()
         }
         base = {
-            site.replace("blocks.", "block ").replace(".hook_", " "): by["lib"]["baseline_loss"]
+            plain(site).replace("blocks.", "block ").replace(".hook_", " "): by["lib"][
+                "baseline_loss"
+            ]
             for site, by in abl.items()
         }
         fig = plot_ablation_curves(curves, "held-out loss (nats)", base)
         for ax in fig.axes:
             ax.set_yscale("log")
-        save_figure(fig, img / "lm_ablation.png")
+        save_figure(fig, img / f"{args.prefix}_ablation.png")
         print("\n| site | kept k | LIB loss | PCA loss |\n|---|---|---|---|")
         for site, by in abl.items():
             for k in by["lib"]["loss"]:
@@ -98,26 +107,26 @@ def main() -> None:
             ys = [edges[n][kind]["edges_for_99pct"] for n in names if kind in edges[n]]
             ax.plot(range(len(ys)), ys, marker="o", ms=3, color=colour, label=kind.upper())
         total = edges[names[0]]["lib"]["total"]
-        ax.set_xticks(range(0, len(names), 4), [n.split(".")[1] for n in names[::4]])
+        ax.set_xticks(range(0, len(names), 4), [plain(n).split(".")[1] for n in names[::4]])
         ax.set_xlabel("block (two sections each: attention, MLP)")
         ax.set_ylabel(f"edges for 99% of weight (of {total})")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(img / "lm_edges.png", dpi=110)
+        fig.savefig(img / f"{args.prefix}_edges.png", dpi=110)
         rows = []
         for kind in ("lib", "pca"):
             for part, sel in (("attention", "pre->"), ("MLP", "mid->")):
                 vals = [
                     edges[n][kind]["edges_for_99pct"]
                     for n in names
-                    if kind in edges[n] and sel in n.replace("hook_resid_", "")
+                    if kind in edges[n] and sel in plain(n).replace("hook_resid_", "")
                 ]
                 frac = [
                     edges[n][kind]["edges_for_90pct"]
                     for n in names
-                    if kind in edges[n] and sel in n.replace("hook_resid_", "")
+                    if kind in edges[n] and sel in plain(n).replace("hook_resid_", "")
                 ]
                 rows.append((kind, part, statistics.median(vals), statistics.median(frac)))
         print("\n| basis | sections | median edges for 99% | for 90% | of |\n|---|---|---|---|---|")
@@ -147,8 +156,8 @@ def main() -> None:
         for ax, site in zip(axes, sites):
             sub = plot_spectra(
                 {
-                    "LIB Λ": lib[site].importance.numpy(),
-                    "PCA variance": pca[site].importance.numpy(),
+                    "lib": lib[site].importance.numpy(),
+                    "pca": pca[site].importance.numpy(),
                 },
                 site,
                 normalise=True,
@@ -156,13 +165,13 @@ def main() -> None:
             for line in sub.axes[0].lines:
                 ax.plot(*line.get_data(), color=line.get_color(), label=line.get_label())
             ax.set_yscale("log")
-            ax.set_title(site, fontsize=9)
+            ax.set_title(plain(site), fontsize=9)
             ax.set_xlabel("index")
             ax.legend(fontsize=7)
             plt.close(sub)
         axes[0].set_ylabel("fraction of total")
         fig.tight_layout()
-        fig.savefig(img / "lm_spectra.png", dpi=110)
+        fig.savefig(img / f"{args.prefix}_spectra.png", dpi=110)
 
 
 if __name__ == "__main__":

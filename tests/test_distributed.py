@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from support import random_tokens, tiny_config, tiny_model
 
-from tl_degeneracy.compat import available_apis, has_hooked_transformer
+from tl_degeneracy.compat import available_apis
 from tl_degeneracy.distributed import (
     DistContext,
     load_model_file,
@@ -25,12 +25,6 @@ from tl_degeneracy.jacobians import JacobianConfig, jacobian_gram
 from tl_degeneracy.sections import Section
 from tl_degeneracy.sites import Site
 from tl_degeneracy.statistics import collect_statistics
-
-pytestmark = pytest.mark.skipif(
-    not has_hooked_transformer(),
-    reason="builds its models with HookedTransformer (TransformerLens < 4); the Bridge port "
-    "of this test is pending",
-)
 
 API = available_apis()[0]
 

@@ -18,17 +18,11 @@ from safetensors.torch import save_file
 from support import random_tokens, tiny_config, tiny_model
 
 from tl_degeneracy import streaming
-from tl_degeneracy.compat import available_apis, has_hooked_transformer
+from tl_degeneracy.compat import available_apis
 from tl_degeneracy.distributed import load_model_file, save_model_file
 from tl_degeneracy.fit import LIBConfig, fit_basis
 from tl_degeneracy.jacobians import JacobianConfig
 from tl_degeneracy.result import BasisResult
-
-pytestmark = pytest.mark.skipif(
-    not has_hooked_transformer(),
-    reason="builds its models with HookedTransformer (TransformerLens < 4); the Bridge port "
-    "of this test is pending",
-)
 
 API = available_apis()[0]
 SITES = (

@@ -108,6 +108,11 @@ def _fit_lm_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="re-run the model prefix per section instead of an activation store",
     )
+    p.add_argument(
+        "--skip-bos",
+        action="store_true",
+        help="leave position 0 (BOS) out of every site (slower: no activation store)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -128,6 +133,7 @@ def run_fit_lm(args: argparse.Namespace) -> int:
         batch_rows=args.batch_rows,
         api=args.api,
         cache_activations=not args.no_cache,
+        skip_first_position=args.skip_bos,
         progress=not args.quiet,
     )
     ctx = DistContext.from_env()

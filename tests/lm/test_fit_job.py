@@ -9,7 +9,7 @@ import pytest
 import torch
 from support import random_tokens, tiny_model
 
-from tl_degeneracy.compat import available_apis, has_hooked_transformer
+from tl_degeneracy.compat import available_apis
 from tl_degeneracy.edges import EdgeConfig, section_edges
 from tl_degeneracy.fit import LIBConfig, fit_basis
 from tl_degeneracy.jacobians import JacobianConfig
@@ -24,12 +24,6 @@ from tl_degeneracy.lm.fit_job import (
 )
 from tl_degeneracy.sections import Section, run_section
 from tl_degeneracy.sites import Site
-
-pytestmark = pytest.mark.skipif(
-    not has_hooked_transformer(),
-    reason="builds its models with HookedTransformer (TransformerLens < 4); the Bridge port "
-    "of this test is pending",
-)
 
 CFG = LMFitConfig(
     n_sources=3,
@@ -249,3 +243,26 @@ def test_gram_peak_memory_does_not_grow_with_tokens():
     )
     ratio = float(run.stdout.split("streaming peak ratio ")[1].split(",")[0])
     assert ratio < 1.10, run.stdout
+
+
+def test_skip_first_position(tmp_path):
+    model = _model()
+    tokens = random_tokens(model, 12, seed=3)
+    cfg = LMFitConfig(**{**CFG.__dict__, "skip_first_position": True})
+    held = random_tokens(model, 6, seed=9)
+    fit = fit_lm(model, tokens, cfg, tmp_path / "work", held, log=lambda s: None)  # checkpoints
+    assert not fit.used_store
+    sites = [b.site for b in fit.bases["lib"].bases.values()]
+    assert all(s.positions == (1, 2, 3, 4, 5) for s in sites)
+    assert list(fit.curves) == ["blocks.1.hook_resid_mid[1,2,3,4,5]"]
+    write_lm_fit(fit, tmp_path / "out")  # the report's section labels drop the position list
+
+
+def test_checkpoint_keys_fit_in_a_file_name():
+    from tl_degeneracy.lm.fit_job import _key
+
+    long = "jacobian." + "->".join(
+        f"blocks.1.hook_resid_mid[{','.join(map(str, range(1, 128)))}]" for _ in "ab"
+    )
+    assert len(_key(long)) < 120 and _key(long) != _key(long + "x")
+    assert _key("jacobian.a->b") == "jacobian.a->b"

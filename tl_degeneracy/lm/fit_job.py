@@ -58,7 +58,7 @@ from tl_degeneracy.jacobians import (
 )
 from tl_degeneracy.result import BasisResult, build_metadata
 from tl_degeneracy.sections import Section
-from tl_degeneracy.sites import Site, validate_sites
+from tl_degeneracy.sites import Positions, Site, validate_sites
 from tl_degeneracy.statistics import (
     GramStatistics,
     SiteStatistics,
@@ -70,12 +70,14 @@ from tl_degeneracy.streaming import Checkpointing, batch_generator, chunks, iter
 Log = Callable[[str], None]
 
 
-def lm_sites(n_layers: int, n_blocks: int | None = None) -> list[Site]:
+def lm_sites(
+    n_layers: int, n_blocks: int | None = None, positions: Positions = "all"
+) -> list[Site]:
     """`resid_pre` and `resid_mid` of the first `n_blocks` blocks (all by default), then the
     last of those blocks' `resid_post` (the final site)."""
     n = n_layers if n_blocks is None else min(n_blocks, n_layers)
-    sites = [Site(f"blocks.{b}.hook_resid_{s}") for b in range(n) for s in ("pre", "mid")]
-    return [*sites, Site(f"blocks.{n - 1}.hook_resid_post")]
+    hooks = [f"blocks.{b}.hook_resid_{s}" for b in range(n) for s in ("pre", "mid")]
+    return [Site(h, positions) for h in [*hooks, f"blocks.{n - 1}.hook_resid_post"]]
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,9 @@ class LMFitConfig:
         "blocks.25.hook_resid_mid",
     )
     ablation_ks: tuple[int, ...] = (0, 4, 16, 64, 128, 256, 384, 512, 576)
+    skip_first_position: bool = False
+    """Leave position 0 (the BOS token, whose massive activation dominates every spectrum) out
+    of every site; it keeps its value on the data. Sections then run on the whole prefix."""
     seed: int = 0
     cache_activations: bool = True
     """Stream section inputs from a disk store (HookedTransformer only) instead of
@@ -375,6 +380,13 @@ def _fmt(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
+def _key(text: str) -> str:
+    """A checkpoint key that fits in a file name (sites with position lists have long names)."""
+    if len(text) <= 150:
+        return text
+    return f"{text[:80]}~{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
 def _fingerprint(config: LMFitConfig, model: nn.Module, tokens: Tensor, sites: list[Site]) -> str:
     h = hashlib.sha256()
     fields = {k: v for k, v in asdict(config).items() if k not in ("progress", "ablation_ks")}
@@ -420,7 +432,8 @@ def fit_lm(
     import tempfile
 
     ctx = ctx or DistContext()
-    sites = validate_sites(model, lm_sites(model.cfg.n_layers, config.n_blocks))
+    positions = tuple(range(1, tokens.shape[1])) if config.skip_first_position else "all"
+    sites = validate_sites(model, lm_sites(model.cfg.n_layers, config.n_blocks, positions))
     batches = iter_batches(tokens, config.batch_rows)
     tmp_root = None
     if work_dir is None:
@@ -457,6 +470,8 @@ def fit_lm(
         edges = _all_edges(model, batches, bases, config, store, ckpt, ctx, clock)
         if store is not None:  # kept after a failure: a resumed run reads it
             store.clear()
+            if not ctx.active:  # ranks may share the folder: leave the parent to them
+                shutil.rmtree(root / "activations", ignore_errors=True)
     finally:
         if tmp_root is not None:
             shutil.rmtree(tmp_root, ignore_errors=True)
@@ -499,7 +514,7 @@ def _fit_bases(model, batches, sites, stats, config, store, ckpt, ctx, clock):
             f"M' {section.name}",
             ctx,
             ckpt,
-            f"jacobian.{section.name}",
+            _key(f"jacobian.{section.name}"),
             config.progress and ctx.is_main,
         )
         merged = _JacobianAccumulator(model, section, c_out, jcfg)
@@ -560,7 +575,7 @@ def _all_edges(model, batches, bases, config, store, ckpt, ctx, clock):
                 f"edges {kind} {section.name}",
                 ctx,
                 ckpt,
-                f"edges.{kind}.{section.name}",
+                _key(f"edges.{kind}.{section.name}"),
                 config.progress and ctx.is_main,
             )
             merged = sum_states([s for s in states if s])
@@ -584,7 +599,8 @@ def _ablation_curves(model, heldout, bases, config, clock):
     rows = max(1, config.ablation_tokens // heldout.shape[1])
     data = heldout[:rows]
     curves: dict[str, dict[str, Any]] = {}
-    sites = [s for s in config.ablation_sites if all(s in r.bases for r in bases.values())]
+    by_hook = {b.site.hook: name for name, b in next(iter(bases.values())).bases.items()}
+    sites = [by_hook[s] for s in config.ablation_sites if s in by_hook]
     clock.begin("ablation")
     for n, site in enumerate(sites, start=1):
         curves[site] = {}

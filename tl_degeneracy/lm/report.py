@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -23,7 +24,7 @@ TOLERANCES = (0.01, 0.05, 0.1)
 
 def _short(section: str) -> str:
     """`blocks.3.hook_resid_pre->blocks.3.hook_resid_mid` -> `3 pre→mid`."""
-    a, b = section.split("->")
+    a, b = re.sub(r"\[[^\]]*\]", "", section).split("->")
     return f"{a.split('.')[1]} {a.rsplit('_', 1)[-1]}→{b.rsplit('_', 1)[-1]}"
 
 
