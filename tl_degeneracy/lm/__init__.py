@@ -2,7 +2,8 @@
 and corpus (a Wikipedia extract shipped in the `gensim` wheel), both loaded offline.
 
 Submodules are imported on first use, so `import tl_degeneracy.lm` stays cheap:
-`gguf` reads GGUF files, `smollm2` builds TransformerLens models, `corpus` makes token batches.
+`gguf` reads GGUF files, `smollm2` builds TransformerLens models, `corpus` makes token batches,
+`ioi` builds indirect-object prompt pairs for attribution patching.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ _EXPORTS = {
     "wiki_articles": "corpus",
     "clean_wikitext": "corpus",
     "LlamaSpec": "gguf",
+    "IOIPairs": "ioi",
+    "ioi_prompt_pairs": "ioi",
+    "ioi_attribution_demo": "ioi",
 }
 
 __all__ = ["cache_dir", *_EXPORTS]
