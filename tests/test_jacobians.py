@@ -70,6 +70,14 @@ def test_exact_matches_brute_force(api, tiny, tokens_for, section):
             ),
             "relu_mlp",
         ),
+        (Section(PRE, MID), "attention"),
+        (Section(PRE, Site("blocks.0.hook_resid_mid")), "attention"),
+        (
+            Section(
+                Site("blocks.0.hook_resid_pre", [0, 2, 3]), Site("blocks.0.hook_resid_mid", [1, 3])
+            ),
+            "attention",
+        ),
     ],
 )
 def test_closed_forms_equal_autograd(api, tiny, tokens_for, section, kind):
@@ -77,7 +85,9 @@ def test_closed_forms_equal_autograd(api, tiny, tokens_for, section, kind):
     assert closed_form_kind(model, section) == kind
     toks = tokens_for(model, 20)
     out_basis = (
-        torch.randn(model.cfg.d_model, 6, dtype=torch.float64) if kind == "relu_mlp" else None
+        torch.randn(model.cfg.d_model, 6, dtype=torch.float64)
+        if kind in ("relu_mlp", "attention")
+        else None
     )
     fast = jacobian_gram(
         model, toks, section, out_basis, JacobianConfig(method="auto"), progress=False
@@ -89,9 +99,23 @@ def test_closed_forms_equal_autograd(api, tiny, tokens_for, section, kind):
     torch.testing.assert_close(fast.matrix, slow.matrix, rtol=1e-11, atol=1e-11)
 
 
+def test_attention_closed_form_in_a_deeper_model(api, tiny, tokens_for):
+    """Block 1 of a two-layer model, raw output coordinates, batches merged."""
+    model = tiny(api, n_layers=2, seed=3)
+    section = Section(Site("blocks.1.hook_resid_pre"), Site("blocks.1.hook_resid_mid"))
+    toks = tokens_for(model, 9)
+    fast = jacobian_gram(model, toks, section, None, batch_size=4, progress=False)
+    slow = jacobian_gram(
+        model, toks, section, None, JacobianConfig(method="exact"), batch_size=4, progress=False
+    )
+    assert fast.method == "closed_form:attention"
+    torch.testing.assert_close(fast.matrix, slow.matrix, rtol=1e-11, atol=1e-11)
+
+
 def test_no_closed_form_with_layernorm(tiny):
     model = tiny(available_apis()[0], "ln")
     assert closed_form_kind(model, Section(MID, POST)) is None
+    assert closed_form_kind(model, Section(PRE, MID)) is None
 
 
 @pytest.mark.parametrize("over", ["both", "positions", "units"])

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_degeneracy.linalg import symmetric_eigh
 from tl_degeneracy.sites import Site
 
 BasisKind = Literal["lib", "ib", "pca", "neuron", "raw"]
@@ -75,7 +76,7 @@ class SiteBasis:
 
 
 def _eigh_desc(m: Tensor) -> tuple[Tensor, Tensor]:
-    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
+    evals, evecs = symmetric_eigh(m)
     return evals.flip(0), evecs.flip(1)
 
 

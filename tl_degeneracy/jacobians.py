@@ -9,8 +9,9 @@ A cotangent `c` on the output gives `Jᵀc` by one backward pass, so
 - stochastic (Hutchinson): Rademacher cotangents over (t, i), over t only or over i only,
   `E[g gᵀ] = Σ JᵀJ`, one backward per source;
 - closed forms where the section has structure: a ReLU MLP with residual and no norm
-  (`J = I + W_in D W_out`, only the neurons' co-activation Gram is needed) and a linear
-  unembedding (constant Jacobian).
+  (`J = I + W_in D W_out`, only the neurons' co-activation Gram is needed), a linear
+  unembedding (constant Jacobian) and a LayerNorm-free attention block
+  (`attention_gram.py`: value, key and query paths, head-sized sums only).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from tl_degeneracy.attention_gram import (
+    AttentionWeights,
+    attention_closed_form_applies,
+    attention_jacobian_gram,
+)
 from tl_degeneracy.compat import (
     StopForward,
     frozen_parameters,
@@ -181,7 +187,7 @@ def vjp_batches(
 
 
 def closed_form_kind(model: nn.Module, section: Section) -> str | None:
-    """'relu_mlp' or 'linear_unembed' where `M'` has a closed form, else None."""
+    """'relu_mlp', 'linear_unembed' or 'attention' where `M'` has a closed form, else None."""
     cfg = model.cfg
     plain = getattr(cfg, "normalization_type", None) is None
     inp, out = section.inp.hook, section.out.hook
@@ -202,6 +208,13 @@ def closed_form_kind(model: nn.Module, section: Section) -> str | None:
         and out == inp.replace("hook_resid_mid", "hook_resid_post")
     ):
         return "relu_mlp"
+    if (
+        plain
+        and inp.endswith("hook_resid_pre")
+        and out == inp.replace("hook_resid_pre", "hook_resid_mid")
+        and attention_closed_form_applies(model)
+    ):
+        return "attention"
     return None
 
 
@@ -241,6 +254,9 @@ class _JacobianAccumulator:
             self.n_matched = 0
         if self.kind == "linear_unembed":
             self.n_matched = 0
+        if self.kind == "attention":
+            self.layer = int(section.inp.hook.split(".")[1])
+            self.attn = AttentionWeights.of(model, self.layer)
 
     @property
     def method(self) -> str:
@@ -260,6 +276,9 @@ class _JacobianAccumulator:
     def update(self, batch_index: int, tokens: Tensor) -> None:
         n_pos = tokens.shape[1]
         n_in = tokens.shape[0] * self.section.inp.n_positions(n_pos)
+        if self.kind == "attention":
+            self._update_attention(batch_index, tokens, n_in)
+            return
         if self.kind is not None:
             self._update_closed_form(batch_index, tokens, n_in)
             return
@@ -282,6 +301,22 @@ class _JacobianAccumulator:
             flat = g.reshape(-1, d_in).to(torch.float64)
             m += w * (flat.T @ flat)
         self._add(batch_index, m, n_in)
+
+    def _update_attention(self, batch_index: int, tokens: Tensor, n_in: int) -> None:
+        store: dict[str, Tensor] = {}
+
+        def read(act: Tensor, hook=None) -> None:
+            store["x"] = act.detach()
+            raise StopForward
+
+        with torch.no_grad(), frozen_parameters(self.model):
+            run_with_hooks(self.model, tokens, [(self.section.inp.hook, read)], stop_early=True)
+        x = store["x"]
+        check_finite(self.section.inp.select(x), self.section.inp, batch_index)
+        n_pos = tokens.shape[1]
+        k = self._readout_gram(x.shape[-1])
+        pin, pout = self.section.inp.index(n_pos), self.section.out.index(n_pos)
+        self._add(batch_index, attention_jacobian_gram(x, self.attn, k, pin, pout), n_in)
 
     def _update_closed_form(self, batch_index: int, tokens: Tensor, n_in: int) -> None:
         n_pos = tokens.shape[1]
@@ -306,7 +341,7 @@ class _JacobianAccumulator:
         self.count += n_in
 
     def finalize(self) -> JacobianGram:
-        if self.kind is not None:
+        if self.kind in ("relu_mlp", "linear_unembed"):
             self.total = self._closed_form_total()
             self.halves = torch.stack([self.total / 2, self.total / 2])
         if self.total is None or self.count == 0:
@@ -336,7 +371,7 @@ class _JacobianAccumulator:
         state = {"count": torch.tensor([self.count])}
         if self.kind == "relu_mlp":
             state |= {"m_sum": self.m_sum, "mm_sum": self.mm_sum}
-        if self.kind is not None:
+        if self.kind in ("relu_mlp", "linear_unembed"):
             state["n_matched"] = torch.tensor([self.n_matched])
         elif self.total is not None:
             assert self.halves is not None
