@@ -51,3 +51,10 @@ def test_bad_positions():
     with pytest.raises(SiteError, match="out of range"):
         as_site(("blocks.0.hook_resid_pre", [5])).index(3)
     assert torch.equal(Site("x", "all").index(3), torch.arange(3))
+
+
+def test_select_all_is_the_activation_itself_and_others_index():
+    act = torch.arange(2 * 4 * 3, dtype=torch.float64).reshape(2, 4, 3)
+    assert Site("blocks.0.hook_resid_pre").select(act) is act  # no copy (read-only)
+    assert torch.equal(Site("blocks.0.hook_resid_pre", "last").select(act), act[:, 3:])
+    assert torch.equal(Site("blocks.0.hook_resid_pre", [0, -1]).select(act), act[:, [0, 3]])

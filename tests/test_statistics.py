@@ -77,6 +77,18 @@ def test_nan_names_site_and_batch(api, tiny, tokens_for):
         collect_statistics(model, SITES, toks, batch_size=8, progress=False)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_gram_update_refuses_non_finite_samples_and_stays_unchanged(bad):
+    st = SiteStatistics.empty(SITES[0], 3)
+    st.add(torch.ones(4, 3))
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    x[2, 1] = bad
+    with pytest.raises(NonFiniteActivationError, match="blocks.0.hook_resid_pre"):
+        st.add(x)
+    assert st.count == 4 and torch.equal(st.mean, torch.ones(3, dtype=torch.float64))
+    assert torch.equal(st.m2, torch.zeros(3, 3, dtype=torch.float64))
+
+
 def test_empty_data(api, tiny):
     model = tiny(api)
     with pytest.raises(EmptyDataError, match="no data"):

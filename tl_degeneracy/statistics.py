@@ -15,6 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tl_degeneracy.compat import StopForward, frozen_parameters, run_with_hooks
+from tl_degeneracy.linalg import symmetric_eigh
 from tl_degeneracy.sites import Site, SiteLike, validate_sites
 from tl_degeneracy.streaming import Checkpointing, EmptyDataError, iter_batches, stream
 
@@ -53,12 +54,18 @@ class SiteStatistics:
         return self.m2 / self.count
 
     def add(self, x: Float[Tensor, "n d"]) -> None:
-        """Fold in a block of samples (rows)."""
+        """Fold in a block of samples (rows).
+
+        Raises `NonFiniteActivationError` (and leaves the statistics unchanged) if a sample holds
+        NaN or Inf: the block's mean is then not finite, a check of d numbers instead of n·d.
+        """
         x = x.to(torch.float64)
         n = x.shape[0]
         if n == 0:
             return
         mean_b = x.mean(0)
+        if not torch.isfinite(mean_b).all():
+            raise NonFiniteActivationError(f"NaN or Inf in the samples for site {self.site.name}")
         xc = x - mean_b
         self._merge(n, mean_b, xc.T @ xc)
 
@@ -87,8 +94,7 @@ class SiteStatistics:
 
     def eigh(self) -> tuple[Float[Tensor, " d"], Float[Tensor, "d d"]]:
         """Eigen-decomposition of the centred Gram, eigenvalues descending."""
-        g = self.gram
-        evals, evecs = torch.linalg.eigh((g + g.T) / 2)
+        evals, evecs = symmetric_eigh(self.gram)
         return evals.flip(0), evecs.flip(1)
 
 
@@ -146,6 +152,28 @@ def check_finite(act: Tensor, site: Site, batch_index: int) -> None:
     )
 
 
+def add_to_statistics(
+    stats: GramStatistics,
+    sites: Sequence[Site],
+    acts: Sequence[Float[Tensor, "batch site_pos d"]],
+    batch_index: int,
+) -> None:
+    """Fold one batch of activations into each site's statistics.
+
+    The NaN/Inf check rides on the Gram update (see `SiteStatistics.add`); on failure the error
+    names the site, the batch and the positions, as `check_finite` does.
+    """
+    for site, act in zip(sites, acts):
+        flat = act.reshape(-1, act.shape[-1])
+        if site.name not in stats.per_site:
+            stats.per_site[site.name] = SiteStatistics.empty(site, flat.shape[-1])
+        try:
+            stats.per_site[site.name].add(flat)
+        except NonFiniteActivationError:
+            check_finite(act, site, batch_index)
+            raise
+
+
 class _GramAccumulator:
     def __init__(self, model: nn.Module, sites: list[Site]):
         self.model = model
@@ -153,12 +181,8 @@ class _GramAccumulator:
         self.stats = GramStatistics(sites)
 
     def update(self, batch_index: int, tokens: Tensor) -> None:
-        captured = capture_sites(self.model, tokens, self.sites, batch_index)
-        for site, act in zip(self.sites, captured):
-            flat = act.reshape(-1, act.shape[-1])
-            if site.name not in self.stats.per_site:
-                self.stats.per_site[site.name] = SiteStatistics.empty(site, flat.shape[-1])
-            self.stats.per_site[site.name].add(flat)
+        captured = capture_sites(self.model, tokens, self.sites, batch_index, check=False)
+        add_to_statistics(self.stats, self.sites, captured, batch_index)
 
     def state_dict(self) -> dict[str, Tensor]:
         return self.stats.state_dict()
@@ -173,9 +197,12 @@ def capture_sites(
     tokens: Int[Tensor, "batch pos"],
     sites: Sequence[Site],
     batch_index: int = 0,
+    check: bool = True,
 ) -> list[Float[Tensor, "batch site_pos d"]]:
     """Activations at each site's selected positions for one batch (stopping after the last
-    site unless it is the logits), checked for NaN/Inf."""
+    site unless it is the logits), checked for NaN/Inf unless `check=False` (for callers that
+    check on the way, like `add_to_statistics`). With `positions="all"` they are the model's
+    own tensors, not copies: read-only."""
     store: dict[str, Tensor] = {}
     last_hook = sites[-1].hook
 
@@ -193,7 +220,8 @@ def capture_sites(
     result = []
     for site in sites:
         act = site.select(out) if site.is_logits else store[site.name]
-        check_finite(act, site, batch_index)
+        if check:
+            check_finite(act, site, batch_index)
         result.append(act)
     return result
 

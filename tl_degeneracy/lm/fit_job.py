@@ -61,7 +61,7 @@ from tl_degeneracy.sections import Section
 from tl_degeneracy.sites import Positions, Site, validate_sites
 from tl_degeneracy.statistics import (
     GramStatistics,
-    SiteStatistics,
+    add_to_statistics,
     capture_sites,
     check_finite,
 )
@@ -252,12 +252,8 @@ class _StoreGram:
         self.stats = GramStatistics(sites)
 
     def update(self, batch_index: int, tokens: Tensor) -> None:
-        acts = capture_sites(self.model, tokens, self.sites, batch_index)
-        for site, act in zip(self.sites, acts):
-            flat = act.reshape(-1, act.shape[-1])
-            if site.name not in self.stats.per_site:
-                self.stats.per_site[site.name] = SiteStatistics.empty(site, flat.shape[-1])
-            self.stats.per_site[site.name].add(flat)
+        acts = capture_sites(self.model, tokens, self.sites, batch_index, check=False)
+        add_to_statistics(self.stats, self.sites, acts, batch_index)
         if self.store is not None:
             for site, act in zip(self.sites[:-1], acts[:-1]):
                 self.store.write(site, batch_index, act)
