@@ -223,6 +223,8 @@ def hooked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if f"{p}mlp.in.weight" in sd:
             out[f"{p}mlp.W_in"] = sd[f"{p}mlp.in.weight"].T
             out[f"{p}mlp.W_out"] = sd[f"{p}mlp.out.weight"].T
+            if f"{p}mlp.gate.weight" in sd:
+                out[f"{p}mlp.W_gate"] = sd[f"{p}mlp.gate.weight"].T
             for a, b_ in (("in", "b_in"), ("out", "b_out")):
                 if f"{p}mlp.{a}.bias" in sd:
                     out[f"{p}mlp.{b_}"] = sd[f"{p}mlp.{a}.bias"]

@@ -216,3 +216,45 @@ def _apis() -> list[str]:
     from tl_degeneracy.compat import available_apis
 
     return list(available_apis())
+
+
+LLAMA_LIKE = dict(
+    n_layers=2,
+    gated_mlp=True,
+    act_fn="silu",
+    normalization_type="RMS",
+    n_key_value_heads=1,
+    positional_embedding_type="rotary",
+    rotary_dim=4,
+)
+
+
+def test_gated_grouped_query_model_one_section(api, tiny, tokens_for):
+    """A Llama-like block (RMSNorm, rotary, grouped-query attention, gated SiLU MLP): the
+    maps W_gate, W_in, W_out; K and V as wide as their shared heads; a neuron whose gate is
+    zero (SiLU(0) = 0: output 0 on every token) frees its W_in column (unread) and W_out row
+    (constant input); only the requested sections are measured."""
+    from support import tiny_config
+
+    from tl_degeneracy.compat import build_model
+
+    sd = hooked_state_dict(tiny(api, "ln", **LLAMA_LIKE))
+    sd["blocks.1.mlp.W_gate"][:, 5] = 0
+    model = build_model(tiny_config("ln", **LLAMA_LIKE), sd, api, torch.float64)
+    res = measure_sources(
+        model, tokens_for(model, 48), SourcesConfig(batch_size=48), sections=["blocks.1.mlp"]
+    )
+    assert res.sections == ["blocks.1.mlp"]
+    free = {m.map.name: m.free(1e-10) for m in res.maps}
+    assert list(free) == ["blocks.1.mlp.W_gate", "blocks.1.mlp.W_in", "blocks.1.mlp.W_out"]
+    assert free["blocks.1.mlp.W_in"]["k_prime"] == 1  # the zero-gate neuron's column
+    assert free["blocks.1.mlp.W_out"]["k"] == 1  # its output is constant (zero)
+    assert free["blocks.1.mlp.W_gate"]["k_prime"] == 0  # SiLU'(0) = 1/2: the gate is read
+    assert res.neurons["blocks.1.mlp"].free_synchronised == 0  # not counted for gated MLPs
+    attn = measure_sources(
+        model, tokens_for(model, 16), SourcesConfig(batch_size=16), sections=["blocks.0.attn"]
+    )
+    widths = {m.map.name.rsplit(".", 1)[1]: len(m.grad_spectrum) for m in attn.maps}
+    assert widths == {"W_Q": 8, "W_K": 4, "W_V": 4, "W_O": 8}  # 2 query heads, 1 K/V head
+    with pytest.raises(ValueError, match="unknown sections"):
+        measure_sources(model, tokens_for(model, 4), sections=["blocks.9.mlp"])

@@ -38,12 +38,14 @@ def n_for_nbeta(nbeta: float) -> int:
     return int(round(n))
 
 
-def test_regular_model_is_half_its_dimension():
+def test_regular_model_is_half_its_dimension(record_property):
     """Linear regression in d = 10 parameters: λ = 5 within 5%."""
     cfg = SGLDConfig(
-        step_size=2e-5, gamma=1.0, n_chains=16, n_steps=4000, n_burnin=1000, batch_size=FULL
+        step_size=2e-5, gamma=1.0, n_chains=64, n_steps=4000, n_burnin=1000, batch_size=FULL
     )
     res = estimate_llc(linear_regression_problem(10, n=10_000), cfg)
+    record_property("llc", res.llc)
+    record_property("llc_se", res.llc_se)
     assert res.llc == pytest.approx(5.0, rel=0.05)
     assert res.n_eff == pytest.approx(10.0, rel=0.05)
     assert not res.messages
@@ -59,7 +61,7 @@ def test_regular_model_is_half_its_dimension():
         pytest.param((2, 6, 2, 1), 12_000, marks=pytest.mark.slow),
     ],
 )
-def test_reduced_rank_regression(shape, steps):
+def test_reduced_rank_regression(shape, steps, record_property):
     """Aoyagi–Watanabe within 8% at nβ ≈ 8.7e3 (measured −0.3%, −4.9% at 20k steps, +3.6%,
     not yet measured, +4.5%).
 
@@ -71,17 +73,22 @@ def test_reduced_rank_regression(shape, steps):
         step_size=1e-5, gamma=1.0, n_chains=16, n_steps=steps, n_burnin=steps // 4, batch_size=FULL
     )
     res = estimate_llc(deep_linear_problem([m, h, n_out], r, n=100_000), cfg)
+    record_property("llc", res.llc)
+    record_property("llc_se", res.llc_se)
+    record_property("truth", truth)
     assert res.llc == pytest.approx(truth, rel=0.08)
 
 
 @pytest.mark.slow
-def test_deep_linear_network():
+def test_deep_linear_network(record_property):
     """Widths 10, 20, 20, 10 with true rank 3: λ = 50 (measured 50.2 ± 0.1 at 60k steps)."""
     truth = deep_linear_network([10, 20, 20, 10], 3).llc
     cfg = SGLDConfig(
         step_size=3e-6, gamma=10.0, n_chains=8, n_steps=20_000, n_burnin=5_000, batch_size=FULL
     )
     res = estimate_llc(deep_linear_problem([10, 20, 20, 10], 3, n=100_000), cfg)
+    record_property("llc", res.llc)
+    record_property("llc_se", res.llc_se)
     assert truth == 50
     assert res.llc == pytest.approx(truth, rel=0.08)
 
@@ -110,7 +117,7 @@ def test_quartic_matches_the_exact_finite_temperature_value():
 
 
 @pytest.mark.slow
-def test_quartic_learning_coefficient():
+def test_quartic_learning_coefficient(record_property):
     """`w1² w2²`: λ = 1/2 within 15% from two temperatures (measured 0.476, −5%).
 
     One temperature is biased by −(m − 1)/log(nβ) (m = 2): 0.389 at nβ ≈ 990 and 0.411 at
@@ -127,6 +134,9 @@ def test_quartic_learning_coefficient():
         )
         runs.append(estimate_llc(quartic_problem(n_for_nbeta(nbeta)), cfg))
     fit = temperature_fit(runs)
+    record_property("llc_single_temperature", [r.llc for r in runs])
+    record_property("llc", fit.llc)
+    record_property("multiplicity", fit.multiplicity)
     assert fit.llc == pytest.approx(0.5, rel=0.15)
     assert fit.multiplicity == pytest.approx(2, abs=0.6)
 

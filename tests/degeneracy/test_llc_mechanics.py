@@ -156,3 +156,23 @@ def test_parameter_filters(tiny):
         select_parameters(model, r"^nothing")
     with pytest.raises(ValueError, match="unknown parameter names"):
         select_parameters(model, ["not.a.name"])
+
+
+@pytest.mark.skipif("hooked" not in available_apis(), reason="start_at_layer: HookedTransformer")
+def test_a_late_block_starts_from_the_cached_residual_stream(tiny, tokens_for):
+    """Sampling only block 1 caches the residual stream entering it: same loss and gradient
+    as the full forward, at a moved point too."""
+    model = tiny("hooked", "ln", n_layers=2)
+    tokens = tokens_for(model, 24)
+    cached = ModelProblem(model, tokens, params=r"^blocks\.1\.", positions="all")
+    full = ModelProblem(model, tokens, params=r"^blocks\.1\.", positions="all", cache_limit=0)
+    assert cached.start_layer == 1 and cached.prefix is not None and full.prefix is None
+    w = cached.w_star + 0.05 * torch.randn(cached.n_params, dtype=torch.float64)
+    idx = torch.arange(0, 24, 2)
+    with cached.bind(w.clone()):
+        loss_c, grad_c = (t.clone() for t in cached.value_and_grad(w, idx))
+    with full.bind(w.clone()):
+        loss_f, grad_f = full.value_and_grad(w, idx)
+    assert float(loss_f) > 0
+    assert torch.allclose(loss_c, loss_f, rtol=1e-12, atol=0)
+    assert torch.allclose(grad_c, grad_f, rtol=1e-9, atol=1e-14)

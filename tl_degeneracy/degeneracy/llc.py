@@ -252,24 +252,65 @@ class ModelProblem(LLCProblem):
             self.reference = torch.cat(
                 [self._reference(tokens[sl]) for sl in _chunks(self.n, chunk_size)]
             )
+        self.start_layer, self.prefix = self._cache_prefix(cache_limit, chunk_size)
 
-    def _outputs(self, tokens: Tensor) -> Tensor:
-        """Logits at the selected positions."""
+    def _cache_prefix(self, cache_limit: int, chunk_size: int) -> tuple[int, Tensor | None]:
+        """When only blocks ≥ L move (HookedTransformer), the residual stream entering block L
+        is the same at every SGLD step: cache it once and start each forward there
+        (`start_at_layer`). On a language model restricted to one late block this skips most
+        of the forward and backward pass."""
+        layers = [re.match(r"^blocks\.(\d+)\.", n) for n in self.param_names]
+        if is_bridge(self.model) or not layers or not all(layers):
+            return 0, None
+        start = min(int(m.group(1)) for m in layers if m is not None)
+        if start == 0 or self.tokens.numel() * self.model.cfg.d_model > cache_limit:
+            return 0, None
+        with torch.no_grad():  # stop_at_layer=L returns the residual stream entering block L
+            parts = [
+                self.model(self.tokens[sl], stop_at_layer=start)
+                for sl in _chunks(self.n, chunk_size)
+            ]
+        return start, torch.cat(parts)
+
+    def _outputs(self, tokens: Tensor, idx: Tensor | None = None) -> Tensor:
+        """Logits at the selected positions (from the cached residual stream when there is
+        one and the data points `idx` are given)."""
+        if idx is not None and getattr(self, "prefix", None) is not None:
+            with self.model.hooks(fwd_hooks=self.hooks):
+                out = self.model(self.prefix[idx], start_at_layer=self.start_layer)
+            return out if self.hooks else out[:, self.pos]
         if self.hooks:
             with self.model.hooks(fwd_hooks=self.hooks):
                 return self.model(tokens)
         return self.model(tokens)[:, self.pos]
 
     @torch.no_grad()
-    def _reference(self, tokens: Tensor) -> Tensor:
-        out = self._outputs(tokens)
+    def _reference(self, tokens: Tensor, idx: Tensor | None = None) -> Tensor:
+        out = self._outputs(tokens, idx)
         return torch.log_softmax(out, -1) if self.divergence == "kl" else out
+
+    def _reference_at_star(self, tokens: Tensor, idx: Tensor) -> Tensor:
+        """The trained model's outputs when they are not cached (too large): the sampled
+        parameters are pointed at w* for one no-grad forward, then back at the chain."""
+        current = [p.data for p in self.params]
+        offset = 0
+        try:
+            for p in self.params:
+                p.data = self.w_star[offset : offset + p.numel()].view_as(p).to(p.dtype)
+                offset += p.numel()
+            return self._reference(tokens, idx)
+        finally:
+            for p, data in zip(self.params, current):
+                p.data = data
 
     def loss(self, idx: Int[Tensor, " batch"]) -> Float[Tensor, ""]:
         """Mean behavioural loss over the data points `idx` at the model's current weights."""
         tokens = self.tokens[idx]
-        ref = self.reference[idx] if self.reference is not None else self._reference(tokens)
-        out = self._outputs(tokens)
+        if self.reference is not None:
+            ref = self.reference[idx]
+        else:
+            ref = self._reference_at_star(tokens, idx)
+        out = self._outputs(tokens, idx)
         if self.divergence == "kl":
             logp = torch.log_softmax(out, -1)
             per_token = (ref.exp() * (ref - logp)).sum(-1)

@@ -38,6 +38,7 @@ from tl_degeneracy.degeneracy.sources import (
     measure_sources,
     section_filter,
 )
+from tl_degeneracy.viz.html import HtmlPage, table, text
 
 SOURCE_KEYS = ("activations", "gradients", "joint", "synchronised", "dead", "total")
 
@@ -158,6 +159,48 @@ class DegeneracyReport:
             parts.append("<tr>" + "".join(f"<td>{esc(r[h])}</td>" for h in head) + "</tr>")
         parts += ["</table>", "</div>"]
         return "\n".join(parts)
+
+    def html_page(self) -> HtmlPage:
+        """A self-contained page: the summary table, the bound against ε, the per-map counts,
+        the SGLD settings and diagnostics (all text escaped)."""
+        name = str(self.model.get("model_name", "model"))
+        page = HtmlPage(
+            f"Degeneracy report: {name}",
+            f"{self.n_data} data points; cutoff ε = {self.eps:g} ({self.cutoff}); SGLD "
+            f"{_settings_text(self.settings.get('sgld'))}.",
+        )
+        page.add("Per section and in total", table(self.rows()))
+        mod = self.modularity
+        if mod is not None:
+            page.add("Modularity", text(mod.summary(), "p"))
+        grid = [f"{e:.0e}" for e in self.eps_grid]
+        curve_rows = [
+            {"section": s.name, **{g: int(v) for g, v in zip(grid, s.bound_curve)}}
+            for s in [*self.sections, self.total]
+        ]
+        page.add("Upper bound N − free against the cutoff ε", table(curve_rows))
+        detail_rows = []
+        for s in self.sections:
+            for key, d in s.details.items():
+                if "k" in d:
+                    detail_rows.append({"section": s.name, "map": key, **d})
+                else:
+                    detail_rows.append({"section": s.name, "map": key, "groups": str(d)})
+        if detail_rows:
+            columns = list(dict.fromkeys(k for r in detail_rows for k in r))
+            page.add("Weight maps and groups", table(detail_rows, columns))
+        llc_rows = [
+            {"section": s.name, "estimate": s.llc.summary(), "messages": "; ".join(s.llc.messages)}
+            for s in [*self.sections, self.total]
+            if s.llc is not None
+        ]
+        if llc_rows:
+            page.add("SGLD diagnostics", table(llc_rows))
+        return page
+
+    def save_html(self, path: str | Path) -> Path:
+        """Write the report as one offline HTML page."""
+        return self.html_page().save(path)
 
     # -- files -----------------------------------------------------------------------------
 
@@ -329,18 +372,17 @@ def degeneracy_report(
 
     `llc`: "all" runs SGLD for every section (restricted to its parameters) and for the whole
     model, "total" only for the whole model, "none" skips SGLD. `sections` limits the report
-    to some sections (names like "blocks.0.mlp"; the total still covers the whole model).
+    to some sections (names like "blocks.15.mlp"): only their sources are measured, and the
+    total (its counts and its SGLD run) covers those sections together, the rest of the model
+    held at the trained weights — how a language model's report stays tractable.
     The behavioural loss reads the positions `sources_config.positions`. `sgld_dtype` runs
     SGLD on a copy of the model in that dtype (float32 is twice as fast as float64 on a CPU;
     the sources always accumulate in float64, so give them a float64 model).
     """
     sources_config = sources_config or SourcesConfig()
     sgld_config = sgld_config or SGLDConfig()
-    sources = measure_sources(model, tokens, sources_config)
-    names = list(sections) if sections is not None else sources.sections
-    unknown = [n for n in names if n not in sources.sections]
-    if unknown:
-        raise ValueError(f"unknown sections {unknown}; the model has {sources.sections}")
+    sources = measure_sources(model, tokens, sources_config, sections=sections)
+    names = sources.sections
     positions = sources_config.positions
     sampled = model
     if sgld_dtype is not None and sgld_dtype != next(model.parameters()).dtype:
@@ -352,7 +394,8 @@ def degeneracy_report(
     reports = [
         section_report(sources, n, run(section_filter(n)) if llc == "all" else None) for n in names
     ]
-    total = section_report(sources, None, run(None) if llc in ("all", "total") else None)
+    union = None if sections is None else "|".join(f"(?:{section_filter(n)})" for n in names)
+    total = section_report(sources, None, run(union) if llc in ("all", "total") else None)
     src_settings = {
         k: v for k, v in asdict(sources_config).items() if k not in ("metric", "eps_grid")
     }
@@ -371,6 +414,7 @@ def degeneracy_report(
             "divergence": divergence,
             "sgld_dtype": str(sgld_dtype or next(model.parameters()).dtype),
             "act_fn": sources.act_fn,
+            "sections": None if sections is None else list(names),
         },
         versions=_versions(),
     )

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from tl_degeneracy.compat import frozen_parameters, hook_names, run_with_hooks
 from tl_degeneracy.degeneracy.llc import state_dict_parameters
 from tl_degeneracy.jacobians import exact_cotangents, stochastic_cotangents
+from tl_degeneracy.linalg import symmetric_eigh
 from tl_degeneracy.sites import Site
 from tl_degeneracy.statistics import SiteStatistics, check_finite
 from tl_degeneracy.streaming import batch_generator, iter_batches
@@ -86,7 +87,7 @@ def null_directions(
 ) -> Float[Tensor, "d k"]:
     """Orthonormal eigenvectors of a symmetric matrix with eigenvalue ≤ the threshold."""
     m = matrix.to(torch.float64)
-    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
+    evals, evecs = symmetric_eigh(m)
     return evecs[:, evals <= threshold(evals, eps, cutoff)]
 
 
@@ -287,8 +288,8 @@ def weight_maps(model: nn.Module) -> list[WeightMap]:
     cfg = model.cfg
     d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
     normed = getattr(cfg, "normalization_type", None) is not None
-    if getattr(cfg, "gated_mlp", False):
-        raise NotImplementedError("gated MLPs are not supported by the degeneracy sources yet")
+    gated = bool(getattr(cfg, "gated_mlp", False))
+    h_kv = getattr(cfg, "n_key_value_heads", None) or h  # grouped-query attention: fewer K, V
     maps = [WeightMap("W_E", "embed", TOKENS, "hook_embed", cfg.d_vocab, d)]
     if "hook_pos_embed" in set(hook_names(model)):
         maps.append(WeightMap("W_pos", "embed", POSITIONS, "hook_pos_embed", cfg.n_ctx, d))
@@ -300,9 +301,15 @@ def weight_maps(model: nn.Module) -> list[WeightMap]:
             else f"{b}.hook_resid_pre"
         )
         for x in "QKV":
+            heads = h if x == "Q" else h_kv
             maps.append(
                 WeightMap(
-                    f"{b}.attn.W_{x}", f"{b}.attn", attn_in, f"{b}.attn.hook_{x.lower()}", d, h * dh
+                    f"{b}.attn.W_{x}",
+                    f"{b}.attn",
+                    attn_in,
+                    f"{b}.attn.hook_{x.lower()}",
+                    d,
+                    heads * dh,
                 )
             )
         maps.append(
@@ -318,7 +325,15 @@ def weight_maps(model: nn.Module) -> list[WeightMap]:
             else f"{b}.hook_resid_mid"
         )
         dm = cfg.d_mlp
-        maps.append(WeightMap(f"{b}.mlp.W_in", f"{b}.mlp", mlp_in, f"{b}.mlp.hook_pre", d, dm))
+        if gated:  # act(x W_gate) * (x W_in): the gate's pre-activation is mlp.hook_pre
+            maps.append(
+                WeightMap(f"{b}.mlp.W_gate", f"{b}.mlp", mlp_in, f"{b}.mlp.hook_pre", d, dm)
+            )
+            maps.append(
+                WeightMap(f"{b}.mlp.W_in", f"{b}.mlp", mlp_in, f"{b}.mlp.hook_pre_linear", d, dm)
+            )
+        else:
+            maps.append(WeightMap(f"{b}.mlp.W_in", f"{b}.mlp", mlp_in, f"{b}.mlp.hook_pre", d, dm))
         maps.append(
             WeightMap(
                 f"{b}.mlp.W_out", f"{b}.mlp", f"{b}.mlp.hook_post", f"{b}.hook_mlp_out", dm, d
@@ -503,8 +518,11 @@ class _Collector:
             {m.input_site for m in maps if m.input_site not in (TOKENS, POSITIONS)}
         )
         self.outputs = sorted({m.output_site for m in maps if m.output_site != LOGITS})
-        self.mlp_pre = [m.output_site for m in maps if m.name.endswith("mlp.W_in")]
-        self.patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in range(cfg.n_layers)]
+        self.gated = bool(getattr(cfg, "gated_mlp", False))
+        gate = "mlp.W_gate" if self.gated else "mlp.W_in"
+        self.mlp_pre = [m.output_site for m in maps if m.name.endswith(gate)]
+        attn = {m.section for m in maps if m.section.endswith(".attn")}
+        self.patterns = [f"{s}.hook_pattern" for s in sorted(attn)]
 
     def update(self, batch_index: int, tokens: Tensor) -> None:
         probes: dict[str, Tensor] = {}
@@ -513,8 +531,9 @@ class _Collector:
         def make_hook(name: str):
             def hook(act: Tensor, hook: Any = None) -> Tensor:
                 flat = act.detach().reshape(act.shape[0], act.shape[1], -1)
-                if name in self.inputs:
-                    acts.setdefault(name, []).append(flat)
+                if name in self.inputs and name not in acts:
+                    # HookedTransformer applies ln1 once each for Q, K and V: keep the first
+                    acts[name] = [flat]
                 if name in self.mlp_pre:
                     self._add_pattern(name, flat)
                 if name in self.patterns:
@@ -629,15 +648,31 @@ def measure_sources(
     tokens: Int[Tensor, "n pos"],
     config: SourcesConfig | None = None,
     maps: Sequence[WeightMap] | None = None,
+    sections: Sequence[str] | None = None,
 ) -> SourcesResult:
     """Measure the three sources of degeneracy of a TransformerLens model on `tokens`.
 
     Activations are accumulated in float64 whatever the model's dtype; K is exact (one
     cotangent per output unit, batched) up to `max_exact_outputs` units, else estimated with
     Rademacher probes (its range, hence its rank, is still found once enough tokens are seen).
+    `sections` (e.g. `["blocks.15.mlp"]`) measures only those sections' maps: on a language
+    model, one layer's sources cost one forward and a few backward passes to that layer.
+
+    Gated MLPs (`act(x W_gate) ⊙ (x W_in)`): the maps are W_gate, W_in and W_out; a neuron is
+    dead when its gate is off on every token (derivative within `sync_tolerance` of 0), which
+    frees its three weight vectors. Synchronised groups are not counted for gated MLPs: a
+    neuron's output is the product of two pre-activations, so on tokens where a group's gates
+    are on the group computes a quadratic, not a linear, map and the |S|(|S| − 1) mixing
+    directions of the ungated case do not exist.
     """
     config = config or SourcesConfig()
     maps = list(maps) if maps is not None else weight_maps(model)
+    if sections is not None:
+        known = list(dict.fromkeys(m.section for m in maps))
+        unknown = [s for s in sections if s not in known]
+        if unknown:
+            raise ValueError(f"unknown sections {unknown}; the model has {known}")
+        maps = [m for m in maps if m.section in sections]
     col = _Collector(model, maps, config)
     for i, batch in enumerate(iter_batches(tokens, config.batch_size)):
         col.update(i, batch)
@@ -647,12 +682,16 @@ def measure_sources(
     neurons: dict[str, NeuronGroups] = {}
     for name, bits in col.pattern_bits.items():
         section = name.rsplit(".", 1)[0]  # blocks.L.mlp
+        eligible = col.eligible[name]
+        if col.gated:  # only dead gates count (see the docstring)
+            eligible = eligible & ~col.any_on[name]
         neurons[section] = groups_from_bits(
             np.concatenate(bits),
             ~col.any_on[name],
             col.all_on[name],
-            col.eligible[name],
-            weights_per_neuron=2 * cfg.d_model + 1,  # W_in column, W_out row, b_in entry
+            eligible,
+            # W_in column, W_out row, b_in entry (and the W_gate column when gated)
+            weights_per_neuron=(3 if col.gated else 2) * cfg.d_model + 1,
         )
     heads = {
         name.rsplit(".", 1)[0]: head_groups(diff, config.head_tolerance, cfg.d_head)

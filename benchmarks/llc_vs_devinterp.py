@@ -1,0 +1,167 @@
+"""λ̂ on the modular-addition seed-0 model: tl_degeneracy's sampler against devinterp's.
+
+    python benchmarks/llc_vs_devinterp.py [--chains 4] [--steps 400] [--burnin 100]
+        [--threads 1] [--out out/llc_vs_devinterp.json]
+
+Both samplers get the same model (HookedTransformer, float32), data (the 3,830 training
+inputs), loss (KL of the last position's softmax to the trained model's), and hyperparameters
+(ε = 1e-4, γ = 100, nβ = n / log n, batch 512, the same burn-in and chain length). devinterp
+(an optional dependency: `pip install devinterp`) averages the minibatch loss of every step
+after its burn-in, as ours does. Prints each estimate with the standard error across chains,
+the gap in units of the combined standard error, and each sampler's steps per second (wall
+and CPU time, whole run including set-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "modadd"
+STEP_SIZE, GAMMA, BATCH = 1e-4, 100.0, 512
+
+
+def load() -> tuple[torch.nn.Module, torch.Tensor]:
+    """Seed-0 model (HookedTransformer, float32) and its training inputs."""
+    from tl_degeneracy.compat import build_model
+
+    cfg = json.loads((REFERENCE / "seed0" / "config.json").read_text())["model"]
+    model = build_model(
+        cfg, load_file(str(REFERENCE / "seed0" / "model.safetensors")), api="hooked"
+    )
+    p = 113
+    tokens = torch.tensor([[a, b, p] for a in range(p) for b in range(p)])
+    train = load_file(str(REFERENCE / "split.safetensors"))["train_indices"]
+    return model, tokens[train]
+
+
+def ours(model, tokens, chains: int, steps: int, burnin: int) -> dict:
+    from tl_degeneracy.degeneracy import ModelProblem, SGLDConfig, estimate_llc
+
+    cfg = SGLDConfig(STEP_SIZE, GAMMA, None, chains, steps, burnin, BATCH)
+    wall, cpu = time.perf_counter(), time.process_time()
+    res = estimate_llc(ModelProblem(model, tokens), cfg)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {
+        "llc": res.llc,
+        "llc_se": res.llc_se,
+        "per_chain": res.llc_per_chain.tolist(),
+        "rhat": res.rhat,
+        "nbeta": res.nbeta,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "steps_per_s_wall": chains * steps / wall,
+        "steps_per_s_cpu": chains * steps / cpu,
+        "messages": res.messages,
+    }
+
+
+def devinterp(model, tokens, chains: int, steps: int, burnin: int) -> dict:
+    from datasets import Dataset
+    from devinterp.slt.llc import compute_llc
+    from devinterp.slt.sampling import sample
+
+    n, p = tokens.shape[0], 113
+    every = torch.tensor([[a, b, p] for a in range(p) for b in range(p)])
+    with torch.no_grad():
+        reference = torch.log_softmax(model(every)[:, -1], -1)  # row a · p + b
+
+    def kl(model, input_ids):
+        ref = reference[input_ids[:, 0] * p + input_ids[:, 1]]
+        logp = torch.log_softmax(model(input_ids)[:, -1], -1)
+        per_seq = (ref.exp() * (ref - logp)).sum(-1, keepdim=True)
+        return per_seq.expand(-1, input_ids.shape[1] - 1)  # devinterp wants (batch, seq − 1)
+
+    data = Dataset.from_dict({"input_ids": tokens.tolist()}).with_format("torch")
+    wall, cpu = time.perf_counter(), time.process_time()
+    tree = sample(
+        model,
+        data,
+        {},
+        lr=STEP_SIZE,
+        n_beta=n / math.log(n),
+        localization=GAMMA,
+        num_chains=chains,
+        num_draws=steps - burnin,
+        num_burnin_steps=burnin,
+        batch_size=BATCH,
+        num_init_loss_batches=1,
+        loss_fn=kl,
+    )
+    summary = compute_llc(tree)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    per_chain = [float(x) for x in summary["llc_per_chain"].values]
+    return {
+        "llc": float(summary["llc_mean"]),
+        "llc_se": float(summary["llc_std"]) / math.sqrt(chains),
+        "per_chain": per_chain,
+        "init_loss": float(summary["init_loss"]),
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "steps_per_s_wall": chains * steps / wall,
+        "steps_per_s_cpu": chains * steps / cpu,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chains", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--burnin", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="out/llc_vs_devinterp.json")
+    args = parser.parse_args()
+    if not REFERENCE.exists():
+        print(f"skipped: {REFERENCE} is absent")
+        return 0
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    torch.set_num_threads(args.threads)
+    model, tokens = load()
+    run = (args.chains, args.steps, args.burnin)
+    result = {
+        "settings": {
+            "step_size": STEP_SIZE,
+            "gamma": GAMMA,
+            "batch_size": BATCH,
+            "chains": args.chains,
+            "steps": args.steps,
+            "burnin": args.burnin,
+            "threads": args.threads,
+            "n": int(tokens.shape[0]),
+        },
+        "load_average_before": os.getloadavg()[0],
+    }
+    result["tl_degeneracy"] = ours(model, tokens, *run)
+    print(json.dumps({"tl_degeneracy": result["tl_degeneracy"]}), flush=True)
+    result["devinterp"] = devinterp(model, tokens, *run)
+    print(json.dumps({"devinterp": result["devinterp"]}), flush=True)
+    result["load_average_after"] = os.getloadavg()[0]
+    a, b = result["tl_degeneracy"], result["devinterp"]
+    se = math.hypot(a["llc_se"], b["llc_se"])
+    result["gap"] = a["llc"] - b["llc"]
+    result["gap_in_se"] = result["gap"] / se
+    result["speed_ratio_wall"] = a["steps_per_s_wall"] / b["steps_per_s_wall"]
+    result["speed_ratio_cpu"] = a["steps_per_s_cpu"] / b["steps_per_s_cpu"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(
+        f"tl_degeneracy λ̂ = {a['llc']:.1f} ± {a['llc_se']:.1f}; devinterp λ̂ = "
+        f"{b['llc']:.1f} ± {b['llc_se']:.1f}; gap {result['gap']:.1f} "
+        f"({result['gap_in_se']:.2f} combined se); speed (CPU time) "
+        f"{a['steps_per_s_cpu']:.2f} vs {b['steps_per_s_cpu']:.2f} steps/s "
+        f"({result['speed_ratio_cpu']:.2f}×)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
