@@ -4,6 +4,7 @@ Subcommands:
   demo          the main job on the embedded default (see README)
   fit-modadd    fit LIB and PCA on a modular-addition checkpoint, ablate, write the results
   fit-lm        LIB and PCA at every residual cut of SmolLM2-135M: edges, ablation, report
+  degeneracy    the degeneracy report (three sources, SGLD N_eff) of a checkpoint or SmolLM2
 """
 
 from __future__ import annotations
@@ -235,6 +236,80 @@ def run_replicate(args: argparse.Namespace) -> int:
             f"  baseline {result['baseline_test_accuracy']:.5f}, {result['total_s']} s, "
             f"wrote {Path(args.out) / ckpt.name}"
         )
+    return 0
+
+
+def _degeneracy_args(p: argparse.ArgumentParser) -> None:
+    from tl_degeneracy.degeneracy.job import DegeneracyJobConfig
+
+    d = DegeneracyJobConfig()
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="modular-addition checkpoint folder, or 'smollm2' (the embedded language model); "
+        "default: the package's own modular-addition model",
+    )
+    p.add_argument("--out", default="out/degeneracy", help="output folder (default: %(default)s)")
+    p.add_argument("--api", default="auto", choices=["auto", "hooked", "bridge"])
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=None,
+        help="only these sections, e.g. blocks.15.mlp (the total covers them together)",
+    )
+    p.add_argument(
+        "--llc",
+        default=d.llc,
+        choices=["all", "total", "none"],
+        help="SGLD per section and total, total only, or none (default: %(default)s)",
+    )
+    p.add_argument("--eps", type=float, default=None, help="cutoff (1e-10; 1e-6 for smollm2)")
+    p.add_argument("--cutoff", default=d.cutoff, choices=["relative", "absolute"])
+    p.add_argument("--n-data", type=int, default=None, help="data points (default: all / 64)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="LM tokens per row")
+    p.add_argument("--probes", type=int, default=d.n_probes, help="probes per sequence for K")
+    p.add_argument("--step-size", type=float, default=d.step_size, help="SGLD ε")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="SGLD localisation γ")
+    p.add_argument("--nbeta", type=float, default=None, help="nβ (default: n / log n)")
+    p.add_argument("--chains", type=int, default=d.chains)
+    p.add_argument("--steps", type=int, default=d.steps, help="steps per chain, burn-in included")
+    p.add_argument("--burnin", type=int, default=d.burnin)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="SGLD minibatch")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+
+
+@command("degeneracy", "the degeneracy report: three sources, SGLD N_eff, modularity")(
+    _degeneracy_args
+)
+def run_degeneracy(args: argparse.Namespace) -> int:
+    import torch
+
+    from tl_degeneracy.degeneracy.job import DegeneracyJobConfig, run_degeneracy_job
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = DegeneracyJobConfig(
+        model=args.model,
+        api=args.api,
+        sections=tuple(args.sections) if args.sections else None,
+        llc=args.llc,
+        eps=args.eps,
+        cutoff=args.cutoff,
+        n_data=args.n_data,
+        seq_len=args.seq_len,
+        n_probes=args.probes,
+        step_size=args.step_size,
+        gamma=args.gamma,
+        nbeta=args.nbeta,
+        chains=args.chains,
+        steps=args.steps,
+        burnin=args.burnin,
+        batch_size=args.batch_size,
+    )
+    report = run_degeneracy_job(config, args.out)
+    print(report.to_markdown())
+    print(f"wrote {args.out} (report.json, report.safetensors, report.html, report.md, job.json)")
     return 0
 
 
