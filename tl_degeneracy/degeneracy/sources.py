@@ -36,11 +36,11 @@ from torch import Tensor, nn
 
 from tl_degeneracy.compat import frozen_parameters, hook_names, run_with_hooks
 from tl_degeneracy.degeneracy.llc import state_dict_parameters
-from tl_degeneracy.jacobians import exact_cotangents, stochastic_cotangents
+from tl_degeneracy.jacobians import exact_cotangents
 from tl_degeneracy.linalg import symmetric_eigh
 from tl_degeneracy.sites import Site
 from tl_degeneracy.statistics import SiteStatistics, check_finite
-from tl_degeneracy.streaming import batch_generator, iter_batches
+from tl_degeneracy.streaming import batch_generator, chunks, iter_batches
 
 Cutoff = Literal["relative", "absolute"]
 
@@ -507,6 +507,7 @@ class _Collector:
         self.grams: dict[str, SiteStatistics] = {}
         self.k_sums: dict[str, Tensor] = {}
         self.n_tokens = 0
+        self.logit_positions = 1
         self.token_counts = torch.zeros(cfg.d_vocab, dtype=torch.float64)
         self.position_counts = torch.zeros(cfg.n_ctx, dtype=torch.float64)
         self.pattern_bits: dict[str, list[np.ndarray]] = {}
@@ -591,21 +592,29 @@ class _Collector:
         else:
             pos = torch.tensor([p % n_pos for p in cfg.positions])
         out = logits[:, pos]
-        names = [*probes, LOGITS]
-        inputs = [*probes.values(), logits]
+        self.logit_positions = len(pos)
+        # K at the logits themselves (the unembedding's gradient source) is t_out · I without a
+        # metric (J = I): known, so not accumulated (a vocabulary² matrix on a language model)
+        with_logits = cfg.metric is not None and any(m.output_site == LOGITS for m in self.maps)
+        names = [*probes, LOGITS] if with_logits else list(probes)
+        inputs = [*probes.values(), logits] if with_logits else list(probes.values())
+        if not inputs:
+            return
         if cfg.metric is not None:
             grads = torch.autograd.grad(cfg.metric(out, tokens).sum(), inputs, allow_unused=True)
             self._accumulate(names, [g[None] if g is not None else None for g in grads], 1.0)
             return
         batch, t_out, v = out.shape
-        readout = torch.eye(v, dtype=out.dtype)
         if t_out * v <= cfg.max_exact_outputs:
+            readout = torch.eye(v, dtype=out.dtype)
             cots = exact_cotangents(readout, batch, t_out, cfg.chunk_size)
         else:
+            # Rademacher signs over (position, unit): what `stochastic_cotangents` gives with an
+            # identity readout, without the v × v identity (9.7 GB for a 49k vocabulary)
             gen = batch_generator(cfg.seed, "sources", batch_index)
-            cots = stochastic_cotangents(
-                readout, batch, t_out, cfg.n_probes, "both", gen, cfg.chunk_size
-            )
+            signs = torch.randint(0, 2, (cfg.n_probes, batch, t_out, v), generator=gen)
+            signs = (signs * 2 - 1).to(out.dtype)
+            cots = ((signs[sl], 1.0 / cfg.n_probes) for sl in chunks(cfg.n_probes, cfg.chunk_size))
         for cot, weight in cots:
             if cot.shape[0] == 1:  # one backward per cotangent: the fastest on a small CPU
                 grads = torch.autograd.grad(
@@ -637,6 +646,8 @@ class _Collector:
         return spectrum(self.grams[m.input_site].gram)
 
     def grad_spectrum(self, m: WeightMap, n_seq: int) -> Tensor:
+        if m.output_site == LOGITS and self.config.metric is None:
+            return torch.full((m.d_out,), float(self.logit_positions), dtype=torch.float64)
         k = self.k_sums.get(m.output_site)
         if k is None:
             return torch.zeros(m.d_out, dtype=torch.float64)
