@@ -108,7 +108,8 @@ class TopOutputAblator:
         x = self.basis_in.reconstruct(masked).reshape(n_top * n, pos, -1)
         with frozen_parameters(self.model):
             y = block_local_output(self.model, self.section, x.to(self.act_out.dtype))
-        feats = self.basis_out.features(y).reshape(n_top, n, pos, -1)
+        out = self.basis_out
+        feats = ((y.to(torch.float64) - out.mean) @ out.C[:, :n_top]).reshape(n_top, n, pos, -1)
         top = torch.arange(n_top)
         new = feats[top, :, :, top].permute(1, 2, 0)  # [n, pos, n_top]: output i under row i
         delta = (new - self.clean_out) @ self.basis_out.C_pinv[:n_top]
