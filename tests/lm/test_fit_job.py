@@ -200,6 +200,7 @@ def test_resume_and_stale_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+@NEEDS_HOOKED
 def test_block_local_sections_on_smollm2():
     """On the real model (rotary, grouped-query attention, RMSNorm, gated SiLU MLP)."""
     from test_smollm2 import require_smollm2
@@ -225,6 +226,7 @@ def test_block_local_sections_on_smollm2():
 
 
 @pytest.mark.slow
+@NEEDS_HOOKED  # bench_memory.py holds the model as a HookedTransformer
 def test_gram_peak_memory_does_not_grow_with_tokens():
     """Peak RSS of streaming Gram statistics at all 61 SmolLM2 sites, 10x the tokens."""
     import subprocess
