@@ -7,6 +7,7 @@ VENV ?= .venv
 TL ?= transformer-lens==3.9.0
 TL4 ?= transformer-lens>=4,<5
 PYTEST_ARGS ?=
+FAST ?= not slow
 
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
@@ -27,16 +28,16 @@ install: $(STAMP)
 demo: install
 	$(BIN)/tl-degeneracy demo --out out/demo
 
-## What CI runs: the fast suite on TransformerLens 3.9 and on the newest 4.x, and the docs
-## build. The slow tests (reference checks at every k, real SmolLM2, long SGLD runs) are
-## `make test-slow`.
+## What CI runs: the fast suite on TransformerLens 3.9 and on the newest 4.x (notebooks and
+## screenshots, marked `once`, on 3.9 only), and the docs build. The slow tests (reference
+## checks at every k, real SmolLM2, long SGLD runs) are `make test-slow`.
 test: browser
 	$(MAKE) test-fast
-	$(MAKE) test-fast VENV=.venv-tl4 TL="$(TL4)"
+	$(MAKE) test-fast VENV=.venv-tl4 TL="$(TL4)" FAST="not slow and not once"
 	$(MAKE) docs
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "$(FAST)" -q $(PYTEST_ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow -q $(PYTEST_ARGS) || [ $$? -eq 5 ]

