@@ -260,7 +260,7 @@ def section_edges(
     section = Section(basis_in.site, basis_out.site)
     kind = closed_form_kind(model, section)
     if (
-        kind is not None
+        kind in ("linear_unembed", "relu_mlp")  # attention has a closed form for M' only
         and config.closed_form
         and config.method == "exact"
         and config.integration_points == 1
