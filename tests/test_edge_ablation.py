@@ -59,3 +59,40 @@ def test_bisection_finds_smallest_passing_n(setup):
     if n - 1 in res.scores:
         assert res.baseline - res.scores[n - 1] > 0.05
     assert keep_mask(edges.edges, 3).sum() == 3
+
+
+@pytest.mark.parametrize("pair", [(0, 1), (1, 2), (2, 3)])
+def test_scorer_fast_path_equals_hook_path(setup, pair):
+    """Rows reached along the path, cached rows, and the closed-form rest of the model give
+    the generic path's score for sparse, half and dense masks."""
+    from tl_degeneracy.edge_ablation import EdgeAblationScorer
+
+    def metric(logits, tokens):  # continuous, so that no difference hides behind an argmax
+        return logits[:, -1].gather(-1, tokens[:, 1:2])[:, 0].to(torch.float64)
+
+    metric.last_position_only = True
+    model, toks, lib = setup
+    b_in, b_out = lib[SITES[pair[0]]], lib[SITES[pair[1]]]
+    fast = EdgeAblationScorer(model, toks, b_in, b_out, metric, batch_size=16)
+    slow = EdgeAblationScorer(model, toks, b_in, b_out, metric, fast=False)
+    assert fast.tail is not None and slow.tail is None
+    gen = torch.Generator().manual_seed(1)
+    for density in (0.1, 0.5, 0.9, 0.5):  # the repeat is served from the row cache
+        mask = torch.rand(b_out.k, b_in.k, generator=gen) < density
+        mask[0] = True
+        mask[1] = False
+        assert fast.score(mask) == pytest.approx(slow.score(mask), rel=1e-10, abs=1e-10)
+
+
+def test_row_path_visits_every_row_once():
+    from tl_degeneracy.edge_ablation import _row_path
+
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(9, 12, generator=gen) < 0.5
+    masks[3] = True
+    masks[4] = False
+    path = _row_path(masks)
+    assert sorted(r for r, _ in path) == list(range(9))
+    starts = dict(path)
+    assert starts[path[0][0]] is not None  # the first row starts from the empty or full row
+    assert starts[3] in (True, None) and starts[4] in (False, None)

@@ -110,7 +110,7 @@ def test_integrated_gradients_on_linear_is_plain(linear_lib):
     torch.testing.assert_close(ig.edges, plain.edges, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("pair", [(1, 2), (2, 3)])
+@pytest.mark.parametrize("pair", [(0, 1), (1, 2), (2, 3)])
 def test_closed_form_edges_equal_autograd(api, tiny, tokens_for, pair):
     model = tiny(api)
     toks = tokens_for(model, 20)
@@ -139,3 +139,52 @@ def test_graph_html_is_offline_and_escaped(api, tiny, tokens_for, tmp_path):
     page = graph.save_html(tmp_path / "graph.html").read_text()
     assert "tld-graph" in page and 'src="http' not in page
     assert page.count("d3") >= 1
+
+
+REFERENCE_SITES = (
+    Site("blocks.0.hook_resid_pre"),
+    Site("blocks.0.hook_resid_mid", "last"),
+    Site("blocks.0.hook_resid_post", "last"),
+    Site("logits", "last"),
+)
+REFERENCE_NODES = ("ln1.0", "ln2.0", "unembed", "output")
+
+
+def _reference_basis(ref, node: str, site: Site):
+    """The reference's non-constant LIB columns in the centred convention (README)."""
+    from tl_degeneracy.bases import SiteBasis
+
+    if node == "output":  # the logits, not rotated
+        eye = torch.eye(114, dtype=torch.float64)
+        zero = torch.zeros(114, dtype=torch.float64)
+        return SiteBasis(site, "raw", eye, eye.clone(), zero + 1, zero, zero)
+    c, c_pinv = ref[f"{node}/C"][:-1, 1:], ref[f"{node}/C_pinv"][1:, :-1]
+    lam = ref[f"{node}/Lambda"][1 : c.shape[1] + 1]
+    mean = ref[f"{node}/mean"][:-1]
+    return SiteBasis(site, "lib", c, c_pinv, lam, mean, torch.zeros(128, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("section", [0, 1, 2])
+def test_seed0_edges_match_reference(reference_dir, section):
+    """Given the reference's bases on both sides, every edge between non-constant features
+    above 1e-6 of the largest matches the reference's to relative error ≤ 1e-4."""
+    from safetensors.torch import load_file
+
+    from tl_degeneracy.modadd.checkpoints import ModAddCheckpoint
+
+    ckpt = ModAddCheckpoint.open(reference_dir / "seed0")
+    model = ckpt.model(dtype=torch.float64)
+    train, _ = ckpt.dataset().train()
+    ref = load_file(str(reference_dir / "seed0" / "lib_reference.safetensors"))
+    a, b = REFERENCE_NODES[section], REFERENCE_NODES[section + 1]
+    b_in = _reference_basis(ref, a, REFERENCE_SITES[section])
+    b_out = _reference_basis(ref, b, REFERENCE_SITES[section + 1])
+    ours = section_edges(model, train, b_in, b_out, batch_size=4096, progress=False)
+    assert ours.method.startswith("closed_form")
+    theirs = ref[f"edges/{a}->{b}"][:, 1:]
+    if b != "output":
+        theirs = theirs[1:]  # the constant output feature
+    assert ours.edges.shape == theirs.shape
+    big = theirs > 1e-6 * theirs.max()
+    rel = ((ours.edges - theirs).abs()[big] / theirs[big]).max()
+    assert rel <= 1e-4, f"{a}->{b}: worst relative error {rel:.2e}"

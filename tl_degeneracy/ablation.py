@@ -18,7 +18,10 @@ from torch import Tensor, nn
 
 from tl_degeneracy.attach import ablate_nodes
 from tl_degeneracy.bases import SiteBasis
+from tl_degeneracy.plain_forward import PlainTail
 from tl_degeneracy.result import BasisResult
+from tl_degeneracy.sites import Site
+from tl_degeneracy.statistics import capture_sites
 from tl_degeneracy.streaming import iter_batches
 from tl_degeneracy.viz.html import HtmlReprMixin
 
@@ -35,12 +38,22 @@ def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
 
 
 def last_position_accuracy(label_fn: Callable[[Tensor], Tensor]) -> Metric:
-    """Accuracy of the argmax at the last position against `label_fn(tokens)`."""
+    """Accuracy of the argmax at the last position against `label_fn(tokens)`.
+
+    The metric is marked `last_position_only`: it reads nothing but `logits[:, -1]`, so the
+    fast ablation paths may hand it the last position's logits alone (`[batch, 1, vocab]`).
+    """
 
     def metric(logits: Tensor, tokens: Tensor) -> Tensor:
         return (logits[:, -1].argmax(-1) == label_fn(tokens)).to(torch.float64)
 
+    metric.last_position_only = True  # type: ignore[attr-defined]
     return metric
+
+
+def reads_last_position_only(metric: Metric) -> bool:
+    """Whether `metric` promises to read only `logits[:, -1]` (see `last_position_accuracy`)."""
+    return bool(getattr(metric, "last_position_only", False))
 
 
 def ablation_schedule(k_max: int, dense_up_to: int = 10, growth: float = 1.05) -> list[int]:
@@ -119,14 +132,107 @@ def node_ablation_curve(
     ks: Sequence[int] | None = None,
     batch_size: int = 1024,
     higher_is_better: bool = True,
+    fast: bool = True,
 ) -> AblationCurve:
-    """Score the model with only the top k features kept at `site`, for each k."""
+    """Score the model with only the top k features kept at `site`, for each k.
+
+    With `fast` (the default), a site of the last layer of a plain model (see
+    `plain_forward`) and a metric that reads only the last position, every k is scored from
+    one capture of the site: the kept features' contributions are summed in float64 and only
+    the last layer is re-run at the last position. Otherwise the model runs once per k with
+    the site's hook rewritten.
+    """
     bases = result.bases if isinstance(result, BasisResult) else result
     basis = bases[site]
     ks = list(ks) if ks is not None else ablation_schedule(basis.k)
     baseline = evaluate(model, tokens, metric, batch_size)
+    tail = PlainTail.of(model) if fast and reads_last_position_only(metric) else None
+    if tail is not None and tail.stage(basis.site.hook) in ("pre", "mid", "post"):
+        scores = _plain_node_scores(model, tail, basis, tokens, metric, ks, batch_size)
+        return AblationCurve(site, basis.kind, scores, baseline, higher_is_better)
     scores = {}
     for k in ks:
         with ablate_nodes(model, bases, site, min(k, basis.k)):
             scores[k] = evaluate(model, tokens, metric, batch_size)
     return AblationCurve(site, basis.kind, scores, baseline, higher_is_better)
+
+
+@torch.no_grad()
+def _plain_node_scores(
+    model: nn.Module,
+    tail: PlainTail,
+    basis: SiteBasis,
+    tokens: Int[Tensor, "n pos"],
+    metric: Metric,
+    ks: Sequence[int],
+    batch_size: int,
+) -> dict[int, float]:
+    """Node-ablation scores for every k from one capture of the site (float64).
+
+    Keeping the top k features replaces the selected positions by `μ + f̂_{:k} C⁺_{:k}`;
+    whatever the tail applies linearly first (the query/key/value projection at
+    `resid_pre`, the MLP input at `resid_mid`, the unembedding at `resid_post`) is applied to
+    `μ` and to the rows of `C⁺` once, so each k costs one small product and the rest of the
+    last layer at the last position only.
+    """
+    site, stage, block = basis.site, tail.stage(basis.site.hook), tail.block
+    totals = dict.fromkeys(ks, 0.0)
+    count = 0
+    full = Site(site.hook, "all")
+    for batch in iter_batches(tokens, batch_size):
+        (act,) = capture_sites(model, batch, [full])
+        act = act.to(torch.float64)
+        n_pos = batch.shape[1]
+        idx = site.index(n_pos)
+        last = n_pos - 1
+        feats = basis.features(act[:, idx])  # [B, P, k]
+        slot = (idx == last).nonzero()[:, 0]  # the last position's slot in the selection
+        touches_last = len(slot) > 0
+        f_last = feats[:, slot[0]] if touches_last else feats[:, :0]
+        if stage == "pre":  # the first linear map: queries, keys and values of every position
+            w, b = block.qkv_weight()
+            clean_qkv = act @ w + b
+            f_lin, proj = feats, basis.C_pinv @ w
+            lin = (basis.mean @ w + b).expand(batch.shape[0], len(idx), -1)
+        elif stage == "mid" and block.has_mlp:  # the MLP input at the last position
+            f_lin, proj = f_last, basis.C_pinv @ block.W_in
+            lin = (basis.mean @ block.W_in + block.b_in).expand(batch.shape[0], -1)
+        else:  # the unembedding at the last position
+            f_lin, proj = f_last, basis.C_pinv @ tail.W_U
+            lin = (basis.mean @ tail.W_U + tail.b_U).expand(batch.shape[0], -1)
+        x_last = basis.mean.expand(batch.shape[0], -1) if touches_last else act[:, last]
+        done = 0
+        for k in sorted(ks):
+            kk = min(k, basis.k)
+            if kk > done:  # add features done … kk-1 to the running sums
+                lin = _add_features(lin, f_lin, proj, done, kk)
+                if touches_last:
+                    x_last = _add_features(x_last, f_last, basis.C_pinv, done, kk)
+                done = kk
+            if stage == "pre":
+                qkv = lin if len(idx) == n_pos else clean_qkv.index_copy(1, idx, lin)
+                mid = x_last + block.attend(qkv, [last])[:, 0]
+                logits = tail.from_mid(mid)
+            elif stage == "mid" and block.has_mlp and touches_last:
+                logits = (x_last + block.mlp_from_pre(lin)) @ tail.W_U + tail.b_U
+            elif stage == "mid":
+                logits = tail.from_mid(x_last)
+            else:
+                logits = lin if touches_last else x_last @ tail.W_U + tail.b_U
+            totals[k] += float(metric(logits[:, None], batch).sum())
+        count += batch.shape[0]
+    return {k: v / count for k, v in totals.items()}
+
+
+def _add_features(
+    acc: Float[Tensor, "... n"],
+    feats: Float[Tensor, "... k"],
+    rows: Float[Tensor, "k n"],
+    lo: int,
+    hi: int,
+) -> Float[Tensor, "... n"]:
+    """`acc + feats[..., lo:hi] @ rows[lo:hi]`; one feature as an outer product, which is
+    several times faster than a matrix product with an inner dimension of one."""
+    if hi - lo == 1:
+        return torch.addcmul(acc, feats[..., lo : lo + 1], rows[lo])
+    return acc + feats[..., lo:hi] @ rows[lo:hi]

@@ -218,24 +218,29 @@ def _replicate_args(p: argparse.ArgumentParser) -> None:
         "--tolerance", type=float, default=0.001, help="edge-ablation tolerance in test accuracy"
     )
     p.add_argument("--api", default="auto", choices=["auto", "hooked", "bridge"])
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="checkpoints in parallel, one thread each (default: the number of CPUs)",
+    )
 
 
 @command("replicate-modadd", "replicate the LIB paper's modular-addition results per checkpoint")(
     _replicate_args
 )
 def run_replicate(args: argparse.Namespace) -> int:
-    from tl_degeneracy.modadd.replicate import replicate_checkpoint
+    import os
+
+    from tl_degeneracy.modadd.replicate import replicate_checkpoints
 
     checkpoints = [Path(c) for c in args.checkpoints] or [demo_checkpoint()]
-    for ckpt in checkpoints:
-        print(f"{ckpt}:")
-        result = replicate_checkpoint(
-            ckpt, Path(args.out) / ckpt.name, args.max_k, args.tolerance, api=args.api
-        )
-        print(
-            f"  baseline {result['baseline_test_accuracy']:.5f}, {result['total_s']} s, "
-            f"wrote {Path(args.out) / ckpt.name}"
-        )
+    jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
+    start = time.perf_counter()
+    replicate_checkpoints(
+        checkpoints, args.out, args.max_k, args.tolerance, api=args.api, jobs=jobs
+    )
+    print(f"{len(checkpoints)} checkpoint(s) in {time.perf_counter() - start:.1f} s")
     return 0
 
 

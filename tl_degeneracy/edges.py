@@ -32,8 +32,10 @@ from tl_degeneracy.compat import (
     run_with_hooks,
 )
 from tl_degeneracy.jacobians import closed_form_kind
+from tl_degeneracy.plain_forward import PlainBlock, attention_layer
 from tl_degeneracy.result import BasisResult
 from tl_degeneracy.sections import Section, run_section
+from tl_degeneracy.statistics import capture_sites
 from tl_degeneracy.streaming import (
     Checkpointing,
     EmptyDataError,
@@ -184,15 +186,29 @@ class _EdgeAccumulator:
 
 
 class _ClosedFormEdgeAccumulator(_EdgeAccumulator):
-    """Edges of a linear unembedding or a ReLU MLP with residual, from per-example Jacobians
-    in feature coordinates: `C⁺ J_b C_out = L + P diag(m_b) R` (ReLU mask `m_b`)."""
+    """Edges of a linear unembedding, a ReLU MLP with residual, or a LayerNorm-free attention
+    block, from per-example Jacobians written out in feature coordinates. For the MLP,
+    `C⁺ J_b C_out = L + P diag(m_b) R` (ReLU mask `m_b`); for attention see
+    `_attention_attributions`."""
 
     def __init__(self, model, section, basis_in, basis_out, config, kind: str):
         super().__init__(model, section, basis_in, basis_out, config)
         self.kind = kind
         sd = {k: v.to(torch.float64) for k, v in hooked_state_dict(model).items()}
         c_out = basis_out.C
-        if kind == "linear_unembed":
+        if kind == "attention":
+            layer = int(section.inp.hook.split(".")[1])
+            block = PlainBlock.of(model, layer, sd)
+            assert block is not None
+            self.block = block
+            # Rows of C⁺ and the mean: the input directions of the features and the mean node.
+            rows = torch.cat([basis_in.C_pinv, basis_in.mean[None]])  # [k_in + 1, d]
+            self.rows_out = rows @ c_out  # residual path
+            self.rows_vo = torch.einsum("jd,hde,hem,mi->hji", rows, block.W_V, block.W_O, c_out)
+            self.rows_k = torch.einsum("jd,hde->hje", rows, block.W_K)
+            self.rows_q = torch.einsum("jd,hde->hje", rows, block.W_Q)
+            self.read_o = torch.einsum("hem,mi->hei", block.W_O, c_out)
+        elif kind == "linear_unembed":
             w_u = sd["unembed.W_U"]
             self.lin = basis_in.C_pinv @ w_u @ c_out  # [k_in, k_out]
             self.mean_read = basis_in.mean @ w_u @ c_out
@@ -206,12 +222,57 @@ class _ClosedFormEdgeAccumulator(_EdgeAccumulator):
             self.mean_lin = basis_in.mean @ c_out
             self.mean_proj = basis_in.mean @ self.w_in
 
+    def _attention_attributions(
+        self, x: Float[Tensor, "b pos d"], queries: Tensor
+    ) -> Float[Tensor, "b query k_out k_in_plus_1"]:
+        """`A_{b,t,i,j}` of the attention section, the mean node as the last column.
+
+        With `φ = [f̂, 1]` and the rows `ρ_j` of `[C⁺; μ]`, `A_{t,i,j} = Σ_s φ_{s,j}
+        (∂f̂^out_{t,i}/∂x_s · ρ_j)`. The derivative of `x_t + attn_t(x)` read by column i of
+        `C_out` has four parts: the residual (s = t), the value path `a_{h,t,s} W_V W_O`,
+        and, through the scores `e_{h,t,s} = q_t·k_s / scale` with
+        `D_{h,t,s,i} = a_{h,t,s} (c_{h,s,i} − Σ_s' a_{h,t,s'} c_{h,s',i})` (`c` the values read
+        by the output), the key path `D W_K q_t / scale` at s and the query path
+        `Σ_s D W_Q k_s / scale` at t.
+        """
+        blk = self.block
+        f = self.basis_in.features(x)
+        phi = torch.cat([f, f.new_ones(*f.shape[:-1], 1)], -1)  # [b, S, j]
+        w, b = blk.qkv_weight()
+        split = (x @ w + b).unflatten(-1, (3, blk.n_heads, -1))
+        q, k, v = split[:, queries, 0], split[:, :, 1], split[:, :, 2]  # [b, ·, H, e]
+        scores = torch.einsum("bthe,bshe->bhts", q, k) / blk.scale
+        allowed = torch.arange(x.shape[1])[None, :] <= queries[:, None]
+        a = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # [b, H, T, S]
+        c = torch.einsum("bshe,hei->bhsi", v, self.read_o)
+        mixed = torch.einsum("bhts,bhsi->bhti", a, c)
+        d_scores = a[..., None] * (c[:, :, None] - mixed[:, :, :, None])  # [b, H, T, S, i]
+        attr = phi[:, queries, None, :] * self.rows_out.T  # residual
+        attr = attr + torch.einsum("bhts,bsj,hji->btij", a, phi, self.rows_vo)
+        key_rows = torch.einsum("bthe,hje->bhtj", q, self.rows_k) / blk.scale
+        attr = attr + torch.einsum("bhtsi,bhtj,bsj->btij", d_scores, key_rows, phi)
+        query_rows = torch.einsum("bshe,hje->bhsj", k, self.rows_q) / blk.scale
+        attr = attr + phi[:, queries, None, :] * torch.einsum(
+            "bhtsi,bhsj->btij", d_scores, query_rows
+        )
+        return attr
+
     def update(self, batch_index: int, tokens: Tensor) -> None:
         n_pos = tokens.shape[1]
         pin = self.section.inp.index(n_pos).tolist()
         pout = self.section.out.index(n_pos).tolist()
         matched_in = torch.tensor([pin.index(q) for q in pout if q in pin])
         matched_out = torch.tensor([q for q in pout if q in pin])
+        if self.kind == "attention":
+            (x,) = capture_sites(self.model, tokens, [self.section.inp], batch_index)
+            queries = self.section.out.index(n_pos)
+            for sl in chunks(tokens.shape[0], 256):
+                sq = self._attention_attributions(x[sl].to(torch.float64), queries)
+                sq = sq.pow(2).sum((0, 1))  # [k_out, k_in + 1]
+                self.edges += sq[:, :-1]
+                self.mean_edges += sq[:, -1]
+            self.count += tokens.shape[0] * n_pos
+            return
         hooks = [self.section.inp.hook] + ([self.pre_hook] if self.kind == "relu_mlp" else [])
         store: dict[str, Tensor] = {}
 
@@ -259,8 +320,10 @@ def section_edges(
     config = config or EdgeConfig()
     section = Section(basis_in.site, basis_out.site)
     kind = closed_form_kind(model, section)
+    if kind == "attention" and attention_layer(model, section.inp, section.out) is None:
+        kind = None  # the edges' closed form needs every position of the input and plain blocks
     if (
-        kind in ("linear_unembed", "relu_mlp")  # attention has a closed form for M' only
+        kind is not None
         and config.closed_form
         and config.method == "exact"
         and config.integration_points == 1

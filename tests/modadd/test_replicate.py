@@ -54,8 +54,10 @@ def test_replicate_command_writes_json_report_and_plots(tiny_checkpoint, tmp_pat
 
 
 @pytest.mark.slow
-def test_replicate_reference_seed0_edges_required(tmp_path):
-    """Edges required per section within 15% of the reference, for LIB and PCA."""
+def test_replicate_reference_seed0(tmp_path):
+    """Seed 0 against the reference JSONs: edges required per section within 15% for LIB and
+    PCA; node-ablation accuracies at every k the reference evaluated (up to 64) equal to
+    within one test input, so the smallest k within 0.001 / 0.01 on its schedule is the same."""
     from support import REFERENCE
 
     checkpoints = list_reference_checkpoints()
@@ -63,15 +65,41 @@ def test_replicate_reference_seed0_edges_required(tmp_path):
         pytest.skip("reference checkpoints not found (../shared is only in CI)")
     from tl_degeneracy.modadd.replicate import replicate_checkpoint
 
-    result = replicate_checkpoint(REFERENCE / "seed0", tmp_path / "seed0", max_k=12)
-    names = {
+    result = replicate_checkpoint(REFERENCE / "seed0", tmp_path / "seed0", max_k=64)
+    sections = {
         "ln1.0": "blocks.0.hook_resid_pre->blocks.0.hook_resid_mid[-1]",
         "ln2.0": "blocks.0.hook_resid_mid[-1]->blocks.0.hook_resid_post[-1]",
         "unembed": "blocks.0.hook_resid_post[-1]->logits[-1]",
     }
+    sites = {
+        "ln1.0": "blocks.0.hook_resid_pre",
+        "ln2.0": "blocks.0.hook_resid_mid[-1]",
+        "unembed": "blocks.0.hook_resid_post[-1]",
+    }
+    baseline = result["baseline_test_accuracy"]
+    one_input = 1.5 / 8939
     for kind in ("lib", "pca"):
         ref = json.loads((REFERENCE / "seed0" / f"{kind}_edge_ablation.json").read_text())
-        for node, section in names.items():
+        for node, section in sections.items():
             ours = result["sections"][section][kind]["edges_required"]
             theirs = ref["n_edges_required"][node]
             assert abs(ours - theirs) <= 0.15 * theirs, (kind, node, ours, theirs)
+        ref = json.loads((REFERENCE / "seed0" / f"{kind}_node_ablation.json").read_text())
+        for node, site in sites.items():
+            theirs = {int(k) - 1: v for k, v in ref["results"][node].items()}  # k without the mean
+            ours = {int(k): v for k, v in result["sites"][site][kind]["accuracy_by_k"].items()}
+            common = sorted(set(theirs) & set(ours))
+            assert len(common) >= 30
+            worst = max(abs(theirs[k] - ours[k]) for k in common)
+            assert worst <= one_input, (kind, node, worst)
+            for tol in (0.001, 0.01):
+                assert _min_k(ours, common, baseline, tol) == _min_k(theirs, common, baseline, tol)
+
+
+def _min_k(scores: dict[int, float], ks: list[int], baseline: float, tol: float) -> int | None:
+    best = None
+    for k in sorted(ks, reverse=True):
+        if baseline - scores[k] > tol:
+            break
+        best = k
+    return best

@@ -1,0 +1,244 @@
+"""The forward pass of a LayerNorm-free transformer layer written out in float64 tensors.
+
+The fast paths of edges, edge ablation and node ablation need to run pieces of the model on
+many modified copies of one site's activation (one copy per kept-feature count, or per output
+feature). Running the whole model through its hooks for each copy repeats the embedding, all
+positions and all layers; the pieces written out here compute only what the copy changes:
+
+- `PlainBlock`: one block's attention (at chosen query positions only) and MLP, read from the
+  model's HookedTransformer-named weights, so HookedTransformer and TransformerBridge give
+  the same tensors;
+- `PlainTail`: the last block plus the unembedding, i.e. the map from a residual site of the
+  last layer to the logits, which is what an ablation at that site feeds.
+
+Only models without normalisation, with standard (additive) positional embeddings, full
+multi-head attention and an elementwise MLP activation are written out (`PlainBlock.of`
+returns None otherwise, and callers fall back to the generic hook path). Tests hold every
+function here to the model's own forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from tl_degeneracy.compat import hooked_state_dict
+from tl_degeneracy.sites import LOGITS, Site
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def is_plain(model: nn.Module) -> bool:
+    """True when every block can be written out: no normalisation, standard positional
+    embeddings, one key/value head per query head, no score capping, an elementwise MLP."""
+    cfg = model.cfg
+    act = getattr(cfg, "act_fn", None)
+    return (
+        getattr(cfg, "normalization_type", None) is None
+        and getattr(cfg, "positional_embedding_type", "standard") == "standard"
+        and not getattr(cfg, "n_key_value_heads", None)
+        and float(getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) <= 0
+        and not getattr(cfg, "gated_mlp", False)
+        and not getattr(cfg, "use_local_attn", False)
+        and (getattr(cfg, "attn_only", False) or str(act) in ACTIVATIONS)
+    )
+
+
+def attention_layer(model: nn.Module, inp: Site, out: Site) -> int | None:
+    """The layer whose attention block is the section `inp -> out` of a plain model
+    (`blocks.l.hook_resid_pre` at all positions to `blocks.l.hook_resid_mid`), else None."""
+    if not (is_plain(model) and inp.positions == "all" and inp.hook.endswith(".hook_resid_pre")):
+        return None
+    if out.hook != inp.hook.replace("hook_resid_pre", "hook_resid_mid"):
+        return None
+    return int(inp.hook.split(".")[1])
+
+
+def attention_scale(model: nn.Module) -> float:
+    """The divisor of the attention scores (√d_head unless configured otherwise)."""
+    cfg = model.cfg
+    if not getattr(cfg, "use_attn_scale", True):
+        return 1.0
+    configured = float(getattr(cfg, "attn_scale", -1.0) or -1.0)  # ≤ 0 means √d_head (Bridge)
+    return configured if configured > 0 else math.sqrt(cfg.d_head)
+
+
+@dataclass(frozen=True)
+class PlainBlock:
+    """Weights of one block (float64, HookedTransformer shapes and names)."""
+
+    layer: int
+    W_Q: Float[Tensor, "head d_model d_head"]
+    W_K: Float[Tensor, "head d_model d_head"]
+    W_V: Float[Tensor, "head d_model d_head"]
+    W_O: Float[Tensor, "head d_head d_model"]
+    b_Q: Float[Tensor, "head d_head"]
+    b_K: Float[Tensor, "head d_head"]
+    b_V: Float[Tensor, "head d_head"]
+    b_O: Float[Tensor, " d_model"]
+    scale: float
+    W_in: Float[Tensor, "d_model d_mlp"] | None = None
+    b_in: Float[Tensor, " d_mlp"] | None = None
+    W_out: Float[Tensor, "d_mlp d_model"] | None = None
+    b_out: Float[Tensor, " d_model"] | None = None
+    act_fn: str = "relu"
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, layer: int, state: dict[str, Tensor] | None = None
+    ) -> PlainBlock | None:
+        """The block's weights, or None when the model is not plain (see `is_plain`)."""
+        if not is_plain(model):
+            return None
+        sd = state if state is not None else hooked_state_dict(model)
+        p = f"blocks.{layer}."
+        w = {k[len(p) :]: v.to(torch.float64) for k, v in sd.items() if k.startswith(p)}
+        heads, d_model, d_head = w["attn.W_Q"].shape
+        zeros = torch.zeros(heads, d_head, dtype=torch.float64)
+        mlp = {}
+        if "mlp.W_in" in w:
+            mlp = dict(
+                W_in=w["mlp.W_in"],
+                b_in=w.get("mlp.b_in", torch.zeros(w["mlp.W_in"].shape[1], dtype=torch.float64)),
+                W_out=w["mlp.W_out"],
+                b_out=w.get("mlp.b_out", torch.zeros(d_model, dtype=torch.float64)),
+                act_fn=str(model.cfg.act_fn),
+            )
+        return cls(
+            layer,
+            w["attn.W_Q"],
+            w["attn.W_K"],
+            w["attn.W_V"],
+            w["attn.W_O"],
+            w.get("attn.b_Q", zeros),
+            w.get("attn.b_K", zeros),
+            w.get("attn.b_V", zeros),
+            w.get("attn.b_O", torch.zeros(d_model, dtype=torch.float64)),
+            attention_scale(model),
+            **mlp,
+        )
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.W_Q.shape[0])
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.W_in is not None
+
+    def qkv_weight(self) -> tuple[Float[Tensor, "d_model three_hd"], Float[Tensor, " three_hd"]]:
+        """Queries, keys and values of all heads as one linear map `x W + b`; the last axis
+        splits as `[3, head, d_head]`."""
+        w = torch.stack([self.W_Q, self.W_K, self.W_V])  # [3, H, d, dh]
+        b = torch.stack([self.b_Q, self.b_K, self.b_V])  # [3, H, dh]
+        return w.permute(2, 0, 1, 3).flatten(1), b.flatten()
+
+    def attend(
+        self,
+        qkv: Float[Tensor, "... pos three_hd"],
+        queries: Sequence[int] | Tensor,
+    ) -> Float[Tensor, "... query d_model"]:
+        """Attention output (with `b_O`, without the residual) at the query positions, from
+        the projected queries/keys/values of every position (causal mask)."""
+        n_pos = qkv.shape[-2]
+        q_idx = torch.as_tensor(queries, dtype=torch.long)
+        split = qkv.unflatten(-1, (3, self.n_heads, -1))  # [..., pos, 3, H, dh]
+        q = split[..., q_idx, 0, :, :]  # [..., T, H, dh]
+        k, v = split[..., 1, :, :], split[..., 2, :, :]  # [..., S, H, dh]
+        # Few positions: broadcasting beats batched tiny matrix products here.
+        scores = (q[..., :, None, :, :] * k[..., None, :, :, :]).sum(-1) / self.scale
+        allowed = torch.arange(n_pos)[None, :] <= q_idx[:, None]  # [T, S]
+        pattern = scores.masked_fill(~allowed[..., None], float("-inf")).softmax(-2)
+        z = (pattern[..., None] * v[..., None, :, :, :]).sum(-3)  # [..., T, H, dh]
+        return z.flatten(-2) @ self.W_O.flatten(0, 1) + self.b_O
+
+    def attention(
+        self, x: Float[Tensor, "... pos d_model"], queries: Sequence[int] | Tensor
+    ) -> Float[Tensor, "... query d_model"]:
+        """Attention output at the query positions given the residual stream `x`."""
+        w, b = self.qkv_weight()
+        return self.attend(x @ w + b, queries)
+
+    def mlp_from_pre(self, pre: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... d_model"]:
+        """MLP output (without the residual) from its pre-activation."""
+        assert self.W_out is not None and self.b_out is not None
+        return ACTIVATIONS[self.act_fn](pre) @ self.W_out + self.b_out
+
+    def mlp(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """MLP output (without the residual); zero for attention-only blocks."""
+        if not self.has_mlp:
+            return torch.zeros_like(x)
+        assert self.W_in is not None
+        return self.mlp_from_pre(x @ self.W_in + self.b_in)
+
+
+@dataclass(frozen=True)
+class PlainTail:
+    """The last block and the unembedding: logits at chosen positions from a residual site
+    of the last layer (`hook_resid_pre`, `hook_resid_mid`, `hook_resid_post`, or the
+    previous block's `hook_resid_post`, which is the same stream)."""
+
+    block: PlainBlock
+    W_U: Float[Tensor, "d_model vocab"]
+    b_U: Float[Tensor, " vocab"]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> PlainTail | None:
+        if not is_plain(model):
+            return None
+        sd = hooked_state_dict(model)
+        block = PlainBlock.of(model, model.cfg.n_layers - 1, sd)
+        assert block is not None
+        w_u = sd["unembed.W_U"].to(torch.float64)
+        b_u = sd.get("unembed.b_U", torch.zeros(w_u.shape[1])).to(torch.float64)
+        return cls(block, w_u, b_u)
+
+    def stage(self, hook: str) -> str | None:
+        """Where `hook` enters the tail: 'pre', 'mid', 'post', 'logits', or None."""
+        last = self.block.layer
+        names = {
+            f"blocks.{last}.hook_resid_pre": "pre",
+            f"blocks.{last}.hook_resid_mid": "mid",
+            f"blocks.{last}.hook_resid_post": "post",
+            LOGITS: "logits",
+        }
+        if last > 0:
+            names[f"blocks.{last - 1}.hook_resid_post"] = "pre"
+        return names.get(hook)
+
+    def from_mid(self, resid_mid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
+        """Logits from the residual stream after attention (per position)."""
+        return (resid_mid + self.block.mlp(resid_mid)) @ self.W_U + self.b_U
+
+    def logits(
+        self,
+        hook: str,
+        act: Float[Tensor, "... pos d"],
+        queries: Sequence[int] | Tensor,
+    ) -> Float[Tensor, "... query vocab"]:
+        """Logits at the query positions when the stream at `hook` is `act` (all positions
+        for 'pre', which attention mixes; any position set otherwise, read at `queries`)."""
+        stage = self.stage(hook)
+        q = torch.as_tensor(queries, dtype=torch.long)
+        if stage == "pre":
+            mid = act[..., q, :] + self.block.attention(act, q)
+            return self.from_mid(mid)
+        if stage == "mid":
+            return self.from_mid(act[..., q, :])
+        if stage == "post":
+            return act[..., q, :] @ self.W_U + self.b_U
+        if stage == "logits":
+            return act[..., q, :]
+        raise ValueError(f"{hook} is not a residual site of the last layer")
