@@ -202,7 +202,7 @@ def _plain_node_scores(
             lin = (basis.mean @ tail.W_U + tail.b_U).expand(batch.shape[0], -1)
         x_last = basis.mean.expand(batch.shape[0], -1) if touches_last else act[:, last]
         done = 0
-        for k in sorted(ks):
+        for k in sorted(totals):  # each k once, also when `ks` repeats one
             kk = min(k, basis.k)
             if kk > done:  # add features done … kk-1 to the running sums
                 lin = _add_features(lin, f_lin, proj, done, kk)
