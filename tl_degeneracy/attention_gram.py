@@ -20,60 +20,16 @@ rounding on both TransformerLens APIs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from jaxtyping import Float
 from torch import Tensor, einsum
 
-from tl_degeneracy.compat import hooked_state_dict
-
-
-@dataclass(frozen=True)
-class AttentionWeights:
-    """One layer's attention weights in HookedTransformer layout, float64."""
-
-    W_Q: Float[Tensor, "head d_model d_head"]
-    W_K: Float[Tensor, "head d_model d_head"]
-    W_V: Float[Tensor, "head d_model d_head"]
-    W_O: Float[Tensor, "head d_head d_model"]
-    b_Q: Float[Tensor, "head d_head"]
-    b_K: Float[Tensor, "head d_head"]
-    b_V: Float[Tensor, "head d_head"]
-    scale: float
-
-    @classmethod
-    def of(cls, model: torch.nn.Module, layer: int) -> AttentionWeights:
-        sd = hooked_state_dict(model)
-        a = f"blocks.{layer}.attn."
-        w = {k: sd[a + k].to(torch.float64) for k in ("W_Q", "W_K", "W_V", "W_O")}
-        b = {k: sd[a + k].to(torch.float64) for k in ("b_Q", "b_K", "b_V")}
-        cfg = model.cfg
-        scale = float(getattr(cfg, "attn_scale", -1.0) or -1.0)
-        if scale <= 0:  # TransformerBridge configs leave it unset (-1): TransformerLens's default
-            scale = cfg.d_head**0.5
-        if not getattr(cfg, "use_attn_scale", True):
-            scale = 1.0
-        return cls(**w, **b, scale=scale)
-
-
-def attention_closed_form_applies(model: torch.nn.Module) -> bool:
-    """Whether the model's attention is the plain kind this closed form covers."""
-    cfg = model.cfg
-    return (
-        getattr(cfg, "normalization_type", None) is None
-        and getattr(cfg, "positional_embedding_type", "standard") == "standard"
-        and getattr(cfg, "n_key_value_heads", None) in (None, cfg.n_heads)
-        and not getattr(cfg, "use_local_attn", False)
-        and (getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) <= 0
-        and getattr(cfg, "attention_dir", "causal") == "causal"
-        and not getattr(cfg, "use_qk_norm", False)
-    )
+from tl_degeneracy.plain_forward import PlainBlock
 
 
 def attention_jacobian_gram(
     x: Float[Tensor, "batch pos d_model"],
-    weights: AttentionWeights,
+    weights: PlainBlock,
     k_out: Float[Tensor, "d_model d_model"],
     pos_in: Tensor,
     pos_out: Tensor,

@@ -24,17 +24,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_degeneracy.attention_gram import (
-    AttentionWeights,
-    attention_closed_form_applies,
-    attention_jacobian_gram,
-)
+from tl_degeneracy.attention_gram import attention_jacobian_gram
 from tl_degeneracy.compat import (
     StopForward,
     frozen_parameters,
     hooked_state_dict,
     run_with_hooks,
 )
+from tl_degeneracy.plain_forward import PlainBlock, is_plain
 from tl_degeneracy.sections import Section, section_with_input
 from tl_degeneracy.sites import LOGITS
 from tl_degeneracy.statistics import StatisticsMismatchError, check_finite
@@ -212,7 +209,7 @@ def closed_form_kind(model: nn.Module, section: Section) -> str | None:
         plain
         and inp.endswith("hook_resid_pre")
         and out == inp.replace("hook_resid_pre", "hook_resid_mid")
-        and attention_closed_form_applies(model)
+        and is_plain(model)
     ):
         return "attention"
     return None
@@ -256,7 +253,9 @@ class _JacobianAccumulator:
             self.n_matched = 0
         if self.kind == "attention":
             self.layer = int(section.inp.hook.split(".")[1])
-            self.attn = AttentionWeights.of(model, self.layer)
+            block = PlainBlock.of(model, self.layer)
+            assert block is not None  # closed_form_kind checked is_plain
+            self.attn = block
 
     @property
     def method(self) -> str:

@@ -42,7 +42,8 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 def is_plain(model: nn.Module) -> bool:
     """True when every block can be written out: no normalisation, standard positional
-    embeddings, one key/value head per query head, no score capping, an elementwise MLP."""
+    embeddings, causal attention with one key/value head per query head, no score capping
+    or local windows, an elementwise MLP."""
     cfg = model.cfg
     act = getattr(cfg, "act_fn", None)
     return (
@@ -52,6 +53,8 @@ def is_plain(model: nn.Module) -> bool:
         and float(getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) <= 0
         and not getattr(cfg, "gated_mlp", False)
         and not getattr(cfg, "use_local_attn", False)
+        and getattr(cfg, "attention_dir", "causal") == "causal"
+        and not getattr(cfg, "use_qk_norm", False)
         and (getattr(cfg, "attn_only", False) or str(act) in ACTIVATIONS)
     )
 
