@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,6 +38,7 @@ from tl_degeneracy.compat import (
     frozen_parameters,
     is_bridge,
     model_identity,
+    parameters_requiring_grad,
     replace_hooks,
     run_with_hooks,
 )
@@ -184,19 +185,11 @@ def _hook_gradient_cache(
     return SimpleNamespace(activations=acts, gradients=grads, metric=value.detach())
 
 
-@contextmanager
-def _tracked_parameters(model: nn.Module) -> Iterator[None]:
+def _tracked_parameters(model: nn.Module) -> AbstractContextManager[None]:
     """Parameters require grad inside the block, so that hook outputs are part of the autograd
     graph for TransformerLens's gradient cache (which differentiates by them, never by the
     parameters) even when the caller froze the model."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    return parameters_requiring_grad(model, True)
 
 
 def _tl_gradient_cache() -> Callable[..., Any]:

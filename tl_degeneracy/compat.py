@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
 import einops
@@ -256,17 +256,22 @@ def hook_names(model: nn.Module) -> list[str]:
 
 
 @contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Temporarily stop autograd from tracking the model's parameters (we differentiate
-    with respect to activations only)."""
+def parameters_requiring_grad(model: nn.Module, flag: bool) -> Iterator[None]:
+    """Temporarily set `requires_grad` of every parameter to `flag`, restoring each after."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
-        p.requires_grad_(False)
+        p.requires_grad_(flag)
     try:
         yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        for p, old in flags:
+            p.requires_grad_(old)
+
+
+def frozen_parameters(model: nn.Module) -> AbstractContextManager[None]:
+    """Temporarily stop autograd from tracking the model's parameters (we differentiate
+    with respect to activations only)."""
+    return parameters_requiring_grad(model, False)
 
 
 def run_with_hooks(

@@ -508,9 +508,17 @@ def edges_required(
         gap = baseline - result.scores[n]
         return (gap if higher_is_better else -gap) <= tolerance
 
-    if not ok(total):  # even all edges fail (the bases are truncated too much)
-        return result
-    hi, lo = total, 0  # ok(hi) holds; lo fails (0 edges is taken to fail)
+    result.edges_required = fewest_passing(total, ok)
+    return result
+
+
+def fewest_passing(total: int, ok: Callable[[int], bool]) -> int | None:
+    """The fewest n in 1…total with `ok(n)`, searched as the reference does: halve from `total`
+    until a count fails, then bisect between the last pass and that failure (0 counts as
+    failing). None when even `ok(total)` fails (the bases are truncated too much)."""
+    if not ok(total):
+        return None
+    hi, lo = total, 0  # ok(hi) holds; lo fails
     n = (total + 1) // 2
     while n >= 1:
         if not ok(n):
@@ -524,5 +532,4 @@ def edges_required(
             hi = mid
         else:
             lo = mid
-    result.edges_required = hi
-    return result
+    return hi

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tl_degeneracy.ablation import next_token_loss
 from tl_degeneracy.bases import SiteBasis
 from tl_degeneracy.compat import frozen_parameters, replace_hooks, run_with_hooks
-from tl_degeneracy.edge_ablation import keep_mask
+from tl_degeneracy.edge_ablation import fewest_passing, keep_mask
 from tl_degeneracy.lm.fit_job import block_local_output, block_local_supported
 from tl_degeneracy.sections import Section
 from tl_degeneracy.statistics import capture_sites
@@ -157,21 +157,5 @@ def top_output_edges_required(
                 log(f"  {ablator.section.name} {basis_name}: {n} edges -> {result.scores[n]:.4f}")
         return result.scores[n] - baseline <= tolerance
 
-    if not ok(total):
-        return result
-    hi, lo = total, 0
-    n = (total + 1) // 2
-    while n >= 1:
-        if not ok(n):
-            lo = n
-            break
-        hi = n
-        n = (n + 1) // 2 if n > 1 else 0
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid
-    result.edges_required = hi
+    result.edges_required = fewest_passing(total, ok)
     return result
