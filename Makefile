@@ -56,7 +56,7 @@ notebooks: install
 	$(BIN)/python -m pytest -q tests/test_notebooks.py $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check tl_degeneracy tests benchmarks
+	$(BIN)/ruff check tl_degeneracy tests benchmarks notebooks
 
 clean:
 	rm -rf .venv .venv-tl4 out site

@@ -1,7 +1,7 @@
 """λ̂ on the modular-addition seed-0 model: tl_degeneracy's sampler against devinterp's.
 
     python benchmarks/llc_vs_devinterp.py [--chains 4] [--steps 400] [--burnin 100]
-        [--threads 1] [--out out/llc_vs_devinterp.json]
+        [--rounds 3] [--threads 1] [--out out/llc_vs_devinterp.json]
 
 Both samplers get the same model (HookedTransformer, float32), data (the 3,830 training
 inputs), loss (KL of the last position's softmax to the trained model's), and hyperparameters
@@ -9,7 +9,10 @@ inputs), loss (KL of the last position's softmax to the trained model's), and hy
 (an optional dependency: `pip install devinterp`) averages the minibatch loss of every step
 after its burn-in, as ours does. Prints each estimate with the standard error across chains,
 the gap in units of the combined standard error, and each sampler's steps per second (wall
-and CPU time, whole run including set-up).
+and CPU time, whole run including set-up). The machine's speed drifts by ±20% from minute to
+minute, so the two samplers alternate for `--rounds` rounds and the speed ratio is the median
+of the per-round ratios (the estimates are those of the first round; later rounds repeat the
+same seeds).
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ def main() -> int:
     parser.add_argument("--chains", type=int, default=4)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--burnin", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="out/llc_vs_devinterp.json")
     args = parser.parse_args()
@@ -134,31 +138,49 @@ def main() -> int:
             "chains": args.chains,
             "steps": args.steps,
             "burnin": args.burnin,
+            "rounds": args.rounds,
             "threads": args.threads,
             "n": int(tokens.shape[0]),
         },
         "load_average_before": os.getloadavg()[0],
+        "rounds": [],
     }
-    result["tl_degeneracy"] = ours(model, tokens, *run)
-    print(json.dumps({"tl_degeneracy": result["tl_degeneracy"]}), flush=True)
-    result["devinterp"] = devinterp(model, tokens, *run)
-    print(json.dumps({"devinterp": result["devinterp"]}), flush=True)
+    for r in range(args.rounds):
+        a = ours(model, tokens, *run)
+        b = devinterp(model, tokens, *run)
+        ratio = a["steps_per_s_cpu"] / b["steps_per_s_cpu"]
+        result["rounds"].append({"tl_degeneracy": a, "devinterp": b, "speed_ratio_cpu": ratio})
+        print(
+            f"round {r}: tl_degeneracy {a['steps_per_s_cpu']:.1f}, devinterp "
+            f"{b['steps_per_s_cpu']:.1f} steps/s (CPU time): {ratio:.2f}×",
+            flush=True,
+        )
+    first = result["rounds"][0]
+    result["tl_degeneracy"], result["devinterp"] = first["tl_degeneracy"], first["devinterp"]
     result["load_average_after"] = os.getloadavg()[0]
     a, b = result["tl_degeneracy"], result["devinterp"]
     se = math.hypot(a["llc_se"], b["llc_se"])
     result["gap"] = a["llc"] - b["llc"]
     result["gap_in_se"] = result["gap"] / se
-    result["speed_ratio_wall"] = a["steps_per_s_wall"] / b["steps_per_s_wall"]
-    result["speed_ratio_cpu"] = a["steps_per_s_cpu"] / b["steps_per_s_cpu"]
+    ratios = sorted(x["speed_ratio_cpu"] for x in result["rounds"])
+    result["speed_ratio_cpu"] = ratios[len(ratios) // 2]
+    result["speed_ratio_cpu_range"] = [ratios[0], ratios[-1]]
+    ours_speed = sorted(x["tl_degeneracy"]["steps_per_s_cpu"] for x in result["rounds"])
+    theirs_speed = sorted(x["devinterp"]["steps_per_s_cpu"] for x in result["rounds"])
+    result["steps_per_s_cpu_median"] = {
+        "tl_degeneracy": ours_speed[len(ours_speed) // 2],
+        "devinterp": theirs_speed[len(theirs_speed) // 2],
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
+    med = result["steps_per_s_cpu_median"]
     print(
         f"tl_degeneracy λ̂ = {a['llc']:.1f} ± {a['llc_se']:.1f}; devinterp λ̂ = "
         f"{b['llc']:.1f} ± {b['llc_se']:.1f}; gap {result['gap']:.1f} "
-        f"({result['gap_in_se']:.2f} combined se); speed (CPU time) "
-        f"{a['steps_per_s_cpu']:.2f} vs {b['steps_per_s_cpu']:.2f} steps/s "
-        f"({result['speed_ratio_cpu']:.2f}×)"
+        f"({result['gap_in_se']:.2f} combined se); speed (CPU time, median of "
+        f"{args.rounds} rounds) {med['tl_degeneracy']:.1f} vs {med['devinterp']:.1f} steps/s; "
+        f"ratio {result['speed_ratio_cpu']:.2f}× (range {ratios[0]:.2f}–{ratios[-1]:.2f})"
     )
     return 0
 

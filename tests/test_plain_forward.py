@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tl_degeneracy.plain_forward import PlainBlock, PlainTail, attention_layer, is_plain
+from tl_degeneracy.compat import hooked_state_dict
+from tl_degeneracy.plain_forward import PlainBlock, PlainModel, PlainTail, attention_layer, is_plain
 from tl_degeneracy.sites import Site
 from tl_degeneracy.statistics import capture_sites
 
@@ -62,3 +63,43 @@ def test_models_with_normalisation_are_not_plain(api, tiny):
         )
         is None
     )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"n_layers": 2, "act_fn": "gelu"}, {"n_layers": 2, "attn_only": True, "d_mlp": None}],
+    ids=["one-layer", "two-layer-gelu", "attn-only"],
+)
+@pytest.mark.parametrize("n_seq", [4, 40], ids=["embed", "token-table"])
+def test_whole_model_logits_equal_model(api, tiny, tokens_for, overrides, n_seq):
+    """`PlainModel.logits` equals the model's forward at chosen positions, with block 0's
+    projections computed per input (fewer sequences than tokens) or looked up in a
+    (position, token) table (more)."""
+    model = tiny(api, **overrides)
+    toks = tokens_for(model, n_seq)
+    plain = PlainModel.of(model)
+    assert plain is not None
+    queries = [0, toks.shape[1] - 1]
+    expected = model(toks)[:, queries]
+    torch.testing.assert_close(plain.logits(toks, queries), expected, rtol=1e-10, atol=1e-10)
+    if model.cfg.n_layers > 1:
+        (resid,) = capture_sites(model, toks, [Site("blocks.1.hook_resid_pre")])
+        ours = plain.logits(None, queries, resid=resid, start_layer=1)
+        torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_whole_model_is_differentiable_in_the_model_parameters(api, tiny, tokens_for):
+    """Written out in `hooked_state_dict(keep_vars=True)` weights, the logits back-propagate
+    into the model's own parameters exactly as the model's forward does."""
+    model = tiny(api, n_layers=2)
+    toks = tokens_for(model, 30)
+    plain = PlainModel.of(model, hooked_state_dict(model, keep_vars=True), dtype=None)
+    params = list(model.parameters())
+    ours = torch.autograd.grad(plain.logits(toks, [3]).square().sum(), params, allow_unused=True)
+    theirs = torch.autograd.grad(model(toks)[:, [3]].square().sum(), params, allow_unused=True)
+    assert sum(g is not None for g in ours) == sum(g is not None for g in theirs) > 10
+    for a, b in zip(ours, theirs):
+        if b is None:
+            assert a is None or float(a.abs().max()) == 0
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

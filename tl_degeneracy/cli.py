@@ -281,6 +281,20 @@ def _degeneracy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="steps per chain, burn-in included")
     p.add_argument("--burnin", type=int, default=d.burnin)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="SGLD minibatch")
+    p.add_argument(
+        "--grid-step-sizes",
+        type=float,
+        nargs="+",
+        default=[],
+        help="re-estimate the total's λ̂ at these step sizes (sensitivity grid)",
+    )
+    p.add_argument(
+        "--grid-nbetas",
+        type=float,
+        nargs="+",
+        default=None,
+        help="... and at these nβ (default: n / log n only)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
 
 
@@ -311,6 +325,8 @@ def run_degeneracy(args: argparse.Namespace) -> int:
         steps=args.steps,
         burnin=args.burnin,
         batch_size=args.batch_size,
+        sensitivity_step_sizes=tuple(args.grid_step_sizes),
+        sensitivity_nbetas=tuple(args.grid_nbetas) if args.grid_nbetas else (None,),
     )
     report = run_degeneracy_job(config, args.out)
     print(report.to_markdown())

@@ -22,10 +22,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tl_degeneracy.compat import hooked_state_dict
@@ -71,7 +72,7 @@ def attention_layer(model: nn.Module, inp: Site, out: Site) -> int | None:
 
 def attention_scale(model: nn.Module) -> float:
     """The divisor of the attention scores (√d_head unless configured otherwise)."""
-    cfg = model.cfg
+    cfg: Any = model.cfg
     if not getattr(cfg, "use_attn_scale", True):
         return 1.0
     configured = float(getattr(cfg, "attn_scale", -1.0) or -1.0)  # ≤ 0 means √d_head (Bridge)
@@ -100,35 +101,46 @@ class PlainBlock:
 
     @classmethod
     def of(
-        cls, model: nn.Module, layer: int, state: dict[str, Tensor] | None = None
+        cls,
+        model: nn.Module,
+        layer: int,
+        state: dict[str, Tensor] | None = None,
+        dtype: torch.dtype | None = torch.float64,
     ) -> PlainBlock | None:
-        """The block's weights, or None when the model is not plain (see `is_plain`)."""
+        """The block's weights, or None when the model is not plain (see `is_plain`).
+        `dtype=None` keeps the weights as they are (differentiable when `state` is)."""
         if not is_plain(model):
             return None
         sd = state if state is not None else hooked_state_dict(model)
         p = f"blocks.{layer}."
-        w = {k[len(p) :]: v.to(torch.float64) for k, v in sd.items() if k.startswith(p)}
-        heads, d_model, d_head = w["attn.W_Q"].shape
-        zeros = torch.zeros(heads, d_head, dtype=torch.float64)
-        mlp = {}
+        w = {
+            k[len(p) :]: v if dtype is None else v.to(dtype)
+            for k, v in sd.items()
+            if k.startswith(p)
+        }
+        w_q = w["attn.W_Q"]
+        heads, d_model, d_head = w_q.shape
+        zeros = w_q.new_zeros(heads, d_head).detach()
+        mlp: dict[str, Any] = {}
         if "mlp.W_in" in w:
+            cfg: Any = model.cfg
             mlp = dict(
                 W_in=w["mlp.W_in"],
-                b_in=w.get("mlp.b_in", torch.zeros(w["mlp.W_in"].shape[1], dtype=torch.float64)),
+                b_in=w.get("mlp.b_in", w_q.new_zeros(w["mlp.W_in"].shape[1]).detach()),
                 W_out=w["mlp.W_out"],
-                b_out=w.get("mlp.b_out", torch.zeros(d_model, dtype=torch.float64)),
-                act_fn=str(model.cfg.act_fn),
+                b_out=w.get("mlp.b_out", w_q.new_zeros(d_model).detach()),
+                act_fn=str(cfg.act_fn),
             )
         return cls(
             layer,
-            w["attn.W_Q"],
+            w_q,
             w["attn.W_K"],
             w["attn.W_V"],
             w["attn.W_O"],
             w.get("attn.b_Q", zeros),
             w.get("attn.b_K", zeros),
             w.get("attn.b_V", zeros),
-            w.get("attn.b_O", torch.zeros(d_model, dtype=torch.float64)),
+            w.get("attn.b_O", w_q.new_zeros(d_model).detach()),
             attention_scale(model),
             **mlp,
         )
@@ -183,7 +195,7 @@ class PlainBlock:
         """MLP output (without the residual); zero for attention-only blocks."""
         if not self.has_mlp:
             return torch.zeros_like(x)
-        assert self.W_in is not None
+        assert self.W_in is not None and self.b_in is not None
         return self.mlp_from_pre(x @ self.W_in + self.b_in)
 
 
@@ -202,7 +214,8 @@ class PlainTail:
         if not is_plain(model):
             return None
         sd = hooked_state_dict(model)
-        block = PlainBlock.of(model, model.cfg.n_layers - 1, sd)
+        cfg: Any = model.cfg
+        block = PlainBlock.of(model, cfg.n_layers - 1, sd)
         assert block is not None
         w_u = sd["unembed.W_U"].to(torch.float64)
         b_u = sd.get("unembed.b_U", torch.zeros(w_u.shape[1])).to(torch.float64)
@@ -245,3 +258,133 @@ class PlainTail:
         if stage == "logits":
             return act[..., q, :]
         raise ValueError(f"{hook} is not a residual site of the last layer")
+
+
+@dataclass(frozen=True)
+class PlainModel:
+    """A whole plain model written out: logits at chosen positions from tokens (or from the
+    residual stream entering a later block). With `PlainModel.of(model,
+    hooked_state_dict(model, keep_vars=True), dtype=None)` it is differentiable in the model's
+    own parameters, which is what the SGLD sampler needs: the same function as the model's
+    forward without its hook points and per-module Python (2–3× faster on modular
+    addition)."""
+
+    blocks: tuple[PlainBlock, ...]
+    W_E: Float[Tensor, "vocab d_model"]
+    W_pos: Float[Tensor, "n_ctx d_model"]
+    W_U: Float[Tensor, "d_model vocab_out"]
+    b_U: Float[Tensor, " vocab_out"]
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        state: dict[str, Tensor] | None = None,
+        dtype: torch.dtype | None = torch.float64,
+    ) -> PlainModel | None:
+        """The model's weights, or None when it is not plain (see `is_plain`)."""
+        if not is_plain(model):
+            return None
+        sd = state if state is not None else hooked_state_dict(model)
+        cfg: Any = model.cfg
+        layers = range(cfg.n_layers)
+        blocks = tuple(PlainBlock.of(model, layer, sd, dtype) for layer in layers)
+        assert all(b is not None for b in blocks)
+
+        def get(name: str) -> Tensor:
+            return sd[name] if dtype is None else sd[name].to(dtype)
+
+        w_u = get("unembed.W_U")
+        b_u = get("unembed.b_U") if "unembed.b_U" in sd else w_u.new_zeros(w_u.shape[1]).detach()
+        return cls(blocks, get("embed.W_E"), get("pos_embed.W_pos"), w_u, b_u)  # type: ignore[arg-type]
+
+    def logits(
+        self,
+        tokens: Int[Tensor, "batch pos"] | None,
+        queries: Sequence[int] | Tensor,
+        resid: Float[Tensor, "batch pos d_model"] | None = None,
+        start_layer: int = 0,
+    ) -> Float[Tensor, "batch query vocab_out"]:
+        """Logits at the query positions, from `tokens`, or from `resid` (the residual stream
+        entering block `start_layer`, as `stop_at_layer=start_layer` returns it).
+
+        Only the last block's queries are computed at `queries`; earlier blocks run at every
+        position. When the vocabulary has no more rows than the batch has sequences, block 0's
+        queries, keys and values are projected once per (position, token) and looked up.
+        Queries, keys and values are kept apart (no slicing of one fused projection), so the
+        backward pass scatters into small tables instead of filling batch-sized zeros."""
+        q_pos = torch.as_tensor(queries, dtype=torch.long)
+        last = len(self.blocks) - 1
+        table: Tensor | None = None
+        rows: Tensor | None = None
+        if resid is None:
+            if tokens is None:
+                raise ValueError("give tokens or resid")
+            start_layer = 0
+            n_pos = tokens.shape[1]
+            table = (self.W_E + self.W_pos[:n_pos, None]).flatten(0, 1)  # [(pos vocab), d]
+            rows = tokens + torch.arange(n_pos) * self.W_E.shape[0]
+            x = None if last == 0 else table[rows]
+        else:
+            n_pos = resid.shape[-2]
+            x = resid
+        everywhere = torch.arange(n_pos)
+        for layer in range(start_layer, last + 1):
+            block = self.blocks[layer]
+            at = q_pos if layer == last else everywhere
+            w_q, w_k, w_v = (_heads_last(w) for w in (block.W_Q, block.W_K, block.W_V))
+            b_q, b_k, b_v = (b.flatten() for b in (block.b_Q, block.b_K, block.b_V))
+            if layer == 0 and table is not None and rows is not None:
+                q = _embedded_projection(table, rows, w_q, b_q, at)
+                k = _embedded_projection(table, rows, w_k, b_k, everywhere)
+                v = _embedded_projection(table, rows, w_v, b_v, everywhere)
+                here = table[rows[:, at]]
+            else:
+                assert x is not None
+                here = x if layer < last else x[..., at, :]
+                q = here @ w_q + b_q
+                k, v = x @ w_k + b_k, x @ w_v + b_v
+            x = here + _attend(block, q, k, v, at)
+            if block.has_mlp:
+                x = x + block.mlp(x)
+        assert x is not None
+        return x @ self.W_U + self.b_U
+
+
+def _embedded_projection(
+    table: Float[Tensor, "pos_vocab d_model"],
+    rows: Int[Tensor, "batch pos"],
+    w: Float[Tensor, "d_model hd"],
+    b: Float[Tensor, " hd"],
+    pos: Tensor,
+) -> Float[Tensor, "batch n hd"]:
+    """`x W + b` of the embedded tokens at positions `pos`: the table of every (position,
+    token) is projected once and looked up when it has fewer rows than the batch."""
+    if table.shape[0] <= rows.numel():
+        return torch.addmm(b, table, w)[rows[:, pos]]
+    return table[rows[:, pos]] @ w + b
+
+
+def _heads_last(w: Float[Tensor, "head d_model d_head"]) -> Float[Tensor, "d_model hd"]:
+    return w.permute(1, 0, 2).flatten(1)
+
+
+def _attend(
+    block: PlainBlock,
+    q: Float[Tensor, "batch query hd"],
+    k: Float[Tensor, "batch key hd"],
+    v: Float[Tensor, "batch key hd"],
+    queries: Tensor,
+) -> Float[Tensor, "batch query d_model"]:
+    """Causal attention output (with `b_O`) at the query positions (broadcast products: few
+    positions)."""
+    h = block.n_heads
+    q, k, v = q.unflatten(-1, (h, -1)), k.unflatten(-1, (h, -1)), v.unflatten(-1, (h, -1))
+    scores = (q[:, :, None] * k[:, None]).sum(-1) / block.scale  # [batch, query, key, head]
+    n_keys = k.shape[1]
+    if bool((queries < n_keys - 1).any()):
+        allowed = torch.arange(n_keys)[None, :] <= queries[:, None]  # [query, key]
+        scores = scores.masked_fill(~allowed[..., None], float("-inf"))
+    pattern = scores.softmax(-2)
+    z = (pattern[..., None] * v[:, None]).sum(2)  # [batch, query, head, d_head]
+    return z.flatten(-2) @ block.W_O.flatten(0, 1) + block.b_O

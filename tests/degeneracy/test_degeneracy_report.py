@@ -88,3 +88,34 @@ def _apis():
     from tl_degeneracy.compat import available_apis
 
     return available_apis()
+
+
+def test_sensitivity_grid_is_reported_saved_and_drawn(tiny, tokens_for, tmp_path):
+    """The total's λ̂ at other step sizes and nβ: one entry per other setting (the report's
+    own is not repeated), in the markdown, in the page with the traces, and saved."""
+    model = tiny(_apis()[0], "mlp")
+    tokens = tokens_for(model, 48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SGLDWarning)
+        rep = degeneracy_report(
+            model,
+            tokens,
+            SourcesConfig(batch_size=48),
+            FAST,
+            llc="total",
+            sensitivity_step_sizes=(3e-5, 1e-4),
+            sensitivity_nbetas=(None, 10.0),
+        )
+    settings = [(r.config.step_size, round(r.nbeta, 6)) for r in rep.sensitivity]
+    own = (FAST.step_size, round(FAST.nbeta(48), 6))
+    assert own not in settings and len(settings) == 3
+    assert (3e-5, 10.0) in settings and all(r.loss_traces.shape == (2, 30) for r in rep.sensitivity)
+    md = rep.to_markdown()
+    assert "Sensitivity of λ̂" in md and md.count("| 3e-05 |") == 2
+    page = rep.html_page().to_html()
+    assert page.count("data:image/png;base64,") == 2  # convergence traces and the grid's
+    rep.save(tmp_path / "rep")
+    loaded = DegeneracyReport.load(tmp_path / "rep")
+    assert [r.llc for r in loaded.sensitivity] == [r.llc for r in rep.sensitivity]
+    assert torch.equal(loaded.sensitivity[2].loss_traces, rep.sensitivity[2].loss_traces)
+    assert loaded.to_markdown() == md

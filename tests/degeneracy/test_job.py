@@ -49,6 +49,7 @@ def test_one_section_only(api, tiny, tmp_path):
     out = tmp_path / "mlp"
     argv = ["degeneracy", str(ckpt), "--out", str(out), "--api", api, "--llc", "total"]
     argv += ["--sections", "blocks.0.mlp", "--chains", "2", "--steps", "10", "--burnin", "2"]
+    argv += ["--grid-step-sizes", "3e-5", "1e-4", "--grid-nbetas", "5", "50"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SGLDWarning)
         assert cli.main(argv) == 0
@@ -59,3 +60,9 @@ def test_one_section_only(api, tiny, tmp_path):
     assert report.total.llc.n_params == report.total.n_params  # SGLD moved only the MLP
     assert report.sections[0].llc is None
     assert torch.equal(report.total.bound_curve, report.sections[0].bound_curve)
+    # the sensitivity grid: 2 step sizes × 2 nβ, all over the MLP's parameters
+    assert len(report.sensitivity) == 4
+    assert {round(r.nbeta) for r in report.sensitivity} == {5, 50}
+    assert all(r.n_params == report.total.n_params for r in report.sensitivity)
+    assert "Sensitivity of λ̂" in (out / "report.md").read_text()
+    assert len(json.loads((out / "job.json").read_text())["timing"]["sensitivity_s"]) == 4

@@ -114,9 +114,9 @@ def test_position_pruning_is_exact(tiny, tokens_for):
         pytest.skip("pruning applies to HookedTransformer only")
     model = tiny("hooked", "mlp")
     tokens = tokens_for(model, 30)
-    pruned = ModelProblem(model, tokens, positions="last")
+    pruned = ModelProblem(model, tokens, positions="last", fast=False)
     assert pruned.hooks
-    full = ModelProblem(model, tokens, positions="last")
+    full = ModelProblem(model, tokens, positions="last", fast=False)
     full.hooks = []
     assert torch.allclose(pruned.reference, full.reference, atol=1e-12)
     w = pruned.w_star * 1.01
@@ -176,3 +176,38 @@ def test_a_late_block_starts_from_the_cached_residual_stream(tiny, tokens_for):
     assert float(loss_f) > 0
     assert torch.allclose(loss_c, loss_f, rtol=1e-12, atol=0)
     assert torch.allclose(grad_c, grad_f, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("api", available_apis())
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_written_out_forward_gives_the_model_loss_and_gradient(api, tiny, tokens_for, n_layers):
+    """A plain model samples through `PlainModel` (fast); the loss and the flat gradient at
+    a moved point equal those of the model's own forward (fast=False)."""
+    model = tiny(api, "mlp", n_layers=n_layers)
+    tokens = tokens_for(model, 30)
+    fast = ModelProblem(model, tokens)
+    slow = ModelProblem(model, tokens, fast=False)
+    assert fast.plain and not slow.plain
+    torch.testing.assert_close(fast.reference, slow.reference, rtol=1e-12, atol=1e-12)
+    w = fast.w_star + 0.05 * torch.randn(
+        fast.n_params, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    idx = torch.arange(0, 30, 3)
+    with fast.bind(w.clone()):
+        loss_f, grad_f = (t.clone() for t in fast.value_and_grad(w, idx))
+    with slow.bind(w.clone()):
+        loss_s, grad_s = slow.value_and_grad(w, idx)
+    assert float(loss_s) > 0
+    torch.testing.assert_close(loss_f, loss_s, rtol=1e-11, atol=0)
+    torch.testing.assert_close(grad_f, grad_s, rtol=1e-9, atol=1e-13)
+    if n_layers == 2 and api == "hooked":  # a late block from the cached residual stream
+        late = ModelProblem(model, tokens, params=r"^blocks\.1\.")
+        late_slow = ModelProblem(model, tokens, params=r"^blocks\.1\.", fast=False)
+        assert late.start_layer == 1 and late.plain
+        v = late.w_star * 1.02
+        with late.bind(v.clone()):
+            a = [t.clone() for t in late.value_and_grad(v, idx)]
+        with late_slow.bind(v.clone()):
+            b = late_slow.value_and_grad(v, idx)
+        torch.testing.assert_close(a[0], b[0], rtol=1e-11, atol=0)
+        torch.testing.assert_close(a[1], b[1], rtol=1e-9, atol=1e-13)

@@ -55,6 +55,10 @@ class DegeneracyJobConfig:
     burnin: int = 100
     batch_size: int = 512
     seed: int = 0
+    sensitivity_step_sizes: tuple[float, ...] = ()
+    """Re-estimate the total's λ̂ at these step sizes (empty: no sensitivity grid)."""
+    sensitivity_nbetas: tuple[float | None, ...] = (None,)
+    """... at each of these nβ (None: n / log n)."""
 
 
 def load_target(
@@ -118,6 +122,8 @@ def run_degeneracy_job(config: DegeneracyJobConfig, out: str | Path) -> Degenera
         llc=config.llc,
         sections=config.sections,
         sgld_dtype=None if lm else torch.float32,
+        sensitivity_step_sizes=config.sensitivity_step_sizes,
+        sensitivity_nbetas=config.sensitivity_nbetas,
     )
     report.save(out / "report")
     report.save_html(out / "report.html")
@@ -127,6 +133,7 @@ def run_degeneracy_job(config: DegeneracyJobConfig, out: str | Path) -> Degenera
         "cpu_s": time.process_time() - cpu,
         "load_s": loaded,
         "sgld_s": {s.name: s.llc.seconds for s in [*report.sections, report.total] if s.llc},
+        "sensitivity_s": [r.seconds for r in report.sensitivity],
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0],
     }

@@ -29,7 +29,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from tl_degeneracy.compat import is_bridge
+from tl_degeneracy.compat import hooked_state_dict, is_bridge
+from tl_degeneracy.plain_forward import PlainModel, is_plain
 
 ParamFilter = None | str | Sequence[str] | Callable[[str], bool]
 """Which parameters to sample: None (all), a regex searched in each name, a list of exact
@@ -197,9 +198,12 @@ class ModelProblem(LLCProblem):
     of sequences. Reference outputs are cached when they hold at most `cache_limit` numbers,
     otherwise recomputed at w* for every batch.
 
-    When only some positions are read, a HookedTransformer runs its last MLP and the
-    unembedding at those positions only (the residual stream is cut to them after the last
-    attention layer): exact, and a third faster on modular addition.
+    Speed: a plain model (no normalisation, see `plain_forward.is_plain`; modular addition)
+    runs its written-out forward `PlainModel` on either API, the last block at the read
+    positions only (`fast=False` runs the model's own forward instead; tests hold the two
+    equal). Otherwise, when only some positions are read, a HookedTransformer runs its last
+    MLP and the unembedding at those positions only (the residual stream is cut to them after
+    the last attention layer).
     """
 
     def __init__(
@@ -211,10 +215,11 @@ class ModelProblem(LLCProblem):
         divergence: Divergence = "kl",
         cache_limit: int = 50_000_000,
         chunk_size: int = 1024,
+        fast: bool = True,
     ):
         if divergence not in ("kl", "mse"):
             raise ValueError(f"divergence must be 'kl' or 'mse', got {divergence!r}")
-        self.model = model
+        self.model: Any = model  # a HookedTransformer or TransformerBridge
         self.tokens = tokens
         self.divergence = divergence
         named = state_dict_parameters(model)
@@ -232,21 +237,20 @@ class ModelProblem(LLCProblem):
         else:
             self.pos = torch.tensor([p % n_pos for p in positions])
         self.chunk_size = chunk_size
+        self.plain = fast and is_plain(model)
         self.hooks: list[tuple[str, Callable]] = []
-        last = f"blocks.{model.cfg.n_layers - 1}"
+        cfg: Any = model.cfg
+        hook_dict: Any = model.hook_dict
+        last = f"blocks.{cfg.n_layers - 1}"
         cut = next(
-            (
-                h
-                for h in (f"{last}.hook_resid_mid", f"{last}.hook_resid_post")
-                if h in model.hook_dict
-            ),
+            (h for h in (f"{last}.hook_resid_mid", f"{last}.hook_resid_post") if h in hook_dict),
             None,
         )
-        if len(self.pos) < n_pos and not is_bridge(model) and cut is not None:
+        if len(self.pos) < n_pos and not is_bridge(model) and cut is not None and not self.plain:
             pos = self.pos
             self.hooks = [(cut, lambda act, hook=None: act[:, pos])]
-        d_out = model.cfg.d_vocab_out if getattr(model.cfg, "d_vocab_out", -1) > 0 else None
-        d_out = d_out or model.cfg.d_vocab
+        d_out = cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) > 0 else None
+        d_out = d_out or cfg.d_vocab
         self.reference: Tensor | None = None
         if self.n * len(self.pos) * d_out <= cache_limit:
             self.reference = torch.cat(
@@ -274,10 +278,20 @@ class ModelProblem(LLCProblem):
 
     def _outputs(self, tokens: Tensor, idx: Tensor | None = None) -> Tensor:
         """Logits at the selected positions (from the cached residual stream when there is
-        one and the data points `idx` are given)."""
-        if idx is not None and getattr(self, "prefix", None) is not None:
+        one and the data points `idx` are given). A plain model (`is_plain`) runs its
+        written-out forward (`PlainModel`), differentiable in the bound parameters."""
+        prefix: Tensor | None = getattr(self, "prefix", None)  # None while it is being built
+        if self.plain:
+            plain = PlainModel.of(
+                self.model, hooked_state_dict(self.model, keep_vars=True), dtype=None
+            )
+            assert plain is not None
+            if idx is not None and prefix is not None:
+                return plain.logits(None, self.pos, prefix[idx], self.start_layer)
+            return plain.logits(tokens, self.pos)
+        if idx is not None and prefix is not None:
             with self.model.hooks(fwd_hooks=self.hooks):
-                out = self.model(self.prefix[idx], start_at_layer=self.start_layer)
+                out = self.model(prefix[idx], start_at_layer=self.start_layer)
             return out if self.hooks else out[:, self.pos]
         if self.hooks:
             with self.model.hooks(fwd_hooks=self.hooks):

@@ -28,9 +28,11 @@ from tl_degeneracy.compat import model_identity
 from tl_degeneracy.degeneracy.llc import (
     Divergence,
     LLCResult,
+    ModelProblem,
     ModularityResult,
     SGLDConfig,
     model_llc,
+    sensitivity_grid,
 )
 from tl_degeneracy.degeneracy.sources import (
     SourcesConfig,
@@ -39,6 +41,7 @@ from tl_degeneracy.degeneracy.sources import (
     section_filter,
 )
 from tl_degeneracy.viz.html import HtmlPage, table, text
+from tl_degeneracy.viz.plots import figure_to_html, plot_llc_traces
 
 SOURCE_KEYS = ("activations", "gradients", "joint", "synchronised", "dead", "total")
 
@@ -84,6 +87,9 @@ class DegeneracyReport:
     model: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    sensitivity: list[LLCResult] = field(default_factory=list)
+    """λ̂ of the total at other SGLD step sizes and inverse temperatures: how much the
+    estimate depends on its hyperparameters."""
 
     def __getitem__(self, name: str) -> SectionReport:
         for s in [*self.sections, self.total]:
@@ -94,9 +100,10 @@ class DegeneracyReport:
     @property
     def modularity(self) -> ModularityResult | None:
         """Whole-model λ̂ against the sum of the sections' λ̂ (independent sections add)."""
-        if self.total.llc is None or any(s.llc is None for s in self.sections):
+        parts = {s.name: s.llc for s in self.sections if s.llc is not None}
+        if self.total.llc is None or len(parts) < len(self.sections):
             return None
-        return ModularityResult(self.total.llc, {s.name: s.llc for s in self.sections})
+        return ModularityResult(self.total.llc, parts)
 
     # -- text ------------------------------------------------------------------------------
 
@@ -121,6 +128,21 @@ class DegeneracyReport:
             )
         return out
 
+    def sensitivity_rows(self) -> list[dict[str, str]]:
+        """The report's own total estimate, then the sensitivity grid, as strings."""
+        runs = ([self.total.llc] if self.total.llc is not None else []) + self.sensitivity
+        return [
+            {
+                "ε (step)": f"{r.config.step_size:g}",
+                "nβ": f"{r.nbeta:.4g}",
+                "λ̂": _pm(r.llc, r.llc_se),
+                "N_eff = 2λ̂": _pm(2 * r.llc, 2 * r.llc_se),
+                "R-hat": f"{r.rhat:.3f}",
+                "diverged": f"{int(r.diverged.sum())}/{len(r.diverged)}",
+            }
+            for r in runs
+        ]
+
     def to_markdown(self) -> str:
         rows = self.rows()
         head = list(rows[0])
@@ -137,6 +159,11 @@ class DegeneracyReport:
         mod = self.modularity
         if mod is not None:
             lines += ["", f"Modularity: {mod.summary()}."]
+        if self.sensitivity:
+            lines += ["", "Sensitivity of λ̂ (total) to the SGLD step size and nβ:", ""]
+            srows = self.sensitivity_rows()
+            lines += ["| " + " | ".join(srows[0]) + " |", "|" + "---|" * len(srows[0])]
+            lines += ["| " + " | ".join(r.values()) + " |" for r in srows]
         lines += ["", "Upper bound N − free against ε:", ""]
         grid = [f"{e:.0e}" for e in self.eps_grid]
         lines += ["| section | " + " | ".join(grid) + " |", "|---|" + "---|" * len(grid)]
@@ -195,7 +222,37 @@ class DegeneracyReport:
             if s.llc is not None
         ]
         if llc_rows:
-            page.add("SGLD diagnostics", table(llc_rows))
+            runs = {s.name: s.llc for s in [*self.sections, self.total] if s.llc is not None}
+            fig = plot_llc_traces(
+                {k: r.llc_traces.numpy() for k, r in runs.items()},
+                {k: r.config.n_burnin for k, r in runs.items()},
+                {k: r.llc for k, r in runs.items()},
+            )
+            page.add(
+                "SGLD diagnostics",
+                table(llc_rows),
+                figure_to_html(fig, "per-step LLC traces of every chain"),
+                description="Every chain's nβ (L_t − L*) per step; burn-in shaded, λ̂ dashed. "
+                "Converged chains agree and are flat after the burn-in.",
+            )
+        if self.sensitivity:
+            settings = {
+                f"ε={r.config.step_size:g}, nβ={r.nbeta:.4g}": r
+                for r in ([self.total.llc] if self.total.llc else []) + self.sensitivity
+            }
+            fig = plot_llc_traces(
+                {k: r.llc_traces.numpy() for k, r in settings.items()},
+                {k: r.config.n_burnin for k, r in settings.items()},
+                {k: r.llc for k, r in settings.items()},
+            )
+            page.add(
+                "Sensitivity of λ̂ to the step size and the inverse temperature",
+                table(self.sensitivity_rows()),
+                figure_to_html(fig, "traces over the sensitivity grid"),
+                description="The total's estimate at other SGLD settings. Estimates that move "
+                "with ε mean the step size is too large (or the chains too short); λ̂ moves "
+                "slowly with nβ in singular models (a −(m − 1)/log nβ term).",
+            )
         return page
 
     def save_html(self, path: str | Path) -> Path:
@@ -235,6 +292,11 @@ class DegeneracyReport:
                 for k, v in s.llc.arrays().items():
                     arrays[f"{key}/llc/{k}"] = v.contiguous()
             meta["sections"].append(entry)
+        meta["sensitivity"] = []
+        for i, r in enumerate(self.sensitivity):
+            meta["sensitivity"].append(r.to_json())
+            for k, v in r.arrays().items():
+                arrays[f"sensitivity{i}/{k}"] = v.contiguous()
         save_file(arrays, str(stem.with_suffix(".safetensors")))
         stem.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=_json_default))
 
@@ -262,6 +324,11 @@ class DegeneracyReport:
                     entry["details"],
                 )
             )
+        sensitivity = []
+        for i, entry in enumerate(meta.get("sensitivity", [])):
+            prefix = f"sensitivity{i}/"
+            parts = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            sensitivity.append(LLCResult.from_parts(entry, parts))
         return cls(
             sections[:-1],
             sections[-1],
@@ -272,6 +339,7 @@ class DegeneracyReport:
             meta["model"],
             meta["settings"],
             meta["versions"],
+            sensitivity,
         )
 
 
@@ -306,7 +374,7 @@ def _settings_text(sgld: dict[str, Any] | None) -> str:
 
 
 def _versions() -> dict[str, str]:
-    out = {"torch": torch.__version__}
+    out: dict[str, str] = {"torch": str(torch.__version__)}
     for pkg in ("transformer-lens", "tl_degeneracy"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
@@ -367,6 +435,8 @@ def degeneracy_report(
     sections: Sequence[str] | None = None,
     divergence: Divergence = "kl",
     sgld_dtype: torch.dtype | None = None,
+    sensitivity_step_sizes: Sequence[float] = (),
+    sensitivity_nbetas: Sequence[float | None] = (None,),
 ) -> DegeneracyReport:
     """Measure the three sources and the SGLD LLC of a TransformerLens model on `tokens`.
 
@@ -378,6 +448,8 @@ def degeneracy_report(
     The behavioural loss reads the positions `sources_config.positions`. `sgld_dtype` runs
     SGLD on a copy of the model in that dtype (float32 is twice as fast as float64 on a CPU;
     the sources always accumulate in float64, so give them a float64 model).
+    `sensitivity_step_sizes` × `sensitivity_nbetas` (None: n / log n) re-estimates the
+    total's λ̂ at each other setting (`sensitivity_grid`; the report's own setting is skipped).
     """
     sources_config = sources_config or SourcesConfig()
     sgld_config = sgld_config or SGLDConfig()
@@ -396,6 +468,17 @@ def degeneracy_report(
     ]
     union = None if sections is None else "|".join(f"(?:{section_filter(n)})" for n in names)
     total = section_report(sources, None, run(union) if llc in ("all", "total") else None)
+    grid = []
+    if sensitivity_step_sizes:
+        problem = ModelProblem(sampled, tokens, union, positions, divergence)
+        own = (sgld_config.step_size, sgld_config.nbeta(problem.n))
+        grid = [
+            r
+            for r in sensitivity_grid(
+                problem, sgld_config, sensitivity_step_sizes, sensitivity_nbetas
+            )
+            if not (r.config.step_size == own[0] and math.isclose(r.nbeta, own[1], rel_tol=1e-3))
+        ]
     src_settings = {
         k: v for k, v in asdict(sources_config).items() if k not in ("metric", "eps_grid")
     }
@@ -417,4 +500,5 @@ def degeneracy_report(
             "sections": None if sections is None else list(names),
         },
         versions=_versions(),
+        sensitivity=grid,
     )

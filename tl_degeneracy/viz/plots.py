@@ -25,6 +25,7 @@ __all__ = [
     "figure_to_png",
     "plot_ablation_curves",
     "plot_edges_required",
+    "plot_llc_traces",
     "plot_scatter",
     "plot_spectra",
     "save_figure",
@@ -224,6 +225,43 @@ def plot_scatter(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.25)
+    return _maybe_save(fig, path)
+
+
+def plot_llc_traces(
+    panels: Mapping[str, npt.ArrayLike],
+    burnin: int | Mapping[str, int] = 0,
+    estimates: Mapping[str, float] | None = None,
+    title: str = "",
+    path: str | Path | None = None,
+) -> Figure:
+    """SGLD convergence: one panel per entry of `panels` (a [chain, step] array of the
+    per-step estimate nβ (L_t − L*)), every chain's trace, the burn-in shaded and the estimate
+    λ̂ (`estimates`) dashed. Chains that agree and flatten after the burn-in have converged."""
+    names = list(panels)
+    if not names:
+        raise ValueError("no traces to plot")
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig = _new_figure((4.2 * cols, 2.8 * rows))
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        traces = np.atleast_2d(np.asarray(panels[name], dtype=np.float64))
+        steps = np.arange(traces.shape[1])
+        for c, trace in enumerate(traces):
+            ax.plot(steps, trace, lw=0.6, color=_CYCLE[c % len(_CYCLE)], alpha=0.85)
+        b = burnin.get(name, 0) if isinstance(burnin, Mapping) else burnin
+        if b > 0:
+            ax.axvspan(0, b, color="#bbbbbb", alpha=0.3, lw=0, label="burn-in")
+        if estimates is not None and name in estimates and np.isfinite(estimates[name]):
+            ax.axhline(estimates[name], ls="--", color="black", lw=1, label="λ̂")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("nβ (L_t − L*)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.25)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _maybe_save(fig, path)
 
 
