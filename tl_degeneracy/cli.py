@@ -296,6 +296,7 @@ def _degeneracy_args(p: argparse.ArgumentParser) -> None:
         help="... and at these nβ (default: n / log n only)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 @command("degeneracy", "the degeneracy report: three sources, SGLD N_eff, modularity")(
@@ -327,6 +328,7 @@ def run_degeneracy(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         sensitivity_step_sizes=tuple(args.grid_step_sizes),
         sensitivity_nbetas=tuple(args.grid_nbetas) if args.grid_nbetas else (None,),
+        progress=not args.quiet,
     )
     report = run_degeneracy_job(config, args.out)
     print(report.to_markdown())

@@ -20,7 +20,7 @@ def test_degeneracy_command_on_a_tiny_checkpoint(api, tiny, tmp_path, capsys):
     ckpt = save_checkpoint(tmp_path / "ckpt", model, {"dataset": {"p": p}}, dataset)
     out = tmp_path / "report"
     argv = ["degeneracy", str(ckpt), "--out", str(out), "--api", api, "--threads", "1"]
-    argv += ["--chains", "2", "--steps", "20", "--burnin", "5", "--batch-size", "16"]
+    argv += ["--chains", "2", "--steps", "20", "--burnin", "5", "--batch-size", "16", "--quiet"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SGLDWarning)
         assert cli.main(argv) == 0

@@ -211,3 +211,24 @@ def test_written_out_forward_gives_the_model_loss_and_gradient(api, tiny, tokens
             b = late_slow.value_and_grad(v, idx)
         torch.testing.assert_close(a[0], b[0], rtol=1e-11, atol=0)
         torch.testing.assert_close(a[1], b[1], rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.filterwarnings("ignore::tl_degeneracy.degeneracy.llc.SGLDWarning")
+@pytest.mark.parametrize("batched", [True, False])
+def test_progress_bar_counts_every_step_and_leaves_the_result_unchanged(
+    batched, capsys, monkeypatch
+):
+    """`progress=True` draws one tqdm bar over all chains' steps (diverged chains included)
+    and changes nothing else."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    problem = linear_regression_problem(3, n=500)
+    problem.batched = batched
+    if not batched:  # the same loss, one chain at a time
+        inner = problem.loss_fn
+        problem.loss_fn = lambda w, idx: inner(w[None], idx[None])[0]
+    cfg = SGLDConfig(step_size=1e-4, gamma=1.0, n_chains=2, n_steps=30, n_burnin=5, batch_size=50)
+    quiet = estimate_llc(problem, cfg)
+    loud = estimate_llc(problem, cfg, progress=True)
+    err = capsys.readouterr().err
+    assert "SGLD ε=0.0001" in err and "60/60" in err
+    assert torch.equal(quiet.loss_traces, loud.loss_traces)

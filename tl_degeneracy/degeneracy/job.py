@@ -59,6 +59,8 @@ class DegeneracyJobConfig:
     """Re-estimate the total's λ̂ at these step sizes (empty: no sensitivity grid)."""
     sensitivity_nbetas: tuple[float | None, ...] = (None,)
     """... at each of these nβ (None: n / log n)."""
+    progress: bool = True
+    """tqdm bars for the SGLD runs."""
 
 
 def load_target(
@@ -124,6 +126,7 @@ def run_degeneracy_job(config: DegeneracyJobConfig, out: str | Path) -> Degenera
         sgld_dtype=None if lm else torch.float32,
         sensitivity_step_sizes=config.sensitivity_step_sizes,
         sensitivity_nbetas=config.sensitivity_nbetas,
+        progress=config.progress,
     )
     report.save(out / "report")
     report.save_html(out / "report.html")

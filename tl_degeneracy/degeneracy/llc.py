@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from tl_degeneracy.compat import hooked_state_dict, is_bridge
 from tl_degeneracy.plain_forward import PlainModel, is_plain
@@ -482,23 +483,28 @@ def _chain_generator(seed: int, chain: int) -> torch.Generator:
     return torch.Generator().manual_seed(1_000_003 * seed + chain)
 
 
-def estimate_llc(problem: LLCProblem, config: SGLDConfig | None = None) -> LLCResult:
+def estimate_llc(
+    problem: LLCProblem, config: SGLDConfig | None = None, progress: bool = False
+) -> LLCResult:
     """Run SGLD chains localised at `problem.w_star` and return λ̂ with diagnostics.
 
     Warns (`SGLDWarning`) when chains diverge, when the split R-hat exceeds `rhat_max`, or
-    when λ̂ < 0 (w* is not a local minimum, or the step is too large).
+    when λ̂ < 0 (w* is not a local minimum, or the step is too large). `progress` shows a
+    tqdm bar over all chains' steps.
     """
     cfg = config or SGLDConfig()
     if not 0 <= cfg.n_burnin < cfg.n_steps:
         raise ValueError(f"need 0 ≤ n_burnin < n_steps, got {cfg.n_burnin}, {cfg.n_steps}")
     nbeta = cfg.nbeta(problem.n)
     start = time.perf_counter()
-    if problem.batched:
-        traces, diverged = _run_batched(problem, cfg, nbeta)
-    else:
-        runs = [_run_chain(problem, cfg, c, nbeta) for c in range(cfg.n_chains)]
-        traces = torch.stack([r[0] for r in runs])
-        diverged = torch.tensor([r[1] for r in runs])
+    desc = f"SGLD ε={cfg.step_size:g} nβ={nbeta:.4g} ({problem.n_params:,} parameters)"
+    with tqdm(total=cfg.n_chains * cfg.n_steps, desc=desc, disable=not progress) as bar:
+        if problem.batched:
+            traces, diverged = _run_batched(problem, cfg, nbeta, bar)
+        else:
+            runs = [_run_chain(problem, cfg, c, nbeta, bar) for c in range(cfg.n_chains)]
+            traces = torch.stack([r[0] for r in runs])
+            diverged = torch.tensor([r[1] for r in runs])
     seconds = time.perf_counter() - start
     return _summarise(problem, cfg, nbeta, traces, diverged, seconds)
 
@@ -509,7 +515,7 @@ def _step_coefficients(cfg: SGLDConfig, nbeta: float) -> tuple[float, float, flo
 
 
 def _run_chain(
-    problem: LLCProblem, cfg: SGLDConfig, chain: int, nbeta: float
+    problem: LLCProblem, cfg: SGLDConfig, chain: int, nbeta: float, bar: tqdm
 ) -> tuple[Tensor, bool]:
     gen = _chain_generator(cfg.seed, chain)
     w_star = problem.w_star.detach()
@@ -539,12 +545,16 @@ def _run_chain(
                 noise.normal_(generator=gen)
                 w.mul_(1 - pull).add_(w_star, alpha=pull).add_(grad, alpha=-drift)
                 w.add_(noise, alpha=scale)
+            bar.update()
         else:
             trace[:] = values.to(torch.float64)
+    bar.update(cfg.n_steps * (chain + 1) - bar.n)  # a diverged chain's remaining steps
     return trace, diverged
 
 
-def _run_batched(problem: LLCProblem, cfg: SGLDConfig, nbeta: float) -> tuple[Tensor, Tensor]:
+def _run_batched(
+    problem: LLCProblem, cfg: SGLDConfig, nbeta: float, bar: tqdm
+) -> tuple[Tensor, Tensor]:
     gen = _chain_generator(cfg.seed, 0)
     c = cfg.n_chains
     w_star = problem.w_star.detach()[None]
@@ -570,6 +580,7 @@ def _run_batched(problem: LLCProblem, cfg: SGLDConfig, nbeta: float) -> tuple[Te
             w = torch.where(alive[:, None], w, w_star)
         noise.normal_(generator=gen)
         w = w * (1 - pull) + w_star * pull - drift * grad + scale * noise
+        bar.update(c)
     traces = values.T.contiguous()
     diverged = ~alive
     for i in diverged.nonzero().flatten().tolist():
@@ -640,10 +651,12 @@ def model_llc(
     params: ParamFilter = None,
     positions: Literal["last", "all"] | tuple[int, ...] = "last",
     divergence: Divergence = "kl",
+    progress: bool = False,
 ) -> LLCResult:
     """λ̂ of a TransformerLens model's behavioural loss on `tokens`, over the parameters chosen
     by `params` (all by default). Runs in the model's dtype; the model is left unchanged."""
-    return estimate_llc(ModelProblem(model, tokens, params, positions, divergence), config)
+    problem = ModelProblem(model, tokens, params, positions, divergence)
+    return estimate_llc(problem, config, progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -714,6 +727,7 @@ def sensitivity_grid(
     config: SGLDConfig | None = None,
     step_sizes: Sequence[float] = (3e-5, 1e-4, 3e-4),
     nbetas: Sequence[float | None] = (None,),
+    progress: bool = False,
 ) -> list[LLCResult]:
     """λ̂ for every (step size, nβ) pair: how much the estimate depends on its
     hyperparameters. An entry None in `nbetas` means the default β = 1/log n."""
@@ -722,7 +736,7 @@ def sensitivity_grid(
     for nbeta in nbetas:
         beta = None if nbeta is None else nbeta / problem.n
         for eps in step_sizes:
-            out.append(estimate_llc(problem, replace(cfg, step_size=eps, beta=beta)))
+            out.append(estimate_llc(problem, replace(cfg, step_size=eps, beta=beta), progress))
     return out
 
 

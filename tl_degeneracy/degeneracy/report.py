@@ -437,6 +437,7 @@ def degeneracy_report(
     sgld_dtype: torch.dtype | None = None,
     sensitivity_step_sizes: Sequence[float] = (),
     sensitivity_nbetas: Sequence[float | None] = (None,),
+    progress: bool = False,
 ) -> DegeneracyReport:
     """Measure the three sources and the SGLD LLC of a TransformerLens model on `tokens`.
 
@@ -450,6 +451,7 @@ def degeneracy_report(
     the sources always accumulate in float64, so give them a float64 model).
     `sensitivity_step_sizes` × `sensitivity_nbetas` (None: n / log n) re-estimates the
     total's λ̂ at each other setting (`sensitivity_grid`; the report's own setting is skipped).
+    `progress` shows a tqdm bar per SGLD run.
     """
     sources_config = sources_config or SourcesConfig()
     sgld_config = sgld_config or SGLDConfig()
@@ -461,7 +463,7 @@ def degeneracy_report(
         sampled = copy.deepcopy(model).to(sgld_dtype)
 
     def run(params: str | None) -> LLCResult:
-        return model_llc(sampled, tokens, sgld_config, params, positions, divergence)
+        return model_llc(sampled, tokens, sgld_config, params, positions, divergence, progress)
 
     reports = [
         section_report(sources, n, run(section_filter(n)) if llc == "all" else None) for n in names
@@ -475,7 +477,7 @@ def degeneracy_report(
         grid = [
             r
             for r in sensitivity_grid(
-                problem, sgld_config, sensitivity_step_sizes, sensitivity_nbetas
+                problem, sgld_config, sensitivity_step_sizes, sensitivity_nbetas, progress
             )
             if not (r.config.step_size == own[0] and math.isclose(r.nbeta, own[1], rel_tol=1e-3))
         ]
