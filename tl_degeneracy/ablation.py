@@ -195,6 +195,7 @@ def _plain_node_scores(
             f_lin, proj = feats, basis.C_pinv @ w
             lin = (basis.mean @ w + b).expand(batch.shape[0], len(idx), -1)
         elif stage == "mid" and block.has_mlp:  # the MLP input at the last position
+            assert block.W_in is not None and block.b_in is not None  # has_mlp: both are set
             f_lin, proj = f_last, basis.C_pinv @ block.W_in
             lin = (basis.mean @ block.W_in + block.b_in).expand(batch.shape[0], -1)
         else:  # the unembedding at the last position

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -89,9 +90,10 @@ def attach(
         register_hook_point(model, name, hp)
         names.append(name)
         hooks += _site_hooks(model, b, hp, keep.get(b.site.name))
+    hooked: Any = model  # hooks() is a method of either API, not of nn.Module
     try:
         with ExitStack() as stack:
-            stack.enter_context(model.hooks(fwd_hooks=hooks))
+            stack.enter_context(hooked.hooks(fwd_hooks=hooks))
             yield model
     finally:
         for name in names:

@@ -37,6 +37,7 @@ from tl_degeneracy.bases import SiteBasis
 from tl_degeneracy.compat import (
     frozen_parameters,
     is_bridge,
+    model_cfg,
     model_identity,
     parameters_requiring_grad,
     replace_hooks,
@@ -45,7 +46,7 @@ from tl_degeneracy.compat import (
 from tl_degeneracy.result import BasisResult
 from tl_degeneracy.sites import Site, SiteLike, as_site
 from tl_degeneracy.statistics import capture_sites
-from tl_degeneracy.viz.html import HtmlReprMixin, PageSection, table
+from tl_degeneracy.viz.html import Fragment, HtmlReprMixin, PageSection, table
 
 __all__ = [
     "AttributionComparison",
@@ -174,8 +175,9 @@ def _hook_gradient_cache(
 
         return hook
 
+    hooked: Any = model  # hooks() is a method of either API, not of nn.Module
     with torch.set_grad_enabled(compute_gradient):
-        with model.hooks(fwd_hooks=[(n, keep(n)) for n in names_filter]):
+        with hooked.hooks(fwd_hooks=[(n, keep(n)) for n in names_filter]):
             value = metric_fn(model(tokens))
         acts = {n: t.detach().clone() for n, t in live.items()}
         grads: dict[str, Tensor | None] = dict.fromkeys(live)
@@ -261,7 +263,8 @@ def _patched_metrics(
     for every group; groups run side by side in one forward by repeating the batch (at most
     `max_rows` sequences, and at most `LOGIT_BUDGET` logits, per forward)."""
     batch, n_pos = corrupted_tokens.shape
-    vocab = int(getattr(model.cfg, "d_vocab_out", None) or model.cfg.d_vocab)
+    cfg = model_cfg(model)
+    vocab = int(getattr(cfg, "d_vocab_out", None) or cfg.d_vocab)
     rows = max(1, min(max_rows, LOGIT_BUDGET // (n_pos * vocab)))
     per_forward = 1 if scalar_metric else max(1, rows // batch)
     values = torch.empty(n_groups, dtype=torch.float64)
@@ -278,8 +281,8 @@ def _patched_metrics(
         hooks = replace_hooks(model, site.hook, write)
         logits = run_with_hooks(model, corrupted_tokens.repeat(r, 1), hooks)
         for j in range(r):
-            rows = slice(j * batch, (j + 1) * batch)
-            values[start + j] = _batch_metric(metric, logits[rows], corrupted_tokens)
+            part = slice(j * batch, (j + 1) * batch)
+            values[start + j] = _batch_metric(metric, logits[part], corrupted_tokens)
     return values
 
 
@@ -627,11 +630,16 @@ class AttributionComparison(HtmlReprMixin):
                 ),
             ]
             figs = [figure_to_html(f, alt=f"{name} scatter") for f in plots]
+            content: list[Fragment | str] = [
+                '<div style="display:flex;flex-wrap:wrap;gap:1em">',
+                *figs,
+                "</div>",
+                table(sa.rows()[:50]),
+            ]
             sections.append(
                 PageSection(
                     f"{sa.kind.upper()} at {name}",
-                    ['<div style="display:flex;flex-wrap:wrap;gap:1em">', *figs, "</div>"]
-                    + [table(sa.rows()[:50])],
+                    content,
                     "Scatter plots: attribution vs patching (dashed: y = x), |attribution| and "
                     "|patching| vs importance; table: the first 50 features in basis order.",
                 )

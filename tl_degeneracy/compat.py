@@ -12,11 +12,14 @@ import hashlib
 import importlib.metadata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import einops
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformer_lens.hook_points import HookPoint
 
 API = Literal["hooked", "bridge"]
 
@@ -105,7 +108,7 @@ def build_model(
             )
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-        model = HookedTransformer(
+        model: nn.Module = HookedTransformer(
             HookedTransformerConfig(**cfg, dtype=dtype, model_name=model_name)
         )
         if state_dict is not None:
@@ -141,7 +144,8 @@ def build_model(
 
 def model_config(model: nn.Module) -> dict[str, Any]:
     """The HookedTransformerConfig-style fields `build_model` needs to rebuild `model`."""
-    return {k: getattr(model.cfg, k) for k in _CONFIG_KEYS if hasattr(model.cfg, k)}
+    cfg = model_cfg(model)
+    return {k: getattr(cfg, k) for k in _CONFIG_KEYS if hasattr(cfg, k)}
 
 
 def rebuild(model: nn.Module, api: API, dtype: torch.dtype | None = None) -> nn.Module:
@@ -252,7 +256,8 @@ HookFn = Callable[[torch.Tensor, Any], Any]
 
 def hook_names(model: nn.Module) -> list[str]:
     """All hook point names the model exposes (aliases included on the Bridge)."""
-    return list(model.hook_dict.keys())
+    hook_dict: Any = model.hook_dict
+    return list(hook_dict.keys())
 
 
 @contextmanager
@@ -274,6 +279,24 @@ def frozen_parameters(model: nn.Module) -> AbstractContextManager[None]:
     return parameters_requiring_grad(model, False)
 
 
+@overload
+def run_with_hooks(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    fwd_hooks: Sequence[tuple[str, HookFn]],
+    stop_early: Literal[False] = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def run_with_hooks(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    fwd_hooks: Sequence[tuple[str, HookFn]],
+    stop_early: bool,
+) -> torch.Tensor | None: ...
+
+
 def run_with_hooks(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -285,7 +308,8 @@ def run_with_hooks(
     With `stop_early`, a hook may raise `StopForward` to end the pass; the function then
     returns None. Hooks are always removed, also on error.
     """
-    with model.hooks(fwd_hooks=list(fwd_hooks)):
+    hooked: Any = model  # `hooks` is a method of both APIs, not of nn.Module
+    with hooked.hooks(fwd_hooks=list(fwd_hooks)):
         try:
             return model(tokens)
         except StopForward:
@@ -315,26 +339,32 @@ def replace_hooks(
             return act + state.pop("delta")
 
         return [(hook, write), (hook.replace("hook_resid_mid", "hook_resid_post"), carry)]
-    return [(hook, lambda act, hook=None: fn(act))]
+
+    def rewrite(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        return fn(act)
+
+    return [(hook, rewrite)]
 
 
-def register_hook_point(model: nn.Module, name: str, hook_point: nn.Module) -> None:
+def register_hook_point(model: nn.Module, name: str, hook_point: HookPoint) -> None:
     """Make an extra HookPoint visible to `run_with_cache` and `hooks()` under `name`."""
     hook_point.name = name
+    hooked: Any = model  # the registries below are attributes of either API, not of nn.Module
     if is_bridge(model):
-        model._hook_registry[name] = hook_point
+        hooked._hook_registry[name] = hook_point
     else:
-        model.hook_dict[name] = hook_point
-        model.mod_dict[name] = hook_point
+        hooked.hook_dict[name] = hook_point
+        hooked.mod_dict[name] = hook_point
 
 
 def unregister_hook_point(model: nn.Module, name: str) -> None:
     """Undo `register_hook_point`."""
+    hooked: Any = model
     if is_bridge(model):
-        model._hook_registry.pop(name, None)
+        hooked._hook_registry.pop(name, None)
     else:
-        model.hook_dict.pop(name, None)
-        model.mod_dict.pop(name, None)
+        hooked.hook_dict.pop(name, None)
+        hooked.mod_dict.pop(name, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +381,7 @@ def weight_processing(model: nn.Module) -> dict[str, Any]:
     explicit = getattr(model, "tl_degeneracy_weight_processing", None)
     if explicit is not None:
         return dict(explicit)
-    cfg = model.cfg
+    cfg = model_cfg(model)
     return {
         "fold_ln": str(getattr(cfg, "normalization_type", None)).endswith("Pre"),
         "center_writing_weights": None,
@@ -362,7 +392,7 @@ def weight_processing(model: nn.Module) -> dict[str, Any]:
 
 def model_identity(model: nn.Module) -> dict[str, Any]:
     """Config fields and a weight digest that identify a model; saved with every result."""
-    cfg = model.cfg
+    cfg = model_cfg(model)
     fields = {
         k: getattr(cfg, k, None)
         for k in (
@@ -389,9 +419,29 @@ def weight_digest(model: nn.Module) -> str:
     weights held in float32 or float64, as a HookedTransformer or a Bridge, agree.
     """
     h = hashlib.sha256()
-    for key, weight in (("W_E", model.W_E), ("W_U", model.W_U)):
+    hooked: Any = model  # W_E and W_U are properties of either API, not of nn.Module
+    for key, weight in (("W_E", hooked.W_E), ("W_U", hooked.W_U)):
         t = weight.detach().to(torch.float64).flatten()
         stats = torch.stack([t.sum(), t.abs().sum(), (t * t).sum(), t[: min(64, t.numel())].sum()])
         h.update(key.encode())
         h.update(" ".join(f"{x:.5g}" for x in stats.tolist()).encode())
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed access to attributes both APIs have but nn.Module does not declare
+# ---------------------------------------------------------------------------------------------
+
+
+def model_cfg(model: nn.Module) -> Any:
+    """`model.cfg` of either API (a `HookedTransformerConfig` or the Bridge's config).
+
+    Typed `Any`: through `nn.Module.__getattr__` a type checker sees `Tensor | Module`."""
+    return model.cfg
+
+
+def set_weight_processing(model: nn.Module, flags: dict[str, Any]) -> None:
+    """Record how a loader processed the weights, as `model.tl_degeneracy_weight_processing`
+    (read back by `weight_processing`)."""
+    hooked: Any = model  # nn.Module.__setattr__ is typed for tensors and modules only
+    hooked.tl_degeneracy_weight_processing = flags

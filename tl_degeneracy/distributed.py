@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from tl_degeneracy.compat import API, model_cfg
 from tl_degeneracy.jacobians import JacobianConfig, JacobianGram, _JacobianAccumulator
 from tl_degeneracy.sections import Section
 from tl_degeneracy.sites import SiteLike, validate_sites
@@ -239,7 +241,7 @@ def save_model_file(model: nn.Module, config: dict, folder: str | Path) -> Path:
     return folder
 
 
-def load_model_file(folder: str | Path, api: str = "auto") -> nn.Module:
+def load_model_file(folder: str | Path, api: API | Literal["auto"] = "auto") -> nn.Module:
     """A model written by `save_model_file` (or `smollm2` for the embedded default)."""
     if str(folder) == "smollm2":
         from tl_degeneracy.lm import load_smollm2
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> i
         else:
             from tl_degeneracy.lm.fit_job import lm_sites
 
-            sites = lm_sites(model.cfg.n_layers)
+            sites = lm_sites(model_cfg(model).n_layers)
         ckpt = Checkpointing(args.checkpoint_dir, 10) if args.checkpoint_dir else None
         stats = distributed_statistics(model, sites, tokens, args.batch_size, ctx, ckpt)
         if ctx.is_main:

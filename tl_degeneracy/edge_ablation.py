@@ -418,6 +418,7 @@ class EdgeAblationScorer:
                     slot = (idx == n_pos - 1).nonzero()[:, 0]
                     logits = new[:, slot] if len(slot) else self.model(batch)[:, last]
                 else:
+                    assert clean is not None  # captured in __init__ for a tail before the logits
                     act = clean.index_copy(1, idx, new)
                     logits = self.tail.logits(out_site.hook, act, last)
             elif out_site.is_logits:

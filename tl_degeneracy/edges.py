@@ -328,7 +328,9 @@ def section_edges(
         and config.method == "exact"
         and config.integration_points == 1
     ):
-        acc = _ClosedFormEdgeAccumulator(model, section, basis_in, basis_out, config, kind)
+        acc: _EdgeAccumulator = _ClosedFormEdgeAccumulator(
+            model, section, basis_in, basis_out, config, kind
+        )
     else:
         acc = _EdgeAccumulator(model, section, basis_in, basis_out, config)
     stream(

@@ -29,6 +29,7 @@ from tl_degeneracy.compat import (
     StopForward,
     frozen_parameters,
     hooked_state_dict,
+    model_cfg,
     run_with_hooks,
 )
 from tl_degeneracy.plain_forward import PlainBlock, is_plain
@@ -185,7 +186,7 @@ def vjp_batches(
 
 def closed_form_kind(model: nn.Module, section: Section) -> str | None:
     """'relu_mlp', 'linear_unembed' or 'attention' where `M'` has a closed form, else None."""
-    cfg = model.cfg
+    cfg = model_cfg(model)
     plain = getattr(cfg, "normalization_type", None) is None
     inp, out = section.inp.hook, section.out.hook
     last = cfg.n_layers - 1

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tl_degeneracy.compat import hook_names
+from tl_degeneracy.compat import hook_names, model_cfg
 
 LOGITS = "logits"
 """Name of the final, non-hook site: the model's output logits."""
@@ -105,7 +105,7 @@ class Site:
 
     @classmethod
     def from_json(cls, d: dict) -> Site:
-        pos = d["positions"]
+        pos: Positions | list[int] = d["positions"]  # a list when read from JSON
         return cls(d["hook"], pos if isinstance(pos, str) else tuple(pos))
 
 
@@ -150,7 +150,7 @@ def validate_sites(model: nn.Module, sites: Sequence[SiteLike]) -> list[Site]:
     order = []
     for site in resolved:
         if site.is_logits:
-            order.append((model.cfg.n_layers + 1, 0))
+            order.append((model_cfg(model).n_layers + 1, 0))
             continue
         if site.hook not in valid:
             close = difflib.get_close_matches(site.hook, sorted(valid), n=3, cutoff=0.5)

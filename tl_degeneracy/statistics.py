@@ -219,7 +219,11 @@ def capture_sites(
         out = run_with_hooks(model, tokens, fwd, stop_early=True)
     result = []
     for site in sites:
-        act = site.select(out) if site.is_logits else store[site.name]
+        if site.is_logits:
+            assert out is not None  # no hook reads the logits, so no StopForward ended the pass
+            act = site.select(out)
+        else:
+            act = store[site.name]
         if check:
             check_finite(act, site, batch_index)
         result.append(act)

@@ -70,10 +70,10 @@ def _save_checkpoint(path: Path, key: str, done: int, state: dict[str, Tensor]) 
     meta = {"batches_done": str(done)}
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path / f"{key}.safetensors")
-    meta = path / f"{key}.json"
+    meta_path = path / f"{key}.json"
     tmp_meta = path / f"{key}.json.tmp"
     tmp_meta.write_text(json.dumps({"batches_done": done}))
-    os.replace(tmp_meta, meta)
+    os.replace(tmp_meta, meta_path)
 
 
 def _load_checkpoint(path: Path, key: str) -> tuple[int, dict[str, Tensor]] | None:

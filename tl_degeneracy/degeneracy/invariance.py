@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_degeneracy.compat import API, build_model, hooked_state_dict, model_config
+from tl_degeneracy.compat import API, build_model, hooked_state_dict, model_cfg, model_config
 from tl_degeneracy.edges import InteractionGraph, interaction_graph
 from tl_degeneracy.fit import LIBConfig, fit_basis
 from tl_degeneracy.modularity import Modules, Node, find_modules
@@ -201,7 +201,7 @@ def rotate_residual_stream(
 def residual_sites(model: nn.Module) -> list[Site]:
     """Every distinct residual cut in forward order, then the logits."""
     sites = [Site("blocks.0.hook_resid_pre")]
-    for layer in range(model.cfg.n_layers):
+    for layer in range(model_cfg(model).n_layers):
         sites += [Site(f"blocks.{layer}.hook_resid_mid"), Site(f"blocks.{layer}.hook_resid_post")]
     return [*sites, Site(LOGITS)]
 

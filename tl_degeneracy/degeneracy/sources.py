@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from tl_degeneracy.compat import frozen_parameters, hook_names, run_with_hooks
+from tl_degeneracy.compat import frozen_parameters, hook_names, model_cfg, run_with_hooks
 from tl_degeneracy.degeneracy.llc import state_dict_parameters
 from tl_degeneracy.jacobians import exact_cotangents
 from tl_degeneracy.linalg import symmetric_eigh
@@ -285,7 +285,7 @@ def _first_hook(model: nn.Module, *names: str) -> str:
 def weight_maps(model: nn.Module) -> list[WeightMap]:
     """The weight maps of a standard TransformerLens model, grouped into sections
     `embed`, `blocks.L.attn`, `blocks.L.mlp`, `unembed`."""
-    cfg = model.cfg
+    cfg = model_cfg(model)
     d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
     normed = getattr(cfg, "normalization_type", None) is not None
     gated = bool(getattr(cfg, "gated_mlp", False))
@@ -502,7 +502,7 @@ class _Collector:
 
     def __init__(self, model: nn.Module, maps: list[WeightMap], config: SourcesConfig):
         self.model, self.maps, self.config = model, maps, config
-        cfg = model.cfg
+        cfg = model_cfg(model)
         self.act_fn = str(getattr(cfg, "act_fn", "relu"))
         self.grams: dict[str, SiteStatistics] = {}
         self.k_sums: dict[str, Tensor] = {}
@@ -689,7 +689,7 @@ def measure_sources(
         col.update(i, batch)
     n_seq = int(tokens.shape[0])
     map_sources = [MapSources(m, col.gram_spectrum(m), col.grad_spectrum(m, n_seq)) for m in maps]
-    cfg = model.cfg
+    cfg = model_cfg(model)
     neurons: dict[str, NeuronGroups] = {}
     for name, bits in col.pattern_bits.items():
         section = name.rsplit(".", 1)[0]  # blocks.L.mlp

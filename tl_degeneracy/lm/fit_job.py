@@ -39,6 +39,7 @@ from tl_degeneracy.compat import (
     StopForward,
     frozen_parameters,
     is_bridge,
+    model_cfg,
     model_identity,
 )
 from tl_degeneracy.distributed import (
@@ -227,7 +228,8 @@ def block_local_output(
     """The section's output from its input, running only the block's attention or MLP
     (see `block_local_supported` for the sections this covers)."""
     block_index = int(section.inp.hook.split(".")[1])
-    block = model.blocks[block_index]
+    hooked: Any = model  # blocks and hooks() are attributes of either API, not of nn.Module
+    block = hooked.blocks[block_index]
     if section.inp.hook.endswith("hook_resid_mid"):
         return block.hook_resid_post(x + block.apply_mlp(block.ln2(x)))
     store: dict[str, Tensor] = {}
@@ -236,7 +238,7 @@ def block_local_output(
         store["y"] = act
         raise StopForward
 
-    with model.hooks(fwd_hooks=[(f"blocks.{block_index}.hook_resid_mid", read)]):
+    with hooked.hooks(fwd_hooks=[(f"blocks.{block_index}.hook_resid_mid", read)]):
         try:
             block(x)
         except StopForward:
@@ -428,8 +430,9 @@ def fit_lm(
     import tempfile
 
     ctx = ctx or DistContext()
-    positions = tuple(range(1, tokens.shape[1])) if config.skip_first_position else "all"
-    sites = validate_sites(model, lm_sites(model.cfg.n_layers, config.n_blocks, positions))
+    positions: Positions = tuple(range(1, tokens.shape[1])) if config.skip_first_position else "all"
+    n_layers = model_cfg(model).n_layers
+    sites = validate_sites(model, lm_sites(n_layers, config.n_blocks, positions))
     batches = iter_batches(tokens, config.batch_rows)
     tmp_root = None
     if work_dir is None:

@@ -161,7 +161,8 @@ def hf_llama_config(spec: LlamaSpec, meta: dict[str, Any], n_ctx: int | None = N
         hidden_act="silu",
         max_position_embeddings=n_ctx or spec.n_ctx,
         rms_norm_eps=spec.eps,
-        rope_theta=spec.rope_theta,
+        # transformers 5 accepts rope_theta (into rope_parameters) but its signature omits it
+        rope_theta=spec.rope_theta,  # type: ignore[call-arg]
         tie_word_embeddings=spec.tie_embeddings,
         attention_bias=False,
         mlp_bias=False,
@@ -184,6 +185,7 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Any:
     if kind != "gpt2":
         raise NotImplementedError(f"only byte-level BPE GGUF tokenizers work, got {kind!r}")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    split: pre_tokenizers.PreTokenizer
     if pre in _DIGITS_THEN_GPT2:
         split = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in _GPT2:

@@ -139,7 +139,8 @@ def ioi_prompt_pairs(
         )
     rng = random.Random(seed)
     bos = [tokenizer.bos_token_id] if prepend_bos and tokenizer.bos_token_id is not None else []
-    prompts, corrupted, clean_rows, corrupt_rows, io_ids, s_ids = [], [], [], [], [], []
+    prompts, corrupted, corrupt_rows, io_ids, s_ids = [], [], [], [], []
+    clean_rows: list[list[int]] = []
     for _ in range(n):
         io, s = rng.sample(names, 2)
         first, second = (io, s) if rng.random() < 0.5 else (s, io)

@@ -14,14 +14,18 @@ scale is replaced by the exactly rounded reciprocal.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from transformer_lens.components import RMSNorm
+
 
 @functools.cache
-def _rsqrt_rmsnorm_class() -> type[nn.Module]:
+def _rsqrt_rmsnorm_class() -> type[RMSNorm]:
     from transformer_lens.components import RMSNorm
 
     class RsqrtRMSNorm(RMSNorm):

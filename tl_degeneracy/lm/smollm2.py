@@ -21,7 +21,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tl_degeneracy.compat import available_apis, has_hooked_transformer, tl_version
+from tl_degeneracy.compat import (
+    available_apis,
+    has_hooked_transformer,
+    model_cfg,
+    set_weight_processing,
+    tl_version,
+)
 from tl_degeneracy.lm import cache_dir
 from tl_degeneracy.lm.gguf import (
     dequantize,
@@ -123,7 +129,7 @@ def load_hf_llama(
     from transformers import AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    overrides = {"max_position_embeddings": n_ctx} if n_ctx else {}
+    overrides: dict[str, Any] = {"max_position_embeddings": n_ctx} if n_ctx else {}
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -213,7 +219,7 @@ def load_gguf_llama(
     else:
         model = _bridge_from_hf(hf_model, tokenizer, name, dtype, device, processing)
     stamp = json.loads((folder / _STAMP).read_text())
-    model.tl_degeneracy_weight_processing = {
+    flags = {
         **processing,
         "fold_value_biases": False,
         "normalization_type": "RMSPre" if fold_ln else "RMS",
@@ -227,6 +233,7 @@ def load_gguf_llama(
             else "x * rsqrt(mean(x^2) + eps), as Hugging Face"
         ),
     }
+    set_weight_processing(model, flags)
     return model.eval()
 
 
@@ -246,7 +253,7 @@ def _hooked_from_hf(
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
-    c = hf_model.config
+    c: Any = hf_model.config  # a LlamaConfig
     d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     rope = getattr(c, "rope_parameters", None) or {}
     cfg = HookedTransformerConfig(
@@ -302,11 +309,14 @@ def use_hf_rotary_tables(model: nn.Module, hf_model: nn.Module) -> None:
     to 2.7e-4 in float32 on held-out rows of 128 tokens. With both aligned the float32 logits
     equal Hugging Face's bit for bit.
     """
-    n_ctx = model.cfg.n_ctx
-    positions = torch.arange(n_ctx, device=hf_model.device)[None]
-    probe = torch.zeros(1, dtype=model.cfg.dtype, device=hf_model.device)
-    cos, sin = hf_model.model.rotary_emb(probe, positions)
-    for block in model.blocks:
+    cfg = model_cfg(model)
+    hf: Any = hf_model  # a LlamaForCausalLM
+    blocks: Any = model.blocks
+    n_ctx = cfg.n_ctx
+    positions = torch.arange(n_ctx, device=hf.device)[None]
+    probe = torch.zeros(1, dtype=cfg.dtype, device=hf.device)
+    cos, sin = hf.model.rotary_emb(probe, positions)
+    for block in blocks:
         block.attn.rotary_cos.copy_(cos[0].to(block.attn.rotary_cos))
         block.attn.rotary_sin.copy_(sin[0].to(block.attn.rotary_sin))
 

@@ -128,7 +128,7 @@ class ModAddCheckpoint:
             dtype=dtype,
             model_name=f"modadd-{self.path.name}",
         )
-        model.tl_degeneracy_weight_processing = dict(NO_WEIGHT_PROCESSING)
+        compat.set_weight_processing(model, dict(NO_WEIGHT_PROCESSING))
         return model
 
 
@@ -155,7 +155,7 @@ def save_checkpoint(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg
+    cfg = compat.model_cfg(model)
     model_cfg = {
         "act_fn": cfg.act_fn,
         "d_head": cfg.d_head,

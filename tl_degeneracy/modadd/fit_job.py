@@ -7,12 +7,12 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from tl_degeneracy.ablation import AblationCurve, last_position_accuracy, node_ablation_curve
-from tl_degeneracy.fit import LIBConfig, fit_basis
+from tl_degeneracy.fit import Kind, LIBConfig, fit_basis
 from tl_degeneracy.modadd.checkpoints import ModAddCheckpoint
 from tl_degeneracy.result import BasisResult
 from tl_degeneracy.sites import Site
@@ -39,7 +39,7 @@ class ModAddFit:
 
 def fit_modadd(
     checkpoint: str | Path | None = None,
-    kinds: tuple[str, ...] = ("lib", "pca"),
+    kinds: tuple[Kind, ...] = ("lib", "pca"),
     api: Literal["auto", "hooked", "bridge"] = "auto",
     ks: list[int] | None = None,
     progress: bool = True,
@@ -57,7 +57,8 @@ def fit_modadd(
     start = time.perf_counter()
     stats = collect_statistics(model, REFERENCE_SITES, train, 4096, progress=progress)
     timings["statistics_s"] = time.perf_counter() - start
-    bases, curves = {}, {}
+    bases: dict[str, BasisResult] = {}
+    curves: dict[str, dict[str, AblationCurve]] = {}
     for kind in kinds:
         start = time.perf_counter()
         config = LIBConfig(REFERENCE_SITES, kind=kind, batch_size=4096, progress=progress)
@@ -83,7 +84,7 @@ def write_fit(fit: ModAddFit, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for kind, result in fit.bases.items():
         result.save(out / kind)
-    summary = {
+    summary: dict[str, Any] = {
         "baseline_test_accuracy": fit.baseline_test_accuracy,
         "timings": fit.timings,
         "sites": {},

@@ -8,12 +8,13 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from tl_degeneracy.ablation import evaluate, last_position_accuracy, node_ablation_curve
 from tl_degeneracy.attach import site_features
+from tl_degeneracy.compat import API
 from tl_degeneracy.edge_ablation import edges_required
 from tl_degeneracy.edges import interaction_graph
 from tl_degeneracy.fit import LIBConfig, fit_basis
@@ -34,7 +35,7 @@ def replicate_checkpoint(
     out: str | Path,
     max_k: int = 64,
     edge_tolerance: float = 0.001,
-    api: str = "auto",
+    api: API | Literal["auto"] = "auto",
     log: Callable[[str], None] = print,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -182,7 +183,7 @@ def replicate_checkpoints(
     out: str | Path,
     max_k: int = 64,
     edge_tolerance: float = 0.001,
-    api: str = "auto",
+    api: API | Literal["auto"] = "auto",
     jobs: int = 1,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, Any]]:

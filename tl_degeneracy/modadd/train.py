@@ -243,11 +243,14 @@ def train(
         trained = {k: v.detach().clone() for k, v in params.items()}
         model = compat.build_model(cfg, trained, api=api, model_name=f"modadd-p{config.p}")
     model.eval()
-    model.tl_degeneracy_weight_processing = {
-        "fold_ln": False,
-        "center_writing_weights": False,
-        "center_unembed": False,
-    }
+    compat.set_weight_processing(
+        model,
+        {
+            "fold_ln": False,
+            "center_writing_weights": False,
+            "center_unembed": False,
+        },
+    )
     result.model = model
     result.train_metrics = evaluate(model, x_train, y_train)
     result.test_metrics = evaluate(model, x_test, y_test)

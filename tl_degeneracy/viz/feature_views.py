@@ -298,8 +298,11 @@ def logit_effects_view(
             [suppressed[n] for n in names] if isinstance(suppressed, Mapping) else suppressed
         )
     else:
-        names = [str(n) for n in feature_names] if feature_names else None
-        names = names or [str(i) for i in range(len(promoted))]
+        names = (
+            [str(n) for n in feature_names]
+            if feature_names
+            else [str(i) for i in range(len(promoted))]
+        )
         suppressed = list(suppressed.values()) if isinstance(suppressed, Mapping) else suppressed
     if not (len(names) == len(promoted) == len(suppressed)):
         raise ValueError("promoted, suppressed and feature_names must have the same length")

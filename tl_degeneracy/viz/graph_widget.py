@@ -84,10 +84,10 @@ def prepare_graph(
     Strings are coerced with `str()`, non-finite numbers become 0, zero-weight edges and edges
     to dropped or unknown features are removed. Feature ids must be unique across sites.
     """
-    layers_out = []
+    layers_out: list[dict[str, Any]] = []
     seen: set[str] = set()
     for layer in graph_data.get("layers", []):
-        feats = []
+        feats: list[dict[str, Any]] = []
         for f in layer.get("features", []):
             fid = str(f["id"])
             if fid in seen:
@@ -109,7 +109,7 @@ def prepare_graph(
         layers_out.append({"site": str(layer.get("site", "")), "features": feats})
 
     kept = {f["id"] for layer in layers_out for f in layer["features"]}
-    edges = []
+    edges: list[dict[str, Any]] = []
     for e in graph_data.get("edges", []):
         s, t, w = str(e["source"]), str(e["target"]), _finite(e.get("weight", 0.0))
         if s in kept and t in kept and w != 0.0:
@@ -163,9 +163,10 @@ def synthetic_graph(
     import random
 
     rng = random.Random(seed)
-    layers, edges = [], []
+    layers: list[dict[str, Any]] = []
+    edges: list[dict[str, Any]] = []
     for li, site in enumerate(sites):
-        feats = []
+        feats: list[dict[str, Any]] = []
         for j in range(n_features):
             feats.append(
                 {
