@@ -29,12 +29,13 @@ demo: install
 	$(BIN)/tl-degeneracy demo --out out/demo
 
 ## What CI runs: the fast suite on TransformerLens 3.9 and on the newest 4.x (notebooks and
-## screenshots, marked `once`, on 3.9 only), and the docs build. The slow tests (reference
+## screenshots, marked `once`, on 3.9 only), the docs build, ruff and mypy. The slow tests (reference
 ## checks at every k, real SmolLM2, long SGLD runs) are `make test-slow`.
 test: browser
 	$(MAKE) test-fast
 	$(MAKE) test-fast VENV=.venv-tl4 TL="$(TL4)" FAST="not slow and not once"
 	$(MAKE) docs
+	$(MAKE) lint
 
 test-fast: install
 	$(BIN)/python -m pytest -m "$(FAST)" -q $(PYTEST_ARGS)
@@ -57,6 +58,8 @@ notebooks: install
 
 lint: install
 	$(BIN)/ruff check tl_degeneracy tests benchmarks notebooks
+	$(BIN)/ruff format --check tl_degeneracy tests benchmarks notebooks
+	$(BIN)/mypy tl_degeneracy
 
 clean:
 	rm -rf .venv .venv-tl4 out site

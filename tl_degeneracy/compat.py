@@ -196,12 +196,17 @@ def hooked_to_bridge_state_dict(
     return out
 
 
-def hooked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """HookedTransformer-named weights of either API (inverse of the Bridge conversion)."""
+def hooked_state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """HookedTransformer-named weights of either API (inverse of the Bridge conversion).
+
+    `keep_vars=True` returns the parameters themselves (HookedTransformer) or differentiable
+    views of them (Bridge), so that a forward written out in these weights back-propagates
+    into the model's own parameters."""
     if not is_bridge(model):
-        return {k: v for k, v in model.state_dict().items() if not k.endswith(("mask", "IGNORE"))}
-    sd = model.state_dict()
-    cfg = model.cfg
+        sd = model.state_dict(keep_vars=keep_vars)
+        return {k: v for k, v in sd.items() if not k.endswith(("mask", "IGNORE"))}
+    sd = model.state_dict(keep_vars=keep_vars)
+    cfg = model_cfg(model)
     out: dict[str, torch.Tensor] = {"embed.W_E": sd["embed.weight"]}
     if "pos_embed.weight" in sd:
         out["pos_embed.W_pos"] = sd["pos_embed.weight"]

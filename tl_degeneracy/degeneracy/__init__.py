@@ -26,7 +26,12 @@ from tl_degeneracy.degeneracy.llc import (
     sensitivity_grid,
     temperature_fit,
 )
-from tl_degeneracy.degeneracy.report import DegeneracyReport, SectionReport, degeneracy_report
+from tl_degeneracy.degeneracy.report import (
+    DegeneracyReport,
+    SectionReport,
+    degeneracy_report,
+    plot_llc_results,
+)
 from tl_degeneracy.degeneracy.sources import (
     HeadGroups,
     MapSources,
@@ -62,6 +67,7 @@ __all__ = [
     "WeightMap",
     "calibrate_step_size",
     "degeneracy_report",
+    "plot_llc_results",
     "estimate_llc",
     "joint_free_weights",
     "measure_sources",

@@ -14,13 +14,14 @@ import html
 import importlib.metadata
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Int
+from matplotlib.figure import Figure
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -223,11 +224,7 @@ class DegeneracyReport:
         ]
         if llc_rows:
             runs = {s.name: s.llc for s in [*self.sections, self.total] if s.llc is not None}
-            fig = plot_llc_traces(
-                {k: r.llc_traces.numpy() for k, r in runs.items()},
-                {k: r.config.n_burnin for k, r in runs.items()},
-                {k: r.llc for k, r in runs.items()},
-            )
+            fig = plot_llc_results(runs)
             page.add(
                 "SGLD diagnostics",
                 table(llc_rows),
@@ -236,15 +233,7 @@ class DegeneracyReport:
                 "Converged chains agree and are flat after the burn-in.",
             )
         if self.sensitivity:
-            settings = {
-                f"ε={r.config.step_size:g}, nβ={r.nbeta:.4g}": r
-                for r in ([self.total.llc] if self.total.llc else []) + self.sensitivity
-            }
-            fig = plot_llc_traces(
-                {k: r.llc_traces.numpy() for k, r in settings.items()},
-                {k: r.config.n_burnin for k, r in settings.items()},
-                {k: r.llc for k, r in settings.items()},
-            )
+            fig = plot_llc_results(([self.total.llc] if self.total.llc else []) + self.sensitivity)
             page.add(
                 "Sensitivity of λ̂ to the step size and the inverse temperature",
                 table(self.sensitivity_rows()),
@@ -341,6 +330,22 @@ class DegeneracyReport:
             meta["versions"],
             sensitivity,
         )
+
+
+def plot_llc_results(
+    results: Mapping[str, LLCResult] | Sequence[LLCResult], path: str | Path | None = None
+) -> Figure:
+    """Every chain's per-step estimate nβ (L_t − L*) for each SGLD result (burn-in shaded, λ̂
+    dashed); a sequence is labelled by step size and nβ, e.g. `[report.total.llc,
+    *report.sensitivity]`."""
+    if not isinstance(results, Mapping):
+        results = {f"ε = {r.config.step_size:g}, nβ = {r.nbeta:.4g}": r for r in results}
+    return plot_llc_traces(
+        {k: r.llc_traces.numpy() for k, r in results.items()},
+        {k: r.config.n_burnin for k, r in results.items()},
+        {k: r.llc for k, r in results.items()},
+        path=path,
+    )
 
 
 def _stem(path: str | Path) -> Path:

@@ -10,7 +10,6 @@ import base64
 import html
 import io
 from collections.abc import Mapping, Sequence
-from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -97,9 +96,9 @@ def plot_spectra(
 
 
 def plot_ablation_curves(
-    curves: Mapping[str, Mapping[str, Mapping[int, Real]]],
+    curves: Mapping[str, Mapping[str, Mapping[int, float]]],
     metric: str = "loss",
-    baseline: Real | Mapping[str, Real] | None = None,
+    baseline: float | Mapping[str, float] | None = None,
     log_x: bool = False,
     path: str | Path | None = None,
 ) -> Figure:
@@ -142,7 +141,7 @@ def plot_ablation_curves(
 
 
 def plot_edges_required(
-    data: Mapping[str, Mapping[str, Real]],
+    data: Mapping[str, Mapping[str, float]],
     ylabel: str = "edges required",
     title: str = "",
     log_y: bool = False,
