@@ -1,7 +1,8 @@
 """Degeneracy of the modular-addition seed-0 checkpoint (needs ../shared; slow).
 
-The full report and the step-size / temperature grid are produced by
-`benchmarks/modadd_degeneracy.py`; these tests check the parts that must hold."""
+The full report and the step-size / temperature grid are produced by `tl-degeneracy degeneracy
+../shared/reference/modadd/seed0 --grid-step-sizes ...`; these tests check the parts that must
+hold."""
 
 from __future__ import annotations
 
