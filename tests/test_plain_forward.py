@@ -71,11 +71,12 @@ def test_models_with_normalisation_are_not_plain(api, tiny):
     ids=["one-layer", "two-layer-gelu", "attn-only"],
 )
 @pytest.mark.parametrize("n_seq", [4, 40], ids=["embed", "token-table"])
-def test_whole_model_logits_equal_model(api, tiny, tokens_for, overrides, n_seq):
+@pytest.mark.parametrize("n_ctx", [4, 40], ids=["few-positions", "many-positions"])
+def test_whole_model_logits_equal_model(api, tiny, tokens_for, overrides, n_seq, n_ctx):
     """`PlainModel.logits` equals the model's forward at chosen positions, with block 0's
     projections computed per input (fewer sequences than tokens) or looked up in a
     (position, token) table (more)."""
-    model = tiny(api, **overrides)
+    model = tiny(api, n_ctx=n_ctx, **overrides)
     toks = tokens_for(model, n_seq)
     plain = PlainModel.of(model)
     assert plain is not None

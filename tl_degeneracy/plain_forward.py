@@ -376,15 +376,23 @@ def _attend(
     v: Float[Tensor, "batch key hd"],
     queries: Tensor,
 ) -> Float[Tensor, "batch query d_model"]:
-    """Causal attention output (with `b_O`) at the query positions (broadcast products: few
-    positions)."""
+    """Causal attention output (with `b_O`) at the query positions. Few positions (modular
+    addition): broadcast products, faster than batched tiny matrix products; many: einsum."""
     h = block.n_heads
     q, k, v = q.unflatten(-1, (h, -1)), k.unflatten(-1, (h, -1)), v.unflatten(-1, (h, -1))
-    scores = (q[:, :, None] * k[:, None]).sum(-1) / block.scale  # [batch, query, key, head]
     n_keys = k.shape[1]
+    few = q.shape[1] * n_keys <= 64
+    if few:
+        scores = (q[:, :, None] * k[:, None]).sum(-1)  # [batch, query, key, head]
+    else:
+        scores = torch.einsum("bthd,bshd->btsh", q, k)
+    scores = scores / block.scale
     if bool((queries < n_keys - 1).any()):
         allowed = torch.arange(n_keys)[None, :] <= queries[:, None]  # [query, key]
         scores = scores.masked_fill(~allowed[..., None], float("-inf"))
     pattern = scores.softmax(-2)
-    z = (pattern[..., None] * v[:, None]).sum(2)  # [batch, query, head, d_head]
+    if few:
+        z = (pattern[..., None] * v[:, None]).sum(2)  # [batch, query, head, d_head]
+    else:
+        z = torch.einsum("btsh,bshd->bthd", pattern, v)
     return z.flatten(-2) @ block.W_O.flatten(0, 1) + block.b_O
