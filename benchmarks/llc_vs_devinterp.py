@@ -6,7 +6,8 @@
 Both samplers get the same model (HookedTransformer, float32), data (the 3,830 training
 inputs), loss (KL of the last position's softmax to the trained model's), and hyperparameters
 (ε = 1e-4, γ = 100, nβ = n / log n, batch 512, the same burn-in and chain length). devinterp
-(an optional dependency: `pip install devinterp`) averages the minibatch loss of every step
+(an optional dependency: `pip install -e ".[compare]"`; run through
+`tl_degeneracy.degeneracy.crosscheck.devinterp_llc`) averages the minibatch loss of every step
 after its burn-in, as ours does. Prints each estimate with the standard error across chains,
 the gap in units of the combined standard error, and each sampler's steps per second (wall
 and CPU time, whole run including set-up). The machine's speed drifts by ±20% from minute to
@@ -68,45 +69,18 @@ def ours(model, tokens, chains: int, steps: int, burnin: int) -> dict:
 
 
 def devinterp(model, tokens, chains: int, steps: int, burnin: int) -> dict:
-    from datasets import Dataset
-    from devinterp.slt.llc import compute_llc
-    from devinterp.slt.sampling import sample
+    from tl_degeneracy.degeneracy import SGLDConfig
+    from tl_degeneracy.degeneracy.crosscheck import devinterp_llc
 
-    n, p = tokens.shape[0], 113
-    every = torch.tensor([[a, b, p] for a in range(p) for b in range(p)])
-    with torch.no_grad():
-        reference = torch.log_softmax(model(every)[:, -1], -1)  # row a · p + b
-
-    def kl(model, input_ids):
-        ref = reference[input_ids[:, 0] * p + input_ids[:, 1]]
-        logp = torch.log_softmax(model(input_ids)[:, -1], -1)
-        per_seq = (ref.exp() * (ref - logp)).sum(-1, keepdim=True)
-        return per_seq.expand(-1, input_ids.shape[1] - 1)  # devinterp wants (batch, seq − 1)
-
-    data = Dataset.from_dict({"input_ids": tokens.tolist()}).with_format("torch")
+    cfg = SGLDConfig(STEP_SIZE, GAMMA, None, chains, steps, burnin, BATCH)
     wall, cpu = time.perf_counter(), time.process_time()
-    tree = sample(
-        model,
-        data,
-        {},
-        lr=STEP_SIZE,
-        n_beta=n / math.log(n),
-        localization=GAMMA,
-        num_chains=chains,
-        num_draws=steps - burnin,
-        num_burnin_steps=burnin,
-        batch_size=BATCH,
-        num_init_loss_batches=1,
-        loss_fn=kl,
-    )
-    summary = compute_llc(tree)
+    res = devinterp_llc(model, tokens, cfg)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    per_chain = [float(x) for x in summary["llc_per_chain"].values]
     return {
-        "llc": float(summary["llc_mean"]),
-        "llc_se": float(summary["llc_std"]) / math.sqrt(chains),
-        "per_chain": per_chain,
-        "init_loss": float(summary["init_loss"]),
+        "llc": res.llc,
+        "llc_se": res.llc_se,
+        "per_chain": res.llc_per_chain,
+        "nbeta": res.nbeta,
         "wall_s": wall,
         "cpu_s": cpu,
         "steps_per_s_wall": chains * steps / wall,

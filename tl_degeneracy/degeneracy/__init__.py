@@ -6,7 +6,8 @@
   restricted to any parameter subset, with diagnostics, calibration and modularity;
 - `ground_truth`: learning coefficients known in closed form (regular models, reduced-rank
   regression, deep linear networks) and test problems built on them;
-- `report`: `DegeneracyReport`, everything above per section and in total.
+- `report`: `DegeneracyReport`, everything above per section and in total;
+- `crosscheck`: the same estimate by devinterp's sampler (optional dependency).
 """
 
 from tl_degeneracy.degeneracy.llc import (
