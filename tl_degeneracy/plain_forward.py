@@ -167,16 +167,38 @@ class PlainBlock:
     ) -> Float[Tensor, "... query d_model"]:
         """Attention output (with `b_O`, without the residual) at the query positions, from
         the projected queries/keys/values of every position (causal mask)."""
-        n_pos = qkv.shape[-2]
         q_idx = torch.as_tensor(queries, dtype=torch.long)
-        split = qkv.unflatten(-1, (3, self.n_heads, -1))  # [..., pos, 3, H, dh]
-        q = split[..., q_idx, 0, :, :]  # [..., T, H, dh]
-        k, v = split[..., 1, :, :], split[..., 2, :, :]  # [..., S, H, dh]
-        # Few positions: broadcasting beats batched tiny matrix products here.
-        scores = (q[..., :, None, :, :] * k[..., None, :, :, :]).sum(-1) / self.scale
-        allowed = torch.arange(n_pos)[None, :] <= q_idx[:, None]  # [T, S]
-        pattern = scores.masked_fill(~allowed[..., None], float("-inf")).softmax(-2)
-        z = (pattern[..., None] * v[..., None, :, :, :]).sum(-3)  # [..., T, H, dh]
+        q, k, v = qkv.chunk(3, dim=-1)
+        return self.attend_qkv(q[..., q_idx, :], k, v, q_idx)
+
+    def attend_qkv(
+        self,
+        q: Float[Tensor, "... query hd"],
+        k: Float[Tensor, "... key hd"],
+        v: Float[Tensor, "... key hd"],
+        queries: Tensor,
+    ) -> Float[Tensor, "... query d_model"]:
+        """Causal attention output (with `b_O`) at the query positions `queries`, from the
+        queries there and the keys and values of every position (heads flattened last). Few
+        positions (modular addition): broadcast products, faster than batched tiny matrix
+        products; many: einsum."""
+        h = self.n_heads
+        q, k, v = q.unflatten(-1, (h, -1)), k.unflatten(-1, (h, -1)), v.unflatten(-1, (h, -1))
+        n_keys = k.shape[-3]
+        few = q.shape[-3] * n_keys <= 64
+        if few:
+            scores = (q[..., :, None, :, :] * k[..., None, :, :, :]).sum(-1)
+        else:
+            scores = torch.einsum("...thd,...shd->...tsh", q, k)
+        scores = scores / self.scale  # [..., query, key, head]
+        if bool((queries < n_keys - 1).any()):
+            allowed = torch.arange(n_keys)[None, :] <= queries[:, None]  # [query, key]
+            scores = scores.masked_fill(~allowed[..., None], float("-inf"))
+        pattern = scores.softmax(-2)
+        if few:
+            z = (pattern[..., None] * v[..., None, :, :, :]).sum(-3)  # [..., query, head, d_head]
+        else:
+            z = torch.einsum("...tsh,...shd->...thd", pattern, v)
         return z.flatten(-2) @ self.W_O.flatten(0, 1) + self.b_O
 
     def attention(
@@ -344,7 +366,7 @@ class PlainModel:
                 here = x if layer < last else x[..., at, :]
                 q = here @ w_q + b_q
                 k, v = x @ w_k + b_k, x @ w_v + b_v
-            x = here + _attend(block, q, k, v, at)
+            x = here + block.attend_qkv(q, k, v, at)
             if block.has_mlp:
                 x = x + block.mlp(x)
         assert x is not None
@@ -367,32 +389,3 @@ def _embedded_projection(
 
 def _heads_last(w: Float[Tensor, "head d_model d_head"]) -> Float[Tensor, "d_model hd"]:
     return w.permute(1, 0, 2).flatten(1)
-
-
-def _attend(
-    block: PlainBlock,
-    q: Float[Tensor, "batch query hd"],
-    k: Float[Tensor, "batch key hd"],
-    v: Float[Tensor, "batch key hd"],
-    queries: Tensor,
-) -> Float[Tensor, "batch query d_model"]:
-    """Causal attention output (with `b_O`) at the query positions. Few positions (modular
-    addition): broadcast products, faster than batched tiny matrix products; many: einsum."""
-    h = block.n_heads
-    q, k, v = q.unflatten(-1, (h, -1)), k.unflatten(-1, (h, -1)), v.unflatten(-1, (h, -1))
-    n_keys = k.shape[1]
-    few = q.shape[1] * n_keys <= 64
-    if few:
-        scores = (q[:, :, None] * k[:, None]).sum(-1)  # [batch, query, key, head]
-    else:
-        scores = torch.einsum("bthd,bshd->btsh", q, k)
-    scores = scores / block.scale
-    if bool((queries < n_keys - 1).any()):
-        allowed = torch.arange(n_keys)[None, :] <= queries[:, None]  # [query, key]
-        scores = scores.masked_fill(~allowed[..., None], float("-inf"))
-    pattern = scores.softmax(-2)
-    if few:
-        z = (pattern[..., None] * v[:, None]).sum(2)  # [batch, query, head, d_head]
-    else:
-        z = torch.einsum("btsh,bshd->bthd", pattern, v)
-    return z.flatten(-2) @ block.W_O.flatten(0, 1) + block.b_O

@@ -728,15 +728,26 @@ def sensitivity_grid(
     step_sizes: Sequence[float] = (3e-5, 1e-4, 3e-4),
     nbetas: Sequence[float | None] = (None,),
     progress: bool = False,
+    skip_own: bool = False,
 ) -> list[LLCResult]:
     """λ̂ for every (step size, nβ) pair: how much the estimate depends on its
-    hyperparameters. An entry None in `nbetas` means the default β = 1/log n."""
+    hyperparameters. An entry None in `nbetas` means the default β = 1/log n. `skip_own`
+    leaves out the pair equal to `config`'s own setting (nβ within 0.1%), already estimated
+    by the caller."""
     cfg = config or SGLDConfig()
+    own = cfg.nbeta(problem.n)
     out = []
     for nbeta in nbetas:
         beta = None if nbeta is None else nbeta / problem.n
         for eps in step_sizes:
-            out.append(estimate_llc(problem, replace(cfg, step_size=eps, beta=beta), progress))
+            run = replace(cfg, step_size=eps, beta=beta)
+            if (
+                skip_own
+                and eps == cfg.step_size
+                and math.isclose(run.nbeta(problem.n), own, rel_tol=1e-3)
+            ):
+                continue
+            out.append(estimate_llc(problem, run, progress))
     return out
 
 

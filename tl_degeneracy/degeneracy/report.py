@@ -32,6 +32,7 @@ from tl_degeneracy.degeneracy.llc import (
     ModelProblem,
     ModularityResult,
     SGLDConfig,
+    estimate_llc,
     model_llc,
     sensitivity_grid,
 )
@@ -474,18 +475,25 @@ def degeneracy_report(
         section_report(sources, n, run(section_filter(n)) if llc == "all" else None) for n in names
     ]
     union = None if sections is None else "|".join(f"(?:{section_filter(n)})" for n in names)
-    total = section_report(sources, None, run(union) if llc in ("all", "total") else None)
-    grid = []
-    if sensitivity_step_sizes:
+    problem = None  # the total's loss, built once for its own estimate and the grid
+    if llc in ("all", "total") or sensitivity_step_sizes:
         problem = ModelProblem(sampled, tokens, union, positions, divergence)
-        own = (sgld_config.step_size, sgld_config.nbeta(problem.n))
-        grid = [
-            r
-            for r in sensitivity_grid(
-                problem, sgld_config, sensitivity_step_sizes, sensitivity_nbetas, progress
-            )
-            if not (r.config.step_size == own[0] and math.isclose(r.nbeta, own[1], rel_tol=1e-3))
-        ]
+    own = (
+        estimate_llc(problem, sgld_config, progress)
+        if problem is not None and llc != "none"
+        else None
+    )
+    total = section_report(sources, None, own)
+    grid = []
+    if sensitivity_step_sizes and problem is not None:
+        grid = sensitivity_grid(
+            problem,
+            sgld_config,
+            sensitivity_step_sizes,
+            sensitivity_nbetas,
+            progress,
+            skip_own=True,
+        )
     src_settings = {
         k: v for k, v in asdict(sources_config).items() if k not in ("metric", "eps_grid")
     }
