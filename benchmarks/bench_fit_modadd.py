@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from tl_degeneracy.fit import LIBConfig, fit_basis
-from tl_degeneracy.jacobians import JacobianConfig, jacobian_gram
-from tl_degeneracy.modadd.checkpoints import ModAddCheckpoint, default_checkpoint_dir
-from tl_degeneracy.modadd.fit_job import REFERENCE_SITES
-from tl_degeneracy.sections import Section
+from tl_degeneracy.engine.fit import LIBConfig, fit_basis
+from tl_degeneracy.engine.jacobians import JacobianConfig, jacobian_gram
+from tl_degeneracy.engine.sections import Section
+from tl_degeneracy.experiments.modadd_fit import REFERENCE_SITES
+from tl_degeneracy.models.modadd.checkpoints import ModAddCheckpoint, default_checkpoint_dir
 
 
 def median_time(fn, repeats: int) -> tuple[float, object]:

@@ -35,7 +35,7 @@ STEP_SIZE, GAMMA, BATCH = 1e-4, 100.0, 512
 LOAD = """
 import json, torch
 from safetensors.torch import load_file
-from tl_degeneracy.compat import build_model
+from tl_degeneracy.engine.compat import build_model
 
 def load(reference):
     cfg = json.loads((reference / "seed0" / "config.json").read_text())["model"]
@@ -88,7 +88,7 @@ print((steps[1] - steps[0]) / (times[1] - times[0]))
 
 def ours(steps: tuple[int, int], threads: int, fast: bool = True) -> float:
     """Steps per second of `estimate_llc` (one chain), set-up excluded."""
-    from tl_degeneracy.degeneracy import ModelProblem, SGLDConfig, estimate_llc
+    from tl_degeneracy.engine.degeneracy import ModelProblem, SGLDConfig, estimate_llc
 
     namespace: dict = {}
     exec(LOAD, namespace)

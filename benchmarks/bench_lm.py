@@ -23,10 +23,14 @@ from pathlib import Path
 
 import torch
 
-from tl_degeneracy.edges import EdgeConfig
-from tl_degeneracy.jacobians import JacobianConfig, _JacobianAccumulator, jacobian_gram
-from tl_degeneracy.lm import load_corpus, load_smollm2
-from tl_degeneracy.lm.fit_job import (
+from tl_degeneracy.engine.edges import EdgeConfig
+from tl_degeneracy.engine.jacobians import JacobianConfig, _JacobianAccumulator, jacobian_gram
+from tl_degeneracy.engine.sections import Section
+from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.engine.statistics import capture_sites, collect_statistics
+from tl_degeneracy.engine.streaming import iter_batches
+from tl_degeneracy.experiments.lm_report import relative_error
+from tl_degeneracy.experiments.lm_study import (
     ActivationStore,
     LMFitConfig,
     _StoreEdges,
@@ -35,11 +39,7 @@ from tl_degeneracy.lm.fit_job import (
     lm_sites,
     top_outputs,
 )
-from tl_degeneracy.lm.report import relative_error
-from tl_degeneracy.sections import Section
-from tl_degeneracy.sites import Site
-from tl_degeneracy.statistics import capture_sites, collect_statistics
-from tl_degeneracy.streaming import iter_batches
+from tl_degeneracy.models import load_corpus, load_smollm2
 
 
 def cpu_seconds() -> float:
@@ -138,7 +138,7 @@ def main() -> None:
 
     if "edges" not in args.skip:
         stats = collect_statistics(model, [section.inp, section.out], tokens, 4, progress=False)
-        from tl_degeneracy.bases import pca_basis
+        from tl_degeneracy.engine.bases import pca_basis
 
         b_in = pca_basis(section.inp, stats[section.inp].mean, stats[section.inp].gram)
         b_out = pca_basis(section.out, stats[section.out].mean, stats[section.out].gram)

@@ -29,9 +29,9 @@ def _status_kb(field: str) -> int:
 def child(n_tokens: int, threads: int | None, batch_rows: int) -> dict:
     import torch
 
-    from tl_degeneracy.lm import load_corpus, load_smollm2
-    from tl_degeneracy.lm.fit_job import lm_sites
-    from tl_degeneracy.statistics import collect_statistics
+    from tl_degeneracy.engine.statistics import collect_statistics
+    from tl_degeneracy.experiments.lm_study import lm_sites
+    from tl_degeneracy.models import load_corpus, load_smollm2
 
     if threads:
         torch.set_num_threads(threads)

@@ -7,7 +7,7 @@ Both samplers get the same model (HookedTransformer, float32), data (the 3,830 t
 inputs), loss (KL of the last position's softmax to the trained model's), and hyperparameters
 (ε = 1e-4, γ = 100, nβ = n / log n, batch 512, the same burn-in and chain length). devinterp
 (an optional dependency: `pip install -e ".[compare]"`; run through
-`tl_degeneracy.degeneracy.crosscheck.devinterp_llc`) averages the minibatch loss of every step
+`engine.degeneracy.crosscheck.devinterp_llc`) averages the minibatch loss of every step
 after its burn-in, as ours does. Prints each estimate with the standard error across chains,
 the gap in units of the combined standard error, and each sampler's steps per second (wall
 and CPU time, whole run including set-up). The machine's speed drifts by ±20% from minute to
@@ -35,7 +35,7 @@ STEP_SIZE, GAMMA, BATCH = 1e-4, 100.0, 512
 
 def load() -> tuple[torch.nn.Module, torch.Tensor]:
     """Seed-0 model (HookedTransformer, float32) and its training inputs."""
-    from tl_degeneracy.compat import build_model
+    from tl_degeneracy.engine.compat import build_model
 
     cfg = json.loads((REFERENCE / "seed0" / "config.json").read_text())["model"]
     model = build_model(
@@ -48,7 +48,7 @@ def load() -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def ours(model, tokens, chains: int, steps: int, burnin: int) -> dict:
-    from tl_degeneracy.degeneracy import ModelProblem, SGLDConfig, estimate_llc
+    from tl_degeneracy.engine.degeneracy import ModelProblem, SGLDConfig, estimate_llc
 
     cfg = SGLDConfig(STEP_SIZE, GAMMA, None, chains, steps, burnin, BATCH)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -69,8 +69,8 @@ def ours(model, tokens, chains: int, steps: int, burnin: int) -> dict:
 
 
 def devinterp(model, tokens, chains: int, steps: int, burnin: int) -> dict:
-    from tl_degeneracy.degeneracy import SGLDConfig
-    from tl_degeneracy.degeneracy.crosscheck import devinterp_llc
+    from tl_degeneracy.engine.degeneracy import SGLDConfig
+    from tl_degeneracy.engine.degeneracy.crosscheck import devinterp_llc
 
     cfg = SGLDConfig(STEP_SIZE, GAMMA, None, chains, steps, burnin, BATCH)
     wall, cpu = time.perf_counter(), time.process_time()

@@ -5,7 +5,7 @@
 
 For each block's attention section (resid_pre -> resid_mid) and MLP section (resid_mid ->
 next resid_pre), and each basis, the edges into the top N output features (N as in the fit,
-`--edge-outputs`) are ablated (tl_degeneracy.lm.edges_required) on the first `--tokens`
+`--edge-outputs`) are ablated (tl_degeneracy.experiments.lm_edges_required) on the first `--tokens`
 held-out tokens; the table gives the fewest edges whose loss stays within each tolerance of
 the clean loss, the loss with no edge into those outputs kept, and the time.
 """
@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tl_degeneracy.ablation import evaluate, next_token_loss
-from tl_degeneracy.lm import load_corpus, load_smollm2
-from tl_degeneracy.lm.edges_required import TopOutputAblator, top_output_edges_required
-from tl_degeneracy.result import BasisResult
+from tl_degeneracy.engine.ablation import evaluate, next_token_loss
+from tl_degeneracy.engine.result import BasisResult
+from tl_degeneracy.experiments.lm_edges_required import TopOutputAblator, top_output_edges_required
+from tl_degeneracy.models import load_corpus, load_smollm2
 
 
 def cpu_seconds() -> float:

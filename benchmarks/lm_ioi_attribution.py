@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from tl_degeneracy.attribution import format_correlation_table
-from tl_degeneracy.lm.ioi import IOI_SITES, ioi_attribution_demo
+from tl_degeneracy.engine.attribution import format_correlation_table
+from tl_degeneracy.experiments.ioi import IOI_SITES, ioi_attribution_demo
 
 
 def main() -> None:

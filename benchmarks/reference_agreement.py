@@ -15,11 +15,11 @@ import torch  # noqa: E402
 from support import REFERENCE  # noqa: E402
 from test_reference_modadd import NEXT, NODE, SITES, P, Seed0, assert_features_match  # noqa: E402
 
-from tl_degeneracy.ablation import last_position_accuracy, node_ablation_curve  # noqa: E402
-from tl_degeneracy.bases import interaction_basis, pca_basis  # noqa: E402
-from tl_degeneracy.fit import LIBConfig, fit_basis  # noqa: E402
-from tl_degeneracy.jacobians import jacobian_gram  # noqa: E402
-from tl_degeneracy.sections import Section  # noqa: E402
+from tl_degeneracy.engine.ablation import last_position_accuracy, node_ablation_curve  # noqa: E402
+from tl_degeneracy.engine.bases import interaction_basis, pca_basis  # noqa: E402
+from tl_degeneracy.engine.fit import LIBConfig, fit_basis  # noqa: E402
+from tl_degeneracy.engine.jacobians import jacobian_gram  # noqa: E402
+from tl_degeneracy.engine.sections import Section  # noqa: E402
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Modules before and after a rotation of the residual stream, in the LIB, PCA and neuron
-bases, on the planted-module network of `tl_degeneracy.degeneracy.invariance`.
+bases, on the planted-module network of `tl_degeneracy.engine.degeneracy.invariance`.
 
     python benchmarks/rotation_invariance.py [--out docs/img/rotation_invariance.png]
 
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from tl_degeneracy.degeneracy.invariance import (
+from tl_degeneracy.engine.degeneracy.invariance import (
     adjusted_rand_index,
     basis_modules,
     block_shares,

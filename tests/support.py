@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tl_degeneracy.compat import available_apis, build_model
+from tl_degeneracy.engine.compat import available_apis, build_model
 
 SHARED = Path(
     os.environ.get("TL_DEGENERACY_SHARED", Path(__file__).resolve().parents[1].parent / "shared")

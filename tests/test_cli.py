@@ -22,8 +22,10 @@ def calls(monkeypatch, tmp_path):
 
 
 def test_demo_fits_smollm2_then_modular_addition(calls, tmp_path, monkeypatch):
-    monkeypatch.setattr("tl_degeneracy.lm.smollm2.smollm2_gguf_path", lambda: Path("x.gguf"))
-    monkeypatch.setattr("tl_degeneracy.lm.corpus.wiki_path", lambda: Path("wiki.bz2"))
+    monkeypatch.setattr(
+        "tl_degeneracy.models.smollm2.loader.smollm2_gguf_path", lambda: Path("x.gguf")
+    )
+    monkeypatch.setattr("tl_degeneracy.models.corpus.wiki_path", lambda: Path("wiki.bz2"))
     assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 0
     assert [name for name, _ in calls] == ["lm", "modadd"]
     lm, modadd = calls[0][1], calls[1][1]

@@ -1,39 +1,45 @@
 """tl_degeneracy: Local Interaction Basis, Interaction Basis and degeneracy measures for
 TransformerLens models (arXiv 2405.10927, 2405.10928)."""
 
-from tl_degeneracy.ablation import (
+from tl_degeneracy.engine.ablation import (
     AblationCurve,
     ablation_schedule,
     last_position_accuracy,
     next_token_loss,
     node_ablation_curve,
 )
-from tl_degeneracy.attach import ablate_nodes, attach, feature_hook_name, site_features
-from tl_degeneracy.attribution import AttributionComparison, compare_attribution
-from tl_degeneracy.bases import SiteBasis, Truncation, interaction_basis, neuron_basis, pca_basis
-from tl_degeneracy.compat import available_apis, build_model
-from tl_degeneracy.edge_ablation import EdgeAblation, edge_ablation_score, edges_required
-from tl_degeneracy.edges import (
+from tl_degeneracy.engine.attach import ablate_nodes, attach, feature_hook_name, site_features
+from tl_degeneracy.engine.attribution import AttributionComparison, compare_attribution
+from tl_degeneracy.engine.bases import (
+    SiteBasis,
+    Truncation,
+    interaction_basis,
+    neuron_basis,
+    pca_basis,
+)
+from tl_degeneracy.engine.compat import available_apis, build_model
+from tl_degeneracy.engine.edge_ablation import EdgeAblation, edge_ablation_score, edges_required
+from tl_degeneracy.engine.edges import (
     EdgeConfig,
     InteractionGraph,
     SectionEdges,
     interaction_graph,
     section_edges,
 )
-from tl_degeneracy.fit import LIBConfig, fit_basis, fit_lib, fit_pca
-from tl_degeneracy.jacobians import JacobianConfig, JacobianGram, jacobian_gram
-from tl_degeneracy.modularity import Modules, find_modules
-from tl_degeneracy.result import ArtifactError, BasisResult
-from tl_degeneracy.sections import Section
-from tl_degeneracy.sites import LOGITS, Site, SiteError, validate_sites
-from tl_degeneracy.statistics import (
+from tl_degeneracy.engine.fit import LIBConfig, fit_basis, fit_lib, fit_pca
+from tl_degeneracy.engine.jacobians import JacobianConfig, JacobianGram, jacobian_gram
+from tl_degeneracy.engine.modularity import Modules, find_modules
+from tl_degeneracy.engine.result import ArtifactError, BasisResult
+from tl_degeneracy.engine.sections import Section
+from tl_degeneracy.engine.sites import LOGITS, Site, SiteError, validate_sites
+from tl_degeneracy.engine.statistics import (
     GramStatistics,
     NonFiniteActivationError,
     SiteStatistics,
     StatisticsMismatchError,
     collect_statistics,
 )
-from tl_degeneracy.streaming import Checkpointing, EmptyDataError
+from tl_degeneracy.engine.streaming import Checkpointing, EmptyDataError
 
 __all__ = [
     "Modules",

@@ -61,7 +61,7 @@ def _fit_modadd_args(p: argparse.ArgumentParser) -> None:
     _fit_modadd_args
 )
 def run_fit_modadd(args: argparse.Namespace) -> int:
-    from tl_degeneracy.modadd.fit_job import fit_modadd, write_fit
+    from tl_degeneracy.experiments.modadd_fit import fit_modadd, write_fit
 
     start = time.perf_counter()
     fit = fit_modadd(args.checkpoint, tuple(args.kinds), api=args.api, progress=not args.quiet)
@@ -79,7 +79,7 @@ def run_fit_modadd(args: argparse.Namespace) -> int:
 
 
 def _fit_lm_args(p: argparse.ArgumentParser) -> None:
-    from tl_degeneracy.lm.fit_job import LMFitConfig
+    from tl_degeneracy.experiments.lm_study import LMFitConfig
 
     d = LMFitConfig()
     p.add_argument("--tokens", type=int, default=d.n_tokens, help="training tokens (%(default)s)")
@@ -121,8 +121,8 @@ def _fit_lm_args(p: argparse.ArgumentParser) -> None:
     _fit_lm_args
 )
 def run_fit_lm(args: argparse.Namespace) -> int:
-    from tl_degeneracy.distributed import DistContext
-    from tl_degeneracy.lm.fit_job import LMFitConfig, run_lm_fit, summary_lines
+    from tl_degeneracy.engine.distributed import DistContext
+    from tl_degeneracy.experiments.lm_study import LMFitConfig, run_lm_fit, summary_lines
 
     config = LMFitConfig(
         n_tokens=args.tokens,
@@ -164,8 +164,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     "(OUT/lm, with report.html), then on the modular-addition model (OUT/modadd)",
 )(_demo_args)
 def run_demo(args: argparse.Namespace) -> int:
-    from tl_degeneracy.lm.corpus import wiki_path
-    from tl_degeneracy.lm.smollm2 import smollm2_gguf_path
+    from tl_degeneracy.models.corpus import wiki_path
+    from tl_degeneracy.models.smollm2.loader import smollm2_gguf_path
 
     start = time.perf_counter()
     out = Path(args.out)
@@ -193,9 +193,9 @@ def run_demo(args: argparse.Namespace) -> int:
 def demo_checkpoint() -> Path:
     """The package's own checkpoint; if this installation has none, a p = 53 model trained
     once with the project's training script and cached (about a minute on 2 cores)."""
-    from tl_degeneracy.lm import cache_dir
-    from tl_degeneracy.modadd.checkpoints import default_checkpoint_dir
-    from tl_degeneracy.modadd.train import TrainConfig, save_result, train
+    from tl_degeneracy.models.cache import cache_dir
+    from tl_degeneracy.models.modadd.checkpoints import default_checkpoint_dir
+    from tl_degeneracy.models.modadd.train import TrainConfig, save_result, train
 
     own = default_checkpoint_dir()
     if (own / "model.safetensors").is_file():
@@ -232,7 +232,7 @@ def _replicate_args(p: argparse.ArgumentParser) -> None:
 def run_replicate(args: argparse.Namespace) -> int:
     import os
 
-    from tl_degeneracy.modadd.replicate import replicate_checkpoints
+    from tl_degeneracy.experiments.replicate_modadd import replicate_checkpoints
 
     checkpoints = [Path(c) for c in args.checkpoints] or [demo_checkpoint()]
     jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
@@ -245,7 +245,7 @@ def run_replicate(args: argparse.Namespace) -> int:
 
 
 def _degeneracy_args(p: argparse.ArgumentParser) -> None:
-    from tl_degeneracy.degeneracy.job import DegeneracyJobConfig
+    from tl_degeneracy.experiments.degeneracy_job import DegeneracyJobConfig
 
     d = DegeneracyJobConfig()
     p.add_argument(
@@ -305,7 +305,7 @@ def _degeneracy_args(p: argparse.ArgumentParser) -> None:
 def run_degeneracy(args: argparse.Namespace) -> int:
     import torch
 
-    from tl_degeneracy.degeneracy.job import DegeneracyJobConfig, run_degeneracy_job
+    from tl_degeneracy.experiments.degeneracy_job import DegeneracyJobConfig, run_degeneracy_job
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

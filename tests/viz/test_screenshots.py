@@ -30,7 +30,7 @@ DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 
 def _modadd_checkpoint() -> Path | None:
     """The package's own checkpoint, else the reference seed 0; None without either."""
-    from tl_degeneracy.modadd import default_checkpoint_dir, list_reference_checkpoints
+    from tl_degeneracy.models.modadd import default_checkpoint_dir, list_reference_checkpoints
 
     own = default_checkpoint_dir()
     if (own / "model.safetensors").is_file():
@@ -45,12 +45,12 @@ def modadd_pages(tmp_path_factory) -> dict[str, Path]:
     path = _modadd_checkpoint()
     if path is None:
         pytest.skip("no modular-addition checkpoint (packaged or ../shared reference)")
-    from tl_degeneracy.attribution import compare_attribution
-    from tl_degeneracy.edges import interaction_graph
-    from tl_degeneracy.fit import LIBConfig, fit_basis
-    from tl_degeneracy.modadd import all_inputs, load_checkpoint
-    from tl_degeneracy.modularity import find_modules
-    from tl_degeneracy.sites import Site
+    from tl_degeneracy.engine.attribution import compare_attribution
+    from tl_degeneracy.engine.edges import interaction_graph
+    from tl_degeneracy.engine.fit import LIBConfig, fit_basis
+    from tl_degeneracy.engine.modularity import find_modules
+    from tl_degeneracy.engine.sites import Site
+    from tl_degeneracy.models.modadd import all_inputs, load_checkpoint
 
     model, data = load_checkpoint(path, dtype=torch.float64)
     p = data.p
@@ -134,7 +134,7 @@ def test_graph_page_draws_every_node(chromium, modadd_pages, parse_dom):
 
 def test_degeneracy_report_offline(chromium, tiny, tokens_for, tmp_path, parse_dom, hostile):
     """The degeneracy report's page opens offline, shows its table, and escapes names."""
-    from tl_degeneracy.degeneracy import SourcesConfig, degeneracy_report
+    from tl_degeneracy.engine.degeneracy import SourcesConfig, degeneracy_report
 
     model = tiny("hooked" if "hooked" in _apis() else "bridge", "mlp")
     with warnings.catch_warnings():

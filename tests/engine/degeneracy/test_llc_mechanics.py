@@ -1,0 +1,234 @@
+"""SGLD machinery: warnings, reproducibility, parameter binding, TransformerLens glue."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tl_degeneracy.engine.compat import available_apis, build_model, hooked_state_dict
+from tl_degeneracy.engine.degeneracy.ground_truth import linear_regression_problem, quartic_problem
+from tl_degeneracy.engine.degeneracy.llc import (
+    ModelProblem,
+    SGLDConfig,
+    SGLDWarning,
+    calibrate_step_size,
+    estimate_llc,
+    model_llc,
+    select_parameters,
+    split_rhat,
+)
+
+FAST = SGLDConfig(step_size=1e-4, gamma=100.0, n_chains=2, n_steps=40, n_burnin=10, batch_size=32)
+
+
+def test_divergent_step_size_warns():
+    problem = linear_regression_problem(5, n=1000)
+    with pytest.warns(SGLDWarning, match="diverged"):
+        res = estimate_llc(
+            problem,
+            SGLDConfig(
+                step_size=0.5, gamma=1.0, n_chains=3, n_steps=50, n_burnin=10, batch_size=10**9
+            ),
+        )
+    assert bool(res.diverged.all())
+    assert res.messages and "lower step_size" in res.messages[0]
+
+
+def test_unconverged_chains_warn():
+    """Tiny steps from w* = 0 on w1² w2²: the loss is still rising, R-hat flags it."""
+    cfg = SGLDConfig(
+        step_size=1e-6, gamma=1.0, n_chains=8, n_steps=400, n_burnin=10, batch_size=10**9
+    )
+    with pytest.warns(SGLDWarning, match="did not converge"):
+        res = estimate_llc(quartic_problem(10_000), cfg)
+    assert res.rhat > cfg.rhat_max
+
+
+def test_calibration_recommends_a_stable_step_and_warns_on_the_rest():
+    problem = linear_regression_problem(5, n=1000)
+    cfg = SGLDConfig(gamma=1.0, n_chains=8, n_steps=3000, n_burnin=1000, batch_size=10**9)
+    with pytest.warns(SGLDWarning, match="diverged"):
+        cal = calibrate_step_size(problem, cfg, step_sizes=(1e-4, 3e-4, 1.0))
+    assert cal.recommended in (1e-4, 3e-4)
+    assert "| 1 |" in cal.table()
+
+
+def test_seeded_and_reproducible():
+    problem = linear_regression_problem(4, n=2000)
+    cfg = SGLDConfig(step_size=1e-4, gamma=1.0, n_chains=2, n_steps=50, n_burnin=10, batch_size=64)
+    a, b = estimate_llc(problem, cfg), estimate_llc(problem, cfg)
+    assert torch.equal(a.loss_traces, b.loss_traces)
+    c = estimate_llc(problem, SGLDConfig(**{**cfg.__dict__, "seed": 1}))
+    assert not torch.equal(a.loss_traces, c.loss_traces)
+
+
+def test_split_rhat():
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(4, 1000, generator=gen)
+    assert split_rhat(noise) == pytest.approx(1.0, abs=0.01)
+    drift = noise + torch.linspace(0, 5, 1000)
+    assert split_rhat(drift) > 1.3
+
+
+@pytest.mark.parametrize("api", available_apis())
+def test_model_problem_restores_the_model_and_matches_autograd(api, tiny, tokens_for):
+    model = tiny(api, "mlp")
+    tokens = tokens_for(model, 40)
+    before = {k: v.clone() for k, v in hooked_state_dict(model).items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    res = model_llc(model, tokens, FAST, params=r"^blocks\.0\.mlp\.")
+    assert (
+        res.n_params
+        == sum(p.numel() for n, p in model.named_parameters() if "mlp" in n or "fc_" in n)
+        or res.n_params > 0
+    )
+    after = hooked_state_dict(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert flags == [p.requires_grad for p in model.parameters()]
+    assert all(p.grad is None for p in model.parameters())
+    # the flat gradient equals plain autograd at a perturbed point
+    problem = ModelProblem(model, tokens)
+    w = problem.w_star + 0.01 * torch.randn(
+        problem.n_params, generator=torch.Generator().manual_seed(0), dtype=problem.w_star.dtype
+    )
+    idx = torch.arange(10)
+    with problem.bind(w):
+        loss, grad = problem.value_and_grad(w, idx)
+        grad = grad.clone()
+        ref = problem.loss(idx)
+        names = problem.param_names
+        params = [dict(_by_name(model))[n] for n in names]
+        expected = torch.autograd.grad(ref, params)
+    assert torch.allclose(grad, torch.cat([g.reshape(-1) for g in expected]))
+    assert float(loss) > 0
+
+
+def _by_name(model):
+    from tl_degeneracy.engine.degeneracy.llc import state_dict_parameters
+
+    return state_dict_parameters(model).items()
+
+
+def test_position_pruning_is_exact(tiny, tokens_for):
+    if "hooked" not in available_apis():
+        pytest.skip("pruning applies to HookedTransformer only")
+    model = tiny("hooked", "mlp")
+    tokens = tokens_for(model, 30)
+    pruned = ModelProblem(model, tokens, positions="last", fast=False)
+    assert pruned.hooks
+    full = ModelProblem(model, tokens, positions="last", fast=False)
+    full.hooks = []
+    assert torch.allclose(pruned.reference, full.reference, atol=1e-12)
+    w = pruned.w_star * 1.01
+    with pruned.bind(w):
+        a = pruned.loss(torch.arange(30))
+        b = full.loss(torch.arange(30))
+    assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_both_apis_give_the_same_loss_and_gradient(tiny, tokens_for):
+    """Same weights as HookedTransformer and Bridge: the same behavioural loss and gradient
+    norm at a point that does not depend on the parameter layout (w = 1.01 w*)."""
+    if len(available_apis()) < 2:
+        pytest.skip("only one TransformerLens API is installed")
+    from support import tiny_config
+
+    hooked = tiny("hooked", "mlp", seed=2)
+    bridge = build_model(tiny_config("mlp"), hooked_state_dict(hooked), "bridge", torch.float64)
+    tokens = tokens_for(hooked, 40)
+    out = []
+    for model in (hooked, bridge):
+        problem = ModelProblem(model, tokens, params=r"^blocks\.0\.attn\.")
+        w = problem.w_star * 1.01
+        with problem.bind(w):
+            loss, grad = problem.value_and_grad(w, torch.arange(40))
+            out.append((problem.n_params, float(loss), float(grad.norm())))
+    assert out[0][0] == out[1][0]
+    assert out[0][1] == pytest.approx(out[1][1], rel=1e-9)
+    assert out[0][2] == pytest.approx(out[1][2], rel=1e-9)
+
+
+def test_parameter_filters(tiny):
+    model = tiny(available_apis()[0], "mlp")
+    assert select_parameters(model, r"^unembed\.")
+    assert select_parameters(model, lambda n: n.startswith("embed"))
+    with pytest.raises(ValueError, match="selects no parameter"):
+        select_parameters(model, r"^nothing")
+    with pytest.raises(ValueError, match="unknown parameter names"):
+        select_parameters(model, ["not.a.name"])
+
+
+@pytest.mark.skipif("hooked" not in available_apis(), reason="start_at_layer: HookedTransformer")
+def test_a_late_block_starts_from_the_cached_residual_stream(tiny, tokens_for):
+    """Sampling only block 1 caches the residual stream entering it: same loss and gradient
+    as the full forward, at a moved point too."""
+    model = tiny("hooked", "ln", n_layers=2)
+    tokens = tokens_for(model, 24)
+    cached = ModelProblem(model, tokens, params=r"^blocks\.1\.", positions="all")
+    full = ModelProblem(model, tokens, params=r"^blocks\.1\.", positions="all", cache_limit=0)
+    assert cached.start_layer == 1 and cached.prefix is not None and full.prefix is None
+    w = cached.w_star + 0.05 * torch.randn(cached.n_params, dtype=torch.float64)
+    idx = torch.arange(0, 24, 2)
+    with cached.bind(w.clone()):
+        loss_c, grad_c = (t.clone() for t in cached.value_and_grad(w, idx))
+    with full.bind(w.clone()):
+        loss_f, grad_f = full.value_and_grad(w, idx)
+    assert float(loss_f) > 0
+    assert torch.allclose(loss_c, loss_f, rtol=1e-12, atol=0)
+    assert torch.allclose(grad_c, grad_f, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("api", available_apis())
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_written_out_forward_gives_the_model_loss_and_gradient(api, tiny, tokens_for, n_layers):
+    """A plain model samples through `PlainModel` (fast); the loss and the flat gradient at
+    a moved point equal those of the model's own forward (fast=False)."""
+    model = tiny(api, "mlp", n_layers=n_layers)
+    tokens = tokens_for(model, 30)
+    fast = ModelProblem(model, tokens)
+    slow = ModelProblem(model, tokens, fast=False)
+    assert fast.plain and not slow.plain
+    torch.testing.assert_close(fast.reference, slow.reference, rtol=1e-12, atol=1e-12)
+    w = fast.w_star + 0.05 * torch.randn(
+        fast.n_params, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    idx = torch.arange(0, 30, 3)
+    with fast.bind(w.clone()):
+        loss_f, grad_f = (t.clone() for t in fast.value_and_grad(w, idx))
+    with slow.bind(w.clone()):
+        loss_s, grad_s = slow.value_and_grad(w, idx)
+    assert float(loss_s) > 0
+    torch.testing.assert_close(loss_f, loss_s, rtol=1e-11, atol=0)
+    torch.testing.assert_close(grad_f, grad_s, rtol=1e-9, atol=1e-13)
+    if n_layers == 2 and api == "hooked":  # a late block from the cached residual stream
+        late = ModelProblem(model, tokens, params=r"^blocks\.1\.")
+        late_slow = ModelProblem(model, tokens, params=r"^blocks\.1\.", fast=False)
+        assert late.start_layer == 1 and late.plain
+        v = late.w_star * 1.02
+        with late.bind(v.clone()):
+            a = [t.clone() for t in late.value_and_grad(v, idx)]
+        with late_slow.bind(v.clone()):
+            b = late_slow.value_and_grad(v, idx)
+        torch.testing.assert_close(a[0], b[0], rtol=1e-11, atol=0)
+        torch.testing.assert_close(a[1], b[1], rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.filterwarnings("ignore::tl_degeneracy.engine.degeneracy.llc.SGLDWarning")
+@pytest.mark.parametrize("batched", [True, False])
+def test_progress_bar_counts_every_step_and_leaves_the_result_unchanged(
+    batched, capsys, monkeypatch
+):
+    """`progress=True` draws one tqdm bar over all chains' steps (diverged chains included)
+    and changes nothing else."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    problem = linear_regression_problem(3, n=500)
+    problem.batched = batched
+    if not batched:  # the same loss, one chain at a time
+        inner = problem.loss_fn
+        problem.loss_fn = lambda w, idx: inner(w[None], idx[None])[0]
+    cfg = SGLDConfig(step_size=1e-4, gamma=1.0, n_chains=2, n_steps=30, n_burnin=5, batch_size=50)
+    quiet = estimate_llc(problem, cfg)
+    loud = estimate_llc(problem, cfg, progress=True)
+    err = capsys.readouterr().err
+    assert "SGLD ε=0.0001" in err and "60/60" in err
+    assert torch.equal(quiet.loss_traces, loud.loss_traces)

@@ -1,0 +1,204 @@
+"""Two processes (torchrun, gloo on localhost) give the statistics of one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from support import random_tokens, tiny_config, tiny_model
+
+from tl_degeneracy.engine.compat import available_apis
+from tl_degeneracy.engine.distributed import (
+    DistContext,
+    load_model_file,
+    load_statistics,
+    main,
+    save_model_file,
+    sum_states,
+)
+from tl_degeneracy.engine.jacobians import JacobianConfig, jacobian_gram
+from tl_degeneracy.engine.sections import Section
+from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.engine.statistics import collect_statistics
+
+API = available_apis()[0]
+
+SITES = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post"]
+SECTION = Section(Site("blocks.0.hook_resid_pre"), Site("blocks.0.hook_resid_mid"))
+STOCHASTIC = JacobianConfig(method="stochastic", n_sources=3, seed=5)
+LM_SETTINGS = dict(
+    n_sources=2,
+    batch_rows=5,
+    edge_tokens=40,
+    edge_outputs=3,
+    ablation_tokens=0,
+    seed=1,
+    progress=False,
+    checkpoint_every=1,
+)
+
+WORKER = (
+    textwrap.dedent(
+        """
+    import sys
+    from safetensors.torch import load_file, save_file
+    from tl_degeneracy.engine.distributed import (
+        DistContext, distributed_jacobian_gram, distributed_statistics, load_model_file,
+    )
+    from tl_degeneracy.engine.jacobians import JacobianConfig
+    from tl_degeneracy.engine.sections import Section
+    from tl_degeneracy.engine.sites import Site
+
+    folder, out = sys.argv[1], sys.argv[2]
+    ctx = DistContext.from_env(backend="gloo")
+    assert ctx.world_size == 2, ctx
+    model = load_model_file(folder, api="API_NAME")
+    tokens = load_file(folder + "/tokens.safetensors")["tokens"]
+    sites = SITES_LIST
+    stats = distributed_statistics(model, sites, tokens, batch_size=5, ctx=ctx, progress=False)
+    section = Section(Site(sites[0]), Site(sites[1]))
+    cfg = JacobianConfig(method="stochastic", n_sources=3, seed=5)
+    jg = distributed_jacobian_gram(
+        model, tokens, section, None, cfg, batch_size=5, ctx=ctx, progress=False
+    )
+    state = {**stats.state_dict(), "M/total": jg.total, "M/halves": jg.halves}
+    save_file(state, f"{out}/rank{ctx.rank}.safetensors")
+
+    # the whole LM job, every pass sharded (block-local sections on per-rank stores)
+    from tl_degeneracy.experiments.lm_study import LMFitConfig, fit_lm
+    lm_model = load_model_file(folder + "/ln", api="API_NAME")
+    lm = fit_lm(lm_model, tokens[:, :4], LMFitConfig(**LM_CONFIG), out + f"/work{ctx.world_size}",
+                ctx=ctx, log=lambda s: None)
+    save_file({f"{k}/{n}": b.C.clone() for k in lm.bases for n, b in lm.bases[k].bases.items()}
+              | {f"edges/{n}": e.edges for n, e in lm.edges["lib"].items()},
+              f"{out}/lm_rank{ctx.rank}.safetensors")
+    """
+    )
+    .replace("SITES_LIST", repr(SITES))
+    .replace("API_NAME", API)
+    .replace("LM_CONFIG", "LM_SETTINGS")
+)
+
+
+def _single_process(model, tokens):
+    stats = collect_statistics(model, SITES, tokens, batch_size=5, progress=False)
+    jg = jacobian_gram(model, tokens, SECTION, None, STOCHASTIC, batch_size=5, progress=False)
+    return stats, jg
+
+
+def test_two_processes_equal_one(tmp_path):
+    model = tiny_model(API, "mlp", seed=3)
+    tokens = random_tokens(model, 23, seed=4)  # 5 batches: rank 0 gets 3, rank 1 gets 2
+    save_model_file(model, tiny_config("mlp"), tmp_path / "model")
+    save_file({"tokens": tokens}, str(tmp_path / "model" / "tokens.safetensors"))
+    save_model_file(
+        tiny_model(API, "ln", seed=8, n_layers=2),
+        tiny_config("ln", n_layers=2),
+        tmp_path / "model" / "ln",
+    )
+    (tmp_path / "worker.py").write_text(WORKER.replace("LM_SETTINGS", repr(LM_SETTINGS)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(tmp_path / "worker.py"),
+        str(tmp_path / "model"),
+        str(tmp_path),
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    stats, jg = _single_process(model, tokens)
+    for rank in (0, 1):
+        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        for site in SITES:
+            assert int(got[f"{site}/count"][0]) == stats[site].count == 23 * 4
+            torch.testing.assert_close(got[f"{site}/mean"], stats[site].mean, rtol=1e-12, atol=0)
+            torch.testing.assert_close(got[f"{site}/m2"], stats[site].m2, rtol=1e-12, atol=1e-13)
+        # stochastic sources are seeded by the global batch index: the same draws as one process
+        torch.testing.assert_close(got["M/total"], jg.total, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(got["M/halves"], jg.halves, rtol=1e-12, atol=1e-13)
+
+    from tl_degeneracy.experiments.lm_study import LMFitConfig, fit_lm
+
+    lm_model = load_model_file(tmp_path / "model" / "ln", API)
+    one = fit_lm(lm_model, tokens[:, :4], LMFitConfig(**LM_SETTINGS), None, log=lambda s: None)
+    got = load_file(str(tmp_path / "lm_rank1.safetensors"))
+    assert one.used_store == (API == "hooked")
+    for kind, result in one.bases.items():
+        for name, b in result.bases.items():
+            c = got[f"{kind}/{name}"]
+            torch.testing.assert_close(c * torch.sign((c * b.C).sum(0)), b.C, rtol=1e-8, atol=1e-10)
+    for name, e in one.edges["lib"].items():
+        torch.testing.assert_close(got[f"edges/{name}"], e.edges, rtol=1e-8, atol=1e-12)
+
+
+def test_sharding_is_strided_and_complete():
+    shards = [DistContext(r, 3).shard(8) for r in range(3)]
+    assert shards == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    assert sorted(sum(shards, [])) == list(range(8))
+    assert DistContext(3, 4).shard(2) == []
+
+
+def test_sum_states_treats_missing_keys_as_zero():
+    a = {"count": torch.tensor([2]), "total": torch.ones(2, 2)}
+    b = {"count": torch.tensor([3])}
+    out = sum_states([a, b])
+    assert int(out["count"][0]) == 5
+    torch.testing.assert_close(out["total"], torch.ones(2, 2))
+
+
+def test_entry_point_single_process(tmp_path):
+    model = tiny_model(API, "mlp", seed=3)
+    tokens = random_tokens(model, 9, seed=4)
+    save_model_file(model, tiny_config("mlp"), tmp_path / "m")
+    save_file({"tokens": tokens}, str(tmp_path / "t.safetensors"))
+    lines: list[str] = []
+    rc = main(
+        [
+            "statistics",
+            "--model",
+            str(tmp_path / "m"),
+            "--api",
+            API,
+            "--sites",
+            *SITES,
+            "--tokens-file",
+            str(tmp_path / "t.safetensors"),
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "stats.safetensors"),
+        ],
+        log=lines.append,
+    )
+    assert rc == 0 and "36 tokens" in lines[0]
+    saved = load_statistics(tmp_path / "stats.safetensors")
+    ref = collect_statistics(load_model_file(tmp_path / "m", API), SITES, tokens, 4, progress=False)
+    for site in SITES:
+        torch.testing.assert_close(saved[site].m2, ref[site].m2, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("api", available_apis())
+@pytest.mark.parametrize("kind", ["mlp", "ln"])
+def test_saved_model_round_trips(tmp_path, api, kind):
+    """Also the normalisation weights of a Bridge (compat.hooked_state_dict used to drop them)."""
+    model = tiny_model(api, kind, seed=3, n_layers=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.mul_(1.5).add_(0.1)
+    save_model_file(model, tiny_config(kind, n_layers=2), tmp_path)
+    toks = random_tokens(model, 3)
+    for other in available_apis():
+        again = load_model_file(tmp_path, other)
+        torch.testing.assert_close(again(toks), model(toks))

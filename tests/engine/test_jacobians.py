@@ -1,0 +1,168 @@
+import pytest
+import torch
+
+from tl_degeneracy.engine.compat import available_apis, rebuild
+from tl_degeneracy.engine.jacobians import JacobianConfig, closed_form_kind, jacobian_gram
+from tl_degeneracy.engine.sections import Section, run_section
+from tl_degeneracy.engine.sites import Site
+
+PRE, MID, POST = (
+    Site("blocks.0.hook_resid_pre"),
+    Site("blocks.0.hook_resid_mid", "last"),
+    Site("blocks.0.hook_resid_post", "last"),
+)
+
+
+def brute_force_m_prime(model, toks, section, out_basis=None):
+    """M' from full per-example Jacobians (torch.autograd.functional.jacobian)."""
+    total = 0
+    count = 0
+    for b in range(toks.shape[0]):
+        tok = toks[b : b + 1]
+        with torch.no_grad():
+            x0 = run_section(model, tok, Section(section.inp, section.inp), lambda a: a)
+
+        def f(x, tok=tok):
+            y = run_section(model, tok, section, lambda a: x)
+            return y if out_basis is None else y @ out_basis
+
+        jac = torch.autograd.functional.jacobian(f, x0)  # [1, T, k, 1, P, d]
+        jac = jac[0, :, :, 0]  # [T, k, P, d]
+        for s in range(jac.shape[2]):
+            js = jac[:, :, s, :].reshape(-1, jac.shape[-1])
+            total = total + js.T @ js
+        count += jac.shape[2]
+    return total / count
+
+
+@pytest.mark.parametrize(
+    "section", [Section(PRE, MID), Section(PRE, Site("logits")), Section(MID, POST)]
+)
+def test_exact_matches_brute_force(api, tiny, tokens_for, section):
+    model = tiny(api)
+    toks = tokens_for(model, 6)
+    out_basis = (
+        torch.randn(model.cfg.d_model, 5, dtype=torch.float64)
+        if section.out.hook != "logits"
+        else None
+    )
+    jg = jacobian_gram(
+        model,
+        toks,
+        section,
+        out_basis,
+        JacobianConfig(method="exact", chunk_size=3),
+        batch_size=4,
+        progress=False,
+    )
+    expected = brute_force_m_prime(model, toks, section, out_basis)
+    torch.testing.assert_close(jg.matrix, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "section,kind",
+    [
+        (Section(MID, POST), "relu_mlp"),
+        (Section(Site("blocks.0.hook_resid_post"), Site("logits")), "linear_unembed"),
+        (
+            Section(
+                Site("blocks.0.hook_resid_mid", [1, 3]), Site("blocks.0.hook_resid_post", [0, 3])
+            ),
+            "relu_mlp",
+        ),
+        (Section(PRE, MID), "attention"),
+        (Section(PRE, Site("blocks.0.hook_resid_mid")), "attention"),
+        (
+            Section(
+                Site("blocks.0.hook_resid_pre", [0, 2, 3]), Site("blocks.0.hook_resid_mid", [1, 3])
+            ),
+            "attention",
+        ),
+    ],
+)
+def test_closed_forms_equal_autograd(api, tiny, tokens_for, section, kind):
+    model = tiny(api)
+    assert closed_form_kind(model, section) == kind
+    toks = tokens_for(model, 20)
+    out_basis = (
+        torch.randn(model.cfg.d_model, 6, dtype=torch.float64)
+        if kind in ("relu_mlp", "attention")
+        else None
+    )
+    fast = jacobian_gram(
+        model, toks, section, out_basis, JacobianConfig(method="auto"), progress=False
+    )
+    slow = jacobian_gram(
+        model, toks, section, out_basis, JacobianConfig(method="exact"), progress=False
+    )
+    assert fast.method.startswith("closed_form") and slow.method == "exact"
+    torch.testing.assert_close(fast.matrix, slow.matrix, rtol=1e-11, atol=1e-11)
+
+
+def test_attention_closed_form_in_a_deeper_model(api, tiny, tokens_for):
+    """Block 1 of a two-layer model, raw output coordinates, batches merged."""
+    model = tiny(api, n_layers=2, seed=3)
+    section = Section(Site("blocks.1.hook_resid_pre"), Site("blocks.1.hook_resid_mid"))
+    toks = tokens_for(model, 9)
+    fast = jacobian_gram(model, toks, section, None, batch_size=4, progress=False)
+    slow = jacobian_gram(
+        model, toks, section, None, JacobianConfig(method="exact"), batch_size=4, progress=False
+    )
+    assert fast.method == "closed_form:attention"
+    torch.testing.assert_close(fast.matrix, slow.matrix, rtol=1e-11, atol=1e-11)
+
+
+def test_no_closed_form_with_layernorm(tiny):
+    model = tiny(available_apis()[0], "ln")
+    assert closed_form_kind(model, Section(MID, POST)) is None
+    assert closed_form_kind(model, Section(PRE, MID)) is None
+
+
+@pytest.mark.parametrize("over", ["both", "positions", "units"])
+def test_stochastic_converges_to_exact(api, tiny, tokens_for, over):
+    model = tiny(api)
+    toks = tokens_for(model, 64)
+    section = Section(PRE, Site("blocks.0.hook_resid_post"))
+    exact = jacobian_gram(
+        model, toks, section, None, JacobianConfig(method="exact"), progress=False
+    ).matrix
+    errors = []
+    for r in (1, 8, 64):
+        est = jacobian_gram(
+            model,
+            toks,
+            section,
+            None,
+            JacobianConfig(method="stochastic", n_sources=r, sources_over=over, chunk_size=64),
+            batch_size=16,
+            progress=False,
+        )
+        errors.append(float(torch.linalg.norm(est.matrix - exact) / torch.linalg.norm(exact)))
+    assert errors[2] < errors[1] < errors[0]
+    assert errors[2] < 0.25 * errors[0]  # 1/sqrt(R): 8x fewer errors expected
+    assert errors[2] < 0.05
+
+
+def test_stochastic_is_reproducible_per_batch(api, tiny, tokens_for):
+    model = tiny(api)
+    toks = tokens_for(model, 12)
+    cfg = JacobianConfig(method="stochastic", n_sources=2, seed=3)
+    a = jacobian_gram(model, toks, Section(PRE, MID), None, cfg, batch_size=4, progress=False)
+    b = jacobian_gram(model, toks, Section(PRE, MID), None, cfg, batch_size=4, progress=False)
+    assert torch.equal(a.matrix, b.matrix)
+    assert a.split_half_rel_error > 0
+
+
+@pytest.mark.skipif(len(available_apis()) < 2, reason="HookedTransformer needs TransformerLens < 4")
+def test_both_apis_give_the_same_m_prime(tiny, tokens_for):
+    hooked = tiny("hooked")
+    bridge = rebuild(hooked, "bridge")
+    toks = tokens_for(hooked, 10)
+    for section in (Section(PRE, MID), Section(MID, POST), Section(PRE, Site("logits", "last"))):
+        a = jacobian_gram(
+            hooked, toks, section, None, JacobianConfig(method="exact"), progress=False
+        )
+        b = jacobian_gram(
+            bridge, toks, section, None, JacobianConfig(method="exact"), progress=False
+        )
+        torch.testing.assert_close(a.matrix, b.matrix, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from tl_degeneracy.engine.sites import Site, SiteError, as_site, validate_sites
+
+
+def test_short_forms_and_positions(api, tiny):
+    model = tiny(api)
+    sites = validate_sites(
+        model,
+        [
+            ("resid_pre", 0),
+            (("resid_mid", 0), "last"),
+            ("blocks.0.hook_resid_post", [0, -1]),
+            "logits",
+        ],
+    )
+    assert [s.hook for s in sites] == [
+        "blocks.0.hook_resid_pre",
+        "blocks.0.hook_resid_mid",
+        "blocks.0.hook_resid_post",
+        "logits",
+    ]
+    assert sites[1].positions == "last" and sites[2].positions == (0, -1)
+    assert sites[2].index(4).tolist() == [0, 3]
+    assert sites[1].name == "blocks.0.hook_resid_mid[-1]"
+    assert Site.from_json(sites[2].to_json()) == sites[2]
+
+
+def test_unknown_hook_names_nearest(api, tiny):
+    with pytest.raises(SiteError, match="nearest valid names.*blocks.0.hook_resid_mid"):
+        validate_sites(tiny(api), ["blocks.0.hook_resid_mdi", "logits"])
+
+
+def test_non_cut_site_is_explained(api, tiny):
+    with pytest.raises(SiteError, match="not a cut"):
+        validate_sites(tiny(api), ["blocks.0.mlp.hook_post", "logits"])
+
+
+def test_order_and_logits_last(api, tiny):
+    model = tiny(api)
+    with pytest.raises(SiteError, match="forward order"):
+        validate_sites(model, ["blocks.0.hook_resid_post", "blocks.0.hook_resid_pre"])
+    with pytest.raises(SiteError, match="no sites"):
+        validate_sites(model, [])
+
+
+def test_bad_positions():
+    with pytest.raises(SiteError):
+        Site("blocks.0.hook_resid_pre", "first")
+    with pytest.raises(SiteError, match="out of range"):
+        as_site(("blocks.0.hook_resid_pre", [5])).index(3)
+    assert torch.equal(Site("x", "all").index(3), torch.arange(3))
+
+
+def test_select_all_is_the_activation_itself_and_others_index():
+    act = torch.arange(2 * 4 * 3, dtype=torch.float64).reshape(2, 4, 3)
+    assert Site("blocks.0.hook_resid_pre").select(act) is act  # no copy (read-only)
+    assert torch.equal(Site("blocks.0.hook_resid_pre", "last").select(act), act[:, 3:])
+    assert torch.equal(Site("blocks.0.hook_resid_pre", [0, -1]).select(act), act[:, [0, 3]])

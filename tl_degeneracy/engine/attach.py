@@ -1,0 +1,130 @@
+"""Attach a fitted basis to a model: features become hook points, forward stays exact.
+
+Like an SAE spliced in at a hook point: at each site the activation is mapped to features
+`f̂ = (f − μ) C`, passed through a HookPoint named `{hook}.hook_{kind}_features` (cacheable with
+`run_with_cache`, patchable with `hooks`), and mapped back as `f + (f̂' − f̂) C⁺`, so the forward
+is unchanged unless someone edits the features. Node ablation (method.md §6) keeps the top k
+features: `f ← μ + f̂_{:k} C⁺_{:k}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from tl_degeneracy.engine.bases import SiteBasis
+from tl_degeneracy.engine.compat import (
+    register_hook_point,
+    replace_hooks,
+    run_with_hooks,
+    unregister_hook_point,
+)
+from tl_degeneracy.engine.result import BasisResult
+from tl_degeneracy.engine.sites import Site
+
+
+def feature_hook_name(basis: SiteBasis) -> str:
+    """Name of the hook point carrying a site's features, e.g.
+    `blocks.0.hook_resid_mid.hook_lib_features`."""
+    return f"{basis.site.hook}.hook_{basis.kind}_features"
+
+
+def _site_bases(result: BasisResult | Mapping[str, SiteBasis]) -> list[SiteBasis]:
+    bases = result.bases if isinstance(result, BasisResult) else result
+    return [b for b in bases.values() if not b.site.is_logits and b.kind != "raw"]
+
+
+def _site_hooks(
+    model: nn.Module, basis: SiteBasis, hook_point: HookPoint | None, keep: int | None
+) -> list:
+    site: Site = basis.site
+
+    def transform(act: Tensor) -> Tensor:
+        idx = site.index(act.shape[1]).to(act.device)
+        f = act[:, idx]
+        feats = basis.features(f)
+        if keep is not None:
+            new = basis.mean + feats[..., :keep] @ basis.C_pinv[:keep]
+        else:
+            edited = hook_point(feats) if hook_point is not None else feats
+            if edited is feats:
+                return act
+            new = f.to(torch.float64) + (edited - feats) @ basis.C_pinv
+        return act.index_copy(1, idx, new.to(act.dtype))
+
+    return replace_hooks(model, site.hook, transform)
+
+
+@contextmanager
+def attach(
+    model: nn.Module,
+    result: BasisResult | Mapping[str, SiteBasis],
+    keep: Mapping[str, int] | None = None,
+) -> Iterator[nn.Module]:
+    """Within the block, features at each site are hook points on `model` and, for sites in
+    `keep`, only the top `keep[site]` features survive (node ablation).
+
+    Example:
+        with attach(model, lib):
+            _, cache = model.run_with_cache(tokens)
+        cache["blocks.0.hook_resid_mid.hook_lib_features"]
+    """
+    keep = dict(keep or {})
+    bases = _site_bases(result)
+    unknown = set(keep) - {b.site.name for b in bases}
+    if unknown:
+        raise KeyError(
+            f"cannot ablate at {sorted(unknown)}: sites are {[b.site.name for b in bases]}"
+        )
+    names = []
+    hooks: list = []
+    for b in bases:
+        hp = HookPoint()
+        name = feature_hook_name(b)
+        register_hook_point(model, name, hp)
+        names.append(name)
+        hooks += _site_hooks(model, b, hp, keep.get(b.site.name))
+    hooked: Any = model  # hooks() is a method of either API, not of nn.Module
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(hooked.hooks(fwd_hooks=hooks))
+            yield model
+    finally:
+        for name in names:
+            unregister_hook_point(model, name)
+
+
+@contextmanager
+def ablate_nodes(
+    model: nn.Module, result: BasisResult | Mapping[str, SiteBasis], site: Site | str, k: int
+) -> Iterator[nn.Module]:
+    """Keep only the top `k` features (plus the mean) at `site` inside the block."""
+    name = site.name if isinstance(site, Site) else site
+    with attach(model, result, keep={name: k}):
+        yield model
+
+
+@torch.no_grad()
+def site_features(
+    model: nn.Module,
+    result: BasisResult | Mapping[str, SiteBasis],
+    tokens: Int[Tensor, "batch pos"],
+) -> dict[str, Float[Tensor, "batch site_pos k"]]:
+    """Features at every site of `result` for one batch, keyed by site name (float64)."""
+    bases = _site_bases(result)
+    store: dict[str, Tensor] = {}
+
+    def make_hook(b: SiteBasis):
+        def hook(act: Tensor, hook=None) -> None:
+            store[b.site.name] = b.features(b.site.select(act))
+
+        return hook
+
+    run_with_hooks(model, tokens, [(b.site.hook, make_hook(b)) for b in bases])
+    return store

@@ -1,0 +1,129 @@
+"""Bases at a site (method.md §3): PCA, neuron, LIB/IB, as pure float64 linear algebra.
+
+Row-wise convention: features `f̂ = (f − μ) C`, reconstruction `f ≈ μ + f̂ C⁺`, `C⁺ C = I`,
+columns sorted by importance. LIB: `C = U D^{-1/2} V Λ^{1/2}` where `G = U D Uᵀ` is the site's
+centred Gram and `M = D^{1/2} Uᵀ M' U D^{1/2} = V Λ Vᵀ` the whitened Jacobian Gram.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_degeneracy.engine.linalg import symmetric_eigh
+from tl_degeneracy.engine.sites import Site
+
+BasisKind = Literal["lib", "ib", "pca", "neuron", "raw"]
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """Drop directions with eigenvalue ≤ `absolute` or ≤ `relative` · largest.
+
+    The reference implementation uses absolute 1e-15, relative 0 (the default here, so the
+    modular-addition results reproduce it); relative cut-offs are more robust to rounding in
+    float32 models (see docs/concepts.md).
+    """
+
+    absolute: float = 1e-15
+    relative: float = 0.0
+
+    def keep(self, eigenvalues: Tensor) -> Tensor:
+        """Boolean mask of kept eigenvalues (assumed sorted descending)."""
+        if eigenvalues.numel() == 0:
+            return eigenvalues.bool()
+        top = float(eigenvalues[0])
+        return (eigenvalues > self.absolute) & (eigenvalues > self.relative * top)
+
+    def to_json(self) -> dict:
+        return {"absolute": self.absolute, "relative": self.relative}
+
+
+@dataclass
+class SiteBasis:
+    """A fitted basis at one site: `features = (f − mean) C`, `f ≈ mean + features C_pinv`."""
+
+    site: Site
+    kind: BasisKind
+    C: Float[Tensor, "d k"]
+    C_pinv: Float[Tensor, "k d"]
+    importance: Float[Tensor, " k"]
+    """Λ for LIB/IB, the variance for PCA and neuron bases (kept directions only)."""
+    mean: Float[Tensor, " d"]
+    gram_eigenvalues: Float[Tensor, " d"]
+    """Full spectrum D of the site's centred Gram, descending."""
+    full_spectrum: Float[Tensor, " m"] = field(default_factory=lambda: torch.zeros(0))
+    """Untruncated spectrum of the matrix the basis diagonalises (Λ before truncation)."""
+
+    @property
+    def d(self) -> int:
+        return int(self.C.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.C.shape[1])
+
+    def features(self, act: Float[Tensor, "... d"]) -> Float[Tensor, "... k"]:
+        """Coordinates of activations in this basis (float64)."""
+        return (act.to(torch.float64) - self.mean) @ self.C
+
+    def reconstruct(self, feats: Float[Tensor, "... k"]) -> Float[Tensor, "... d"]:
+        return self.mean + feats.to(torch.float64) @ self.C_pinv
+
+
+def _eigh_desc(m: Tensor) -> tuple[Tensor, Tensor]:
+    evals, evecs = symmetric_eigh(m)
+    return evals.flip(0), evecs.flip(1)
+
+
+def pca_basis(
+    site: Site,
+    mean: Float[Tensor, " d"],
+    gram: Float[Tensor, "d d"],
+    truncation: Truncation = Truncation(),
+) -> SiteBasis:
+    """`C = U` on the kept eigen-directions of the centred Gram, importance = variance."""
+    d_all, u_all = _eigh_desc(gram.to(torch.float64))
+    keep = truncation.keep(d_all)
+    u = u_all[:, keep]
+    return SiteBasis(site, "pca", u, u.T.clone(), d_all[keep], mean.to(torch.float64), d_all, d_all)
+
+
+def neuron_basis(site: Site, mean: Float[Tensor, " d"], gram: Float[Tensor, "d d"]) -> SiteBasis:
+    """The standard basis, columns ordered by each coordinate's variance."""
+    var = torch.diagonal(gram).to(torch.float64)
+    order = torch.argsort(var, descending=True)
+    eye = torch.eye(var.shape[0], dtype=torch.float64)[:, order]
+    d_all, _ = _eigh_desc(gram.to(torch.float64))
+    return SiteBasis(site, "neuron", eye, eye.T.clone(), var[order], mean.to(torch.float64), d_all)
+
+
+def interaction_basis(
+    site: Site,
+    mean: Float[Tensor, " d"],
+    gram: Float[Tensor, "d d"],
+    jacobian_gram: Float[Tensor, "d d"],
+    truncation: Truncation = Truncation(),
+    kind: BasisKind = "lib",
+) -> SiteBasis:
+    """LIB (or IB, when `jacobian_gram` is taken to the final site) from G and M'.
+
+    Centre, project on PCA, whiten, rotate into the eigenbasis of the whitened Jacobian Gram,
+    scale each direction by the root of its importance.
+    """
+    d_all, u_all = _eigh_desc(gram.to(torch.float64))
+    keep = truncation.keep(d_all)
+    u, d = u_all[:, keep], d_all[keep]
+    r_pinv = d.sqrt()[:, None] * u.T  # R⁺ = D^{1/2} Uᵀ
+    m = r_pinv @ jacobian_gram.to(torch.float64) @ r_pinv.T
+    lam_all, v_all = _eigh_desc(m)
+    keep_l = truncation.keep(lam_all)
+    lam, v = lam_all[keep_l], v_all[:, keep_l]
+    r = u / d.sqrt()  # R = U D^{-1/2}
+    c = r @ v * lam.sqrt()
+    c_pinv = (v / lam.sqrt()).T @ r_pinv
+    return SiteBasis(site, kind, c, c_pinv, lam, mean.to(torch.float64), d_all, lam_all)

@@ -1,0 +1,145 @@
+"""The degeneracy report as a job: load a model and its data, build the `DegeneracyReport`,
+write it (JSON + safetensors + HTML + markdown) with its runtime. What `tl-degeneracy
+degeneracy` runs.
+
+Models: a modular-addition checkpoint folder (the reference's `seed0`, the package's own, or
+any folder with `model.safetensors` + `config.json`; data: its training inputs, KL at the last
+position), or `smollm2` (the embedded SmolLM2-135M on the Wikipedia corpus, KL at every
+position; restrict it to one layer with `sections`, e.g. `("blocks.15.mlp",)`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+
+from tl_degeneracy.engine.degeneracy.llc import SGLDConfig
+from tl_degeneracy.engine.degeneracy.report import DegeneracyReport, degeneracy_report
+from tl_degeneracy.engine.degeneracy.sources import SourcesConfig
+
+LANGUAGE_MODELS = ("smollm2",)
+
+
+@dataclass(frozen=True)
+class DegeneracyJobConfig:
+    """What to measure and how; `None` fields take the model kind's default."""
+
+    model: str | None = None
+    """A checkpoint folder, "smollm2", or None for the package's own modular-addition model."""
+    api: Literal["auto", "hooked", "bridge"] = "auto"
+    sections: tuple[str, ...] | None = None
+    llc: Literal["all", "total", "none"] = "all"
+    eps: float | None = None
+    """Cutoff; default 1e-10 (float64 modular addition) or 1e-6 (float32 language model)."""
+    cutoff: Literal["relative", "absolute"] = "relative"
+    n_data: int | None = None
+    """Data points (sequences); default: all training inputs, or 64 rows of a language model."""
+    seq_len: int = 32
+    """Tokens per row of a language model (BOS first)."""
+    n_probes: int = 16
+    """Rademacher probes per sequence for the gradient source of wide outputs."""
+    step_size: float = 1e-4
+    gamma: float = 100.0
+    nbeta: float | None = None
+    """nβ; default n / log n."""
+    chains: int = 4
+    steps: int = 400
+    burnin: int = 100
+    batch_size: int = 512
+    seed: int = 0
+    sensitivity_step_sizes: tuple[float, ...] = ()
+    """Re-estimate the total's λ̂ at these step sizes (empty: no sensitivity grid)."""
+    sensitivity_nbetas: tuple[float | None, ...] = (None,)
+    """... at each of these nβ (None: n / log n)."""
+    progress: bool = True
+    """tqdm bars for the SGLD runs."""
+
+
+def load_target(
+    config: DegeneracyJobConfig,
+) -> tuple[nn.Module, Int[Tensor, "n pos"], Literal["last", "all"]]:
+    """The model (float64 for modular addition, float32 for a language model), its data and
+    the positions the behavioural loss reads."""
+    if config.model in LANGUAGE_MODELS:
+        from tl_degeneracy.models.corpus import load_corpus
+        from tl_degeneracy.models.smollm2.loader import load_smollm2, load_smollm2_tokenizer
+
+        model = load_smollm2(api=config.api, dtype=torch.float32)
+        rows = load_corpus(load_smollm2_tokenizer())
+        n = config.n_data or 64
+        return model, rows[:n, : config.seq_len].clone(), "all"
+    from tl_degeneracy.models.modadd.checkpoints import ModAddCheckpoint
+
+    ckpt = ModAddCheckpoint.open(config.model)
+    model = ckpt.model(api=config.api, dtype=torch.float64)
+    dataset = ckpt.dataset()
+    tokens = dataset.tokens[dataset.train_indices]
+    if config.n_data is not None:
+        tokens = tokens[: config.n_data]
+    return model, tokens, "last"
+
+
+def run_degeneracy_job(config: DegeneracyJobConfig, out: str | Path) -> DegeneracyReport:
+    """Build the report and write `report.json`, `report.safetensors`, `report.html`,
+    `report.md` and `job.json` (settings, wall and CPU time) under `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    wall, cpu = time.perf_counter(), time.process_time()
+    model, tokens, positions = load_target(config)
+    lm = config.model in LANGUAGE_MODELS
+    eps = config.eps if config.eps is not None else (1e-6 if lm else 1e-10)
+    sources = SourcesConfig(
+        eps=eps,
+        cutoff=config.cutoff,
+        positions=positions,
+        n_probes=config.n_probes,
+        batch_size=8 if lm else 512,
+        seed=config.seed,
+    )
+    beta = None if config.nbeta is None else config.nbeta / tokens.shape[0]
+    sgld = SGLDConfig(
+        step_size=config.step_size,
+        gamma=config.gamma,
+        beta=beta,
+        n_chains=config.chains,
+        n_steps=config.steps,
+        n_burnin=config.burnin,
+        batch_size=config.batch_size,
+        seed=config.seed,
+    )
+    loaded = time.perf_counter() - wall
+    report = degeneracy_report(
+        model,
+        tokens,
+        sources,
+        sgld,
+        llc=config.llc,
+        sections=config.sections,
+        sgld_dtype=None if lm else torch.float32,
+        sensitivity_step_sizes=config.sensitivity_step_sizes,
+        sensitivity_nbetas=config.sensitivity_nbetas,
+        progress=config.progress,
+    )
+    report.save(out / "report")
+    report.save_html(out / "report.html")
+    (out / "report.md").write_text(report.to_markdown())
+    timing: dict[str, Any] = {
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "load_s": loaded,
+        "sgld_s": {s.name: s.llc.seconds for s in [*report.sections, report.total] if s.llc},
+        "sensitivity_s": [r.seconds for r in report.sensitivity],
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
+    }
+    job = {"config": asdict(config), "eps": eps, "timing": timing}
+    (out / "job.json").write_text(json.dumps(job, indent=1))
+    return report
