@@ -22,7 +22,7 @@ import torch
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.jacobians import JacobianConfig, jacobian_gram
 from tl_degeneracy.engine.sections import Section
-from tl_degeneracy.experiments.modadd_fit import REFERENCE_SITES
+from tl_degeneracy.models.modadd.sites import REFERENCE_SITES
 from tl_degeneracy.models.modadd.checkpoints import ModAddCheckpoint, default_checkpoint_dir
 
 

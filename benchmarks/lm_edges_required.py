@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from tl_degeneracy.engine.ablation import evaluate, next_token_loss
-from tl_degeneracy.engine.result import BasisResult
+from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.experiments.lm_edges_required import TopOutputAblator, top_output_edges_required
 from tl_degeneracy.models import load_corpus, load_smollm2
 

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from tl_degeneracy.engine.result import BasisResult  # noqa: E402
+from tl_degeneracy.engine.basis_result import BasisResult  # noqa: E402
 from tl_degeneracy.viz import plot_ablation_curves, plot_spectra, save_figure  # noqa: E402
 
 

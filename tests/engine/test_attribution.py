@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -15,21 +14,19 @@ import torch
 from scipy import stats
 from support import random_tokens, tiny_model
 
-from tl_degeneracy.engine import attribution
 from tl_degeneracy.engine.attribution import (
     AttributionComparison,
     compare_attribution,
     feature_patching_effects,
     format_correlation_table,
-    modadd_attribution_demo,
     site_gradients,
     site_patching_effect,
     spearman,
     tl_site_attribution,
 )
+from tl_degeneracy.engine.attribution import gradients as attribution
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.sites import Site
-from tl_degeneracy.models.modadd import list_reference_checkpoints
 
 SITES = (
     Site("blocks.0.hook_resid_pre"),
@@ -263,26 +260,3 @@ def test_format_correlation_table(api, tiny, tokens_for):
     text = format_correlation_table({"lib": comparison})
     assert text.count("\n") == 1 + len(comparison.sites)
     assert "| LIB | `blocks.0.hook_resid_mid` |" in text
-
-
-@pytest.mark.slow
-def test_modadd_demonstration():
-    """LIB and PCA on the trained p = 113 model: per-feature attribution against patching and Λ
-    at resid_mid[-1] and resid_post[-1] (printed; docs/attribution.md holds a measured table)."""
-    seed0 = [p for p in list_reference_checkpoints() if p.name == "seed0"]
-    if not seed0:
-        pytest.skip("reference modular-addition checkpoint seed0 not found (../shared)")
-    start = time.perf_counter()
-    comparisons = modadd_attribution_demo(seed0[0], n_pairs=128, seed=0)
-    print()
-    print(format_correlation_table(comparisons))
-    print(format_correlation_table(comparisons, top=20))
-    print(f"total {time.perf_counter() - start:.1f} s")
-    for kind, comparison in comparisons.items():
-        assert comparison.clean_metric > comparison.corrupted_metric
-        for name, sa in comparison.sites.items():
-            assert sa.tl_relative_difference < 1e-6, (kind, name)
-            assert sa.gap == pytest.approx(sa.site_attribution - sa.feature_sum)
-            if name.startswith("blocks.0.hook_resid_post"):
-                # the rest of the model is the linear unembedding: first order is exact
-                torch.testing.assert_close(sa.attribution, sa.patching, rtol=1e-8, atol=1e-9)

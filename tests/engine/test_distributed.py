@@ -7,24 +7,17 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support import random_tokens, tiny_config, tiny_model
 
 from tl_degeneracy.engine.compat import available_apis
-from tl_degeneracy.engine.distributed import (
-    DistContext,
-    load_model_file,
-    load_statistics,
-    main,
-    save_model_file,
-    sum_states,
-)
+from tl_degeneracy.engine.distributed import DistContext, sum_states
 from tl_degeneracy.engine.jacobians import JacobianConfig, jacobian_gram
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import Site
 from tl_degeneracy.engine.statistics import collect_statistics
+from tl_degeneracy.models.files import load_model_file, save_model_file
 
 API = available_apis()[0]
 
@@ -47,10 +40,10 @@ WORKER = (
         """
     import sys
     from safetensors.torch import load_file, save_file
-    from tl_degeneracy.engine.distributed import (
-        DistContext, distributed_jacobian_gram, distributed_statistics, load_model_file,
-    )
-    from tl_degeneracy.engine.jacobians import JacobianConfig
+    from tl_degeneracy.engine.distributed import DistContext
+    from tl_degeneracy.engine.jacobians import JacobianConfig, jacobian_gram
+    from tl_degeneracy.engine.statistics import collect_statistics
+    from tl_degeneracy.models.files import load_model_file
     from tl_degeneracy.engine.sections import Section
     from tl_degeneracy.engine.sites import Site
 
@@ -60,12 +53,10 @@ WORKER = (
     model = load_model_file(folder, api="API_NAME")
     tokens = load_file(folder + "/tokens.safetensors")["tokens"]
     sites = SITES_LIST
-    stats = distributed_statistics(model, sites, tokens, batch_size=5, ctx=ctx, progress=False)
+    stats = collect_statistics(model, sites, tokens, batch_size=5, progress=False, ctx=ctx)
     section = Section(Site(sites[0]), Site(sites[1]))
     cfg = JacobianConfig(method="stochastic", n_sources=3, seed=5)
-    jg = distributed_jacobian_gram(
-        model, tokens, section, None, cfg, batch_size=5, ctx=ctx, progress=False
-    )
+    jg = jacobian_gram(model, tokens, section, None, cfg, batch_size=5, progress=False, ctx=ctx)
     state = {**stats.state_dict(), "M/total": jg.total, "M/halves": jg.halves}
     save_file(state, f"{out}/rank{ctx.rank}.safetensors")
 
@@ -155,50 +146,3 @@ def test_sum_states_treats_missing_keys_as_zero():
     out = sum_states([a, b])
     assert int(out["count"][0]) == 5
     torch.testing.assert_close(out["total"], torch.ones(2, 2))
-
-
-def test_entry_point_single_process(tmp_path):
-    model = tiny_model(API, "mlp", seed=3)
-    tokens = random_tokens(model, 9, seed=4)
-    save_model_file(model, tiny_config("mlp"), tmp_path / "m")
-    save_file({"tokens": tokens}, str(tmp_path / "t.safetensors"))
-    lines: list[str] = []
-    rc = main(
-        [
-            "statistics",
-            "--model",
-            str(tmp_path / "m"),
-            "--api",
-            API,
-            "--sites",
-            *SITES,
-            "--tokens-file",
-            str(tmp_path / "t.safetensors"),
-            "--batch-size",
-            "4",
-            "--out",
-            str(tmp_path / "stats.safetensors"),
-        ],
-        log=lines.append,
-    )
-    assert rc == 0 and "36 tokens" in lines[0]
-    saved = load_statistics(tmp_path / "stats.safetensors")
-    ref = collect_statistics(load_model_file(tmp_path / "m", API), SITES, tokens, 4, progress=False)
-    for site in SITES:
-        torch.testing.assert_close(saved[site].m2, ref[site].m2, rtol=1e-12, atol=1e-13)
-
-
-@pytest.mark.parametrize("api", available_apis())
-@pytest.mark.parametrize("kind", ["mlp", "ln"])
-def test_saved_model_round_trips(tmp_path, api, kind):
-    """Also the normalisation weights of a Bridge (compat.hooked_state_dict used to drop them)."""
-    model = tiny_model(api, kind, seed=3, n_layers=2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln" in name:
-                p.mul_(1.5).add_(0.1)
-    save_model_file(model, tiny_config(kind, n_layers=2), tmp_path)
-    toks = random_tokens(model, 3)
-    for other in available_apis():
-        again = load_model_file(tmp_path, other)
-        torch.testing.assert_close(again(toks), model(toks))

@@ -1,10 +1,11 @@
+import copy
 import json
 
 import pytest
 import torch
 
+from tl_degeneracy.engine.basis_result import ArtifactError, BasisResult
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
-from tl_degeneracy.engine.result import ArtifactError, BasisResult
 from tl_degeneracy.engine.sites import Site
 
 SITES = (Site("blocks.0.hook_resid_mid", "last"), Site("logits", "last"))
@@ -42,7 +43,7 @@ def test_save_load_round_trip(fitted, tmp_path):
 def test_loading_onto_the_wrong_model_fails(fitted, tiny, tmp_path, api):
     _, result = fitted
     result.save(tmp_path / "lib")
-    with pytest.raises(ArtifactError, match="weight_digest"):
+    with pytest.raises(ArtifactError, match="other weights"):
         BasisResult.load(tmp_path / "lib", tiny(api, seed=7))
     with pytest.raises(ArtifactError, match="d_model"):
         BasisResult.load(tmp_path / "lib", tiny(api, d_model=12, d_head=6))
@@ -70,3 +71,23 @@ def test_html_renders_offline(fitted, tmp_path):
     assert "<table" in page and "data:image/png;base64" in page
     assert 'src="http' not in page and "src='http" not in page
     assert "<table" in result._repr_html_()
+
+
+def test_every_weight_is_checked_and_dtype_or_device_changes_are_accepted(fitted, tmp_path):
+    """A change of one block weight (not the embeddings) is refused, naming the weight; the same
+    weights in float32 load (results are float64 and move where they are used)."""
+    model, result = fitted
+    result.save(tmp_path / "lib")
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        dict(changed.named_parameters())[_a_block_weight(changed)].mul_(1.001)
+    with pytest.raises(ArtifactError, match="blocks.0"):
+        BasisResult.load(tmp_path / "lib", changed)
+    as_float32 = copy.deepcopy(model).to(torch.float32)
+    loaded = BasisResult.load(tmp_path / "lib", as_float32)
+    torch.testing.assert_close(loaded.bases[result.sites[0].name].C, result.bases[result.sites[0].name].C)
+
+
+def _a_block_weight(model) -> str:
+    """The first MLP weight matrix, by its name on either API."""
+    return next(n for n, p in model.named_parameters() if "mlp" in n and p.ndim >= 2)

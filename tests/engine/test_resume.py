@@ -18,11 +18,11 @@ from safetensors.torch import save_file
 from support import random_tokens, tiny_config, tiny_model
 
 from tl_degeneracy.engine import streaming
+from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.compat import available_apis
-from tl_degeneracy.engine.distributed import load_model_file, save_model_file
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.jacobians import JacobianConfig
-from tl_degeneracy.engine.result import BasisResult
+from tl_degeneracy.models.files import load_model_file, save_model_file
 
 API = available_apis()[0]
 SITES = (
@@ -40,7 +40,7 @@ FIT = (
         """
     import sys, time
     from safetensors.torch import load_file
-    from tl_degeneracy.engine.distributed import load_model_file
+    from tl_degeneracy.models.files import load_model_file
     from tl_degeneracy.engine.fit import LIBConfig, fit_basis
     from tl_degeneracy.engine.jacobians import JacobianConfig
 

@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from tl_degeneracy.engine.sites import Site, SiteError, as_site, validate_sites
+from tl_degeneracy.engine.capture import capture_sites
+from tl_degeneracy.engine.sites import (
+    Site,
+    SiteError,
+    as_site,
+    carry_hook,
+    site_parts,
+    validate_sites,
+)
 
 
 def test_short_forms_and_positions(api, tiny):
@@ -33,8 +41,42 @@ def test_unknown_hook_names_nearest(api, tiny):
 
 
 def test_non_cut_site_is_explained(api, tiny):
-    with pytest.raises(SiteError, match="not a cut"):
-        validate_sites(tiny(api), ["blocks.0.mlp.hook_post", "logits"])
+    with pytest.raises(SiteError, match="not a cut.*mlp.hook_post"):
+        validate_sites(tiny(api), ["blocks.0.hook_mlp_out", "logits"])
+
+
+def test_composite_sites_and_their_parts(api, tiny):
+    model = tiny(api, n_layers=2)
+    sites = validate_sites(
+        model, [("resid_pre", 0), ("z", 0), ("resid_mid", 0), ("mlp_post", 0), ("resid_pre", 1)]
+    )
+    assert [s.hook for s in sites][1:4] == [
+        "blocks.0.attn.hook_z",
+        "blocks.0.hook_resid_mid",
+        "blocks.0.mlp.hook_post",
+    ]
+    assert site_parts(model, sites[1]) == ("blocks.0.attn.hook_z", "blocks.0.hook_resid_pre")
+    assert site_parts(model, sites[3]) == ("blocks.0.mlp.hook_post", "blocks.0.hook_resid_mid")
+    assert carry_hook(model, sites[1]) == "blocks.0.hook_resid_mid"
+    assert carry_hook(model, sites[3]) == "blocks.0.hook_resid_post"
+    (act,) = capture_sites(model, torch.zeros(2, 4, dtype=torch.long), [sites[3]])
+    assert act.shape == (2, 4, model.cfg.d_mlp + model.cfg.d_model)
+    with pytest.raises(SiteError, match="forward order"):
+        validate_sites(model, [("mlp_post", 0), ("resid_mid", 0)])
+
+
+def test_sites_of_a_deeper_model_name_the_layer_count(api, tiny):
+    with pytest.raises(SiteError, match="has 1 layers"):
+        validate_sites(tiny(api), ["blocks.3.hook_resid_pre", "logits"])
+
+
+def test_slice_positions():
+    site = Site("blocks.0.hook_resid_pre", "1:")
+    assert site.name == "blocks.0.hook_resid_pre[1:]"
+    assert site.index(4).tolist() == [1, 2, 3]
+    assert Site.from_json(site.to_json()) == site
+    with pytest.raises(SiteError, match="no positions"):
+        site.index(1)
 
 
 def test_order_and_logits_last(api, tiny):

@@ -166,7 +166,7 @@ def test_edges_equal_core_section_edges(fits):
 
 
 def test_artifacts_and_report(fits, tmp_path):
-    from tl_degeneracy.engine.result import BasisResult
+    from tl_degeneracy.engine.basis_result import BasisResult
 
     _, _, fast, _ = fits
     out = write_lm_fit(fast, tmp_path)

@@ -1,4 +1,5 @@
-"""Node ablation curves (method.md §6): keep the top k features at a site, score the model.
+"""Node ablation curves (docs/concepts.md, "Ablations"): keep the top k features at a site,
+score the model.
 
 A metric maps `(logits, tokens)` of a batch to one score per sequence (accuracy, negative
 loss, ...); scores are averaged over the data. `min_k` is the smallest k from which on the
@@ -10,20 +11,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.attach import ablate_nodes
+from tl_degeneracy.engine.artifacts import Result
 from tl_degeneracy.engine.bases import SiteBasis
-from tl_degeneracy.engine.plain_forward import PlainTail
-from tl_degeneracy.engine.result import BasisResult
-from tl_degeneracy.engine.sites import Site
-from tl_degeneracy.engine.statistics import capture_sites
+from tl_degeneracy.engine.basis_result import BasisResult
+from tl_degeneracy.engine.capture import capture_sites, injection_hooks
+from tl_degeneracy.engine.compat import run_with_hooks
+from tl_degeneracy.engine.sections import Section
+from tl_degeneracy.engine.sites import LOGITS, Site
 from tl_degeneracy.engine.streaming import iter_batches
-from tl_degeneracy.viz.html import HtmlReprMixin
 
 Metric = Callable[
     [Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]], Float[Tensor, " batch"]
@@ -70,7 +72,7 @@ def ablation_schedule(k_max: int, dense_up_to: int = 10, growth: float = 1.05) -
 def evaluate(model: nn.Module, tokens: Tensor, metric: Metric, batch_size: int = 1024) -> float:
     """Mean of `metric` over the data."""
     total, n = 0.0, 0
-    for batch in iter_batches(tokens, batch_size):
+    for batch in iter_batches(tokens, batch_size, model):
         scores = metric(model(batch), batch)
         total += float(scores.sum())
         n += int(scores.numel())
@@ -78,7 +80,7 @@ def evaluate(model: nn.Module, tokens: Tensor, metric: Metric, batch_size: int =
 
 
 @dataclass
-class AblationCurve(HtmlReprMixin):
+class AblationCurve(Result):
     """Score against the number of kept features at one site."""
 
     site: str
@@ -87,6 +89,9 @@ class AblationCurve(HtmlReprMixin):
     baseline: float
     higher_is_better: bool = True
     extra: dict = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    ARTIFACT = "ablation_curve"
 
     def min_k(self, tolerance: float) -> int | None:
         """Smallest k such that every evaluated k' ≥ k scores within `tolerance` of baseline."""
@@ -105,8 +110,35 @@ class AblationCurve(HtmlReprMixin):
             "site": self.site,
             "kind": self.kind,
             "baseline": self.baseline,
+            "higher_is_better": self.higher_is_better,
             "scores": {str(k): v for k, v in sorted(self.scores.items())},
         }
+
+    @classmethod
+    def from_json(cls, d: dict, metadata: dict | None = None) -> AblationCurve:
+        scores = {int(k): float(v) for k, v in d["scores"].items()}
+        return cls(
+            d["site"],
+            d["kind"],
+            scores,
+            d["baseline"],
+            d.get("higher_is_better", True),
+            metadata=metadata or {},
+        )
+
+    def _tensors(self) -> dict[str, Tensor]:
+        ks = sorted(self.scores)
+        return {
+            "k": torch.tensor(ks, dtype=torch.int64),
+            "score": torch.tensor([self.scores[k] for k in ks], dtype=torch.float64),
+        }
+
+    def _metadata(self) -> dict[str, Any]:
+        return {**self.metadata, **self.to_json()}
+
+    @classmethod
+    def _from_artifact(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> AblationCurve:
+        return cls.from_json(meta, meta)
 
     def _html_sections(self) -> list:
         from tl_degeneracy.viz.html import PageSection, table
@@ -132,35 +164,62 @@ def node_ablation_curve(
     ks: Sequence[int] | None = None,
     batch_size: int = 1024,
     higher_is_better: bool = True,
-    fast: bool = True,
 ) -> AblationCurve:
     """Score the model with only the top k features kept at `site`, for each k.
 
-    With `fast` (the default), a site of the last layer of a plain model (see
-    `plain_forward`) and a metric that reads only the last position, every k is scored from
-    one capture of the site: the kept features' contributions are summed in float64 and only
-    the last layer is re-run at the last position. Otherwise the model runs once per k with
-    the site's hook rewritten.
+    The site is captured once per batch. When the rest of the model from the site has a
+    written-out structure (`structures.structure_of`: a site of the last block of a model
+    without normalisation) and the metric reads only the last position, every k is scored
+    from that capture, re-running only the last layer at the last position; otherwise the
+    model runs once per k with the kept features written at the site.
     """
+    from tl_degeneracy.engine.structures import PlainTailStructure, structure_of
+
     bases = result.bases if isinstance(result, BasisResult) else result
     basis = bases[site]
     ks = list(ks) if ks is not None else ablation_schedule(basis.k)
     baseline = evaluate(model, tokens, metric, batch_size)
-    tail = PlainTail.of(model) if fast and reads_last_position_only(metric) else None
-    if tail is not None and tail.stage(basis.site.hook) in ("pre", "mid", "post"):
-        scores = _plain_node_scores(model, tail, basis, tokens, metric, ks, batch_size)
-        return AblationCurve(site, basis.kind, scores, baseline, higher_is_better)
-    scores = {}
-    for k in ks:
-        with ablate_nodes(model, bases, site, min(k, basis.k)):
-            scores[k] = evaluate(model, tokens, metric, batch_size)
-    return AblationCurve(site, basis.kind, scores, baseline, higher_is_better)
+    meta = dict(result.metadata) if isinstance(result, BasisResult) else {}
+    if reads_last_position_only(metric):
+        tail = structure_of(model, Section(basis.site.with_positions("all"), Site(LOGITS, "last")))
+        if isinstance(tail, PlainTailStructure):
+            scores = _plain_node_scores(model, tail.tail, basis, tokens, metric, ks, batch_size)
+            return AblationCurve(
+                site, basis.kind, scores, baseline, higher_is_better, metadata=meta
+            )
+    scores = _written_node_scores(model, basis, tokens, metric, ks, batch_size)
+    return AblationCurve(site, basis.kind, scores, baseline, higher_is_better, metadata=meta)
+
+
+@torch.no_grad()
+def _written_node_scores(
+    model: nn.Module,
+    basis: SiteBasis,
+    tokens: Tensor,
+    metric: Metric,
+    ks: Sequence[int],
+    batch_size: int,
+) -> dict[int, float]:
+    """Scores with `μ + f̂_{:k} C⁺_{:k}` written at the site, one forward per k and batch."""
+    totals = dict.fromkeys(ks, 0.0)
+    count = 0
+    for batch in iter_batches(tokens, batch_size, model):
+        (act,) = capture_sites(model, batch, [basis.site])
+        b = basis.to(act.device)
+        feats = b.features(act)
+        for k in sorted(totals):
+            kk = min(k, b.k)
+            kept = b.mean + feats[..., :kk] @ b.C_pinv[:kk]
+            logits = run_with_hooks(model, batch, injection_hooks(model, b.site, kept))
+            totals[k] += float(metric(logits, batch).sum())
+        count += batch.shape[0]
+    return {k: v / count for k, v in totals.items()}
 
 
 @torch.no_grad()
 def _plain_node_scores(
     model: nn.Module,
-    tail: PlainTail,
+    tail: Any,
     basis: SiteBasis,
     tokens: Int[Tensor, "n pos"],
     metric: Metric,
@@ -179,11 +238,12 @@ def _plain_node_scores(
     totals = dict.fromkeys(ks, 0.0)
     count = 0
     full = Site(site.hook, "all")
-    for batch in iter_batches(tokens, batch_size):
+    for batch in iter_batches(tokens, batch_size, model):
         (act,) = capture_sites(model, batch, [full])
         act = act.to(torch.float64)
+        basis = basis.to(act.device)
         n_pos = batch.shape[1]
-        idx = site.index(n_pos)
+        idx = site.index(n_pos, act.device)
         last = n_pos - 1
         feats = basis.features(act[:, idx])  # [B, P, k]
         slot = (idx == last).nonzero()[:, 0]  # the last position's slot in the selection

@@ -3,8 +3,9 @@
 Like an SAE spliced in at a hook point: at each site the activation is mapped to features
 `f̂ = (f − μ) C`, passed through a HookPoint named `{hook}.hook_{kind}_features` (cacheable with
 `run_with_cache`, patchable with `hooks`), and mapped back as `f + (f̂' − f̂) C⁺`, so the forward
-is unchanged unless someone edits the features. Node ablation (method.md §6) keeps the top k
-features: `f ← μ + f̂_{:k} C⁺_{:k}`.
+is unchanged unless someone edits the features. Node ablation (docs/concepts.md, "Ablations")
+keeps the top k features: `f ← μ + f̂_{:k} C⁺_{:k}`. Sites are read and written through
+`engine.capture`, so composite MLP and attention sites work like residual ones.
 """
 
 from __future__ import annotations
@@ -19,13 +20,9 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from tl_degeneracy.engine.bases import SiteBasis
-from tl_degeneracy.engine.compat import (
-    register_hook_point,
-    replace_hooks,
-    run_with_hooks,
-    unregister_hook_point,
-)
-from tl_degeneracy.engine.result import BasisResult
+from tl_degeneracy.engine.basis_result import BasisResult
+from tl_degeneracy.engine.capture import capture_sites, transform_hooks
+from tl_degeneracy.engine.compat import register_hook_point, unregister_hook_point
 from tl_degeneracy.engine.sites import Site
 
 
@@ -43,22 +40,17 @@ def _site_bases(result: BasisResult | Mapping[str, SiteBasis]) -> list[SiteBasis
 def _site_hooks(
     model: nn.Module, basis: SiteBasis, hook_point: HookPoint | None, keep: int | None
 ) -> list:
-    site: Site = basis.site
-
-    def transform(act: Tensor) -> Tensor:
-        idx = site.index(act.shape[1]).to(act.device)
-        f = act[:, idx]
-        feats = basis.features(f)
+    def transform(f: Tensor) -> Tensor | None:
+        b = basis.to(f.device)
+        feats = b.features(f)
         if keep is not None:
-            new = basis.mean + feats[..., :keep] @ basis.C_pinv[:keep]
-        else:
-            edited = hook_point(feats) if hook_point is not None else feats
-            if edited is feats:
-                return act
-            new = f.to(torch.float64) + (edited - feats) @ basis.C_pinv
-        return act.index_copy(1, idx, new.to(act.dtype))
+            return b.mean + feats[..., :keep] @ b.C_pinv[:keep]
+        edited = hook_point(feats) if hook_point is not None else feats
+        if edited is feats:
+            return None
+        return f.to(torch.float64) + (edited - feats) @ b.C_pinv
 
-    return replace_hooks(model, site.hook, transform)
+    return transform_hooks(model, basis.site, transform)
 
 
 @contextmanager
@@ -118,13 +110,5 @@ def site_features(
 ) -> dict[str, Float[Tensor, "batch site_pos k"]]:
     """Features at every site of `result` for one batch, keyed by site name (float64)."""
     bases = _site_bases(result)
-    store: dict[str, Tensor] = {}
-
-    def make_hook(b: SiteBasis):
-        def hook(act: Tensor, hook=None) -> None:
-            store[b.site.name] = b.features(b.site.select(act))
-
-        return hook
-
-    run_with_hooks(model, tokens, [(b.site.hook, make_hook(b)) for b in bases])
-    return store
+    acts = capture_sites(model, tokens, [b.site for b in bases])
+    return {b.site.name: b.features(act) for b, act in zip(bases, acts)}

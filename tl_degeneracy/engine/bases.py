@@ -7,7 +7,7 @@ centred Gram and `M = D^{1/2} Uᵀ M' U D^{1/2} = V Λ Vᵀ` the whitened Jacobi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import torch
@@ -68,11 +68,35 @@ class SiteBasis:
         return int(self.C.shape[1])
 
     def features(self, act: Float[Tensor, "... d"]) -> Float[Tensor, "... k"]:
-        """Coordinates of activations in this basis (float64)."""
-        return (act.to(torch.float64) - self.mean) @ self.C
+        """Coordinates of activations in this basis (float64, on the activations' device)."""
+        b = self.to(act.device)
+        return (act.to(torch.float64) - b.mean) @ b.C
 
     def reconstruct(self, feats: Float[Tensor, "... k"]) -> Float[Tensor, "... d"]:
-        return self.mean + feats.to(torch.float64) @ self.C_pinv
+        """Activations from coordinates (float64, on the coordinates' device)."""
+        b = self.to(feats.device)
+        return b.mean + feats.to(torch.float64) @ b.C_pinv
+
+    def to(self, device: torch.device | str) -> SiteBasis:
+        """This basis with its tensors on `device` (itself when they are there already)."""
+        device = torch.device(device)
+        if self.C.device == device:
+            return self
+        return replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in fields(self)
+                if f.name != "site" and f.name != "kind"
+            },
+        )
+
+    def truncated(self, k: int) -> SiteBasis:
+        """The basis restricted to its `k` most important features."""
+        k = min(k, self.k)
+        return replace(
+            self, C=self.C[:, :k], C_pinv=self.C_pinv[:k], importance=self.importance[:k]
+        )
 
 
 def _eigh_desc(m: Tensor) -> tuple[Tensor, Tensor]:

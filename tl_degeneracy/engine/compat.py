@@ -386,6 +386,8 @@ def weight_processing(model: nn.Module) -> dict[str, Any]:
     explicit = getattr(model, "tl_degeneracy_weight_processing", None)
     if explicit is not None:
         return dict(explicit)
+    if not is_transformer(model):
+        return {}
     cfg = model_cfg(model)
     return {
         "fold_ln": str(getattr(cfg, "normalization_type", None)).endswith("Pre"),
@@ -396,7 +398,14 @@ def weight_processing(model: nn.Module) -> dict[str, Any]:
 
 
 def model_identity(model: nn.Module) -> dict[str, Any]:
-    """Config fields and a weight digest that identify a model; saved with every result."""
+    """Config fields and a digest of every weight that identify a model; saved with every
+    result, so that a result refuses a model it was not computed on."""
+    if not is_transformer(model):
+        return {
+            "model_name": type(model).__name__,
+            "api": "module",
+            "weight_digest": weight_digest(model),
+        }
     cfg = model_cfg(model)
     fields = {
         k: getattr(cfg, k, None)
@@ -418,15 +427,19 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
 
 
 def weight_digest(model: nn.Module) -> str:
-    """A short digest of the weights, stable across the two APIs and across dtypes.
+    """A digest of every weight, stable across the two APIs and across dtypes and devices.
 
-    Uses the embedding and unembedding, rounded to 5 significant digits, so that the same
-    weights held in float32 or float64, as a HookedTransformer or a Bridge, agree.
+    Per tensor (HookedTransformer names and layouts on either API) four sums rounded to 5
+    significant digits, so that the same weights held in float32 or float64, on any device,
+    as a HookedTransformer or a Bridge, agree, and a change of any block's weights shows.
     """
     h = hashlib.sha256()
-    hooked: Any = model  # W_E and W_U are properties of either API, not of nn.Module
-    for key, weight in (("W_E", hooked.W_E), ("W_U", hooked.W_U)):
-        t = weight.detach().to(torch.float64).flatten()
+    state = hooked_state_dict(model) if is_transformer(model) else model.state_dict()
+    for key in sorted(state):
+        t = state[key].detach()
+        if not t.is_floating_point():
+            continue
+        t = t.flatten().to(torch.float64)
         stats = torch.stack([t.sum(), t.abs().sum(), (t * t).sum(), t[: min(64, t.numel())].sum()])
         h.update(key.encode())
         h.update(" ".join(f"{x:.5g}" for x in stats.tolist()).encode())
@@ -436,6 +449,28 @@ def weight_digest(model: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------
 # Typed access to attributes both APIs have but nn.Module does not declare
 # ---------------------------------------------------------------------------------------------
+
+
+def is_transformer(model: nn.Module) -> bool:
+    """True for a TransformerLens transformer (either API): a `cfg` with layers and a width.
+    Any other `HookedRootModule` is a generic hooked module."""
+    cfg = getattr(model, "cfg", None)
+    return cfg is not None and hasattr(cfg, "n_layers") and hasattr(cfg, "d_model")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (CPU for a model without parameters)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of the model's parameters (float32 for a model without any)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 def model_cfg(model: nn.Module) -> Any:

@@ -1,23 +1,28 @@
-"""Fit PCA, neuron, LIB or IB bases at a list of sites (method.md §3).
+"""The fit pipeline: PCA, neuron, LIB or IB bases at a list of sites, for any model
+(docs/concepts.md, "Bases").
 
-Data flows one way: Gram statistics at every site in one streamed pass; then, for LIB,
-the Jacobian Grams backwards from the final site, each section using the next site's basis;
-for IB, every site's Jacobian Gram to the final site.
+Data flows one way: Gram statistics at every site in one streamed pass (which also fills an
+activation store with the inputs of the sections that read activations, see `engine.store`);
+then, for LIB, the Jacobian Grams backwards from the final site, each section using the next
+site's basis; for IB, every site's Jacobian Gram to the final site. Each section's `M'` is
+computed by its structure (`engine.structures`). Every pass shows progress, checkpoints and
+resumes (`checkpoint_dir`), and shards over `torch.distributed` ranks (`ctx`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
+from tl_degeneracy.engine.artifacts import build_metadata, jsonable
 from tl_degeneracy.engine.bases import (
     SiteBasis,
     Truncation,
@@ -25,15 +30,38 @@ from tl_degeneracy.engine.bases import (
     neuron_basis,
     pca_basis,
 )
-from tl_degeneracy.engine.compat import model_identity
-from tl_degeneracy.engine.jacobians import JacobianConfig, JacobianGram, jacobian_gram
-from tl_degeneracy.engine.result import BasisResult, _jsonable, build_metadata
+from tl_degeneracy.engine.basis_result import BasisResult
+from tl_degeneracy.engine.compat import model_device, model_identity
+from tl_degeneracy.engine.distributed import (
+    DistContext,
+    merge_gram_states,
+    stream_sharded,
+    sum_states,
+)
+from tl_degeneracy.engine.jacobians import (
+    JacobianConfig,
+    JacobianGram,
+    checkpoint_key,
+    finish_jacobian_gram,
+)
+from tl_degeneracy.engine.progress import JobClock, Log, quiet
 from tl_degeneracy.engine.sections import Section
-from tl_degeneracy.engine.sites import SiteLike, validate_sites
-from tl_degeneracy.engine.statistics import GramStatistics, collect_statistics
-from tl_degeneracy.engine.streaming import Checkpointing
+from tl_degeneracy.engine.sites import Site, SiteLike, validate_sites
+from tl_degeneracy.engine.statistics import GramAccumulator, GramStatistics
+from tl_degeneracy.engine.store import ActivationSource, ActivationStore
+from tl_degeneracy.engine.streaming import (
+    Checkpointing,
+    EmptyDataError,
+    claim_checkpoint_folder,
+    data_digest,
+    iter_batches,
+)
 
 Kind = Literal["lib", "ib", "pca", "neuron"]
+StoreMode = Literal["auto", "memory", "disk", "off"]
+
+MEMORY_STORE_BYTES = 2 * 2**30
+"""`store="auto"` keeps activations in memory below this size, on disk above it."""
 
 
 @dataclass(frozen=True)
@@ -52,73 +80,249 @@ class LIBConfig:
     """Save progress here every `checkpoint_every` batches and resume from it."""
     checkpoint_every: int = 10
     progress: bool = True
+    store: StoreMode = "auto"
+    """Where section inputs are kept between passes: in memory, on disk (under
+    `checkpoint_dir`, else a temporary folder), 'auto' (memory when small), or 'off'
+    (re-run the model to reach each section)."""
+    stats_device: str | None = None
+    """Where float64 statistics live (the model's device by default; 'cpu' to spare it)."""
 
 
-def fit_basis(
+def _lib_sections(sites: list[Site], kind: Kind) -> list[Section]:
+    """The sections whose `M'` a fit needs, backwards from the final site."""
+    if kind not in ("lib", "ib"):
+        return []
+    final = sites[-1]
+    return [
+        Section(sites[i], sites[i + 1] if kind == "lib" else final)
+        for i in range(len(sites) - 2, -1, -1)
+    ]
+
+
+def store_sites(model: nn.Module, sections: Sequence[Section]) -> list[Site]:
+    """Input sites of the sections whose structures read activations (deduplicated by hook)."""
+    from tl_degeneracy.engine.structures import structure_of
+
+    out: dict[str, Site] = {}
+    for section in sections:
+        if structure_of(model, section).needs_activation:
+            out.setdefault(section.inp.hook, section.inp)
+    return list(out.values())
+
+
+def make_store(
+    mode: StoreMode,
+    sites: Sequence[Site],
+    batches: Sequence[Tensor],
+    d_of: dict[str, int] | None,
+    folder: Path | None,
+    elem_size: int,
+) -> ActivationStore | None:
+    """The store a run uses: none when nothing reads activations or `mode` is 'off'."""
+    if mode == "off" or not sites:
+        return None
+    rows = int(batches[0].shape[0])
+    if mode == "memory":
+        return ActivationStore(None, rows)
+    if mode == "auto" and d_of is not None:
+        tokens = sum(int(b.numel()) for b in batches)
+        size = sum(tokens * d_of.get(s.name, 0) * elem_size for s in sites)
+        if size <= MEMORY_STORE_BYTES:
+            return ActivationStore(None, rows)
+    if folder is None:
+        folder = Path(tempfile.mkdtemp(prefix="tl_degeneracy_store_"))
+    return ActivationStore(folder, rows)
+
+
+@dataclass
+class FitState:
+    """What the passes of one run share: data, checkpoints, store, processes, clock."""
+
+    model: nn.Module
+    batches: list[Tensor]
+    checkpoint: Checkpointing | None
+    source: ActivationSource
+    ctx: DistContext
+    clock: JobClock
+    progress: bool
+    stats_device: torch.device
+    temp_store: Path | None = None
+
+    def close(self) -> None:
+        """Drop the store (a disk store in a checkpoint folder stays for a resumed run until
+        the run completes)."""
+        if self.source.store is not None:
+            self.source.store.clear()
+        if self.temp_store is not None:
+            shutil.rmtree(self.temp_store, ignore_errors=True)
+
+
+def open_fit(
     model: nn.Module,
     tokens: Int[Tensor, "n pos"] | Iterable[Tensor],
-    config: LIBConfig,
-    statistics: GramStatistics | None = None,
-) -> BasisResult:
-    """Fit `config.kind` bases at every site but the final one (which gets its raw or PCA
-    basis) and return them with metadata. Pass `statistics` to reuse a Gram pass."""
-    sites = validate_sites(model, config.sites)
-    if len(sites) < 2 and config.kind in ("lib", "ib"):
-        raise ValueError("LIB and IB need at least two sites: the last one is the final site")
-    tokens = tokens if isinstance(tokens, Tensor) else list(tokens)
-    ckpt = _checkpointing(config, model, tokens)
-    if statistics is None:
-        statistics = collect_statistics(
-            model, sites, tokens, config.batch_size, ckpt, progress=config.progress
+    sites: Sequence[Site],
+    sections: Sequence[Section],
+    settings: dict[str, Any],
+    batch_size: int,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 10,
+    store: StoreMode = "auto",
+    stats_device: str | None = None,
+    progress: bool = True,
+    ctx: DistContext | None = None,
+    log: Log = quiet,
+) -> FitState:
+    """Validate the data, claim the checkpoint folder (refusing one of another run) and set up
+    the activation store for `sections`."""
+    ctx = ctx or DistContext()
+    batches = iter_batches(tokens, batch_size, model)
+    ckpt = None
+    if checkpoint_dir is not None:
+        identity = {k: v for k, v in model_identity(model).items() if k != "api"}
+        claim_checkpoint_folder(
+            checkpoint_dir,
+            {
+                "settings": jsonable(settings),
+                "sites": [s.to_json() for s in sites],
+                "model": identity,
+                "data_sha256": data_digest(batches),
+            },
+            ctx.barrier if ctx.active else None,
         )
-    final = sites[-1]
-    bases: dict[str, SiteBasis] = {}
-    jgrams: dict[str, JacobianGram] = {}
-    stat = statistics[final]
-    if config.kind in ("lib", "ib") and config.final_basis == "raw":
-        eye = torch.eye(stat.d, dtype=torch.float64)
-        d_all, _ = stat.eigh()
-        bases[final.name] = SiteBasis(
-            final, "raw", eye, eye.clone(), torch.diagonal(stat.gram), stat.mean, d_all
-        )
-    elif config.kind == "neuron":
-        bases[final.name] = neuron_basis(final, stat.mean, stat.gram)
-    else:
-        bases[final.name] = pca_basis(final, stat.mean, stat.gram, config.truncation)
+        ckpt = Checkpointing(checkpoint_dir, checkpoint_every)
+    needed = store_sites(model, sections)
+    widths = _site_widths(model, batches[0], needed) if store == "auto" else None
+    folder = None if checkpoint_dir is None else Path(checkpoint_dir) / "activations"
+    if folder is not None and ctx.active:
+        folder = folder / f"rank{ctx.rank}"
+    elem = torch.finfo(next(model.parameters()).dtype).bits // 8
+    act_store = make_store(store, needed, batches, widths, folder, elem)
+    temp = None
+    if act_store is not None and act_store.root is not None and checkpoint_dir is None:
+        temp = act_store.root
+    log(
+        f"{len(needed)} section input(s) kept in an activation store ({_where(act_store)})"
+        if needed
+        else "every section runs from the inputs"
+    )
+    device = torch.device(stats_device) if stats_device else model_device(model)
+    return FitState(
+        model,
+        batches,
+        ckpt,
+        ActivationSource(model, act_store),
+        ctx,
+        JobClock(log),
+        progress and ctx.is_main,
+        device,
+        temp,
+    )
 
-    for index in range(len(sites) - 2, -1, -1):
-        site = sites[index]
-        st = statistics[site]
-        if config.kind == "pca":
-            bases[site.name] = pca_basis(site, st.mean, st.gram, config.truncation)
-            continue
-        if config.kind == "neuron":
-            bases[site.name] = neuron_basis(site, st.mean, st.gram)
-            continue
-        target = sites[index + 1] if config.kind == "lib" else final
-        out_basis = bases[target.name]
-        raw_out = out_basis.kind == "raw"
-        jg = jacobian_gram(
-            model,
-            tokens,
-            Section(site, target),
-            None if raw_out else out_basis.C,
-            config.jacobian,
-            config.batch_size,
-            ckpt,
-            progress=config.progress,
-        )
+
+def _where(store: ActivationStore | None) -> str:
+    if store is None:
+        return "none: re-run from the inputs"
+    return "memory" if store.root is None else f"disk, {store.root}"
+
+
+def _site_widths(model: nn.Module, batch: Tensor, sites: Sequence[Site]) -> dict[str, int]:
+    from tl_degeneracy.engine.capture import capture_sites
+
+    if not sites:
+        return {}
+    acts = capture_sites(model, batch[:1], list(sites), check=False)
+    return {s.name: int(a.shape[-1]) for s, a in zip(sites, acts)}
+
+
+def gram_pass(state: FitState, sites: list[Site], store_for: Sequence[Site]) -> GramStatistics:
+    """Statistics of every site in one pass (filling the store with `store_for`)."""
+    state.clock.begin("statistics")
+    acc = GramAccumulator(state.model, sites, state.stats_device, state.source.store, store_for)
+    states = stream_sharded(
+        acc, state.batches, "Gram statistics", state.ctx, state.checkpoint, "gram", state.progress
+    )
+    stats = merge_gram_states(states, GramStatistics(sites), state.stats_device)
+    if stats.count == 0:
+        raise EmptyDataError("no tokens reached the sites")
+    state.clock.step("statistics", 1, 1, f"{len(sites)} sites, {stats.count} tokens")
+    state.clock.end("statistics")
+    stats.metadata = build_metadata(state.model, sites, n_tokens=stats.count)
+    return stats
+
+
+def jacobian_pass(
+    state: FitState, section: Section, out_basis: Tensor | None, config: JacobianConfig
+) -> JacobianGram:
+    """`M'` of one section over the run's data (sharded, checkpointed, from the store)."""
+    from tl_degeneracy.engine.structures import structure_of
+
+    acc = structure_of(state.model, section).jacobian_accumulator(out_basis, config, state.source)
+    states = stream_sharded(
+        acc,
+        state.batches,
+        f"M' {section.name} ({acc.method()})",
+        state.ctx,
+        state.checkpoint,
+        checkpoint_key(f"jacobian.{section.name}"),
+        state.progress,
+    )
+    if state.ctx.active:
+        acc.load_state_dict(sum_states([s for s in states if s]))
+    return finish_jacobian_gram(acc)
+
+
+def final_basis(stats: GramStatistics, site: Site, config: LIBConfig) -> SiteBasis:
+    st = stats[site]
+    if config.kind in ("lib", "ib") and config.final_basis == "raw":
+        eye = torch.eye(st.d, dtype=torch.float64, device=st.mean.device)
+        d_all, _ = st.eigh()
+        return SiteBasis(site, "raw", eye, eye.clone(), torch.diagonal(st.gram), st.mean, d_all)
+    if config.kind == "neuron":
+        return neuron_basis(site, st.mean, st.gram)
+    return pca_basis(site, st.mean, st.gram, config.truncation)
+
+
+def bases_pass(
+    state: FitState, sites: list[Site], stats: GramStatistics, config: LIBConfig
+) -> BasisResult:
+    """The bases of `config.kind` from the statistics (and, for LIB/IB, the `M'` passes)."""
+    final = sites[-1]
+    bases: dict[str, SiteBasis] = {final.name: final_basis(stats, final, config)}
+    jgrams: dict[str, JacobianGram] = {}
+    sections = _lib_sections(sites, config.kind)
+    if sections:
+        state.clock.begin("M'")
+    for done, section in enumerate(sections, start=1):
+        site = section.inp
+        out_basis = bases[section.out.name]
+        c_out = None if out_basis.kind == "raw" else out_basis.C
+        jg = jacobian_pass(state, section, c_out, config.jacobian)
         jgrams[site.name] = jg
+        st = stats[site]
         bases[site.name] = interaction_basis(
             site, st.mean, st.gram, jg.matrix, config.truncation, kind=config.kind
         )
-
-    ordered = {s.name: bases[s.name] for s in sites}
+        state.clock.step(
+            "M'",
+            done,
+            len(sections),
+            f"{section.name}: kept {bases[site.name].k}, split-half error "
+            f"{jg.split_half_rel_error:.3f}",
+        )
+    if sections:
+        state.clock.end("M'")
+    for site in sites[:-1]:
+        st = stats[site]
+        if config.kind == "pca":
+            bases[site.name] = pca_basis(site, st.mean, st.gram, config.truncation)
+        elif config.kind == "neuron":
+            bases[site.name] = neuron_basis(site, st.mean, st.gram)
+    ordered = {s.name: bases[s.name].to("cpu") for s in sites}
     metadata = build_metadata(
-        model,
+        state.model,
         sites,
         kind=config.kind,
-        n_tokens=statistics.count,
+        n_tokens=stats.count,
         truncation=config.truncation,
         jacobian=config.jacobian,
         final_basis=config.final_basis,
@@ -128,11 +332,53 @@ def fit_basis(
     return BasisResult(ordered, metadata)
 
 
+def fit_basis(
+    model: nn.Module,
+    tokens: Int[Tensor, "n pos"] | Iterable[Tensor],
+    config: LIBConfig,
+    statistics: GramStatistics | None = None,
+    ctx: DistContext | None = None,
+    log: Log = quiet,
+) -> BasisResult:
+    """Fit `config.kind` bases at every site but the final one (which gets its raw or PCA
+    basis) and return them with metadata. Pass `statistics` to reuse a Gram pass, `ctx` to
+    shard the passes over `torch.distributed` ranks."""
+    sites = validate_sites(model, config.sites)
+    if len(sites) < 2 and config.kind in ("lib", "ib"):
+        raise ValueError("LIB and IB need at least two sites: the last one is the final site")
+    sections = _lib_sections(sites, config.kind)
+    settings = {
+        k: v for k, v in vars(config).items() if k not in ("checkpoint_dir", "progress", "store")
+    }
+    state = open_fit(
+        model,
+        tokens,
+        sites,
+        sections,
+        settings,
+        config.batch_size,
+        config.checkpoint_dir,
+        config.checkpoint_every,
+        config.store,
+        config.stats_device,
+        config.progress,
+        ctx,
+        log,
+    )
+    try:
+        if statistics is None:
+            needed = store_sites(model, sections)
+            statistics = gram_pass(state, sites, needed)
+        return bases_pass(state, sites, statistics.to(state.stats_device), config)
+    finally:
+        state.close()
+
+
 def fit_lib(
     model: nn.Module,
     tokens: Int[Tensor, "n pos"] | Iterable[Tensor],
     sites: Sequence[SiteLike],
-    **kwargs,
+    **kwargs: Any,
 ) -> BasisResult:
     """Shortcut: `fit_basis(model, tokens, LIBConfig(tuple(sites), kind="lib", **kwargs))`."""
     return fit_basis(model, tokens, LIBConfig(tuple(sites), kind="lib", **kwargs))
@@ -142,46 +388,7 @@ def fit_pca(
     model: nn.Module,
     tokens: Int[Tensor, "n pos"] | Iterable[Tensor],
     sites: Sequence[SiteLike],
-    **kwargs,
+    **kwargs: Any,
 ) -> BasisResult:
     """Shortcut: PCA bases at every site."""
     return fit_basis(model, tokens, LIBConfig(tuple(sites), kind="pca", **kwargs))
-
-
-def _checkpointing(
-    config: LIBConfig, model: nn.Module, tokens: Tensor | list[Tensor]
-) -> Checkpointing | None:
-    """Checkpointing for this fit; refuses a folder written by a fit of other settings, model
-    or data, which would otherwise be resumed silently."""
-    if config.checkpoint_dir is None:
-        return None
-    folder = Path(config.checkpoint_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    for batch in [tokens] if isinstance(tokens, Tensor) else tokens:
-        digest.update(batch.detach().cpu().to(torch.int64).numpy().tobytes())
-    settings = {
-        "config": _jsonable(
-            {
-                k: v
-                for k, v in vars(config).items()
-                if k not in ("checkpoint_dir", "checkpoint_every", "progress")
-            }
-        ),
-        "sites": [s.to_json() for s in validate_sites(model, config.sites)],
-        "model": model_identity(model),
-        "tokens_sha256": digest.hexdigest(),
-    }
-    settings["model"].pop("api", None)
-    record = folder / "fit.json"
-    if record.exists():
-        saved = json.loads(record.read_text())
-        for key, value in settings.items():
-            if saved.get(key) != value:
-                raise ValueError(
-                    f"checkpoint folder {folder} was written by a fit with other settings "
-                    f"('{key}' differs); use a new checkpoint_dir or delete this one"
-                )
-    else:
-        record.write_text(json.dumps(settings, indent=1))
-    return Checkpointing(folder, config.checkpoint_every)

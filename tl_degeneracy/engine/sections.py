@@ -1,7 +1,7 @@
-"""Sections: the map from one site's activation to a later site's, evaluated on the model's
-own hooks (method.md §1). Inject at the input site, read at the output site, stop early.
-
-Everything outside the input site's selected positions keeps its value on the data point.
+"""Sections: the map from one site's activation to a later site's (docs/concepts.md, "Sites and
+sections"), everything outside the input site's selected positions held at its value on the
+data point. How a section is evaluated (through the model's hooks, one block alone, or a closed
+form) is decided in one place, `engine.structures.structure_of`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.compat import StopForward, replace_hooks, run_with_hooks
+from tl_degeneracy.engine.capture import capture_sites, run_with_site_values
 from tl_degeneracy.engine.sites import Site
 
 
@@ -28,49 +28,33 @@ class Section:
     def name(self) -> str:
         return f"{self.inp.name}->{self.out.name}"
 
+    def matched_positions(self, n_pos: int) -> tuple[Tensor, Tensor]:
+        """Slots (in the input's and the output's selections) of the positions in both: the
+        positions at which a position-wise section maps input to output."""
+        pin, pout = self.inp.index(n_pos).tolist(), self.out.index(n_pos).tolist()
+        common = [p for p in pout if p in pin]
+        return torch.tensor([pin.index(p) for p in common], dtype=torch.long), torch.tensor(
+            [pout.index(p) for p in common], dtype=torch.long
+        )
+
+    def outputs_in_input(self, n_pos: int) -> Tensor:
+        """For each output position, its slot in the input's selection (a position-wise
+        section needs every output position among the input positions)."""
+        slots_in, slots_out = self.matched_positions(n_pos)
+        if len(slots_out) != self.out.n_positions(n_pos):
+            raise ValueError(f"{self.name}: output positions must be among the input positions")
+        return slots_in
+
 
 def run_section(
     model: nn.Module,
-    tokens: Int[Tensor, "batch pos"],
+    inputs: Tensor,
     section: Section,
     transform: Callable[[Float[Tensor, "batch p_in d_in"]], Float[Tensor, "batch p_in d_in"]],
 ) -> Float[Tensor, "batch p_out d_out"]:
-    """Run the model with the input site's activation replaced by `transform(activation)`
-    and return the output site's activation. `transform` may create autograd leaves."""
-
-    def write(act: Tensor) -> Tensor:
-        idx = section.inp.index(act.shape[1]).to(act.device)
-        new = transform(act[:, idx])
-        return act.index_copy(1, idx, new.to(act.dtype))
-
-    hooks = replace_hooks(model, section.inp.hook, write)
-    store: dict[str, Tensor] = {}
-    if not section.out.is_logits:
-
-        def read(act: Tensor, hook=None) -> None:
-            store["out"] = section.out.select(act)
-            raise StopForward
-
-        hooks.append((section.out.hook, read))
-    out = run_with_hooks(model, tokens, hooks, stop_early=True)
-    if section.out.is_logits:
-        assert out is not None
-        return section.out.select(out)
-    return store["out"]
-
-
-def section_with_input(
-    model: nn.Module, tokens: Int[Tensor, "batch pos"], section: Section
-) -> tuple[Float[Tensor, "batch p_in d_in"], Float[Tensor, "batch p_out d_out"]]:
-    """One forward that returns the input activation as an autograd leaf `x` and the output
-    `y = F(x)` connected to it, ready for vector-Jacobian products."""
-    leaf: dict[str, Tensor] = {}
-
-    def make_leaf(a: Tensor) -> Tensor:
-        x = a.detach().clone().requires_grad_(True)
-        leaf["x"] = x
-        return x
-
+    """The output site's activation when the input site's activation `f` is replaced by
+    `transform(f)`, through the model's own hooks (the generic path; `transform` may create
+    autograd leaves)."""
+    (clean,) = capture_sites(model, inputs, [section.inp], check=False)
     with torch.enable_grad():
-        y = run_section(model, tokens, section, make_leaf)
-    return leaf["x"], y
+        return run_with_site_values(model, inputs, section.inp, transform(clean), section.out)

@@ -1,9 +1,20 @@
-"""Sites: a hook point name plus a position selection (method.md §1).
+"""Sites: a hook point name plus a position selection (docs/concepts.md, "Sites and sections").
 
-A site is where a basis lives. Only *cuts* of the computation are valid sites: the residual
-stream (`blocks.{i}.hook_resid_pre/mid/post`) and the logits. A hook that the residual stream
-bypasses (say `blocks.0.mlp.hook_post`) does not determine the next site on its own, so it is
-rejected with an explanation rather than silently giving a wrong Jacobian.
+A site is where a basis lives, and it must be a *cut* of the computation: everything after it
+depends on the input only through the site. In a TransformerLens transformer the cuts are the
+residual stream (`blocks.L.hook_resid_pre/mid/post`), the logits, and two *composite* sites that
+pair a component's activation with the stream that bypasses it:
+
+- `blocks.L.mlp.hook_post` (or `hook_pre`): the MLP's hidden neurons, then `hook_resid_mid`
+  (`hook_resid_pre` in parallel-attention models, which have no `hook_resid_mid`);
+- `blocks.L.attn.hook_z`: every head's output before `W_O` (heads flattened), then
+  `hook_resid_pre`.
+
+A composite site's vector is the concatenation of its parts (`site_parts`), hidden part first.
+
+Any other `HookedRootModule` (an MLP written with `HookPoint`s, say) takes sites by hook name:
+the user asserts they are cuts, the statistics pass checks they fire in the order given, and the
+final site `logits` is the model's output.
 """
 
 from __future__ import annotations
@@ -12,19 +23,31 @@ import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-from tl_degeneracy.engine.compat import hook_names, model_cfg
+from tl_degeneracy.engine.compat import hook_names, is_transformer, model_cfg
 
 LOGITS = "logits"
-"""Name of the final, non-hook site: the model's output logits."""
+"""Name of the final, non-hook site: the model's output (the logits of a language model)."""
 
-Positions = Literal["all", "last"] | tuple[int, ...]
+Positions = str | tuple[int, ...]
+"""'all', 'last', a slice 'start:' or 'start:stop' (e.g. '1:' leaves out position 0, the BOS
+token), or a tuple of indices (negative ones count from the end)."""
 
-_CUT_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
+_SLICE = re.compile(r"^(-?\d*):(-?\d*)$")
+
+_RESIDUAL = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
+_COMPOSITE = re.compile(r"^blocks\.(\d+)\.(mlp\.hook_post|mlp\.hook_pre|attn\.hook_z)$")
+_STAGE = {
+    "hook_resid_pre": 0,
+    "attn.hook_z": 1,
+    "hook_resid_mid": 2,
+    "mlp.hook_pre": 3,
+    "mlp.hook_post": 4,
+    "hook_resid_post": 5,
+}
 _SHORT_NAMES = {
     "resid_pre": "hook_resid_pre",
     "resid_mid": "hook_resid_mid",
@@ -33,6 +56,8 @@ _SHORT_NAMES = {
     "attn_out": "hook_attn_out",
     "pre": "mlp.hook_pre",
     "post": "mlp.hook_post",
+    "mlp_pre": "mlp.hook_pre",
+    "mlp_post": "mlp.hook_post",
     "pattern": "attn.hook_pattern",
     "z": "attn.hook_z",
 }
@@ -46,7 +71,9 @@ class SiteError(ValueError):
 class Site:
     """A hook point and the token positions whose activations form the site's vector.
 
-    `positions` is "all", "last", or a tuple of indices (negative indices count from the end).
+    `positions` is "all", "last", a slice "start:" / "start:stop" (e.g. "1:" leaves out the
+    BOS token at position 0), or a tuple of indices (negative indices count from the end).
+    Activations without a position axis (`[batch, d]`, e.g. an MLP on images) have one position.
     """
 
     hook: str
@@ -56,8 +83,14 @@ class Site:
         pos = self.positions
         if isinstance(pos, list):
             object.__setattr__(self, "positions", tuple(int(p) for p in pos))
-        elif not (pos in ("all", "last") or isinstance(pos, tuple)):
-            raise SiteError(f"positions must be 'all', 'last' or a list of ints, got {pos!r}")
+        elif not (
+            pos in ("all", "last")
+            or isinstance(pos, tuple)
+            or (isinstance(pos, str) and _SLICE.match(pos))
+        ):
+            raise SiteError(
+                f"positions must be 'all', 'last', a slice like '1:' or a list of ints, got {pos!r}"
+            )
 
     @property
     def name(self) -> str:
@@ -66,19 +99,34 @@ class Site:
             return self.hook
         if self.positions == "last":
             return f"{self.hook}[-1]"
+        if isinstance(self.positions, str):
+            return f"{self.hook}[{self.positions}]"
         return f"{self.hook}[{','.join(str(p) for p in self.positions)}]"
 
     @property
     def is_logits(self) -> bool:
         return self.hook == LOGITS
 
-    def index(self, n_pos: int) -> torch.Tensor:
+    @property
+    def is_composite(self) -> bool:
+        """An MLP or attention site of a transformer, paired with its bypassing stream."""
+        return _COMPOSITE.match(self.hook) is not None
+
+    def index(self, n_pos: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The selected positions as an index tensor for a sequence of length `n_pos`."""
         if self.positions == "all":
-            return torch.arange(n_pos)
+            return torch.arange(n_pos, device=device)
         if self.positions == "last":
-            return torch.tensor([n_pos - 1])
-        idx = torch.tensor(self.positions)
+            return torch.tensor([n_pos - 1], device=device)
+        if isinstance(self.positions, str):
+            m = _SLICE.match(self.positions)
+            assert m is not None  # checked in __post_init__
+            start, stop = (int(g) if g else None for g in m.groups())
+            idx = torch.arange(n_pos, device=device)[slice(start, stop)]
+            if idx.numel() == 0:
+                raise SiteError(f"site {self.name}: no positions in a sequence of {n_pos}")
+            return idx
+        idx = torch.tensor(self.positions, device=device)
         idx = torch.where(idx < 0, idx + n_pos, idx)
         if (idx < 0).any() or (idx >= n_pos).any():
             raise SiteError(
@@ -97,7 +145,10 @@ class Site:
         """
         if self.positions == "all":
             return act
-        return act[:, self.index(act.shape[1])]
+        return act[:, self.index(act.shape[1], act.device)]
+
+    def with_positions(self, positions: Positions) -> Site:
+        return Site(self.hook, positions)
 
     def to_json(self) -> dict:
         pos = self.positions if isinstance(self.positions, str) else list(self.positions)
@@ -137,40 +188,134 @@ def as_site(spec: SiteLike, positions: Positions | None = None) -> Site:
     return Site(resolve_hook_name(spec), "all" if positions is None else positions)
 
 
+def _parallel(model: nn.Module) -> bool:
+    return bool(getattr(model_cfg(model), "parallel_attn_mlp", False))
+
+
+def site_parts(model: nn.Module, site: Site) -> tuple[str, ...]:
+    """The hook names whose activations, concatenated in this order, form the site's vector:
+    the hook itself, or for a composite site the component's hook and then the stream that
+    bypasses it."""
+    m = _COMPOSITE.match(site.hook) if is_transformer(model) else None
+    if m is None:
+        return (site.hook,)
+    layer, component = m.group(1), m.group(2)
+    if component.startswith("mlp") and not _parallel(model):
+        return (site.hook, f"blocks.{layer}.hook_resid_mid")
+    return (site.hook, f"blocks.{layer}.hook_resid_pre")
+
+
+def carry_hook(model: nn.Module, site: Site) -> str | None:
+    """Where a change of a composite site's stream part continues: the next residual hook
+    after the component (`hook_resid_mid` after attention, `hook_resid_post` after the MLP).
+    None for a site with one part. Writing a composite site from its own clean value (as
+    `attach` does) adds the stream part's change there, which is exact when the stream feeds
+    only the component and the residual (sequential blocks)."""
+    parts = site_parts(model, site)
+    if len(parts) == 1:
+        return None
+    layer = site.hook.split(".")[1]
+    valid = set(hook_names(model))
+    after_attn = f"blocks.{layer}.hook_resid_mid"
+    if site.hook.endswith("attn.hook_z") and after_attn in valid and not _parallel(model):
+        return after_attn
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def _unknown(model: nn.Module, hook: str, valid: set[str]) -> SiteError:
+    layer = re.match(r"^blocks\.(\d+)\.", hook)
+    n_layers = getattr(model_cfg(model), "n_layers", None) if is_transformer(model) else None
+    if layer is not None and n_layers is not None and int(layer.group(1)) >= n_layers:
+        return SiteError(
+            f"{hook!r}: this model has {n_layers} layers (blocks.0 … blocks.{n_layers - 1}); "
+            "the sites were probably written for another model. Pick sites of this model, "
+            "e.g. the defaults of its preset."
+        )
+    close = difflib.get_close_matches(hook, sorted(valid), n=3, cutoff=0.5)
+    hint = f"; nearest valid names: {close}" if close else ""
+    return SiteError(f"unknown hook name {hook!r} on this model{hint}")
+
+
+def _order_key(model: nn.Module, site: Site, valid: set[str]) -> tuple[int, int]:
+    """(layer, stage) of a transformer site; raises `SiteError` for a site that is not a cut."""
+    m = _RESIDUAL.match(site.hook)
+    if m is not None:
+        return int(m.group(1)), _STAGE[f"hook_resid_{m.group(2)}"]
+    m = _COMPOSITE.match(site.hook)
+    if m is None:
+        raise SiteError(
+            f"{site.hook!r} is not a cut of the computation: the residual stream bypasses it, "
+            "so the next site is not a function of this activation alone. Use a residual-"
+            "stream site (blocks.L.hook_resid_pre/mid/post), an MLP site "
+            "(blocks.L.mlp.hook_post, paired with the stream that bypasses the MLP), per-head "
+            "outputs (blocks.L.attn.hook_z, paired with hook_resid_pre), or 'logits' "
+            "(docs/concepts.md, 'Sites and sections')."
+        )
+    for part in site_parts(model, site)[1:]:
+        if part not in valid:
+            raise SiteError(
+                f"{site.hook!r} pairs the component with the stream at {part!r}, which this "
+                "model does not have"
+            )
+    return int(m.group(1)), _STAGE[m.group(2)]
+
+
+def residual_sites(
+    model: nn.Module,
+    n_blocks: int | None = None,
+    positions: Positions = "all",
+    mlp: Sequence[int] = (),
+) -> list[Site]:
+    """Every residual-stream cut of the first `n_blocks` blocks of a transformer, in forward
+    order: `hook_resid_pre` and (where the model has it) `hook_resid_mid` of each block, an MLP
+    site (`mlp.hook_post` with its stream) after `hook_resid_mid` of the blocks in `mlp`, and the
+    last block's `hook_resid_post` as the final site."""
+    cfg = model_cfg(model)
+    n = cfg.n_layers if n_blocks is None else min(n_blocks, cfg.n_layers)
+    valid = set(hook_names(model))
+    hooks: list[str] = []
+    for b in range(n):
+        hooks.append(f"blocks.{b}.hook_resid_pre")
+        if f"blocks.{b}.hook_resid_mid" in valid:
+            hooks.append(f"blocks.{b}.hook_resid_mid")
+        if b in mlp:
+            hooks.append(f"blocks.{b}.mlp.hook_post")
+    hooks.append(f"blocks.{n - 1}.hook_resid_post")
+    return [Site(h, positions) for h in hooks]
+
+
 def validate_sites(model: nn.Module, sites: Sequence[SiteLike]) -> list[Site]:
     """Resolve and check sites against a model; they must be cuts, in forward order.
 
-    Raises `SiteError` naming the nearest valid hook names for an unknown site, and explaining
-    the composite alternative for a site that the residual stream bypasses.
+    Raises `SiteError` naming the nearest valid hook names for an unknown site, the layer
+    count for a site of a deeper model, and explaining the composite alternative for a hook
+    that the residual stream bypasses. Sites of a non-transformer `HookedRootModule` are taken
+    as given (their order is checked when data flows).
     """
     resolved = [as_site(s) for s in sites]
     if not resolved:
         raise SiteError("no sites given: pass at least two, e.g. resid_mid of a block and logits")
     valid = set(hook_names(model))
+    if LOGITS in [s.hook for s in resolved[:-1]]:
+        raise SiteError("'logits' can only be the last site")
+    for site in resolved:
+        if not site.is_logits and site.hook not in valid:
+            raise _unknown(model, site.hook, valid)
+    if not is_transformer(model):
+        names = [s.name for s in resolved]
+        if len(set(names)) != len(names):
+            raise SiteError(f"sites must not repeat: {names}")
+        return resolved
     order = []
     for site in resolved:
         if site.is_logits:
             order.append((model_cfg(model).n_layers + 1, 0))
-            continue
-        if site.hook not in valid:
-            close = difflib.get_close_matches(site.hook, sorted(valid), n=3, cutoff=0.5)
-            hint = f"; nearest valid names: {close}" if close else ""
-            raise SiteError(f"unknown hook name {site.hook!r} on this model{hint}")
-        m = _CUT_PATTERN.match(site.hook)
-        if m is None:
-            raise SiteError(
-                f"{site.hook!r} is not a cut of the computation: the residual stream bypasses "
-                "it, so the next site is not a function of this activation alone (method.md §1). "
-                "Use a residual-stream site instead (blocks.L.hook_resid_pre/mid/post, which "
-                "contain this component's output), or 'logits'."
-            )
-        order.append((int(m.group(1)), ["pre", "mid", "post"].index(m.group(2))))
+        else:
+            order.append(_order_key(model, site, valid))
     for (a, sa), (b, sb) in zip(zip(order, resolved), zip(order[1:], resolved[1:])):
         if not a < b:
             raise SiteError(
                 f"sites must be in forward order without repeats: {sa.name} does not come "
                 f"before {sb.name}"
             )
-    if LOGITS in [s.hook for s in resolved[:-1]]:
-        raise SiteError("'logits' can only be the last site")
     return resolved

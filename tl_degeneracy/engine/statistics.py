@@ -1,4 +1,4 @@
-"""Streaming mean and centred Gram of site activations (method.md §2).
+"""Streaming mean and centred Gram of site activations (docs/concepts.md, "Statistics").
 
 Accumulated in float64 whatever the model's dtype, batch by batch, with Chan's pairwise
 update (count, mean, centred sum of squares): numerically stable, O(d²) memory, and mergeable,
@@ -9,19 +9,31 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.compat import StopForward, frozen_parameters, run_with_hooks
+from tl_degeneracy.engine.artifacts import Result, build_metadata
+from tl_degeneracy.engine.capture import NonFiniteActivationError, capture_sites, check_finite
+from tl_degeneracy.engine.compat import is_transformer, model_device
 from tl_degeneracy.engine.linalg import symmetric_eigh
 from tl_degeneracy.engine.sites import Site, SiteLike, validate_sites
-from tl_degeneracy.engine.streaming import Checkpointing, EmptyDataError, iter_batches, stream
+from tl_degeneracy.engine.store import ActivationStore
+from tl_degeneracy.engine.streaming import Checkpointing, EmptyDataError, iter_batches
 
-
-class NonFiniteActivationError(FloatingPointError):
-    """NaN or Inf in an activation: names the site, the batch and the offending positions."""
+__all__ = [
+    "GramAccumulator",
+    "GramStatistics",
+    "NonFiniteActivationError",
+    "SiteStatistics",
+    "StatisticsMismatchError",
+    "add_to_statistics",
+    "capture_sites",
+    "check_finite",
+    "collect_statistics",
+]
 
 
 class StatisticsMismatchError(ValueError):
@@ -38,9 +50,9 @@ class SiteStatistics:
     m2: Float[Tensor, "d d"]
 
     @classmethod
-    def empty(cls, site: Site, d: int) -> SiteStatistics:
-        z = torch.zeros(d, dtype=torch.float64)
-        return cls(site, 0, z, torch.zeros(d, d, dtype=torch.float64))
+    def empty(cls, site: Site, d: int, device: torch.device | str = "cpu") -> SiteStatistics:
+        z = torch.zeros(d, dtype=torch.float64, device=device)
+        return cls(site, 0, z, torch.zeros(d, d, dtype=torch.float64, device=device))
 
     @property
     def d(self) -> int:
@@ -59,7 +71,7 @@ class SiteStatistics:
         Raises `NonFiniteActivationError` (and leaves the statistics unchanged) if a sample holds
         NaN or Inf: the block's mean is then not finite, a check of d numbers instead of n·d.
         """
-        x = x.to(torch.float64)
+        x = x.to(self.mean.device, torch.float64)
         n = x.shape[0]
         if n == 0:
             return
@@ -89,7 +101,7 @@ class SiteStatistics:
             )
         out = SiteStatistics(self.site, self.count, self.mean.clone(), self.m2.clone())
         if other.count:
-            out._merge(other.count, other.mean, other.m2)
+            out._merge(other.count, other.mean.to(out.mean), other.m2.to(out.m2))
         return out
 
     def eigh(self) -> tuple[Float[Tensor, " d"], Float[Tensor, "d d"]]:
@@ -97,13 +109,19 @@ class SiteStatistics:
         evals, evecs = symmetric_eigh(self.gram)
         return evals.flip(0), evecs.flip(1)
 
+    def to(self, device: torch.device | str) -> SiteStatistics:
+        return SiteStatistics(self.site, self.count, self.mean.to(device), self.m2.to(device))
+
 
 @dataclass
-class GramStatistics:
+class GramStatistics(Result):
     """Statistics of several sites over the same tokens; mergeable and savable."""
 
     sites: list[Site]
     per_site: dict[str, SiteStatistics] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    ARTIFACT = "gram_statistics"
 
     def __getitem__(self, site: Site | str) -> SiteStatistics:
         return self.per_site[site.name if isinstance(site, Site) else site]
@@ -118,9 +136,12 @@ class GramStatistics:
             raise StatisticsMismatchError(
                 f"cannot merge statistics of different sites (field 'sites'): {mine} vs {theirs}"
             )
-        return GramStatistics(
-            list(self.sites), {k: v.merge(other.per_site[k]) for k, v in self.per_site.items()}
-        )
+        merged = {k: v.merge(other.per_site[k]) for k, v in self.per_site.items()}
+        return GramStatistics(list(self.sites), merged, self.metadata)
+
+    def to(self, device: torch.device | str) -> GramStatistics:
+        per_site = {k: v.to(device) for k, v in self.per_site.items()}
+        return GramStatistics(list(self.sites), per_site, self.metadata)
 
     def state_dict(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -130,26 +151,47 @@ class GramStatistics:
             out[f"{name}/m2"] = st.m2
         return out
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, Tensor], device: torch.device | str = "cpu") -> None:
         for site in self.sites:
             name = site.name
             if f"{name}/mean" not in state:
                 raise StatisticsMismatchError(f"saved statistics have no site {name}")
             self.per_site[name] = SiteStatistics(
-                site, int(state[f"{name}/count"][0]), state[f"{name}/mean"], state[f"{name}/m2"]
+                site,
+                int(state[f"{name}/count"][0]),
+                state[f"{name}/mean"].to(device),
+                state[f"{name}/m2"].to(device),
             )
 
+    # -- the result protocol -------------------------------------------------------------------
 
-def check_finite(act: Tensor, site: Site, batch_index: int) -> None:
-    """Raise `NonFiniteActivationError` naming site, batch and positions of NaN/Inf values."""
-    if torch.isfinite(act).all():
-        return
-    bad = (~torch.isfinite(act)).any(-1).nonzero().tolist()
-    raise NonFiniteActivationError(
-        f"NaN or Inf in the activation at site {site.name}, batch {batch_index}, "
-        f"(row, position) {bad[:5]}{' ...' if len(bad) > 5 else ''}: check the model's dtype "
-        "(float16 overflows) and the inputs of that batch"
-    )
+    def _tensors(self) -> dict[str, Tensor]:
+        return self.state_dict()
+
+    def _metadata(self) -> dict[str, Any]:
+        return {**self.metadata, "sites": [s.to_json() for s in self.sites]}
+
+    @classmethod
+    def _from_artifact(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> GramStatistics:
+        stats = cls([Site.from_json(s) for s in meta["sites"]], metadata=meta)
+        stats.load_state_dict(tensors)
+        return stats
+
+    def _html_sections(self) -> list:
+        from tl_degeneracy.viz.html import PageSection, table
+        from tl_degeneracy.viz.plots import figure_to_html, plot_spectra
+
+        rows = [
+            {"site": name, "d": st.d, "tokens": st.count, "trace": float(st.gram.trace())}
+            for name, st in self.per_site.items()
+        ]
+        spectra = {
+            n: st.eigh()[0].clamp(min=1e-30).cpu().numpy() for n, st in self.per_site.items()
+        }
+        return [
+            PageSection("Gram statistics", table(rows)),
+            PageSection("Spectra", figure_to_html(plot_spectra(spectra), "Gram spectra")),
+        ]
 
 
 def add_to_statistics(
@@ -157,8 +199,9 @@ def add_to_statistics(
     sites: Sequence[Site],
     acts: Sequence[Float[Tensor, "batch site_pos d"]],
     batch_index: int,
+    device: torch.device | str = "cpu",
 ) -> None:
-    """Fold one batch of activations into each site's statistics.
+    """Fold one batch of activations into each site's statistics (on `device`).
 
     The NaN/Inf check rides on the Gram update (see `SiteStatistics.add`); on failure the error
     names the site, the batch and the positions, as `check_finite` does.
@@ -166,7 +209,7 @@ def add_to_statistics(
     for site, act in zip(sites, acts):
         flat = act.reshape(-1, act.shape[-1])
         if site.name not in stats.per_site:
-            stats.per_site[site.name] = SiteStatistics.empty(site, flat.shape[-1])
+            stats.per_site[site.name] = SiteStatistics.empty(site, flat.shape[-1], device)
         try:
             stats.per_site[site.name].add(flat)
         except NonFiniteActivationError:
@@ -174,60 +217,49 @@ def add_to_statistics(
             raise
 
 
-class _GramAccumulator:
-    def __init__(self, model: nn.Module, sites: list[Site]):
-        self.model = model
-        self.sites = sites
+class GramAccumulator:
+    """The Gram pass: one forward per batch reads every site (stopping after the last) and
+    folds it into the statistics; with a store, it also keeps the full activation of the
+    sites in `store_sites` for the later passes (see `engine.store`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: list[Site],
+        device: torch.device | str | None = None,
+        store: ActivationStore | None = None,
+        store_sites: Sequence[Site] = (),
+    ):
+        self.model, self.sites = model, sites
+        self.device = torch.device(device) if device is not None else model_device(model)
         self.stats = GramStatistics(sites)
+        self.store = store
+        self.store_sites = [s for s in store_sites] if store is not None else []
 
     def update(self, batch_index: int, tokens: Tensor) -> None:
-        captured = capture_sites(self.model, tokens, self.sites, batch_index, check=False)
-        add_to_statistics(self.stats, self.sites, captured, batch_index)
+        names = {s.name for s in self.sites}
+        extra = [
+            s
+            for s in self.store_sites
+            if s.name not in names and s.hook not in {t.hook for t in self.sites}
+        ]
+        wanted = self.sites + extra
+        full = bool(self.store_sites)
+        acts = capture_sites(
+            self.model, tokens, wanted, batch_index, False, full, not is_transformer(self.model)
+        )
+        by_hook = {s.hook: a for s, a in zip(wanted, acts)}
+        chosen = [s.select(a) if full else a for s, a in zip(self.sites, acts)]
+        add_to_statistics(self.stats, self.sites, chosen, batch_index, self.device)
+        if self.store is not None:
+            for site in self.store_sites:
+                self.store.write(site, batch_index, by_hook[site.hook])
 
     def state_dict(self) -> dict[str, Tensor]:
         return self.stats.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.stats.load_state_dict(state)
-
-
-@torch.no_grad()
-def capture_sites(
-    model: nn.Module,
-    tokens: Int[Tensor, "batch pos"],
-    sites: Sequence[Site],
-    batch_index: int = 0,
-    check: bool = True,
-) -> list[Float[Tensor, "batch site_pos d"]]:
-    """Activations at each site's selected positions for one batch (stopping after the last
-    site unless it is the logits), checked for NaN/Inf unless `check=False` (for callers that
-    check on the way, like `add_to_statistics`). With `positions="all"` they are the model's
-    own tensors, not copies: read-only."""
-    store: dict[str, Tensor] = {}
-    last_hook = sites[-1].hook
-
-    def make_hook(site: Site):
-        def hook(act: Tensor, hook=None) -> None:
-            store[site.name] = site.select(act)
-            if site.hook == last_hook and all(s.name in store for s in sites):
-                raise StopForward
-
-        return hook
-
-    fwd = [(s.hook, make_hook(s)) for s in sites if not s.is_logits]
-    with frozen_parameters(model):
-        out = run_with_hooks(model, tokens, fwd, stop_early=True)
-    result = []
-    for site in sites:
-        if site.is_logits:
-            assert out is not None  # no hook reads the logits, so no StopForward ended the pass
-            act = site.select(out)
-        else:
-            act = store[site.name]
-        if check:
-            check_finite(act, site, batch_index)
-        result.append(act)
-    return result
+        self.stats.load_state_dict(state, self.device)
 
 
 def collect_statistics(
@@ -237,15 +269,25 @@ def collect_statistics(
     batch_size: int = 256,
     checkpoint: Checkpointing | None = None,
     progress: bool = True,
+    device: torch.device | str | None = None,
+    ctx: Any = None,
 ) -> GramStatistics:
-    """Stream the model over `tokens` and return each site's mean and centred Gram (float64).
+    """Stream the model over `tokens` and return each site's mean and centred Gram (float64,
+    on `device`: the model's by default; "cpu" when the model's device lacks float64 or
+    memory). One forward per batch serves all sites; it stops at the last site. With `ctx`
+    (`distributed.DistContext`) the batches are sharded over processes and every process
+    returns the merged statistics."""
+    from tl_degeneracy.engine.distributed import DistContext, merge_gram_states, stream_sharded
 
-    One forward per batch serves all sites; it stops at the last site.
-    """
+    ctx = ctx or DistContext()
     resolved = validate_sites(model, sites)
-    batches = iter_batches(tokens, batch_size)
-    acc = _GramAccumulator(model, resolved)
-    stream(acc, batches, "Gram statistics", checkpoint, key="gram", progress=progress)
-    if acc.stats.count == 0:
+    batches = iter_batches(tokens, batch_size, model)
+    acc = GramAccumulator(model, resolved, device)
+    states = stream_sharded(acc, batches, "Gram statistics", ctx, checkpoint, "gram", progress)
+    stats = (
+        merge_gram_states(states, GramStatistics(resolved), acc.device) if ctx.active else acc.stats
+    )
+    if stats.count == 0:
         raise EmptyDataError("no tokens reached the sites")
-    return acc.stats
+    stats.metadata = build_metadata(model, resolved, n_tokens=stats.count)
+    return stats

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Int
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 
@@ -37,19 +37,27 @@ class EmptyDataError(ValueError):
 
 
 def iter_batches(
-    tokens: Int[Tensor, "n pos"] | Iterable[Tensor], batch_size: int = 256
+    tokens: Int[Tensor, "n pos"] | Iterable[Tensor],
+    batch_size: int = 256,
+    model: nn.Module | None = None,
 ) -> list[Tensor]:
-    """Split a token tensor into batches, or pass an iterable of batches through as a list."""
+    """Split a token tensor (or any model's inputs, batch first) into batches, or pass an
+    iterable of batches through as a list. With `model`, each batch is checked against it
+    (`tokens.validate_tokens`: ids in the vocabulary, length within the context) and moved to
+    its device."""
     if isinstance(tokens, Tensor):
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-        if tokens.shape[0] == 0:
+        if tokens.ndim < 1 or tokens.shape[0] == 0:
             raise EmptyDataError("no data: the token tensor has zero rows")
-        return list(tokens.split(batch_size))
-    batches = list(tokens)
+        batches = list(tokens.split(batch_size))
+    else:
+        batches = list(tokens)
     if not batches:
         raise EmptyDataError("no data: the batch iterable is empty")
-    return batches
+    if model is None:
+        return batches
+    from tl_degeneracy.engine.tokens import validate_tokens
+
+    return [validate_tokens(model, b) for b in batches]
 
 
 @dataclass(frozen=True)
@@ -141,3 +149,55 @@ def batch_generator(seed: int, *parts: int | str) -> torch.Generator:
 def chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
+
+
+def claim_checkpoint_folder(
+    folder: str | os.PathLike, settings: dict, barrier: Callable[[], None] | None = None
+) -> Path:
+    """Stamp `folder` with a fingerprint of `settings` (JSON data: config, model identity,
+    sites, a digest of the data), or check the stamp a previous run left: a folder written by
+    a run of other settings, model or data is refused rather than resumed silently. With
+    several processes, rank 0 writes the stamp between two `barrier()` calls."""
+    import hashlib
+
+    folder = Path(folder)
+    text = json.dumps(settings, sort_keys=True, default=str)
+    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:20]
+    stamp = folder / "fingerprint.json"
+    if stamp.exists():
+        saved = json.loads(stamp.read_text())
+        if saved.get("fingerprint") != fingerprint:
+            differs = [
+                k
+                for k in settings
+                if saved.get("settings", {}).get(k) != jsonable_roundtrip(settings[k])
+            ]
+            raise ValueError(
+                f"checkpoint folder {folder} was written by a run with other settings "
+                f"({', '.join(differs) or 'fingerprint'} differ); use a new folder or delete it"
+            )
+        return folder
+    if barrier is not None:
+        barrier()
+    if barrier is None or int(os.environ.get("RANK", "0")) == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(
+            json.dumps({"fingerprint": fingerprint, "settings": settings}, default=str)
+        )
+    if barrier is not None:
+        barrier()
+    return folder
+
+
+def jsonable_roundtrip(value: object) -> object:
+    return json.loads(json.dumps(value, default=str))
+
+
+def data_digest(batches: Iterable[Tensor]) -> str:
+    """A digest of the data (token ids or inputs), for checkpoint fingerprints."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for batch in batches:
+        h.update(batch.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,5 +1,5 @@
-"""Edges required under ablation (method.md §6) for one section of a language model, on a
-budget: only the edges into the section's top `N` output features are ablated.
+"""Edges required under ablation (docs/concepts.md, "Ablations") for one section of a language
+model, on a budget: only the edges into the section's top `N` output features are ablated.
 
 Keeping the `n` largest of those `N · k_in` edges, each of the `N` output features is
 recomputed from the input features with its dropped edges zeroed,
@@ -9,8 +9,9 @@ cross-entropy) is the score; bisection finds the fewest edges within `tolerance`
 clean loss.
 
 Why it is affordable on SmolLM2: the section input and clean output are captured once, the `N`
-masked inputs run through the block's attention or MLP only (`block_local_output`, batched),
-and each score costs one forward on a small held-out slice. The generic
+masked inputs run through the section's structure (`structures.structure_of`: the block's
+attention or MLP alone on a `HookedTransformer`), batched, and each score costs one forward on a
+small held-out slice. The generic
 `engine.edge_ablation` path recomputes every output feature with a section pass over the
 model prefix per chunk, ~2 CPU-hours a section at 256 tokens. Both give the same score when the
 non-top rows of the generic mask keep all their edges (tests).
@@ -27,11 +28,11 @@ from torch import Tensor, nn
 
 from tl_degeneracy.engine.ablation import next_token_loss
 from tl_degeneracy.engine.bases import SiteBasis
-from tl_degeneracy.engine.compat import frozen_parameters, replace_hooks, run_with_hooks
+from tl_degeneracy.engine.capture import capture_sites, injection_hooks
+from tl_degeneracy.engine.compat import frozen_parameters, run_with_hooks
 from tl_degeneracy.engine.edge_ablation import fewest_passing, keep_mask
 from tl_degeneracy.engine.sections import Section
-from tl_degeneracy.engine.statistics import capture_sites
-from tl_degeneracy.experiments.lm_study import block_local_output, block_local_supported
+from tl_degeneracy.engine.structures import structure_of
 
 
 @dataclass
@@ -84,15 +85,14 @@ class TopOutputAblator:
         metric: Callable[[Tensor, Tensor], Tensor] = next_token_loss,
     ):
         self.section = Section(basis_in.site, basis_out.site)
-        if not block_local_supported(model, self.section):
-            raise ValueError(
-                f"{self.section.name}: needs one block's attention or MLP on all positions of a "
-                "HookedTransformer (block_local_supported)"
-            )
+        self.structure = structure_of(model, self.section)
         self.model, self.tokens, self.metric = model, tokens, metric
         self.basis_in, self.basis_out = basis_in, basis_out
         self.n_outputs = min(n_outputs, basis_out.k)
-        act_in, act_out = capture_sites(model, tokens, [self.section.inp, self.section.out])
+        (full,) = capture_sites(model, tokens, [self.section.inp], all_positions=True)
+        self.full_in = full if self.structure.needs_activation else None
+        (act_out,) = capture_sites(model, tokens, [self.section.out])
+        act_in = self.section.inp.select(full)
         self.features_in: Float[Tensor, "n pos k_in"] = basis_in.features(act_in)
         self.act_out: Float[Tensor, "n pos d"] = act_out.clone()
         self.clean_out: Float[Tensor, "n pos n_top"] = basis_out.features(act_out)[
@@ -106,8 +106,10 @@ class TopOutputAblator:
         n_top, (n, pos, _) = self.n_outputs, self.features_in.shape
         masked = self.features_in[None] * mask.to(torch.float64)[:, None, None, :]
         x = self.basis_in.reconstruct(masked).reshape(n_top * n, pos, -1)
+        full = None if self.full_in is None else self.full_in.repeat(n_top, 1, 1)
         with frozen_parameters(self.model):
-            y = block_local_output(self.model, self.section, x.to(self.act_out.dtype))
+            inputs = self.tokens.repeat(n_top, 1)
+            y = self.structure.forward(inputs, full, x.to(self.act_out.dtype))
         out = self.basis_out
         feats = ((y.to(torch.float64) - out.mean) @ out.C[:, :n_top]).reshape(n_top, n, pos, -1)
         top = torch.arange(n_top)
@@ -119,12 +121,8 @@ class TopOutputAblator:
     def loss(self, mask: Bool[Tensor, "n_top k_in"]) -> float:
         """Mean metric with the top output features recomputed under `mask`."""
         new = self.ablated_output(mask).to(self.act_out.dtype)
-        hook = self.section.out.hook
-
-        def write(act: Tensor, hook=None) -> Tensor:
-            return new
-
-        logits = run_with_hooks(self.model, self.tokens, replace_hooks(self.model, hook, write))
+        hooks = injection_hooks(self.model, self.section.out, new)
+        logits = run_with_hooks(self.model, self.tokens, hooks)
         return float(self.metric(logits, self.tokens).mean())
 
 

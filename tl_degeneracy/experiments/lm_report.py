@@ -1,4 +1,4 @@
-"""Summary numbers and the offline HTML report of a language-model fit (`fit_job.LMFit`)."""
+"""Summary numbers and the offline HTML report of a study (`experiments.study.Study`)."""
 
 from __future__ import annotations
 
@@ -68,10 +68,12 @@ def lm_summary(fit: Any) -> dict[str, Any]:
 def lm_report(fit: Any, summary: dict[str, Any]) -> HtmlPage:
     """A self-contained page: settings and timings, spectra, edge sparsity, ablation curves."""
     cfg = fit.config
+    model = fit.metadata.get("model", {}).get("model_name", "a model")
     page = HtmlPage(
-        "LIB and PCA on a language model",
-        f"{fit.n_tokens} training tokens, R = {cfg.n_sources} Rademacher sources for M', "
-        f"edges on {cfg.edge_tokens} tokens into the top {cfg.edge_outputs} output features.",
+        f"LIB and PCA on {model}",
+        f"{fit.n_tokens} training tokens, M' {cfg.jacobian.method} "
+        f"(R = {cfg.jacobian.n_sources} sources), edges on {cfg.edge_tokens} tokens into the "
+        f"top {cfg.edge_outputs} output features.",
     )
     page.add(
         "Settings and timings",

@@ -12,19 +12,11 @@ from typing import Any, Literal
 import torch
 
 from tl_degeneracy.engine.ablation import AblationCurve, last_position_accuracy, node_ablation_curve
+from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.fit import Kind, LIBConfig, fit_basis
-from tl_degeneracy.engine.result import BasisResult
-from tl_degeneracy.engine.sites import Site
 from tl_degeneracy.engine.statistics import collect_statistics
 from tl_degeneracy.models.modadd.checkpoints import ModAddCheckpoint
-
-REFERENCE_SITES = (
-    Site("blocks.0.hook_resid_pre"),
-    Site("blocks.0.hook_resid_mid", "last"),
-    Site("blocks.0.hook_resid_post", "last"),
-    Site("logits", "last"),
-)
-"""The reference's node layers ln1.0, ln2.0, unembed and output, as TransformerLens sites."""
+from tl_degeneracy.models.modadd.sites import REFERENCE_SITES
 
 
 @dataclass

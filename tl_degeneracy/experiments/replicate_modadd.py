@@ -20,9 +20,9 @@ from tl_degeneracy.engine.edges import interaction_graph
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.modularity import find_modules
 from tl_degeneracy.engine.statistics import collect_statistics
-from tl_degeneracy.experiments.modadd_fit import REFERENCE_SITES
 from tl_degeneracy.models.modadd.checkpoints import ModAddCheckpoint
 from tl_degeneracy.models.modadd.fourier import fourier_labels
+from tl_degeneracy.models.modadd.sites import REFERENCE_SITES
 
 TOLERANCES = (0.001, 0.01)
 ABLATION_BATCH = 1024

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tl_degeneracy.engine.compat import hooked_state_dict, is_bridge
-from tl_degeneracy.engine.plain_forward import PlainModel, is_plain
+from tl_degeneracy.engine.structures.plain import PlainModel, is_plain
 
 ParamFilter = None | str | Sequence[str] | Callable[[str], bool]
 """Which parameters to sample: None (all), a regex searched in each name, a list of exact

@@ -35,8 +35,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.compat import frozen_parameters, hook_names, model_cfg, run_with_hooks
+from tl_degeneracy.engine.cotangents import exact_cotangents
 from tl_degeneracy.engine.degeneracy.llc import state_dict_parameters
-from tl_degeneracy.engine.jacobians import exact_cotangents
 from tl_degeneracy.engine.linalg import symmetric_eigh
 from tl_degeneracy.engine.sites import Site
 from tl_degeneracy.engine.statistics import SiteStatistics, check_finite

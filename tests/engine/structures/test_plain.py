@@ -4,15 +4,11 @@ import pytest
 import torch
 
 from tl_degeneracy.engine.compat import hooked_state_dict
-from tl_degeneracy.engine.plain_forward import (
-    PlainBlock,
-    PlainModel,
-    PlainTail,
-    attention_layer,
-    is_plain,
-)
+from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import Site
 from tl_degeneracy.engine.statistics import capture_sites
+from tl_degeneracy.engine.structures import structure_of
+from tl_degeneracy.engine.structures.plain import PlainBlock, PlainModel, PlainTail, is_plain
 
 
 @pytest.mark.parametrize("hook", ["hook_resid_pre", "hook_resid_mid", "hook_resid_post"])
@@ -57,18 +53,11 @@ def test_models_with_normalisation_are_not_plain(api, tiny):
     model = tiny(api, "ln")
     assert not is_plain(model) and PlainTail.of(model) is None and PlainBlock.of(model, 0) is None
     plain = tiny(api)
-    assert (
-        attention_layer(
-            plain, Site("blocks.0.hook_resid_pre"), Site("blocks.0.hook_resid_mid", "last")
-        )
-        == 0
-    )
-    assert (
-        attention_layer(
-            plain, Site("blocks.0.hook_resid_pre", "last"), Site("blocks.0.hook_resid_mid")
-        )
-        is None
-    )
+    pre, mid = Site("blocks.0.hook_resid_pre"), Site("blocks.0.hook_resid_mid", "last")
+    attention = structure_of(plain, Section(pre, mid))
+    assert attention.kind == "attention" and attention.every_input_position
+    assert not structure_of(plain, Section(pre.with_positions("last"), mid)).every_input_position
+    assert structure_of(model, Section(pre, mid)).kind in ("block_local", "generic")
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, einsum
 
-from tl_degeneracy.engine.plain_forward import PlainBlock
+from tl_degeneracy.engine.structures.plain import PlainBlock
 
 
 def attention_jacobian_gram(
@@ -44,7 +44,7 @@ def attention_jacobian_gram(
     v = einsum("btm,hmi->bhti", x, w.W_V) + w.b_V[:, None]
     qp = q[:, :, pos_out]  # [b, h, P, i]
     scores = einsum("bhpi,bhti->bhpt", qp, k) / w.scale
-    causal = torch.arange(n_pos)[None, :] > pos_out[:, None]  # [P, T]
+    causal = torch.arange(n_pos, device=x.device)[None, :] > pos_out[:, None]  # [P, T]
     pattern = scores.masked_fill(causal, float("-inf")).softmax(-1)  # [b, h, P, T]
     z = einsum("bhpt,bhti->bhpi", pattern, v)
     a_all = pattern[..., None] * (v[:, :, None] - z[:, :, :, None]) / w.scale  # [b,h,P,T,i]
@@ -73,7 +73,7 @@ def attention_jacobian_gram(
     qq = einsum("bhti,bhgptj->hgij", k, einsum("bhgptu,bguj->bhgptj", qq_w, k))
 
     heads, d_head = w.W_Q.shape[0], w.W_Q.shape[2]
-    x_blocks = torch.zeros(heads, 3, d_head, heads, 3, d_head, dtype=x.dtype)
+    x_blocks = x.new_zeros(heads, 3, d_head, heads, 3, d_head)
     x_blocks[:, 0, :, :, 0] = vv.permute(0, 2, 1, 3)
     x_blocks[:, 0, :, :, 1] = vk.permute(0, 2, 1, 3)
     x_blocks[:, 0, :, :, 2] = vq.permute(0, 2, 1, 3)
@@ -92,7 +92,8 @@ def attention_jacobian_gram(
 
     r_self = torch.stack(
         [
-            einsum("bhp->h", pat_self)[:, None, None] * torch.eye(d_head, dtype=x.dtype),
+            einsum("bhp->h", pat_self)[:, None, None]
+            * torch.eye(d_head, dtype=x.dtype, device=x.device),
             einsum("bhpi,bhpj->hij", qp * has_self[:, None], a_self),
             einsum("p,bhpij->hij", has_self, q_sum),
         ],

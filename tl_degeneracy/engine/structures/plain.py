@@ -19,6 +19,7 @@ function here to the model's own forward.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.compat import hooked_state_dict
-from tl_degeneracy.engine.sites import LOGITS, Site
+from tl_degeneracy.engine.sites import LOGITS
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu,
@@ -58,16 +59,6 @@ def is_plain(model: nn.Module) -> bool:
         and not getattr(cfg, "use_qk_norm", False)
         and (getattr(cfg, "attn_only", False) or str(act) in ACTIVATIONS)
     )
-
-
-def attention_layer(model: nn.Module, inp: Site, out: Site) -> int | None:
-    """The layer whose attention block is the section `inp -> out` of a plain model
-    (`blocks.l.hook_resid_pre` at all positions to `blocks.l.hook_resid_mid`), else None."""
-    if not (is_plain(model) and inp.positions == "all" and inp.hook.endswith(".hook_resid_pre")):
-        return None
-    if out.hook != inp.hook.replace("hook_resid_pre", "hook_resid_mid"):
-        return None
-    return int(inp.hook.split(".")[1])
 
 
 def attention_scale(model: nn.Module) -> float:
@@ -149,6 +140,17 @@ class PlainBlock:
     def n_heads(self) -> int:
         return int(self.W_Q.shape[0])
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PlainBlock:
+        """The same block with its tensors on `device` (and in `dtype`)."""
+        fields = {
+            f.name: getattr(self, f.name).to(
+                device=device, dtype=dtype or getattr(self, f.name).dtype
+            )
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **fields)
+
     @property
     def has_mlp(self) -> bool:
         return self.W_in is not None
@@ -167,7 +169,7 @@ class PlainBlock:
     ) -> Float[Tensor, "... query d_model"]:
         """Attention output (with `b_O`, without the residual) at the query positions, from
         the projected queries/keys/values of every position (causal mask)."""
-        q_idx = torch.as_tensor(queries, dtype=torch.long)
+        q_idx = torch.as_tensor(queries, dtype=torch.long, device=qkv.device)
         q, k, v = qkv.chunk(3, dim=-1)
         return self.attend_qkv(q[..., q_idx, :], k, v, q_idx)
 
@@ -192,7 +194,9 @@ class PlainBlock:
             scores = torch.einsum("...thd,...shd->...tsh", q, k)
         scores = scores / self.scale  # [..., query, key, head]
         if bool((queries < n_keys - 1).any()):
-            allowed = torch.arange(n_keys)[None, :] <= queries[:, None]  # [query, key]
+            allowed = (
+                torch.arange(n_keys, device=q.device)[None, :] <= queries[:, None]
+            )  # [query, key]
             scores = scores.masked_fill(~allowed[..., None], float("-inf"))
         pattern = scores.softmax(-2)
         if few:
@@ -240,7 +244,7 @@ class PlainTail:
         block = PlainBlock.of(model, cfg.n_layers - 1, sd)
         assert block is not None
         w_u = sd["unembed.W_U"].to(torch.float64)
-        b_u = sd.get("unembed.b_U", torch.zeros(w_u.shape[1])).to(torch.float64)
+        b_u = sd.get("unembed.b_U", w_u.new_zeros(w_u.shape[1])).to(torch.float64)
         return cls(block, w_u, b_u)
 
     def stage(self, hook: str) -> str | None:
@@ -269,7 +273,7 @@ class PlainTail:
         """Logits at the query positions when the stream at `hook` is `act` (all positions
         for 'pre', which attention mixes; any position set otherwise, read at `queries`)."""
         stage = self.stage(hook)
-        q = torch.as_tensor(queries, dtype=torch.long)
+        q = torch.as_tensor(queries, dtype=torch.long, device=act.device)
         if stage == "pre":
             mid = act[..., q, :] + self.block.attention(act, q)
             return self.from_mid(mid)
@@ -335,7 +339,7 @@ class PlainModel:
         queries, keys and values are projected once per (position, token) and looked up.
         Queries, keys and values are kept apart (no slicing of one fused projection), so the
         backward pass scatters into small tables instead of filling batch-sized zeros."""
-        q_pos = torch.as_tensor(queries, dtype=torch.long)
+        q_pos = torch.as_tensor(queries, dtype=torch.long, device=self.W_E.device)
         last = len(self.blocks) - 1
         table: Tensor | None = None
         rows: Tensor | None = None
@@ -345,12 +349,12 @@ class PlainModel:
             start_layer = 0
             n_pos = tokens.shape[1]
             table = (self.W_E + self.W_pos[:n_pos, None]).flatten(0, 1)  # [(pos vocab), d]
-            rows = tokens + torch.arange(n_pos) * self.W_E.shape[0]
+            rows = tokens + torch.arange(n_pos, device=tokens.device) * self.W_E.shape[0]
             x = None if last == 0 else table[rows]
         else:
             n_pos = resid.shape[-2]
             x = resid
-        everywhere = torch.arange(n_pos)
+        everywhere = torch.arange(n_pos, device=self.W_E.device)
         for layer in range(start_layer, last + 1):
             block = self.blocks[layer]
             at = q_pos if layer == last else everywhere

@@ -1,0 +1,477 @@
+"""Attribution patching in a basis, checked against activation patching and against
+TransformerLens (docs/attribution.md).
+
+At a site with clean activation `a`, corrupted activation `a'` and the metric's gradient `g`
+on the corrupted run, feature `i` of a basis (`f̂ = (f − μ) C`, `f ≈ μ + f̂ C⁺`) scores
+
+    s_i = Σ_positions ((a − a') C)_i · (g C⁺ᵀ)_i,
+
+the first-order estimate of what patching that one feature from corrupted to clean does to the
+metric. `Σ_i s_i = (a − a') C C⁺ gᵀ` is the site-level attribution `(a − a')·g` when `C C⁺ = I`
+(an untruncated basis); otherwise the difference is the *truncation gap*. The ground truth is
+activation patching: the corrupted run with feature `i` set to its clean value.
+
+Batch convention: a metric gives one value per sequence and every number here is a change of
+its **batch mean** (TransformerLens's `attribution_patch` averages per-pair scores the same
+way), so a score is the mean over pairs of the per-pair score.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from scipy import stats
+from torch import Tensor, nn
+
+from tl_degeneracy.engine.artifacts import Result
+from tl_degeneracy.engine.attribution.gradients import (
+    AttributionMetric,
+    batch_metric,
+    site_gradients,
+    tl_site_attribution,
+)
+from tl_degeneracy.engine.attribution.patching import check_pair, feature_patching, site_patching
+from tl_degeneracy.engine.bases import SiteBasis
+from tl_degeneracy.engine.basis_result import BasisResult
+from tl_degeneracy.engine.capture import capture_sites
+from tl_degeneracy.engine.compat import model_identity
+from tl_degeneracy.engine.sites import SiteLike, as_site, site_parts
+from tl_degeneracy.engine.streaming import iter_batches
+
+
+def _bases(result: BasisResult | Mapping[str, SiteBasis]) -> Mapping[str, SiteBasis]:
+    return result.bases if isinstance(result, BasisResult) else result
+
+
+def _lookup(bases: Mapping[str, SiteBasis], site: SiteLike) -> SiteBasis:
+    """The basis at a site given as a `Site`, its name (`"blocks.0.hook_resid_mid[-1]"`) or a
+    site spec."""
+    if isinstance(site, str) and site in bases:
+        return bases[site]
+    name = as_site(site).name
+    if name not in bases:
+        raise KeyError(f"no basis at site {name!r}; sites: {list(bases)}")
+    return bases[name]
+
+
+def _first_part_width(model: nn.Module, site: Any, total: int) -> int:
+    """Width of the part TransformerLens measures: all of a plain site, a composite's
+    component (all but the stream's d_model)."""
+    if len(site_parts(model, site)) == 1:
+        return total
+    return total - int(model.cfg.d_model)  # type: ignore[union-attr]
+
+
+def spearman(x: Tensor | np.ndarray | Sequence[float], y: Tensor | np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant
+    or has fewer than two values."""
+    xv = np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x, dtype=np.float64)
+    yv = np.asarray(y.detach().cpu() if isinstance(y, Tensor) else y, dtype=np.float64)
+    if xv.shape != yv.shape:
+        raise ValueError(f"x and y differ in shape: {xv.shape} vs {yv.shape}")
+    if xv.size < 2 or np.ptp(xv) == 0 or np.ptp(yv) == 0:
+        return math.nan
+    rx, ry = stats.rankdata(xv), stats.rankdata(yv)
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+@dataclass
+class SiteAttribution:
+    """Per-feature attribution, patching effect and importance at one site, and the site-level
+    sums (all changes of the batch-mean metric)."""
+
+    site: str
+    kind: str
+    attribution: Float[Tensor, " k"]
+    """s_i = Σ_pos ((a − a') C)_i (g C⁺ᵀ)_i."""
+    patching: Float[Tensor, " k"]
+    """Metric change when feature i alone is patched to its clean value."""
+    importance: Float[Tensor, " k"]
+    """Λ for LIB/IB, the variance for PCA and neuron bases."""
+    site_attribution: float
+    """(a − a')·g at the site, from our gradient."""
+    tl_site_attribution: float | None
+    """The same from TransformerLens's gradient cache (None when not computed)."""
+    site_patching: float
+    """Metric change when the whole site is patched to clean."""
+    d: int
+    seconds: float = 0.0
+    tl_comparable: float | None = None
+    """Our site-level value over the part TransformerLens measures (`gradients.tl_hook`: the
+    whole site, or a composite site's component); None when not computed."""
+
+    @property
+    def k(self) -> int:
+        return int(self.attribution.numel())
+
+    @property
+    def feature_sum(self) -> float:
+        """Σ_i s_i."""
+        return float(self.attribution.sum())
+
+    @property
+    def gap(self) -> float:
+        """(a − a')·g − Σ_i s_i: zero for an untruncated basis, the truncation's share else."""
+        return self.site_attribution - self.feature_sum
+
+    @property
+    def relative_gap(self) -> float:
+        scale = abs(self.site_attribution)
+        return abs(self.gap) / scale if scale > 0 else (0.0 if self.gap == 0 else math.inf)
+
+    @property
+    def tl_relative_difference(self) -> float | None:
+        """|ours − TransformerLens's| / |TransformerLens's| over the same hook."""
+        if self.tl_site_attribution is None:
+            return None
+        ours = self.site_attribution if self.tl_comparable is None else self.tl_comparable
+        diff = abs(ours - self.tl_site_attribution)
+        scale = abs(self.tl_site_attribution)
+        return diff / scale if scale > 0 else diff
+
+    def correlations(self, top: int | None = None) -> dict[str, float]:
+        """Spearman ρ: signed attribution vs signed patching; and, since Λ is a magnitude,
+        |attribution| and |patching| vs Λ. With `top`, over the `top` features of largest
+        |patching| only (over all features, near-zero effects can dominate the ranks)."""
+        a, p, lam = self.attribution, self.patching, self.importance
+        if top is not None:
+            keep = torch.argsort(p.abs(), descending=True)[:top]
+            a, p, lam = a[keep], p[keep], lam[keep]
+        return {
+            "attribution~patching": spearman(a, p),
+            "|attribution|~|patching|": spearman(a.abs(), p.abs()),
+            "|attribution|~importance": spearman(a.abs(), lam),
+            "|patching|~importance": spearman(p.abs(), lam),
+        }
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per feature, in basis order (most important first)."""
+        return [
+            {
+                "site": self.site,
+                "kind": self.kind,
+                "feature": i,
+                "attribution": float(self.attribution[i]),
+                "patching": float(self.patching[i]),
+                "importance": float(self.importance[i]),
+            }
+            for i in range(self.k)
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        rho = self.correlations()
+        return {
+            "site": self.site,
+            "kind": self.kind,
+            "d": self.d,
+            "k": self.k,
+            "site attribution (ours)": self.site_attribution,
+            "site attribution (TransformerLens)": self.tl_site_attribution,
+            "sum of feature scores": self.feature_sum,
+            "gap": self.gap,
+            "relative gap": self.relative_gap,
+            "site patching": self.site_patching,
+            "rho attribution~patching": rho["attribution~patching"],
+            "rho |attribution|~importance": rho["|attribution|~importance"],
+            "rho |patching|~importance": rho["|patching|~importance"],
+            "seconds": self.seconds,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "kind": self.kind,
+            "d": self.d,
+            "k": self.k,
+            "attribution": self.attribution.tolist(),
+            "patching": self.patching.tolist(),
+            "importance": self.importance.tolist(),
+            "site_attribution": self.site_attribution,
+            "tl_site_attribution": self.tl_site_attribution,
+            "site_patching": self.site_patching,
+            "tl_comparable": self.tl_comparable,
+            "feature_sum": self.feature_sum,
+            "gap": self.gap,
+            "relative_gap": _finite(self.relative_gap),
+            "correlations": {k: _finite(v) for k, v in self.correlations().items()},
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SiteAttribution:
+        """Inverse of `to_json` (derived fields are recomputed)."""
+
+        def vec(key: str) -> Tensor:
+            return torch.tensor(d[key], dtype=torch.float64)
+
+        return cls(
+            d["site"],
+            d["kind"],
+            vec("attribution"),
+            vec("patching"),
+            vec("importance"),
+            d["site_attribution"],
+            d["tl_site_attribution"],
+            d["site_patching"],
+            d["d"],
+            d.get("seconds", 0.0),
+            d.get("tl_comparable"),
+        )
+
+
+@dataclass
+class AttributionComparison(Result):
+    """Attribution patching in a basis against true patching and Λ, at one or more sites."""
+
+    sites: dict[str, SiteAttribution]
+    clean_metric: float
+    corrupted_metric: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    ARTIFACT = "attribution_comparison"
+
+    def __getitem__(self, site: str) -> SiteAttribution:
+        return self.sites[site]
+
+    def table(self, site: str | None = None, top: int | None = None) -> list[dict[str, Any]]:
+        """Per-feature rows (site, kind, feature, attribution, patching, importance); with `top`,
+        only the `top` features of largest |patching| per site."""
+        out = []
+        for name, sa in self.sites.items():
+            if site is not None and name != site:
+                continue
+            rows = sa.rows()
+            if top is not None:
+                rows = sorted(rows, key=lambda r: -abs(r["patching"]))[:top]
+            out += rows
+        return out
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per site: site-level sums, the gap, rank correlations, time."""
+        return [sa.summary() for sa in self.sites.values()]
+
+    def correlations(self, top: int | None = None) -> dict[str, dict[str, float]]:
+        """`SiteAttribution.correlations` of every site."""
+        return {name: sa.correlations(top) for name, sa in self.sites.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "clean_metric": self.clean_metric,
+            "corrupted_metric": self.corrupted_metric,
+            "metadata": self.metadata,
+            "sites": {name: sa.to_json() for name, sa in self.sites.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AttributionComparison:
+        """Inverse of `to_json`."""
+        sites = {name: SiteAttribution.from_json(v) for name, v in d["sites"].items()}
+        return cls(sites, d["clean_metric"], d["corrupted_metric"], d.get("metadata", {}))
+
+    def _tensors(self) -> dict[str, Tensor]:
+        out = {}
+        for name, sa in self.sites.items():
+            for f in ("attribution", "patching", "importance"):
+                out[f"{name}/{f}"] = getattr(sa, f)
+        return out
+
+    def _metadata(self) -> dict[str, Any]:
+        data = self.to_json()
+        for entry in data["sites"].values():
+            for f in ("attribution", "patching", "importance"):
+                entry.pop(f)
+        return {**self.metadata, "comparison": data}
+
+    @classmethod
+    def _from_artifact(
+        cls, tensors: dict[str, Tensor], meta: dict[str, Any]
+    ) -> AttributionComparison:
+        data = meta["comparison"]
+        for name, entry in data["sites"].items():
+            for f in ("attribution", "patching", "importance"):
+                entry[f] = tensors[f"{name}/{f}"].tolist()
+        return cls.from_json(data)
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> AttributionComparison:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
+        return path
+
+    def __repr__(self) -> str:
+        parts = [
+            f"{n}: rho={sa.correlations()['attribution~patching']:.3f}"
+            for n, sa in self.sites.items()
+        ]
+        return f"AttributionComparison({', '.join(parts)})"
+
+    def _html_title(self) -> str:
+        return "Attribution patching in a basis"
+
+    def _html_sections(self) -> list:
+        from tl_degeneracy.viz.html import Fragment, PageSection, table
+        from tl_degeneracy.viz.plots import figure_to_html, plot_scatter
+
+        metric = str(self.metadata.get("metric", "metric"))
+        intro = (
+            f"Metric {metric}: clean {self.clean_metric:.6g}, corrupted "
+            f"{self.corrupted_metric:.6g}, {self.metadata.get('n_pairs', '?')} pairs. "
+            "Attribution s_i = ((a − a')C)_i (g C⁺ᵀ)_i; patching = metric change when feature i "
+            "alone is set to its clean value (batch means)."
+        )
+        sections = [PageSection("Summary", table(self.summary()), intro)]
+        for name, sa in self.sites.items():
+            labels = list(range(sa.k))
+            a, p, lam = (t.numpy() for t in (sa.attribution, sa.patching, sa.importance))
+            a_abs, p_abs = np.abs(a), np.abs(p)
+            log_a = bool((lam > 0).all() and (a_abs > 0).all())
+            log_p = bool((lam > 0).all() and (p_abs > 0).all())
+            plots = [
+                plot_scatter(
+                    a, p, labels, "attribution", "patching effect", diagonal=True, max_labels=12
+                ),
+                plot_scatter(
+                    lam, a_abs, labels, "importance", "|attribution|", log=log_a, max_labels=12
+                ),
+                plot_scatter(
+                    lam, p_abs, labels, "importance", "|patching effect|", log=log_p, max_labels=12
+                ),
+            ]
+            figs = [figure_to_html(f, alt=f"{name} scatter") for f in plots]
+            content: list[Fragment | str] = [
+                '<div style="display:flex;flex-wrap:wrap;gap:1em">',
+                *figs,
+                "</div>",
+                table(sa.rows()[:50]),
+            ]
+            sections.append(
+                PageSection(
+                    f"{sa.kind.upper()} at {name}",
+                    content,
+                    "Scatter plots: attribution vs patching (dashed: y = x), |attribution| and "
+                    "|patching| vs importance; table: the first 50 features in basis order.",
+                )
+            )
+        return sections
+
+
+def format_correlation_table(
+    comparisons: Mapping[str, AttributionComparison], top: int | None = None
+) -> str:
+    """A Markdown table of the rank correlations of several comparisons (keyed by basis kind);
+    with `top`, over each site's `top` features of largest |patching| (see
+    `SiteAttribution.correlations`)."""
+    head = (
+        "| basis | site | k | ρ(attribution, patching) | ρ(\\|attribution\\|, Λ) | "
+        "ρ(\\|patching\\|, Λ) | site attribution | Σ s_i | relative gap | site patching |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for kind, comparison in comparisons.items():
+        for name, sa in comparison.sites.items():
+            rho = sa.correlations(top)
+            lines.append(
+                f"| {kind.upper()} | `{name}` | {sa.k} | {rho['attribution~patching']:.3f} | "
+                f"{rho['|attribution|~importance']:.3f} | {rho['|patching|~importance']:.3f} | "
+                f"{sa.site_attribution:.4g} | {sa.feature_sum:.4g} | {sa.relative_gap:.2e} | "
+                f"{sa.site_patching:.4g} |"
+            )
+    return "\n".join(lines)
+
+
+def compare_attribution(
+    model: nn.Module,
+    basis_result: BasisResult | Mapping[str, SiteBasis],
+    sites: Sequence[SiteLike] | None,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    metric: AttributionMetric,
+    max_rows: int = 4096,
+    tl_check: bool = True,
+    metric_name: str | None = None,
+) -> AttributionComparison:
+    """Per-feature attribution patching at each site (default: every non-final site of the
+    result), true patching of each feature, importances, and site-level sums (ours,
+    TransformerLens's when `tl_check`, and the truncation gap).
+
+    One forward + backward on the corrupted tokens serves all sites' gradients; patching runs
+    `k` groups per site, `max_rows` sequences per forward.
+    """
+    check_pair(clean_tokens, corrupted_tokens)
+    clean_tokens = iter_batches(clean_tokens, clean_tokens.shape[0], model)[0]
+    corrupted_tokens = iter_batches(corrupted_tokens, corrupted_tokens.shape[0], model)[0]
+    bases = _bases(basis_result)
+    if sites is None:
+        chosen = [b for b in bases.values() if not b.site.is_logits and b.kind != "raw"]
+    else:
+        chosen = [_lookup(bases, s) for s in sites]
+    if any(b.site.is_logits for b in chosen):
+        raise ValueError("attribution at the logits is not a patching experiment; pick a hook site")
+    site_list = [b.site for b in chosen]
+    with torch.no_grad():
+        clean_value = float(batch_metric(metric, model(clean_tokens), clean_tokens))
+    clean_acts = capture_sites(model, clean_tokens, site_list)
+    corrupt_acts, grads, corrupted_value = site_gradients(
+        model, site_list, corrupted_tokens, metric
+    )
+    results: dict[str, SiteAttribution] = {}
+    for basis, clean in zip(chosen, clean_acts):
+        start = time.perf_counter()
+        name = basis.site.name
+        basis = basis.to(clean.device)
+        corrupt = corrupt_acts[name]
+        delta = clean.to(torch.float64) - corrupt
+        g = grads[name]
+        dfeat = delta @ basis.C
+        gfeat = g @ basis.C_pinv.T
+        attribution = torch.einsum("bpk,bpk->k", dfeat, gfeat).cpu()
+        site_value = float((delta * g).sum())
+        masks = torch.eye(basis.k, dtype=torch.float64, device=clean.device)
+        patching = feature_patching(
+            model, basis, corrupted_tokens, metric, corrupt, dfeat, masks, max_rows
+        )
+        site_patch = site_patching(model, basis.site, corrupted_tokens, metric, clean, corrupt)
+        tl_value, tl_ours = None, None
+        if tl_check:
+            tl_value = tl_site_attribution(
+                model, basis.site, clean_tokens, corrupted_tokens, metric
+            )
+            width = _first_part_width(model, basis.site, delta.shape[-1])
+            tl_ours = float((delta[..., :width] * g[..., :width]).sum())
+        results[name] = SiteAttribution(
+            name,
+            basis.kind,
+            attribution,
+            patching,
+            basis.importance.to(torch.float64).cpu().clone(),
+            site_value,
+            tl_value,
+            site_patch,
+            basis.d,
+            time.perf_counter() - start,
+            tl_ours,
+        )
+    metadata = {
+        "metric": metric_name or getattr(metric, "__name__", "metric"),
+        "n_pairs": int(clean_tokens.shape[0]),
+        "batch_reduction": "mean over pairs",
+        "basis_kind": (basis_result.kind if isinstance(basis_result, BasisResult) else "mixed"),
+        "model": model_identity(model),
+    }
+    return AttributionComparison(results, clean_value, corrupted_value, metadata)

@@ -1,0 +1,160 @@
+"""True activation patching at a site and of features in a basis, the ground truth that
+attribution patching estimates (docs/attribution.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from tl_degeneracy.engine.attribution.gradients import (
+    AttributionMetric,
+    batch_metric,
+    reduce_metric,
+)
+from tl_degeneracy.engine.bases import SiteBasis
+from tl_degeneracy.engine.capture import capture_sites, injection_hooks
+from tl_degeneracy.engine.compat import model_cfg, run_with_hooks
+from tl_degeneracy.engine.sites import Site
+
+LOGIT_BUDGET = 1 << 27
+"""Most logits (batch · pos · vocab) one patching forward may produce (1 GiB in float64)."""
+
+
+def check_pair(clean: Tensor, corrupted: Tensor) -> None:
+    if clean.ndim != 2 or clean.shape != corrupted.shape:
+        raise ValueError(
+            "clean and corrupted tokens must be [batch, pos] of the same shape, got "
+            f"{tuple(clean.shape)} and {tuple(corrupted.shape)}"
+        )
+
+
+@torch.no_grad()
+def patched_metrics(
+    model: nn.Module,
+    site: Site,
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    metric: AttributionMetric,
+    corrupt_act: Float[Tensor, "batch site_pos d"],
+    deltas: Callable[[int, int], Float[Tensor, "r batch site_pos d"]],
+    n_groups: int,
+    max_rows: int,
+    scalar_metric: bool,
+) -> Float[Tensor, " n_groups"]:
+    """Batch-mean metric of the corrupted run with the site set to `corrupt_act + deltas(start,
+    stop)[j]`, for every group; groups run side by side in one forward by repeating the batch
+    (at most `max_rows` sequences, and at most `LOGIT_BUDGET` logits, per forward)."""
+    batch, n_pos = corrupted_tokens.shape
+    cfg = model_cfg(model)
+    vocab = int(getattr(cfg, "d_vocab_out", None) or cfg.d_vocab)
+    rows = max(1, min(max_rows, LOGIT_BUDGET // (n_pos * vocab)))
+    per_forward = 1 if scalar_metric else max(1, rows // batch)
+    values = torch.empty(n_groups, dtype=torch.float64)
+    base = corrupt_act.to(torch.float64)
+    for start in range(0, n_groups, per_forward):
+        stop = min(n_groups, start + per_forward)
+        r = stop - start
+        new = (base[None] + deltas(start, stop)).flatten(0, 1)
+        hooks = injection_hooks(model, site, new)
+        logits = run_with_hooks(model, corrupted_tokens.repeat(r, 1), hooks)
+        for j in range(r):
+            part = slice(j * batch, (j + 1) * batch)
+            values[start + j] = batch_metric(metric, logits[part], corrupted_tokens)
+    return values
+
+
+def feature_patching_effects(
+    model: nn.Module,
+    basis: SiteBasis,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    metric: AttributionMetric,
+    groups: Sequence[Sequence[int]] | None = None,
+    max_rows: int = 4096,
+) -> Float[Tensor, " n_groups"]:
+    """True activation patching in a basis: the change of the batch-mean metric when the
+    corrupted run's features in each group are set to their clean values (everything else
+    corrupted, the part outside the basis's span too). Default: every feature alone.
+
+    Editing features by `Δf̂` moves the activation by `Δf̂ C⁺`, as `attach` does. Groups are
+    batched by repeating the corrupted batch up to `max_rows` sequences per forward (a metric
+    that returns one scalar for the whole batch runs one group per forward).
+    """
+    check_pair(clean_tokens, corrupted_tokens)
+    site = basis.site
+    (clean,) = capture_sites(model, clean_tokens, [site])
+    (corrupt,) = capture_sites(model, corrupted_tokens, [site])
+    groups = [[i] for i in range(basis.k)] if groups is None else [list(g) for g in groups]
+    masks = torch.zeros(len(groups), basis.k, dtype=torch.float64, device=clean.device)
+    for j, g in enumerate(groups):
+        masks[j, g] = 1.0
+    b = basis.to(clean.device)
+    dfeat = (clean.to(torch.float64) - corrupt.to(torch.float64)) @ b.C
+    return feature_patching(model, b, corrupted_tokens, metric, corrupt, dfeat, masks, max_rows)
+
+
+def feature_patching(
+    model: nn.Module,
+    basis: SiteBasis,
+    corrupted_tokens: Tensor,
+    metric: AttributionMetric,
+    corrupt_act: Tensor,
+    dfeat: Float[Tensor, "batch site_pos k"],
+    masks: Float[Tensor, "groups k"],
+    max_rows: int,
+) -> Float[Tensor, " groups"]:
+    """Metric change per group of features patched by `dfeat` (see `feature_patching_effects`)."""
+    with torch.no_grad():
+        raw = metric(model(corrupted_tokens), corrupted_tokens)
+    scalar = not isinstance(raw, Tensor) or raw.ndim == 0
+    base_value = reduce_metric(raw, corrupted_tokens.shape[0])
+
+    def deltas(start: int, stop: int) -> Tensor:
+        return torch.einsum("bpk,rk,kd->rbpd", dfeat, masks[start:stop], basis.C_pinv)
+
+    values = patched_metrics(
+        model,
+        basis.site,
+        corrupted_tokens,
+        metric,
+        corrupt_act,
+        deltas,
+        masks.shape[0],
+        max_rows,
+        scalar,
+    )
+    return values - base_value.cpu()
+
+
+def site_patching_effect(
+    model: nn.Module,
+    site: Site,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    metric: AttributionMetric,
+) -> float:
+    """Change of the batch-mean metric when the site's whole activation (at its positions) is
+    patched from corrupted to clean."""
+    check_pair(clean_tokens, corrupted_tokens)
+    (clean,) = capture_sites(model, clean_tokens, [site])
+    (corrupt,) = capture_sites(model, corrupted_tokens, [site])
+    return site_patching(model, site, corrupted_tokens, metric, clean, corrupt)
+
+
+def site_patching(
+    model: nn.Module,
+    site: Site,
+    corrupted_tokens: Tensor,
+    metric: AttributionMetric,
+    clean_act: Tensor,
+    corrupt_act: Tensor,
+) -> float:
+    with torch.no_grad():
+        base = batch_metric(metric, model(corrupted_tokens), corrupted_tokens)
+        hooks = injection_hooks(model, site, clean_act)
+        value = batch_metric(
+            metric, run_with_hooks(model, corrupted_tokens, hooks), corrupted_tokens
+        )
+    return float(value - base)
