@@ -9,15 +9,13 @@ from support import random_tokens, tiny_model
 
 from tl_degeneracy.engine.ablation import evaluate, next_token_loss
 from tl_degeneracy.engine.bases import pca_basis
-from tl_degeneracy.engine.compat import has_hooked_transformer
+from tl_degeneracy.engine.compat import available_apis
 from tl_degeneracy.engine.edge_ablation import edge_ablation_score
 from tl_degeneracy.engine.sites import Site
 from tl_degeneracy.engine.statistics import collect_statistics
+from tl_degeneracy.engine.structures import autograd_only
 from tl_degeneracy.experiments.lm_edges_required import TopOutputAblator, top_output_edges_required
 
-pytestmark = pytest.mark.skipif(
-    not has_hooked_transformer(), reason="block-local sections need HookedTransformer (TL < 4)"
-)
 
 SECTIONS = {
     "attention": ("blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid"),
@@ -27,7 +25,7 @@ N_TOP = 3
 
 
 def setup(section: str):
-    model = tiny_model("hooked", "ln", n_layers=2, n_ctx=6, d_vocab=13)
+    model = tiny_model(available_apis()[0], "ln", n_layers=2, n_ctx=6, d_vocab=13)
     tokens = random_tokens(model, 10)
     sites = [Site(h) for h in SECTIONS[section]]
     stats = collect_statistics(model, sites, tokens, progress=False)
@@ -54,7 +52,8 @@ def test_equals_generic_path_with_other_outputs_kept_whole(section):
         mask = torch.rand(N_TOP, b_in.k, generator=gen) < 0.5
         full = torch.ones(b_out.k, b_in.k, dtype=torch.bool)
         full[:N_TOP] = mask
-        generic = edge_ablation_score(model, tokens, b_in, b_out, full, next_token_loss, fast=False)
+        with autograd_only():
+            generic = edge_ablation_score(model, tokens, b_in, b_out, full, next_token_loss)
         assert ablator.loss(mask) == pytest.approx(generic, abs=1e-10)
 
 

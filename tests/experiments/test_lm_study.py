@@ -1,5 +1,6 @@
-"""The language-model job on small random models: the block-local fast path (activation
-store) equals the core accumulators, artifacts are written, and stale checkpoints are refused."""
+"""The language-model study on small random models: the store path equals the generic path,
+the LIB bases equal `fit_basis`, edges equal `section_edges`, artifacts are written and load,
+resume works and stale checkpoints are refused, and BOS is left out at the store's speed."""
 
 from __future__ import annotations
 
@@ -12,18 +13,10 @@ from support import random_tokens, tiny_model
 from tl_degeneracy.engine.compat import available_apis
 from tl_degeneracy.engine.edges import EdgeConfig, section_edges
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
-from tl_degeneracy.engine.jacobians import JacobianConfig
-from tl_degeneracy.engine.sections import Section, run_section
-from tl_degeneracy.engine.sites import Site
-from tl_degeneracy.experiments.lm_study import (
-    LMFitConfig,
-    block_local_output,
-    block_local_supported,
-    fit_lm,
-    lm_sites,
-    top_outputs,
-    write_lm_fit,
-)
+from tl_degeneracy.engine.jacobians import JacobianConfig, checkpoint_key
+from tl_degeneracy.engine.structures import autograd_only
+from tl_degeneracy.experiments.lm_study import LMFitConfig, fit_lm, write_lm_fit
+from tl_degeneracy.experiments.study import Study
 
 CFG = LMFitConfig(
     n_sources=3,
@@ -37,87 +30,56 @@ CFG = LMFitConfig(
     progress=False,
     checkpoint_every=1,
 )
-
-
 API = available_apis()[0]
-NEEDS_HOOKED = pytest.mark.skipif(
-    API != "hooked", reason="block-local sections need HookedTransformer"
-)
 
 
 def _model():
     return tiny_model(API, "ln", seed=2, n_layers=2, n_ctx=6)
 
 
-def test_lm_sites():
-    names = [s.name for s in lm_sites(30)]
-    assert len(names) == 61 and names[0] == "blocks.0.hook_resid_pre"
-    assert names[-2:] == ["blocks.29.hook_resid_mid", "blocks.29.hook_resid_post"]
-    assert [s.name for s in lm_sites(30, 1)] == [
-        "blocks.0.hook_resid_pre",
-        "blocks.0.hook_resid_mid",
-        "blocks.0.hook_resid_post",
+def _quiet(_: str) -> None:
+    pass
+
+
+def test_sites_leave_bos_out_by_default():
+    model = _model()
+    names = [s.name for s in CFG.sites(model)]
+    assert names == [
+        "blocks.0.hook_resid_pre[1:]",
+        "blocks.0.hook_resid_mid[1:]",
+        "blocks.1.hook_resid_pre[1:]",
+        "blocks.1.hook_resid_mid[1:]",
+        "blocks.1.hook_resid_post[1:]",
     ]
-
-
-@pytest.mark.parametrize(
-    "inp,out",
-    [
-        ("blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid"),
-        ("blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"),
-        ("blocks.0.hook_resid_mid", "blocks.1.hook_resid_pre"),
-    ],
-)
-@NEEDS_HOOKED
-def test_block_local_section_equals_model_section(inp, out):
-    model = _model()
-    toks = random_tokens(model, 3)
-    section = Section(Site(inp), Site(out))
-    assert block_local_supported(model, section)
-    with torch.no_grad():
-        (x,) = [run_section(model, toks, Section(section.inp, section.inp), lambda a: a)]
-        x = x + 0.1 * torch.randn_like(x)  # off the data: the section is a function of x alone
-        want = run_section(model, toks, section, lambda a, x=x: x)
-        got = block_local_output(model, section, x)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
-
-def test_not_supported_across_blocks_or_positions():
-    model = _model()
-    assert not block_local_supported(
-        model, Section(Site("blocks.0.hook_resid_pre"), Site("blocks.1.hook_resid_pre"))
-    )
-    assert not block_local_supported(
-        model, Section(Site("blocks.0.hook_resid_pre"), Site("blocks.0.hook_resid_mid", "last"))
-    )
+    assert LMFitConfig(skip_bos=False).sites(model)[0].name == "blocks.0.hook_resid_pre"
 
 
 @pytest.fixture(scope="module")
-def fits(tmp_path_factory):
+def fits():
     model = _model()
     tokens = random_tokens(model, 18, seed=3)
     heldout = random_tokens(model, 6, seed=9)
-    fast = fit_lm(model, tokens, CFG, None, heldout, log=lambda s: None)
-    slow = fit_lm(
-        model,
-        tokens,
-        LMFitConfig(**{**CFG.__dict__, "cache_activations": False}),
-        None,
-        heldout,
-        log=lambda s: None,
-    )
+    fast = fit_lm(model, tokens, CFG, None, heldout, log=_quiet)
+    with autograd_only():  # every section through the model's hooks, no store
+        slow = fit_lm(
+            model,
+            tokens,
+            LMFitConfig(**{**CFG.__dict__, "store": "off"}),
+            None,
+            heldout,
+            log=_quiet,
+        )
     return model, tokens, fast, slow
 
 
-def test_store_path_equals_core_path(fits):
+def test_store_path_equals_generic_path(fits):
     model, tokens, fast, slow = fits
-    assert fast.used_store == (API == "hooked") and not slow.used_store
+    assert fast.used_store and not slow.used_store
     for kind in ("lib", "pca"):
         for name, b in fast.bases[kind].bases.items():
             other = slow.bases[kind].bases[name]
             torch.testing.assert_close(b.importance, other.importance, rtol=1e-9, atol=1e-12)
-            # columns are defined up to sign
-            signs = torch.sign((b.C * other.C).sum(0))
+            signs = torch.sign((b.C * other.C).sum(0))  # columns are defined up to sign
             torch.testing.assert_close(b.C, other.C * signs, rtol=1e-7, atol=1e-9)
         for name, se in fast.edges[kind].items():
             torch.testing.assert_close(
@@ -127,12 +89,11 @@ def test_store_path_equals_core_path(fits):
 
 def test_lib_equals_fit_basis(fits):
     model, tokens, fast, _ = fits
-    sites = tuple(lm_sites(model.cfg.n_layers))
     ref = fit_basis(
         model,
         tokens,
         LIBConfig(
-            sites,
+            tuple(CFG.sites(model)),
             kind="lib",
             final_basis="pca",
             truncation=CFG.truncation,
@@ -147,86 +108,80 @@ def test_lib_equals_fit_basis(fits):
         )
 
 
-def test_edges_equal_core_section_edges(fits):
+def test_edges_equal_section_edges(fits):
     model, tokens, fast, _ = fits
     lib = fast.bases["lib"]
-    a, b = "blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid"
+    a, b = "blocks.1.hook_resid_pre[1:]", "blocks.1.hook_resid_mid[1:]"
     ref = section_edges(
         model,
         tokens[:3],
         lib[a],
-        top_outputs(lib[b], 5),
+        lib[b].truncated(5),
         EdgeConfig(method="stochastic", n_sources=1, seed=7),
         batch_size=4,
         progress=False,
     )
     got = fast.edges["lib"][f"{a}->{b}"]
-    assert got.count == ref.count == 3 * 6
+    assert got.count == ref.count == 3 * 5
     torch.testing.assert_close(got.edges, ref.edges, rtol=1e-9, atol=1e-12)
 
 
-def test_artifacts_and_report(fits, tmp_path):
-    from tl_degeneracy.engine.basis_result import BasisResult
-
-    _, _, fast, _ = fits
+def test_artifacts_report_and_reload(fits, tmp_path):
+    model, _, fast, _ = fits
     out = write_lm_fit(fast, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["ablation"]["blocks.1.hook_resid_mid"]) == {"lib", "pca"}
+    assert set(summary["ablation"]["blocks.1.hook_resid_mid[1:]"]) == {"lib", "pca"}
     assert len(summary["edges"]) == 4  # sections of two blocks
     html = (out / "report.html").read_text()
     assert "<img" in html and "Node ablation" in html
-    loaded = BasisResult.load(out / "lib")
-    assert loaded.kind == "lib" and len(loaded.bases) == 5
+    again = Study.load(out, model)
+    assert again.bases["lib"].kind == "lib" and len(again.bases["lib"].bases) == 5
+    name = next(iter(fast.graphs["lib"].sections))
+    torch.testing.assert_close(
+        again.graphs["lib"][name].edges, fast.graphs["lib"][name].edges, rtol=0, atol=0
+    )
+    curve = again.curves["blocks.1.hook_resid_mid[1:]"]["lib"]
+    assert curve.scores == fast.curves["blocks.1.hook_resid_mid[1:]"]["lib"].scores
 
 
 def test_resume_and_stale_checkpoint(tmp_path):
     model = _model()
     tokens = random_tokens(model, 12, seed=3)
     cfg = LMFitConfig(**{**CFG.__dict__, "edge_tokens": 0, "ablation_tokens": 0})
-    first = fit_lm(model, tokens, cfg, tmp_path, log=lambda s: None)
-    again = fit_lm(model, tokens, cfg, tmp_path, log=lambda s: None)  # all passes resumed
+    first = fit_lm(model, tokens, cfg, tmp_path, log=_quiet)
+    again = fit_lm(model, tokens, cfg, tmp_path, log=_quiet)  # all passes resumed
     for name, b in first.bases["lib"].bases.items():
         torch.testing.assert_close(again.bases["lib"].bases[name].C, b.C, rtol=0, atol=0)
-    # statistics resumed, store gone (cleared after success): inputs are recomputed
-    for f in (tmp_path / "checkpoints").glob("jacobian.*"):
+    for f in (tmp_path / "checkpoints").glob("jacobian.*"):  # statistics resumed, M' recomputed
         f.unlink()
-    assert not (tmp_path / "activations" / "rank0").exists()
-    healed = fit_lm(model, tokens, cfg, tmp_path, log=lambda s: None)
+    healed = fit_lm(model, tokens, cfg, tmp_path, log=_quiet)
     for name, b in first.bases["lib"].bases.items():
         torch.testing.assert_close(healed.bases["lib"].bases[name].C, b.C, rtol=0, atol=0)
     other = LMFitConfig(**{**cfg.__dict__, "n_sources": 5})
-    with pytest.raises(RuntimeError, match="different job"):
-        fit_lm(model, tokens, other, tmp_path, log=lambda s: None)
+    with pytest.raises(ValueError, match="other settings"):
+        fit_lm(model, tokens, other, tmp_path, log=_quiet)
+
+
+def test_disk_store_is_used_and_removed(tmp_path):
+    model = _model()
+    tokens = random_tokens(model, 12, seed=3)
+    cfg = LMFitConfig(**{**CFG.__dict__, "edge_tokens": 8, "ablation_tokens": 0, "store": "disk"})
+    disk = fit_lm(model, tokens, cfg, tmp_path, log=_quiet)
+    memory = fit_lm(model, tokens, LMFitConfig(**{**cfg.__dict__, "store": "memory"}), log=_quiet)
+    assert disk.used_store and not (tmp_path / "checkpoints" / "activations").exists()
+    for name, b in memory.bases["lib"].bases.items():
+        torch.testing.assert_close(disk.bases["lib"].bases[name].C, b.C, rtol=1e-12, atol=1e-14)
+
+
+def test_checkpoint_keys_fit_in_a_file_name():
+    long = "jacobian." + "->".join(
+        f"blocks.1.hook_resid_mid[{','.join(map(str, range(1, 128)))}]" for _ in "ab"
+    )
+    assert len(checkpoint_key(long)) < 120 and checkpoint_key(long) != checkpoint_key(long + "x")
+    assert checkpoint_key("jacobian.a->b") == "jacobian.a->b"
 
 
 @pytest.mark.slow
-@NEEDS_HOOKED
-def test_block_local_sections_on_smollm2():
-    """On the real model (rotary, grouped-query attention, RMSNorm, gated SiLU MLP)."""
-    from test_smollm2 import require_smollm2
-
-    from tl_degeneracy.models import load_smollm2
-
-    require_smollm2()
-    model = load_smollm2(api="hooked")
-    toks = torch.randint(0, model.cfg.d_vocab, (2, 12), generator=torch.Generator().manual_seed(0))
-    for inp, out in [
-        ("blocks.7.hook_resid_pre", "blocks.7.hook_resid_mid"),
-        ("blocks.7.hook_resid_mid", "blocks.8.hook_resid_pre"),
-        ("blocks.29.hook_resid_mid", "blocks.29.hook_resid_post"),
-    ]:
-        section = Section(Site(inp), Site(out))
-        assert block_local_supported(model, section)
-        with torch.no_grad():
-            x = run_section(model, toks, Section(section.inp, section.inp), lambda a: a)
-            x = x * 1.01
-            want = run_section(model, toks, section, lambda a, x=x: x)
-            got = block_local_output(model, section, x)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.slow
-@NEEDS_HOOKED  # bench_memory.py holds the model as a HookedTransformer
 def test_gram_peak_memory_does_not_grow_with_tokens():
     """Peak RSS of streaming Gram statistics at all 61 SmolLM2 sites, 10x the tokens."""
     import subprocess
@@ -245,26 +200,3 @@ def test_gram_peak_memory_does_not_grow_with_tokens():
     )
     ratio = float(run.stdout.split("streaming peak ratio ")[1].split(",")[0])
     assert ratio < 1.10, run.stdout
-
-
-def test_skip_first_position(tmp_path):
-    model = _model()
-    tokens = random_tokens(model, 12, seed=3)
-    cfg = LMFitConfig(**{**CFG.__dict__, "skip_first_position": True})
-    held = random_tokens(model, 6, seed=9)
-    fit = fit_lm(model, tokens, cfg, tmp_path / "work", held, log=lambda s: None)  # checkpoints
-    assert not fit.used_store
-    sites = [b.site for b in fit.bases["lib"].bases.values()]
-    assert all(s.positions == (1, 2, 3, 4, 5) for s in sites)
-    assert list(fit.curves) == ["blocks.1.hook_resid_mid[1,2,3,4,5]"]
-    write_lm_fit(fit, tmp_path / "out")  # the report's section labels drop the position list
-
-
-def test_checkpoint_keys_fit_in_a_file_name():
-    from tl_degeneracy.experiments.lm_study import _key
-
-    long = "jacobian." + "->".join(
-        f"blocks.1.hook_resid_mid[{','.join(map(str, range(1, 128)))}]" for _ in "ab"
-    )
-    assert len(_key(long)) < 120 and _key(long) != _key(long + "x")
-    assert _key("jacobian.a->b") == "jacobian.a->b"
