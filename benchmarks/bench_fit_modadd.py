@@ -22,8 +22,8 @@ import torch
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.jacobians import JacobianConfig, jacobian_gram
 from tl_degeneracy.engine.sections import Section
-from tl_degeneracy.models.modadd.sites import REFERENCE_SITES
 from tl_degeneracy.models.modadd.checkpoints import ModAddCheckpoint, default_checkpoint_dir
+from tl_degeneracy.models.modadd.sites import REFERENCE_SITES
 
 
 def median_time(fn, repeats: int) -> tuple[float, object]:

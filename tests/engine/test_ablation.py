@@ -4,8 +4,6 @@ the same scores as rewriting the site's hook once per k."""
 import pytest
 import torch
 
-from tl_degeneracy.engine.structures import autograd_only
-
 from tl_degeneracy.engine.ablation import (
     last_position_accuracy,
     node_ablation_curve,
@@ -13,6 +11,7 @@ from tl_degeneracy.engine.ablation import (
 )
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.engine.structures import autograd_only
 
 
 def last_logit_of_label(tokens_to_label):

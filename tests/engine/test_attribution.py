@@ -1,4 +1,4 @@
-"""Attribution patching in a basis (method.md §8): sum rule, truncation gap, agreement with
+"""Attribution patching in a basis (docs/attribution.md): sum rule, truncation gap, agreement with
 TransformerLens's own attribution tooling, and true per-feature patching."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The identities of method.md §3, on small random float64 models of every available API."""
+"""The identities of the bases (docs/concepts.md, "Bases"), on small random float64 models of
+every available API."""
 
 import pytest
 import torch

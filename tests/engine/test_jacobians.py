@@ -12,6 +12,7 @@ def closed_form_kind(model, section):
     st = structure_of(model, section)
     return st.describe().removeprefix("closed_form:") if st.closed_form else None
 
+
 PRE, MID, POST = (
     Site("blocks.0.hook_resid_pre"),
     Site("blocks.0.hook_resid_mid", "last"),

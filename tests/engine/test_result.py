@@ -85,7 +85,8 @@ def test_every_weight_is_checked_and_dtype_or_device_changes_are_accepted(fitted
         BasisResult.load(tmp_path / "lib", changed)
     as_float32 = copy.deepcopy(model).to(torch.float32)
     loaded = BasisResult.load(tmp_path / "lib", as_float32)
-    torch.testing.assert_close(loaded.bases[result.sites[0].name].C, result.bases[result.sites[0].name].C)
+    name = result.sites[0].name
+    torch.testing.assert_close(loaded.bases[name].C, result.bases[name].C)
 
 
 def _a_block_weight(model) -> str:

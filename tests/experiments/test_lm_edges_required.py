@@ -16,7 +16,6 @@ from tl_degeneracy.engine.statistics import collect_statistics
 from tl_degeneracy.engine.structures import autograd_only
 from tl_degeneracy.experiments.lm_edges_required import TopOutputAblator, top_output_edges_required
 
-
 SECTIONS = {
     "attention": ("blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid"),
     "mlp": ("blocks.0.hook_resid_mid", "blocks.1.hook_resid_pre"),

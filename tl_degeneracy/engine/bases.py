@@ -1,4 +1,4 @@
-"""Bases at a site (method.md §3): PCA, neuron, LIB/IB, as pure float64 linear algebra.
+"""Bases at a site (docs/concepts.md, "Bases"): PCA, neuron, LIB/IB, as pure float64 linear algebra.
 
 Row-wise convention: features `f̂ = (f − μ) C`, reconstruction `f ≈ μ + f̂ C⁺`, `C⁺ C = I`,
 columns sorted by importance. LIB: `C = U D^{-1/2} V Λ^{1/2}` where `G = U D Uᵀ` is the site's

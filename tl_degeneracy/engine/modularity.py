@@ -1,4 +1,4 @@
-"""Modules of an interaction graph (method.md §7): Louvain clustering (networkx) of the
+"""Modules of an interaction graph (docs/degeneracy.md): Louvain clustering (networkx) of the
 graph whose edge weights are `log(E/ε)` clipped at 0, and Newman's modularity Q.
 
 ε sets which interactions count at all: an edge below ε has weight 0. By default ε is a

@@ -14,7 +14,7 @@ are single tokens, so clean and corrupted prompts have the same length and their
 up). The metric is the logit difference `logit(IO) − logit(S)` at the last position: positive
 when the model solves the clean task, negative on the corrupted one.
 
-`ioi_attribution_demo` runs method.md §8 on these pairs: a LIB or PCA basis fitted at a few
+`ioi_attribution_demo` runs docs/attribution.md on these pairs: a LIB or PCA basis fitted at a few
 residual-stream sites (last position) on other IOI prompts, per-feature attribution patching
 against true feature patching and Λ.
 """

@@ -1,4 +1,4 @@
-"""SGLD LLC estimates against known learning coefficients (method.md §7).
+"""SGLD LLC estimates against known learning coefficients (docs/degeneracy.md).
 
 All use the behavioural loss at the true parameter (L(w*) = 0), full-batch gradients and all
 chains in one batched call. Settings were chosen by the step-size / temperature sensitivity

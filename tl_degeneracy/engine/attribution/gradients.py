@@ -2,9 +2,10 @@
 
 `site_gradients` runs one forward and one backward for all single-part sites (zero leaves added
 at their positions: total derivatives) and one for each composite site, whose parts are replaced
-by leaves of their clean values, so that its gradient is the partial derivative of each part with
-the other held fixed (the site is a cut; `capture.gradient_hooks`). `tl_site_attribution` is TransformerLens's own site-level value
-(`tools.analysis.attribution_patching`), the cross-check.
+by leaves of their clean values, so that its gradient is the partial derivative of each part
+with the other held fixed (the site is a cut; `capture.gradient_hooks`). `tl_site_attribution`
+is TransformerLens's own site-level value (`tools.analysis.attribution_patching`), the
+cross-check.
 """
 
 from __future__ import annotations
@@ -68,9 +69,7 @@ def site_gradients(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
     """Activations and the batch-mean metric's gradient at every site: `(activations,
     gradients, metric value)`, tensors `[batch, site_pos, d]` float64."""
-    acts = {
-        s.name: a.to(torch.float64) for s, a in zip(sites, capture_sites(model, tokens, sites))
-    }
+    acts = {s.name: a.to(torch.float64) for s, a in zip(sites, capture_sites(model, tokens, sites))}
     grads: dict[str, Tensor] = {}
     value = float("nan")
     for group in _groups(model, sites):

@@ -1,4 +1,4 @@
-"""Degeneracy of the loss landscape (Paper A; method.md §7).
+"""Degeneracy of the loss landscape (Paper A; docs/degeneracy.md).
 
 - `sources`: the three sources of free directions per weight map and section, with a
   finite-data cutoff ε and curves over ε;

@@ -1,4 +1,4 @@
-"""Known learning coefficients, to test LLC estimators against (method.md §7).
+"""Known learning coefficients, to test LLC estimators against (docs/degeneracy.md).
 
 - Regular models: λ = d/2.
 - Reduced-rank regression `y = B A x` (A: H×M, B: N×H, true rank r): Aoyagi & Watanabe,

@@ -1,4 +1,4 @@
-"""Local learning coefficient (LLC) by SGLD localised at trained weights (method.md §7).
+"""Local learning coefficient (LLC) by SGLD localised at trained weights (docs/degeneracy.md).
 
 The behavioural loss `L_B(w) = (1/n) Σ_x D(f(x; w), f(x; w*))` is zero at the trained weights
 `w*`. SGLD samples the localised tempered posterior `∝ exp(−nβ L(w) − γ/2 ‖w − w*‖²)` with

@@ -1,5 +1,5 @@
 """The three sources of degeneracy of Paper A, measured with a finite-data cutoff ε
-(method.md §7).
+(docs/degeneracy.md).
 
 For a weight map `W: R^{d_in} → R^{d_out}` (with a bias) between an input site and an output
 (pre-activation) site:
