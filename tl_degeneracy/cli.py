@@ -5,6 +5,7 @@ Subcommands:
   fit-modadd    fit LIB and PCA on a modular-addition checkpoint, ablate, write the results
   fit-lm        LIB and PCA at every residual cut of SmolLM2-135M: edges, ablation, report
   degeneracy    the degeneracy report (three sources, SGLD N_eff) of a checkpoint or SmolLM2
+  replicate-mlp LIB vs PCA on the digits MLP checkpoints (the paper's image-classifier setting)
 """
 
 from __future__ import annotations
@@ -241,6 +242,53 @@ def run_replicate(args: argparse.Namespace) -> int:
         checkpoints, args.out, args.max_k, args.tolerance, api=args.api, jobs=jobs
     )
     print(f"{len(checkpoints)} checkpoint(s) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _replicate_mlp_args(p: argparse.ArgumentParser) -> None:
+    from tl_degeneracy.experiments.replicate_mlp import EDGE_TOLERANCE, NODE_TOLERANCE
+
+    p.add_argument(
+        "checkpoints",
+        nargs="*",
+        help="digits checkpoint folders; default: the package's seeds 0-4",
+    )
+    p.add_argument("--out", default="out/mlp", help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--node-tolerance",
+        type=float,
+        default=NODE_TOLERANCE,
+        help="features needed: held-out accuracy within this of the model's (%(default)s)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=EDGE_TOLERANCE,
+        help="edges required: held-out accuracy within this (%(default)s)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="checkpoints in parallel, one thread each (default: the number of CPUs)",
+    )
+
+
+@command(
+    "replicate-mlp",
+    "LIB vs PCA on a ReLU MLP classifying the 8x8 digits, over five training seeds",
+)(_replicate_mlp_args)
+def run_replicate_mlp(args: argparse.Namespace) -> int:
+    import os
+
+    from tl_degeneracy.experiments.replicate_mlp import replicate_checkpoints, summary_markdown
+
+    jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
+    summary = replicate_checkpoints(
+        args.checkpoints or None, args.out, args.node_tolerance, args.tolerance, jobs=jobs
+    )
+    print(summary_markdown(summary))
+    print(f"wrote {args.out} (summary.md, summary.json, one folder per checkpoint)")
     return 0
 
 

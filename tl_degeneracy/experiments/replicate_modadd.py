@@ -214,8 +214,16 @@ def _summary(result: dict[str, Any], folder: Path) -> str:
     )
 
 
-def write_plots(result: dict, bases: dict, graphs: dict, folder: Path) -> None:
-    """Accuracy vs kept features, edges required, spectra, and the LIB graph as PNG."""
+def write_plots(
+    result: dict,
+    bases: dict,
+    graphs: dict,
+    folder: Path,
+    metric: str = "loss",
+    baseline: float | None = None,
+) -> None:
+    """Accuracy vs kept features, edges required, spectra, and the LIB graph as PNG
+    (`metric` labels the node-ablation axis; `baseline` draws the unablated score)."""
     from tl_degeneracy.viz.plots import plot_ablation_curves, plot_edges_required, plot_spectra
 
     curves = {
@@ -225,7 +233,9 @@ def write_plots(result: dict, bases: dict, graphs: dict, folder: Path) -> None:
         }
         for site, entry in result["sites"].items()
     }
-    plot_ablation_curves(curves, path=folder / "node_ablation.png")
+    plot_ablation_curves(
+        curves, metric=metric, baseline=baseline, path=folder / "node_ablation.png"
+    )
     plot_edges_required(
         {
             name: {k.upper(): v["edges_required"] or 0 for k, v in sec.items()}
