@@ -79,6 +79,84 @@ def run_fit_modadd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="a preset (smollm2, modadd) or a folder: a Hugging Face checkpoint (config.json + "
+        "*.safetensors + tokenizer files; loaded offline) or a modular-addition checkpoint",
+    )
+    p.add_argument("--out", default="out/fit", help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--sites",
+        nargs="+",
+        default=None,
+        help="hook names in forward order, the final site last, each optionally with positions "
+        "after '@' (e.g. blocks.3.hook_resid_mid@1: or logits@last); default: the preset's "
+        "(every residual cut of a language model)",
+    )
+    p.add_argument(
+        "--mlp-sites",
+        type=int,
+        nargs="+",
+        default=(),
+        help="add the MLP site (hidden neurons + the bypassing stream) of these blocks",
+    )
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--text", nargs="+", default=None, help="UTF-8 text files to fit on")
+    data.add_argument(
+        "--tokens", default=None, help="a safetensors file with a 'tokens' tensor [rows, pos]"
+    )
+    p.add_argument("--n-tokens", type=int, default=2048, help="training tokens (%(default)s)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per row (%(default)s)")
+    p.add_argument("--kinds", nargs="+", default=["lib", "pca"], choices=["lib", "pca"])
+    p.add_argument(
+        "--sources",
+        type=int,
+        default=None,
+        help="Rademacher sources for M' (default: 4 for a language model; 0 = exact)",
+    )
+    p.add_argument("--batch-rows", type=int, default=None, help="rows per batch")
+    p.add_argument("--edge-tokens", type=int, default=None, help="0 skips edges")
+    p.add_argument("--edge-outputs", type=int, default=None, help="edges into the top N outputs")
+    p.add_argument("--ablation-tokens", type=int, default=None, help="0 skips node ablation")
+    p.add_argument("--keep-bos", action="store_true", help="keep position 0 in every site")
+    p.add_argument("--store", default="auto", choices=["auto", "memory", "disk", "off"])
+    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16", "float16"])
+    p.add_argument(
+        "--stats-device", default=None, help="where float64 statistics live (default: the model's)"
+    )
+    p.add_argument("--api", default="auto", choices=["auto", "hooked", "bridge"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+@command(
+    "fit",
+    "the main job on any model: statistics, M', LIB and PCA bases, edges, node-ablation curves "
+    "and the report (resumable; runs under torchrun)",
+)(_fit_args)
+def run_fit(args: argparse.Namespace) -> int:
+    import torch
+
+    from tl_degeneracy.engine.distributed import DistContext
+    from tl_degeneracy.experiments.fit_job import FitJob, run_fit_job
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = DistContext.from_env()
+    job = FitJob.from_args(args)
+    study = run_fit_job(job, ctx=ctx, log=print if ctx.is_main else lambda s: None)
+    if ctx.is_main:
+        from tl_degeneracy.experiments.study import summary_lines
+
+        for line in summary_lines(study):
+            print(line)
+        print(f"wrote {args.out} (report.html, bases/, graphs/, curves/, summary.json)")
+    return 0
+
+
 def _fit_lm_args(p: argparse.ArgumentParser) -> None:
     from tl_degeneracy.experiments.lm_study import LMFitConfig
 

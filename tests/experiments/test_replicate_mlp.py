@@ -24,7 +24,7 @@ from tl_degeneracy.experiments.replicate_mlp import (  # noqa: E402
 from tl_degeneracy.models.digits import DigitsDataset, load_digits_model  # noqa: E402
 from tl_degeneracy.models.digits.train import TrainConfig, save_result, train  # noqa: E402
 
-NEEDS_ENGINE = pytest.mark.xfail(reason="needs engine support for HookedRootModule", strict=False)
+
 
 
 def fake_run(base: float, k: int | None, edges: int | None) -> dict:
@@ -92,7 +92,6 @@ def small_checkpoint(tmp_path_factory):
     return save_result(result, tmp_path_factory.mktemp("digits") / "small")
 
 
-@NEEDS_ENGINE
 def test_replicate_checkpoint_identities(small_checkpoint, tmp_path):
     result = replicate_checkpoint(small_checkpoint, tmp_path / "run", log=lambda _: None)
     base = result["baseline_test_accuracy"]
@@ -115,7 +114,6 @@ def test_replicate_checkpoint_identities(small_checkpoint, tmp_path):
         assert (tmp_path / "run" / name).is_file(), name
 
 
-@NEEDS_ENGINE
 def test_cli_writes_the_summary(small_checkpoint, tmp_path, capsys):
     out = tmp_path / "mlp"
     argv = ["replicate-mlp", str(small_checkpoint), "--out", str(out), "--jobs", "1"]

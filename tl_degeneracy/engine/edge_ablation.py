@@ -121,9 +121,9 @@ class EdgeAblationScorer:
         out_site = self.basis_out.site
         for batch, rows, clean in self.batches:
             new = self.basis_out.reconstruct(rows.outputs(mask))  # [B, p_out, d_out]
-            n_pos = batch.shape[1]
-            idx = out_site.index(n_pos, new.device)
-            if self.tail is not None:
+            if self.tail is not None:  # a transformer's last block: positions are the tokens'
+                n_pos = batch.shape[1]
+                idx = out_site.index(n_pos, new.device)
                 last = [n_pos - 1]
                 if out_site.is_logits:
                     slot = (idx == n_pos - 1).nonzero()[:, 0]
@@ -133,8 +133,10 @@ class EdgeAblationScorer:
                     act = clean.index_copy(1, idx, new)
                     logits = self.tail.logits(out_site.hook, act, last)
             elif out_site.is_logits:
-                logits = as_positions(self.model(batch)).clone()
-                logits[:, idx] = new.to(logits.dtype)
+                out = self.model(batch)
+                logits = as_positions(out).clone()
+                logits[:, out_site.index(logits.shape[1], new.device)] = new.to(logits.dtype)
+                logits = logits.reshape(out.shape)
             else:
                 hooks = injection_hooks(self.model, out_site, new)
                 logits = run_with_hooks(self.model, batch, hooks)

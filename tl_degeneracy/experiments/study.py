@@ -55,6 +55,8 @@ class StudyConfig:
     docs/language_models.md)."""
 
     kinds: tuple[Literal["lib", "pca"], ...] = ("lib", "pca")
+    final_basis: Literal["raw", "pca"] = "pca"
+    """Coordinates of the final site for LIB: its PCA basis (a residual stream) or raw (logits)."""
     truncation: Truncation = field(default_factory=lambda: Truncation(1e-15, 1e-10))
     """Relative cut-off 1e-10: float32 activations leave rounding-level directions that
     whitening would amplify (docs/concepts.md)."""
@@ -83,7 +85,7 @@ class StudyConfig:
         return LIBConfig(
             tuple(sites),
             kind=kind,  # type: ignore[arg-type]
-            final_basis="pca",
+            final_basis=self.final_basis,
             truncation=self.truncation,
             jacobian=self.jacobian,
             batch_size=self.batch_rows,

@@ -1,0 +1,184 @@
+"""The `fit` command's job: any model (a preset or a folder), its data or the user's own text or
+tokens, any sites, any device and dtype, through the generic study (`experiments.study`)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from tl_degeneracy.engine.bases import Truncation
+from tl_degeneracy.engine.distributed import DistContext
+from tl_degeneracy.engine.edges import EdgeConfig
+from tl_degeneracy.engine.jacobians import JacobianConfig
+from tl_degeneracy.engine.progress import Log
+from tl_degeneracy.engine.sites import Site, residual_sites
+from tl_degeneracy.experiments.study import (
+    Study,
+    StudyConfig,
+    finish_timings,
+    run_study,
+    write_study,
+)
+from tl_degeneracy.models.presets import Preset, load_preset
+
+
+def parse_site(text: str) -> Site:
+    """`hook` or `hook@positions` (`all`, `last`, a slice like `1:`, or `0,3,-1`)."""
+    hook, _, pos = text.partition("@")
+    if not pos:
+        return Site(hook)
+    if pos in ("all", "last") or ":" in pos:
+        return Site(hook, pos)
+    return Site(hook, tuple(int(p) for p in pos.split(",")))
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """What to fit: a model spec, sites, data and the study's settings."""
+
+    model: str = "smollm2"
+    out: str = "out/fit"
+    sites: tuple[str, ...] | None = None
+    mlp_sites: tuple[int, ...] = ()
+    text: tuple[str, ...] | None = None
+    tokens: str | None = None
+    n_tokens: int = 2048
+    seq_len: int = 128
+    keep_bos: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    api: str = "auto"
+    study: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the preset kind's `StudyConfig` defaults."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> FitJob:
+        overrides: dict[str, Any] = {"kinds": tuple(args.kinds), "store": args.store}
+        for name in ("batch_rows", "edge_tokens", "edge_outputs", "ablation_tokens"):
+            if getattr(args, name) is not None:
+                overrides[name] = getattr(args, name)
+        if args.sources is not None:
+            overrides["sources"] = args.sources
+        if args.stats_device:
+            overrides["stats_device"] = args.stats_device
+        overrides["progress"] = not args.quiet
+        return cls(
+            model=args.model,
+            out=args.out,
+            sites=tuple(args.sites) if args.sites else None,
+            mlp_sites=tuple(args.mlp_sites),
+            text=tuple(args.text) if args.text else None,
+            tokens=args.tokens,
+            n_tokens=args.n_tokens,
+            seq_len=args.seq_len,
+            keep_bos=args.keep_bos,
+            device=args.device,
+            dtype=args.dtype,
+            api=args.api,
+            study=overrides,
+        )
+
+    def config(self, preset: Preset) -> StudyConfig:
+        """Defaults by kind of model (a language model: stochastic `M'`, edges into the top 16
+        outputs; a task model such as modular addition: exact closed forms, raw logits, whole
+        data per batch), then the job's overrides."""
+        if preset.language_model:
+            base = StudyConfig()
+        else:
+            base = StudyConfig(
+                final_basis="raw",
+                truncation=Truncation(),
+                jacobian=JacobianConfig(),
+                batch_rows=4096,
+                edge_tokens=1 << 30,
+                edge_outputs=None,
+                edges=EdgeConfig(),
+                ablation_tokens=1 << 30,
+                ablation_ks=None,
+            )
+        overrides = dict(self.study)
+        sources = overrides.pop("sources", None)
+        if sources is not None:
+            jac = JacobianConfig() if sources == 0 else JacobianConfig("stochastic", sources)
+            overrides["jacobian"] = jac
+        return replace(base, **overrides)
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
+
+
+def job_sites(job: FitJob, preset: Preset) -> list[Site]:
+    if job.sites is not None:
+        return [parse_site(s) for s in job.sites]
+    if preset.language_model:
+        positions = "all" if job.keep_bos else "1:"
+        return residual_sites(preset.model, positions=positions, mlp=job.mlp_sites)
+    return preset.sites(not job.keep_bos)
+
+
+def job_data(job: FitJob, preset: Preset) -> tuple[Tensor, Tensor | None]:
+    """Training rows and held-out rows: the user's tokens or text (its last tenth held out),
+    else the preset's data."""
+    if job.tokens is not None or job.text is not None:
+        if job.tokens is not None:
+            rows = load_file(job.tokens)["tokens"]
+        else:
+            from tl_degeneracy.models.corpus import tokens_from_text_files
+
+            tokenizer = getattr(preset.model, "tokenizer", None)
+            if tokenizer is None:
+                raise ValueError("--text needs a model with a tokenizer; pass --tokens instead")
+            rows = tokens_from_text_files(list(job.text or ()), tokenizer, job.seq_len)
+        if rows.shape[0] < 2:
+            raise ValueError(f"{rows.shape[0]} row(s) of data: need at least two")
+        n_held = max(1, rows.shape[0] // 10)
+        train, held = rows[:-n_held], rows[-n_held:]
+        limit = max(1, job.n_tokens // rows.shape[1])
+        return train[:limit], held
+    n = job.n_tokens if preset.language_model else None
+    return preset.data("train", n, job.seq_len), preset.data("heldout", None, job.seq_len)
+
+
+def run_fit_job(job: FitJob, ctx: DistContext | None = None, log: Log = print) -> Study:
+    """Load, fit, write to `job.out` (rank 0). Resumes from `job.out`."""
+    ctx = ctx or DistContext()
+    start = time.perf_counter()
+    device = job.device
+    if device is None and ctx.active and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.current_device()}"
+    preset = load_preset(job.model, job.api, _dtype(job.dtype), device)  # type: ignore[arg-type]
+    tokens, heldout = job_data(job, preset)
+    sites = job_sites(job, preset)
+    config = job.config(preset)
+    log(
+        f"{preset.name}: {type(preset.model).__name__} on {device or 'cpu'}, "
+        f"{len(sites)} sites, {tokens.numel()} training tokens, rank {ctx.rank}/{ctx.world_size}"
+    )
+    study = run_study(
+        preset.model,
+        sites,
+        tokens,
+        config,
+        job.out,
+        heldout,
+        preset.metric,
+        preset.higher_is_better,
+        ctx,
+        log,
+    )
+    finish_timings(study, start)
+    study.metadata["job"] = {k: v for k, v in vars(job).items() if k != "study"}
+    if ctx.is_main:
+        write_study(study, job.out)
+        shutil.rmtree(Path(job.out) / "checkpoints", ignore_errors=True)
+    ctx.barrier()
+    return study
