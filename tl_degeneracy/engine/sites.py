@@ -137,6 +137,27 @@ def as_site(spec: SiteLike, positions: Positions | None = None) -> Site:
     return Site(resolve_hook_name(spec), "all" if positions is None else positions)
 
 
+def _missing_resid_mid(model: nn.Module, hook: str) -> str | None:
+    """Why a block has no `hook_resid_mid`, for models whose blocks have no such cut."""
+    m = _CUT_PATTERN.match(hook)
+    if m is None or m.group(2) != "mid":
+        return None
+    cfg, layer = model_cfg(model), m.group(1)
+    if getattr(cfg, "parallel_attn_mlp", False):
+        return (
+            f"{hook!r} does not exist: this model runs attention and MLP in parallel "
+            "(parallel_attn_mlp, as GPT-NeoX/Pythia), both reading hook_resid_pre, so there is "
+            f"no residual stream between them. Use blocks.{layer}.hook_resid_pre or "
+            f"blocks.{layer}.hook_resid_post."
+        )
+    if getattr(cfg, "attn_only", False):
+        return (
+            f"{hook!r} does not exist: this model is attention-only (attn_only), so a block's "
+            f"residual stream after attention is blocks.{layer}.hook_resid_post; use that."
+        )
+    return None
+
+
 def validate_sites(model: nn.Module, sites: Sequence[SiteLike]) -> list[Site]:
     """Resolve and check sites against a model; they must be cuts, in forward order.
 
@@ -155,7 +176,10 @@ def validate_sites(model: nn.Module, sites: Sequence[SiteLike]) -> list[Site]:
         if site.hook not in valid:
             close = difflib.get_close_matches(site.hook, sorted(valid), n=3, cutoff=0.5)
             hint = f"; nearest valid names: {close}" if close else ""
-            raise SiteError(f"unknown hook name {site.hook!r} on this model{hint}")
+            raise SiteError(
+                _missing_resid_mid(model, site.hook)
+                or f"unknown hook name {site.hook!r} on this model{hint}"
+            )
         m = _CUT_PATTERN.match(site.hook)
         if m is None:
             raise SiteError(
