@@ -40,6 +40,7 @@ from tl_degeneracy.engine.statistics import (
     collect_statistics,
 )
 from tl_degeneracy.engine.streaming import Checkpointing, EmptyDataError
+from tl_degeneracy.engine.tokens import TokenError, validate_tokens
 
 __all__ = [
     "Modules",
@@ -91,4 +92,6 @@ __all__ = [
     "interaction_graph",
     "edges_required",
     "edge_ablation_score",
+    "TokenError",
+    "validate_tokens",
 ]

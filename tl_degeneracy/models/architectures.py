@@ -54,10 +54,6 @@ class Architecture:
             _exact_gemma_norms(weights, hf_model, cfg)
         return weights
 
-    def parallel(self, hf_config: Any) -> bool:
-        """True when attention and MLP read the same residual (no `hook_resid_mid`)."""
-        return bool(self.hooked_config(hf_config).get("parallel_attn_mlp", False))
-
     @property
     def uses_rms(self) -> bool:
         """RMSNorm (no mean subtraction, so `center_writing_weights` does nothing)."""

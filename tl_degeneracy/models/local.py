@@ -194,7 +194,8 @@ def load_local(
         if api == "hooked":
             model = _hooked_from_hf(hf_model, arch, tokenizer, name, dtype, device, processing)
         else:
-            model = _bridge_from_hf(hf_model, tokenizer, name, dtype, device, processing)
+            model = _bridge_from_hf(hf_model, tokenizer, dtype, device, processing)
+            model_cfg(model).model_name = name
     set_weight_processing(model, record)
     return model.eval()
 
@@ -302,16 +303,22 @@ def use_hf_rotary_tables(model: nn.Module, hf_model: nn.Module) -> None:
 def _bridge_from_hf(
     hf_model: nn.Module,
     tokenizer: Any,
-    name: str,
     dtype: torch.dtype,
     device: str | torch.device,
     processing: dict[str, bool],
 ) -> nn.Module:
-    """A `TransformerBridge` around a `transformers` model, processed only if asked to."""
+    """A `TransformerBridge` around a `transformers` model, processed only if asked to.
+
+    Booted under the model's own folder name: a plain name that happens to be a
+    TransformerLens alias (say "neox") would be swapped for a hub model's name."""
     from transformer_lens.model_bridge import TransformerBridge
 
     bridge = TransformerBridge.boot_transformers(
-        name, hf_model=hf_model.to(device), tokenizer=tokenizer, dtype=dtype, device=device
+        str(hf_model.name_or_path),
+        hf_model=hf_model.to(device),
+        tokenizer=tokenizer,
+        dtype=dtype,
+        device=device,
     )
     if any(processing.values()):
         bridge.enable_compatibility_mode(disable_warnings=True, **processing)
