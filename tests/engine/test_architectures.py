@@ -41,6 +41,16 @@ CUT = Truncation(relative=1e-10)
 that LayerNorm ignores, at Λ ~ 1e-16); whitening would amplify it."""
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread (on a busy machine, idle OpenMP workers spinning for these
+    millisecond ops cost 7x the CPU time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def residual_sites(model) -> list[Site]:
     """Every residual-stream cut the model has, in forward order, then the last logits."""
     names = set(hook_names(model))

@@ -30,6 +30,16 @@ HF_ARCHS = ("gpt2", "neox", "llama", "gemma", "mistral", "qwen2")
 RMS_ARCHS = ("llama", "gemma", "mistral", "qwen2")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread (on a busy machine, idle OpenMP workers spinning for these
+    millisecond ops cost 7x the CPU time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """One tiny checkpoint folder per architecture, written once for the module."""

@@ -44,20 +44,19 @@ class Architecture:
     converter: str
     """Name of the TransformerLens weight converter in
     `transformer_lens.pretrained.weight_conversions`."""
+    uses_rms: bool = True
+    """RMSNorm (no mean subtraction, so `center_writing_weights` does nothing) or LayerNorm."""
+    fix_weights: Callable[[dict[str, Any], Any, Any], None] | None = None
+    """Corrects the converter's output in place, `(weights, hf_model, cfg)`."""
 
     def convert(self, hf_model: Any, cfg: Any) -> dict[str, Any]:
         """HookedTransformer-named weights of `hf_model`, via TransformerLens's converter."""
         from transformer_lens.pretrained import weight_conversions
 
         weights: dict[str, Any] = getattr(weight_conversions, self.converter)(hf_model, cfg)
-        if self.name == "gemma":
-            _exact_gemma_norms(weights, hf_model, cfg)
+        if self.fix_weights is not None:
+            self.fix_weights(weights, hf_model, cfg)
         return weights
-
-    @property
-    def uses_rms(self) -> bool:
-        """RMSNorm (no mean subtraction, so `center_writing_weights` does nothing)."""
-        return self.name not in ("gpt2", "neox")
 
 
 def _activation(name: str | None, arch: str) -> str:
@@ -237,6 +236,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "LayerNorm, GELU MLP, learned positions",
             _gpt2,
             "convert_gpt2_weights",
+            uses_rms=False,
         ),
         Architecture(
             "neox",
@@ -244,6 +244,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "LayerNorm, parallel attention and MLP (Pythia), rotary",
             _neox,
             "convert_neox_weights",
+            uses_rms=False,
         ),
         Architecture(
             "llama",
@@ -258,6 +259,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "RMSNorm (1 + w), gated GELU MLP, grouped-query attention, rotary, scaled embedding",
             _gemma,
             "convert_gemma_weights",
+            fix_weights=_exact_gemma_norms,
         ),
         Architecture(
             "mistral",

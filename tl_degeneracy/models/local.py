@@ -102,12 +102,9 @@ def load_hf(
     arch = architecture_of(config)
     _offline()
     import transformers
-    from transformers.utils import logging as hf_logging
 
     overrides = _context_override(arch, config, n_ctx)
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_transformers():
         model = getattr(transformers, arch.hf_class).from_pretrained(
             folder,
             local_files_only=True,
@@ -116,10 +113,21 @@ def load_hf(
             attn_implementation="eager",
             **overrides,
         )
+    return model.eval(), tokenizer if tokenizer is not None else _read_tokenizer(folder)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No `transformers` progress bars (loading and writing weights) inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
-    return model.eval(), tokenizer if tokenizer is not None else _read_tokenizer(folder)
 
 
 def _read_tokenizer(folder: str | os.PathLike[str]) -> Any:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from tl_degeneracy.engine.compat import API, available_apis, build_model, hooked_state_dict
+from tl_degeneracy.models.architectures import ARCHITECTURES
 
 TINY_ARCHITECTURES = (
     "gpt2",
@@ -109,36 +110,21 @@ def _unknown(arch: str) -> str:
 def tiny_checkpoint(arch: str, folder: str | os.PathLike[str], seed: int = 0) -> Path:
     """Write a tiny random checkpoint of `arch` (see the module) into `folder`, as
     `save_pretrained` does: `config.json`, `model.safetensors` and the tokenizer files."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
     import transformers
 
+    from tl_degeneracy.models.local import quiet_transformers
+
     config = tiny_hf_config(arch)
-    model = _model_class(config, transformers)(config)
+    base = "gpt2" if arch == "processed" else arch
+    hf_class = next(a.hf_class for a in ARCHITECTURES.values() if a.name == base)
+    with torch.random.fork_rng():  # transformers initialises from the global RNG
+        model = getattr(transformers, hf_class)(config)
     randomize(model, seed)
     folder = Path(folder)
-    from transformers.utils import logging as hf_logging
-
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_transformers():
         model.save_pretrained(folder)
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
     tiny_tokenizer().save_pretrained(folder)
     return folder
-
-
-def _model_class(config: Any, transformers: Any) -> Any:
-    names = {
-        "gpt2": "GPT2LMHeadModel",
-        "gpt_neox": "GPTNeoXForCausalLM",
-        "llama": "LlamaForCausalLM",
-        "gemma": "GemmaForCausalLM",
-        "mistral": "MistralForCausalLM",
-        "qwen2": "Qwen2ForCausalLM",
-    }
-    return getattr(transformers, names[config.model_type])
 
 
 @torch.no_grad()
