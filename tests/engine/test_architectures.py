@@ -33,22 +33,13 @@ from tl_degeneracy.engine.compat import hook_names, replace_hooks
 from tl_degeneracy.engine.statistics import capture_sites
 from tl_degeneracy.models.tiny import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ARCHS = ("gpt2", "neox", "llama", "gemma", "attn_only", "processed")
 CASES = [(arch, api) for arch in ARCHS for api in APIS]
 N_ROWS, N_POS = 4, 8
 CUT = Truncation(relative=1e-10)
 """Directions with Λ below 1e-10 of the top one are rounding noise (e.g. the all-ones direction
 that LayerNorm ignores, at Λ ~ 1e-16); whitening would amplify it."""
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread (on a busy machine, idle OpenMP workers spinning for these
-    millisecond ops cost 7x the CPU time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def residual_sites(model) -> list[Site]:

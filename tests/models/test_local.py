@@ -26,18 +26,9 @@ from tl_degeneracy.models.tiny import (
     tiny_tokenizer,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 HF_ARCHS = ("gpt2", "neox", "llama", "gemma", "mistral", "qwen2")
 RMS_ARCHS = ("llama", "gemma", "mistral", "qwen2")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread (on a busy machine, idle OpenMP workers spinning for these
-    millisecond ops cost 7x the CPU time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
