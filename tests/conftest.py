@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from support import APIS, REFERENCE, random_tokens, tiny_model
 
 
@@ -31,3 +32,14 @@ def tiny():
 def tokens_for():
     """Factory fixture: `tokens_for(model, n, seed)` draws random token batches."""
     return random_tokens
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: on a busy machine, idle OpenMP
+    workers spinning around millisecond ops cost several times the CPU time (7x measured on
+    tests/engine/test_architectures.py). Use with `pytestmark = usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -222,7 +222,31 @@ def carry_hook(model: nn.Module, site: Site) -> str | None:
     return f"blocks.{layer}.hook_resid_post"
 
 
+def _missing_resid_mid(model: nn.Module, hook: str) -> str | None:
+    """Why a block has no `hook_resid_mid`, for models whose blocks have no such cut."""
+    m = _RESIDUAL.match(hook)
+    if m is None or m.group(2) != "mid" or not is_transformer(model):
+        return None
+    cfg, layer = model_cfg(model), m.group(1)
+    if getattr(cfg, "parallel_attn_mlp", False):
+        return (
+            f"{hook!r} does not exist: this model runs attention and MLP in parallel "
+            "(parallel_attn_mlp, as GPT-NeoX/Pythia), both reading hook_resid_pre, so there is "
+            f"no residual stream between them. Use blocks.{layer}.hook_resid_pre or "
+            f"blocks.{layer}.hook_resid_post."
+        )
+    if getattr(cfg, "attn_only", False):
+        return (
+            f"{hook!r} does not exist: this model is attention-only (attn_only), so a block's "
+            f"residual stream after attention is blocks.{layer}.hook_resid_post; use that."
+        )
+    return None
+
+
 def _unknown(model: nn.Module, hook: str, valid: set[str]) -> SiteError:
+    missing = _missing_resid_mid(model, hook)
+    if missing is not None:
+        return SiteError(missing)
     layer = re.match(r"^blocks\.(\d+)\.", hook)
     n_layers = getattr(model_cfg(model), "n_layers", None) if is_transformer(model) else None
     if layer is not None and n_layers is not None and int(layer.group(1)) >= n_layers:

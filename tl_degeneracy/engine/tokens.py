@@ -1,40 +1,118 @@
-"""Checking a model's inputs before they reach it (provisional: see the loaders' branch)."""
+"""Token batches checked against the model before they reach it.
+
+TransformerLens fails deep inside the embedding on bad tokens (`IndexError: index out of range
+in self` for an id ≥ d_vocab, a dtype error for floats) and does not check the context length.
+`validate_tokens` says instead what is wrong, where, and how to fix it.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from jaxtyping import Int
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.compat import is_transformer, model_cfg, model_device
 
 
 class TokenError(ValueError):
-    """Token ids a model cannot take: the message names the problem and the fix."""
+    """Tokens a model cannot run on: wrong type, dtype or shape, ids outside the vocabulary,
+    or sequences longer than the context."""
 
 
-def validate_tokens(model: nn.Module, tokens: Tensor) -> Tensor:
-    """`tokens` as int64 on the model's device, checked against the model."""
+def validate_tokens(model: nn.Module, tokens: Any) -> Int[Tensor, "batch pos"]:
+    """`tokens` as an int64 `[batch, pos]` tensor on the model's device, after checking that
+    every id is in `[0, d_vocab)` and that no sequence is longer than `n_ctx`.
+
+    Accepts a tensor, a NumPy array or nested lists of ints. Raises `TokenError` naming the
+    problem (the offending row, position and id; the dtype; the shape; the length) and the fix.
+    A model that is not a transformer (an MLP on images, say) takes its inputs as they are,
+    moved to its device.
+    """
+    tokens = _as_tensor(tokens)
     if not is_transformer(model):
         return tokens.to(model_device(model))
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise TokenError(
-            f"tokens must be integer ids, got dtype {tokens.dtype}; convert with "
-            "tokens.long() (or tokenize text with model.to_tokens)"
-        )
-    if tokens.ndim != 2:
-        raise TokenError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
     cfg = model_cfg(model)
-    vocab, n_ctx = int(cfg.d_vocab), int(cfg.n_ctx)
-    bad = (tokens < 0) | (tokens >= vocab)
+    if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+        raise TokenError(_dtype_message(tokens))
+    if tokens.ndim != 2:
+        raise TokenError(_rank_message(tokens))
+    n_rows, n_pos = tokens.shape
+    if n_rows == 0 or n_pos == 0:
+        raise TokenError(f"tokens have shape {tuple(tokens.shape)}: no rows or no positions")
+    d_vocab = int(cfg.d_vocab)
+    bad = (tokens < 0) | (tokens >= d_vocab)
     if bool(bad.any()):
-        row, pos = (int(v) for v in bad.nonzero()[0])
+        row, pos = (int(i) for i in bad.nonzero()[0])
+        token_id = int(tokens[row, pos])
         raise TokenError(
-            f"token id {int(tokens[row, pos])} at row {row}, position {pos} is outside the "
-            f"vocabulary of {vocab} ids (0 … {vocab - 1}); tokenize with this model's tokenizer"
+            f"token id {token_id} at row {row}, position {pos} is outside the vocabulary "
+            f"[0, {d_vocab}) of this model ({int(bad.sum())} such ids in "
+            f"{int(bad.any(1).sum())} rows; largest {int(tokens.max())}, smallest "
+            f"{int(tokens.min())}). Tokenize with this model's own tokenizer "
+            "(model.to_tokens(text))."
         )
-    if tokens.shape[1] > n_ctx:
+    n_ctx = int(cfg.n_ctx)
+    if n_pos > n_ctx:
         raise TokenError(
-            f"sequences of {tokens.shape[1]} tokens exceed the model's context of {n_ctx}; "
-            f"cut them to at most {n_ctx} (e.g. tokens[:, :{n_ctx}])"
+            f"sequences have {n_pos} positions but the model's context is n_ctx = {n_ctx}; cut "
+            f"them (tokens[:, :{n_ctx}]) or split them into rows of at most {n_ctx} tokens"
         )
-    return tokens.to(device=model_device(model), dtype=torch.long)
+    return tokens.to(device=_device(model), dtype=torch.int64)
+
+
+def _as_tensor(tokens: Any) -> Tensor:
+    if isinstance(tokens, Tensor):
+        return tokens
+    if isinstance(tokens, str) or (
+        isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)
+    ):
+        raise TokenError("tokens are text: tokenize first, e.g. model.to_tokens(text)")
+    try:
+        return torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TokenError(
+            f"tokens of type {type(tokens).__name__} cannot be made a tensor ({error}); pass an "
+            "integer tensor of shape [batch, pos]"
+        ) from error
+
+
+def _dtype_message(tokens: Tensor) -> str:
+    if tokens.dtype == torch.bool:
+        return "tokens are bool, not token ids; pass an integer tensor of shape [batch, pos]"
+    whole = (
+        tokens.is_floating_point()
+        and bool(torch.isfinite(tokens).all())
+        and bool((tokens == tokens.round()).all())
+    )
+    if whole:
+        return (
+            f"tokens have dtype {tokens.dtype}; token ids must be integers. These values are "
+            "whole numbers: convert them with tokens.long()"
+        )
+    return (
+        f"tokens have dtype {tokens.dtype} and values that are not whole numbers, so they are not "
+        "token ids (activations or embeddings?); pass an integer tensor of shape [batch, pos]"
+    )
+
+
+def _rank_message(tokens: Tensor) -> str:
+    shape = tuple(tokens.shape)
+    if tokens.ndim == 1:
+        return (
+            f"tokens have shape {shape}; they must be [batch, pos]. For one sequence add the "
+            "batch axis: tokens[None]"
+        )
+    if tokens.ndim == 0:
+        return "tokens are a single number; they must be a [batch, pos] tensor"
+    return (
+        f"tokens have shape {shape} ({tokens.ndim} axes); they must be [batch, pos]. Merge the "
+        f"leading axes first: tokens.reshape(-1, {shape[-1]})"
+    )
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device(str(getattr(model_cfg(model), "device", "cpu") or "cpu"))

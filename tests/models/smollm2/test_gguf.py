@@ -224,10 +224,11 @@ def test_smollm2_matches_transformers_own_gguf_loader():
     os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from tl_degeneracy.models.smollm2.loader import converted_dir, load_hf_llama
+    from tl_degeneracy.models.local import load_hf
+    from tl_degeneracy.models.smollm2.loader import converted_dir
 
     path = real_gguf()
-    ours, our_tok = load_hf_llama(converted_dir(path))
+    ours, our_tok = load_hf(converted_dir(path))
     theirs = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     their_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     their_sd = theirs.state_dict()

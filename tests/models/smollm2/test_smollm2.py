@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tl_degeneracy.engine.compat import available_apis, weight_processing
+from tl_degeneracy.models.local import load_hf
 from tl_degeneracy.models.smollm2 import loader as smollm2
 from tl_degeneracy.models.smollm2.loader import (
     SMOLLM2_NAME,
@@ -39,7 +40,7 @@ def models():
 @pytest.fixture(scope="module")
 def hf_reference():
     require_smollm2()
-    model, _ = smollm2.load_hf_llama(smollm2.converted_dir(smollm2_gguf_path()), n_ctx=2048)
+    model, _ = load_hf(smollm2.converted_dir(smollm2_gguf_path()), n_ctx=2048)
     return model
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tl_degeneracy.engine.compat import has_hooked_transformer
-from tl_degeneracy.models.smollm2.rmsnorm import round_rmsnorm_like_hugging_face
+from tl_degeneracy.models.rmsnorm import round_rmsnorm_like_hugging_face
 
 pytestmark = pytest.mark.skipif(
     not has_hooked_transformer(), reason="HookedTransformer needs TransformerLens < 4"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tl_degeneracy.engine.compat import available_apis, hooked_state_dict
-from tl_degeneracy.models.smollm2.weight_layout import store_weights_transposed
+from tl_degeneracy.models.weight_layout import store_weights_transposed
 
 
 @pytest.mark.skipif("hooked" not in available_apis(), reason="HookedTransformer only")

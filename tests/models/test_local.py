@@ -1,0 +1,242 @@
+"""`load_local`: Hugging Face checkpoint folders written by `transformers` in the test, loaded
+offline on every API, against `transformers`' own forward; clear errors for what it cannot load.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+
+import pytest
+import torch
+from support import APIS
+from torch.overrides import TorchFunctionMode
+
+from tl_degeneracy.engine.compat import weight_processing
+from tl_degeneracy.models.architectures import ARCHITECTURES, UnsupportedArchitectureError
+from tl_degeneracy.models.local import load_hf, load_local
+from tl_degeneracy.models.tiny import (
+    D_VOCAB,
+    TINY_ARCHITECTURES,
+    randomize,
+    tiny_checkpoint,
+    tiny_hf_config,
+    tiny_model,
+    tiny_tokenizer,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+HF_ARCHS = ("gpt2", "neox", "llama", "gemma", "mistral", "qwen2")
+RMS_ARCHS = ("llama", "gemma", "mistral", "qwen2")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One tiny checkpoint folder per architecture, written once for the module."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {arch: tiny_checkpoint(arch, root / arch, seed=0) for arch in HF_ARCHS}
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, D_VOCAB, (3, 16), generator=torch.Generator().manual_seed(3))
+
+
+SOFTMAX = (torch.Tensor.softmax, torch.softmax, torch.nn.functional.softmax)
+
+
+class Float64Throughout(TorchFunctionMode):
+    """Run a float64 `transformers` forward in float64 throughout: its deliberate float32
+    upcasts (softmax in eager attention, RMSNorm) become no-ops on float64 tensors."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
+            if func is torch.Tensor.float:
+                return args[0]
+            if func is torch.Tensor.to and torch.float32 in (*args[1:], kwargs.get("dtype")):
+                args = tuple(a for a in args if a is not torch.float32)
+                kwargs.pop("dtype", None)
+            if func in SOFTMAX and kwargs.get("dtype") == torch.float32:
+                kwargs.pop("dtype")
+        return func(*args, **kwargs)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+@pytest.mark.parametrize("api", APIS)
+def test_float64_logits_equal_transformers(checkpoints, tokens, arch, api):
+    """HookedTransformer computes in float64 throughout, so it equals `transformers` run in
+    float64 throughout (measured: at most 5e-16). The Bridge runs Hugging Face's RMSNorm modules
+    and a float32 softmax, as `transformers` does; it equals that forward (measured: 0), which is
+    1.4e-7 from the float64 one on these models."""
+    model = load_local(checkpoints[arch], api=api, dtype=torch.float64)
+    hf, _ = load_hf(checkpoints[arch], dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(tokens)
+        if api == "bridge" and arch in RMS_ARCHS:
+            reference = hf(tokens).logits
+        else:
+            with Float64Throughout():
+                reference = hf(tokens).logits
+    assert logits.dtype == torch.float64
+    assert relative_error(logits, reference) < 1e-10
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+@pytest.mark.parametrize("api", APIS)
+def test_float32_logits_match_transformers(checkpoints, tokens, arch, api):
+    """float32: bit for bit on RMSNorm models (Hugging Face's rotary tables and RMSNorm
+    rounding), within 3e-7 of the largest logit on the LayerNorm ones (measured)."""
+    model = load_local(checkpoints[arch], api=api)
+    hf, _ = load_hf(checkpoints[arch])
+    with torch.no_grad():
+        logits, reference = model(tokens), hf(tokens).logits
+    if arch in RMS_ARCHS:
+        assert torch.equal(logits, reference)
+    assert relative_error(logits, reference) < 1e-6
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_config_tokenizer_and_record(checkpoints, api):
+    model = load_local(checkpoints["llama"], api=api, model_name="mine", n_ctx=8)
+    cfg = model.cfg
+    assert (cfg.model_name, cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_vocab) == (
+        "mine",
+        2,
+        16,
+        4,
+        D_VOCAB,
+    )
+    assert cfg.n_ctx == 8 and cfg.n_key_value_heads == 2
+    tokens = model.to_tokens("hello!")
+    assert tokens[0, 0].item() == model.tokenizer.bos_token_id
+    assert model.to_string(tokens[0, 1:]) == "hello!"
+    record = weight_processing(model)
+    assert record["architecture"] == "LlamaForCausalLM" and record["fold_ln"] is False
+    assert record["source"] == str(checkpoints["llama"].resolve())
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_processed_model_is_lnpre_and_keeps_log_probs(checkpoints, tokens, api):
+    """TransformerLens's default processing (folded LayerNorm, centred weights, centred
+    unembedding, value biases folded). TransformerLens 3.9 processes float64 weights in float32,
+    so log-probs move by ~2e-6 (not 1e-15)."""
+    plain = load_local(checkpoints["gpt2"], api=api, dtype=torch.float64)
+    processed = tiny_model("processed", api)
+    flags = weight_processing(processed)
+    assert flags["normalization_type"] == "LNPre" and flags["center_unembed"] is True
+    if api == "hooked":
+        assert processed.cfg.normalization_type == "LNPre"
+    with torch.no_grad():
+        a, b = processed(tokens).log_softmax(-1), plain(tokens).log_softmax(-1)
+    assert float((a - b).abs().max()) < 1e-5
+
+
+@pytest.mark.skipif(len(APIS) < 2, reason="HookedTransformer needs TransformerLens < 4")
+@pytest.mark.parametrize("arch", ["processed", "attn_only"])
+def test_both_apis_give_the_same_model(tokens, arch):
+    hooked, bridge = (tiny_model(arch, api) for api in APIS)
+    with torch.no_grad():
+        assert relative_error(bridge(tokens), hooked(tokens)) < 1e-12
+
+
+def test_sharded_checkpoint_loads_the_same_weights(checkpoints, tmp_path, tokens):
+    import transformers
+
+    config = tiny_hf_config("llama")
+    hf = randomize(transformers.LlamaForCausalLM(config), seed=0)
+    hf.save_pretrained(tmp_path, max_shard_size="8KB")
+    tiny_tokenizer().save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    sharded, single = (load_local(f, dtype=torch.float64) for f in (tmp_path, checkpoints["llama"]))
+    with torch.no_grad():
+        assert torch.equal(sharded(tokens), single(tokens))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_loads_without_network(no_network, tmp_path, api):
+    model = tiny_model("gemma", api, folder=tmp_path / "checkpoint")
+    assert model.to_str_tokens("hi") == ["<s>", "h", "i"]
+
+
+def copy_without(src, dst, *patterns):
+    shutil.copytree(src, dst)
+    for pattern in patterns:
+        for path in dst.glob(pattern):
+            path.unlink()
+    return dst
+
+
+def test_missing_files_are_named(checkpoints, tmp_path):
+    src = checkpoints["gpt2"]
+    cases = [
+        (tmp_path / "nowhere", "not a folder"),
+        (copy_without(src, tmp_path / "a", "config.json"), "no config.json"),
+        (copy_without(src, tmp_path / "b", "*.safetensors"), "no \\*.safetensors"),
+        (copy_without(src, tmp_path / "c", "tokenizer*"), "no tokenizer files"),
+    ]
+    pickled = copy_without(src, tmp_path / "d", "*.safetensors")
+    (pickled / "pytorch_model.bin").write_bytes(b"")
+    cases.append((pickled, "pickle files, which are never loaded"))
+    sharded = copy_without(src, tmp_path / "e")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    cases.append((sharded, "model-00001-of-00002.safetensors.*missing"))
+    for folder, message in cases:
+        with pytest.raises(FileNotFoundError, match=message):
+            load_local(folder)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_tokenizer_can_be_passed_instead(checkpoints, tmp_path, api):
+    folder = copy_without(checkpoints["gpt2"], tmp_path / "bare", "tokenizer*")
+    model = load_local(folder, api=api, tokenizer=tiny_tokenizer())
+    assert model.to_str_tokens("ok") == ["<s>", "o", "k"]
+
+
+def test_unsupported_architecture_is_named_with_the_supported_ones(checkpoints, tmp_path):
+    folder = copy_without(checkpoints["gpt2"], tmp_path / "bert")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["BertModel"]}))
+    with pytest.raises(UnsupportedArchitectureError, match="BertModel") as error:
+        load_local(folder)
+    for arch in ARCHITECTURES.values():
+        assert arch.hf_class in str(error.value)
+
+
+@pytest.mark.skipif("hooked" not in APIS, reason="HookedTransformer needs TransformerLens < 4")
+def test_features_hooked_transformer_lacks_are_refused(checkpoints, tmp_path):
+    folder = copy_without(checkpoints["llama"], tmp_path / "scaled")
+    config = json.loads((folder / "config.json").read_text())
+    scaling = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": scaling}))
+    with pytest.raises(UnsupportedArchitectureError, match="api='bridge'"):
+        load_local(folder, api="hooked")
+    with pytest.raises(ValueError, match="learned position table"):
+        load_local(checkpoints["gpt2"], n_ctx=8)
+
+
+def test_tiny_models_are_tiny():
+    for arch in TINY_ARCHITECTURES:
+        model = tiny_model(arch, APIS[0])
+        per_block = sum(p.numel() for p in model.blocks[0].parameters())
+        assert 300 <= per_block <= 5000, (arch, per_block)
+    with pytest.raises(ValueError, match="tiny_model\\('attn_only'"):
+        tiny_checkpoint("attn_only", "unused")

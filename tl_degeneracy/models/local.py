@@ -1,0 +1,333 @@
+"""Load a Hugging Face-format checkpoint folder into TransformerLens, offline.
+
+A folder holds `config.json`, the weights as `*.safetensors` (one file, or shards listed in
+`model.safetensors.index.json`) and tokenizer files, as `save_pretrained` writes them. It is
+read with `transformers` (`local_files_only`, never the hub) and wrapped as a
+`HookedTransformer` (TransformerLens 3.x: the config is built from the folder's own
+`config.json`, see `architectures`) or a `TransformerBridge` (3.x and 4.x: Hugging Face's modules
+behind TransformerLens hooks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from tl_degeneracy.engine.compat import (
+    available_apis,
+    has_hooked_transformer,
+    model_cfg,
+    set_weight_processing,
+    tl_version,
+)
+from tl_degeneracy.models.architectures import Architecture, architecture_of
+from tl_degeneracy.models.rmsnorm import round_rmsnorm_like_hugging_face
+from tl_degeneracy.models.weight_layout import store_weights_transposed
+
+DEFAULT_MAX_CTX = 2048
+"""Context length used when `n_ctx` is not given and the config allows more (rotary models):
+HookedTransformer allocates an `n_ctx × n_ctx` mask per layer."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# Buffers a HookedTransformer computes itself rather than loading.
+_TL_BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")
+
+
+def _offline() -> None:
+    """Forbid Hugging Face hub access before transformers is used."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def check_folder(folder: str | os.PathLike[str], tokenizer: bool = True) -> dict[str, Any]:
+    """The folder's `config.json`, after checking that the weights (and, with `tokenizer`,
+    tokenizer files) are there. Raises `FileNotFoundError` naming what is missing and how to
+    write it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} is not a folder; pass the directory that model.save_pretrained() wrote"
+        )
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no config.json; save the model with model.save_pretrained({folder!s})"
+        )
+    try:
+        config: dict[str, Any] = json.loads(config_path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder}: model.safetensors.index.json lists {len(shards)} shards but "
+                f"{missing} are missing; copy every shard into the folder"
+            )
+    elif not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+            p.name for p in folder.glob("*.pt*")
+        )
+        found = f" (found {pickled}: pickle files, which are never loaded)" if pickled else ""
+        raise FileNotFoundError(
+            f"{folder} has no *.safetensors weights{found}; write them with "
+            "model.save_pretrained(folder) (transformers saves safetensors by default)"
+        )
+    if tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); save "
+            "them with tokenizer.save_pretrained(folder), or pass tokenizer=<a tokenizer>"
+        )
+    return config
+
+
+def load_hf(
+    folder: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    n_ctx: int | None = None,
+    tokenizer: Any | None = None,
+) -> tuple[nn.Module, Any]:
+    """The `transformers` causal LM (eager attention, eval mode) and tokenizer of a folder,
+    read from local files only. `n_ctx` overrides a rotary model's context length."""
+    config = check_folder(folder, tokenizer=tokenizer is None)
+    arch = architecture_of(config)
+    _offline()
+    import transformers
+
+    overrides = _context_override(arch, config, n_ctx)
+    with quiet_transformers():
+        model = getattr(transformers, arch.hf_class).from_pretrained(
+            folder,
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=dtype,
+            attn_implementation="eager",
+            **overrides,
+        )
+    return model.eval(), tokenizer if tokenizer is not None else _read_tokenizer(folder)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No `transformers` progress bars (loading and writing weights) inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _read_tokenizer(folder: str | os.PathLike[str]) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _context_override(arch: Architecture, config: dict[str, Any], n_ctx: int | None) -> dict:
+    """The config override that sets the context length (rotary models; learned position
+    tables fix it)."""
+    if arch.name == "gpt2":
+        if n_ctx is not None and n_ctx != config["n_positions"]:
+            raise ValueError(
+                f"n_ctx={n_ctx}: a GPT-2 checkpoint's learned position table fixes the context "
+                f"at {config['n_positions']}; leave n_ctx unset"
+            )
+        return {}
+    limit = config.get("max_position_embeddings", DEFAULT_MAX_CTX)
+    return {"max_position_embeddings": n_ctx or min(limit, DEFAULT_MAX_CTX)}
+
+
+def load_local(
+    folder: str | os.PathLike[str],
+    api: Literal["auto", "hooked", "bridge"] = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    center_unembed: bool = False,
+    fold_value_biases: bool = False,
+    n_ctx: int | None = None,
+    model_name: str | None = None,
+    tokenizer: Any | None = None,
+) -> nn.Module:
+    """A Hugging Face-format folder as a TransformerLens model, without the hub.
+
+    `api="auto"` gives a `HookedTransformer` where TransformerLens still has one (3.x), else a
+    `TransformerBridge`. By default no weight processing is applied, so activations are those
+    of the stored weights; `fold_ln=True, center_writing_weights=True, center_unembed=True,
+    fold_value_biases=True` is TransformerLens's `from_pretrained` default. Rotary models get
+    `n_ctx = min(max_position_embeddings, 2048)` unless `n_ctx` says otherwise. Supported
+    architectures: `architectures.ARCHITECTURES` (an unsupported one is named in the error).
+    """
+    if api == "auto":
+        api = available_apis()[0]
+    if api not in ("hooked", "bridge"):
+        raise ValueError(f"api must be 'auto', 'hooked' or 'bridge', got {api!r}")
+    if api == "hooked" and not has_hooked_transformer():
+        raise RuntimeError(
+            f"TransformerLens {tl_version()} has no HookedTransformer; use api='bridge'."
+        )
+    config = check_folder(folder, tokenizer=tokenizer is None)
+    arch = architecture_of(config)
+    if center_writing_weights and arch.uses_rms:
+        warnings.warn(
+            "center_writing_weights does nothing for RMSNorm models (RMSNorm does not subtract "
+            "the mean, so TransformerLens skips it); recorded as False.",
+            stacklevel=2,
+        )
+        center_writing_weights = False
+    hf_model, tokenizer = load_hf(folder, dtype=dtype, n_ctx=n_ctx, tokenizer=tokenizer)
+    name = model_name or Path(folder).resolve().name
+    processing = {
+        "fold_ln": fold_ln,
+        "center_writing_weights": center_writing_weights,
+        "center_unembed": center_unembed,
+        "fold_value_biases": fold_value_biases,
+    }
+    record = _record(hf_model, arch, api, processing, folder)  # before the Bridge wraps it
+    with _tokenizer_in_a_folder(tokenizer) as tokenizer:
+        if api == "hooked":
+            model = _hooked_from_hf(hf_model, arch, tokenizer, name, dtype, device, processing)
+        else:
+            model = _bridge_from_hf(hf_model, tokenizer, dtype, device, processing)
+            model_cfg(model).model_name = name
+    set_weight_processing(model, record)
+    return model.eval()
+
+
+@contextmanager
+def _tokenizer_in_a_folder(tokenizer: Any) -> Iterator[Any]:
+    """The tokenizer, read back from a temporary folder if it was built in memory: both APIs
+    reload it from its `name_or_path` (to add a BOS token)."""
+    if (getattr(tokenizer, "init_kwargs", None) or {}).get("name_or_path"):
+        yield tokenizer
+        return
+    with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        yield _read_tokenizer(tmp)
+
+
+def _record(
+    hf_model: nn.Module, arch: Architecture, api: str, processing: dict[str, bool], folder: Any
+) -> dict[str, Any]:
+    """What `compat.weight_processing` reports for a loaded folder."""
+    norm = "RMS" if arch.uses_rms else "LN"
+    flags: dict[str, Any] = {
+        **processing,
+        "normalization_type": norm + ("Pre" if processing["fold_ln"] else ""),
+        "source": str(Path(folder).resolve()),
+        "architecture": arch.hf_class,
+    }
+    rotary = getattr(hf_model.base_model, "rotary_emb", None)
+    if rotary is not None:
+        flags["rotary_tables"] = f"Hugging Face {type(rotary).__name__} (float32 angles)"
+    if arch.uses_rms:
+        flags["rmsnorm_rounding"] = (
+            "x / sqrt(mean(x^2) + eps), folded (TransformerLens RMSNormPre)"
+            if api == "hooked" and processing["fold_ln"]
+            else "x * rsqrt(mean(x^2) + eps), as Hugging Face"
+        )
+    return flags
+
+
+def _hooked_from_hf(
+    hf_model: nn.Module,
+    arch: Architecture,
+    tokenizer: Any,
+    name: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    processing: dict[str, bool],
+) -> nn.Module:
+    """A `HookedTransformer` from a `transformers` model, via TransformerLens's converter for
+    its architecture, with Hugging Face's rotary tables and RMSNorm rounding."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    hf_config: Any = hf_model.config
+    cfg = HookedTransformerConfig(
+        **arch.hooked_config(hf_config),
+        model_name=name,
+        original_architecture=arch.hf_class,
+        init_weights=False,
+        dtype=dtype,
+        device=str(device),
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    if cfg.positional_embedding_type == "rotary":
+        use_hf_rotary_tables(model, hf_model)
+    weights = arch.convert(hf_model, cfg)
+    if any(processing.values()):
+        model.load_and_process_state_dict(
+            weights, refactor_factored_attn_matrices=False, **processing
+        )
+    else:  # one load_state_dict call: TransformerLens's loader above goes key by key (slow)
+        for key, value in model.state_dict().items():  # biases the checkpoint has not (b_U)
+            if key not in weights and key.rsplit(".", 1)[-1].startswith("b_"):
+                weights[key] = torch.zeros_like(value)
+        result = model.load_state_dict(weights, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith(_TL_BUFFERS)]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"weights do not fit: {missing[:5]} {result.unexpected_keys[:5]}")
+    round_rmsnorm_like_hugging_face(model)
+    store_weights_transposed(model)  # TransformerLens stops copying every weight per forward
+    return model if torch.device(device).type == "cpu" else model.to(device)
+
+
+def use_hf_rotary_tables(model: nn.Module, hf_model: nn.Module) -> None:
+    """Give every attention layer of a `HookedTransformer` the rotary cos/sin tables of the
+    Hugging Face model it was converted from.
+
+    Both compute the angles in float32, but differently (TransformerLens `pos / base^(2i/d)`,
+    Hugging Face `pos * inv_freq` with `inv_freq` rounded to float32 first), so at position 127
+    they differ by ~7e-6 rad. That is a small change of the model, not rounding: on
+    SmolLM2-135M it moved the logits by 4e-5 in float64 and, with the RMSNorm rounding
+    (`models.rmsnorm`), by up to 2.7e-4 in float32 on held-out rows of 128 tokens. With both
+    aligned the float32 logits equal Hugging Face's bit for bit.
+    """
+    cfg = model_cfg(model)
+    hf: Any = hf_model
+    blocks: Any = model.blocks
+    positions = torch.arange(cfg.n_ctx, device=hf.device)[None]
+    probe = torch.zeros(1, dtype=cfg.dtype, device=hf.device)
+    cos, sin = hf.base_model.rotary_emb(probe, positions)
+    for block in blocks:
+        block.attn.rotary_cos.copy_(cos[0].to(block.attn.rotary_cos))
+        block.attn.rotary_sin.copy_(sin[0].to(block.attn.rotary_sin))
+
+
+def _bridge_from_hf(
+    hf_model: nn.Module,
+    tokenizer: Any,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    processing: dict[str, bool],
+) -> nn.Module:
+    """A `TransformerBridge` around a `transformers` model, processed only if asked to.
+
+    Booted under the model's own folder name: a plain name that happens to be a
+    TransformerLens alias (say "neox") would be swapped for a hub model's name."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(
+        str(hf_model.name_or_path),
+        hf_model=hf_model.to(device),
+        tokenizer=tokenizer,
+        dtype=dtype,
+        device=device,
+    )
+    if any(processing.values()):
+        bridge.enable_compatibility_mode(disable_warnings=True, **processing)
+    return bridge
