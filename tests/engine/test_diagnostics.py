@@ -4,6 +4,8 @@ found and named; leaving its position out removes the flag."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from support import tiny_model
@@ -79,7 +81,8 @@ def test_massive_token_at_position_zero_is_named():
     assert d.position_share[0] == pytest.approx(7 / 8, abs=0.01)
     assert d.token_share["<t0>"] == pytest.approx(7 / 8, abs=0.01)
     text = d.explanation()
-    assert "position 0" in text and "'<t0>'" in text and "attention sink" in text
+    assert "Mostly position 0 (token '<t0>')" in text and "attention sink" in text
+    assert re.search(r"from tokens '<t0>' 8[78]%, .*; by position 0 8[78]%, ", text)
     # the top hit's projection, by hand
     (act,) = capture_sites(model, toks, [site])
     b = bases[site.name]
@@ -109,7 +112,7 @@ def test_massive_token_at_varying_positions_is_one_token():
     _, bases = _pca(model, [site], toks)
     (d,) = dominant_directions(bases, model, toks, decode).directions
     assert max(d.position_share.values()) < 0.5 and d.token_share["<t0>"] > 0.85
-    assert "from the token '<t0>', at several positions" in d.explanation()
+    assert "Mostly the token '<t0>', at several positions" in d.explanation()
 
 
 def test_lib_spectrum_gives_shares_but_no_tokens_and_json_round_trip(tmp_path):

@@ -194,8 +194,11 @@ def test_summary_sentences_on_known_numbers():
     text = " ".join(rs.ablation_sentences(curves, 0.05, "loss"))
     assert "at blocks.1.hook_resid_mid, LIB 8, PCA 16 (unablated 1)" in text
     assert "fewer features than PCA at 1 of 1 ablated sites, as many at 0 and more at 0" in text
-    never = {"x": {"lib": curve({0: 3.0, 4: 2.0})}}
-    assert "LIB more than 4" in rs.ablation_sentences(never, 0.05, "loss")[0]
+    never = {"x": {"lib": curve({0: 3.0, 4: 2.0}), "pca": curve({0: 3.0, 4: 2.5})}}
+    first, tally = rs.ablation_sentences({**curves, **never}, 0.05, "loss")
+    assert "at x, LIB more than 4, PCA more than 4" in first
+    assert "fewer features than PCA at 1 of 2 ablated sites, as many at 0 and more at 0" in tally
+    assert "at 1 no evaluated k of either basis is within the tolerance" in tally
     assert rs.duration(4.25) == "4.2 s" and rs.duration(83.2) == "1 min 23 s"
     assert rs.duration(3725) == "1 h 02 min" and rs.duration(math.nan) == "–"
     rows = rs.setting_rows({"kinds": ("lib", "pca"), "t": {"a": 1e-10, "b": None}, "x": True})

@@ -72,31 +72,41 @@ class DominantDirection:
         return bool(self.position_share)
 
     def explanation(self) -> str:
-        """Why the direction is flagged and what it is, in one or two sentences."""
+        """Why the direction is flagged, where it comes from and what that suggests."""
         head = (
             f"One direction carries {self.share:.1%} of the variance at {self.site} "
             f"(the next one {self.next_share:.2%})."
         )
         if not self.located:
             return head + " Its tokens were not traced (no model or data given)."
+
+        def top(shares: Mapping[Any, float], show: Callable[[Any], str]) -> str:
+            items = sorted(shares.items(), key=lambda kv: -kv[1])[:3]
+            return ", ".join(f"{show(k)} {v:.0%}" for k, v in items)
+
+        sources = (
+            f" Its squared projection on the sample comes from tokens "
+            f"{top(self.token_share, repr)}; by position {top(self.position_share, str)}."
+        )
         pos, p_share = max(self.position_share.items(), key=lambda kv: kv[1])
         tok, t_share = max(self.token_share.items(), key=lambda kv: kv[1])
         if p_share >= 0.5:
-            return (
-                f"{head} {p_share:.0%} of its squared projection comes from position {pos} "
-                f"(token {tok!r}: {t_share:.0%}): one position with a massive activation, the "
-                "signature of an attention sink. Leave that position out of the sites."
+            verdict = (
+                f" Mostly position {pos} (token {tok!r}): one position with a massive "
+                "activation, the signature of an attention sink. Leave that position out of "
+                "the sites."
             )
-        if t_share >= 0.5:
-            return (
-                f"{head} {t_share:.0%} of its squared projection comes from the token {tok!r}, "
-                "at several positions: one token with a massive activation."
+        elif t_share >= 0.5:
+            verdict = (
+                f" Mostly the token {tok!r}, at several positions: one token with a massive "
+                "activation wherever it occurs."
             )
-        return (
-            f"{head} It is spread over positions and tokens (largest: position {pos}, "
-            f"{p_share:.0%}; token {tok!r}, {t_share:.0%}): a direction the data varies along, "
-            "not a single-token artefact."
-        )
+        else:
+            verdict = (
+                " Spread over positions and tokens: a direction the data varies along, not a "
+                "single-token artefact."
+            )
+        return head + sources + verdict
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -75,6 +75,8 @@ class StudyReportInputs(HtmlReprMixin):
     metric: str = "held-out loss (nats)"
     graph_features: int = 12
     """Features per site the graph opens with."""
+    graph_max_features: int = 16
+    """Features per site the page holds (the reader can show up to this many)."""
     graph_share: float = 0.8
     """Share of each feature's input its drawn edges carry when the graph opens."""
 
@@ -151,6 +153,7 @@ def _graphs(inputs: StudyReportInputs) -> list[PageSection]:
         data = result_graph_data(
             result,
             inputs.edges[kind],
+            max_features=inputs.graph_max_features,
             modules=inputs.modules.get(kind),
             examples=inputs.examples.get(kind),
             logit_effects=effects,

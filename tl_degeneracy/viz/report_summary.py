@@ -86,8 +86,9 @@ def ablation_sentences(
         f"Features needed to keep the {metric} within {tolerance:g} of its unablated value "
         "when only a basis's top k features are kept at one site: " + "; ".join(parts) + "."
     ]
-    pairs = [(n["lib"], n["pca"]) for n in needed.values() if "lib" in n and "pca" in n]
-    if pairs:
+    both = [(n["lib"], n["pca"]) for n in needed.values() if "lib" in n and "pca" in n]
+    pairs = [(a, b) for a, b in both if a is not None or b is not None]
+    if both:
         inf = float("inf")
         lib = [inf if a is None else a for a, _ in pairs]
         pca = [inf if b is None else b for _, b in pairs]
@@ -95,8 +96,14 @@ def ablation_sentences(
         more = sum(a > b for a, b in zip(lib, pca))
         same = len(pairs) - fewer - more
         tally = (
-            f"LIB needs fewer features than PCA at {fewer} of {len(pairs)} ablated sites, "
-            f"as many at {same} and more at {more}."
+            f"LIB needs fewer features than PCA at {fewer} of {len(both)} ablated sites, "
+            f"as many at {same} and more at {more}"
+        )
+        neither = len(both) - len(pairs)
+        tally += (
+            f"; at {neither} no evaluated k of either basis is within the tolerance."
+            if neither
+            else "."
         )
         if fewer > more:
             tally += (
