@@ -217,3 +217,27 @@ def test_settings_of_the_study_config_flatten(small_study):
     assert rows["edge outputs"] == str(cfg["edge_outputs"])
     assert rows["truncation absolute"] == "1e-15" and rows["truncation relative"] == "1e-10"
     assert rows["ablation ks"] == ", ".join(str(k) for k in cfg["ablation_ks"])
+
+
+def test_diagnostic_sentence_names_each_kind_of_source_once():
+    from tl_degeneracy.engine.diagnostics import DominantDirection, SinkDiagnostic
+
+    def direction(site: str, share: float, pos: dict, tok: dict) -> DominantDirection:
+        return DominantDirection(site, share, 0.01, [], pos, tok)
+
+    dirs = [
+        direction("blocks.3.hook_resid_pre", 0.8, {0: 0.3, 4: 0.1}, {" the": 0.6, "<s>": 0.3}),
+        direction("blocks.4.hook_resid_pre", 0.7, {0: 0.3, 4: 0.1}, {" the": 0.6, "<s>": 0.3}),
+        direction("blocks.12.hook_resid_pre", 0.99, {0: 0.98}, {"<s>": 0.98}),
+    ]
+    shares = {d.site: d.share for d in dirs} | {"blocks.0.hook_resid_pre": 0.2}
+    text = rs.diagnostic_sentence(SinkDiagnostic(0.5, shares, dirs, 100))
+    assert text.startswith("3 of 4 sites have one direction carrying more than 50%")
+    assert "(3 pre, 4 pre, 12 pre)" in text
+    assert text.count("One direction carries") == 2  # blocks 3 and 12, not 4 again
+    assert "Mostly the token ' the'" in text and "Mostly position 0 (token '<s>')" in text
+    none = SinkDiagnostic(0.5, {"blocks.0.hook_resid_pre": 0.2, "blocks.1.hook_resid_pre": 0.3}, [])
+    assert rs.diagnostic_sentence(none) == (
+        "No site has a direction carrying more than 50% of its variance "
+        "(the largest share is 30.0%, at 1 pre)."
+    )

@@ -71,6 +71,20 @@ class DominantDirection:
         """Whether the direction was traced to tokens (it needs the model and data)."""
         return bool(self.position_share)
 
+    @property
+    def source(self) -> tuple[str, Any]:
+        """What the direction comes from: ("position", p) or ("token", t) when one carries at
+        least half of its squared projection, else ("spread", None); ("untraced", None)."""
+        if not self.located:
+            return ("untraced", None)
+        pos, p_share = max(self.position_share.items(), key=lambda kv: kv[1])
+        tok, t_share = max(self.token_share.items(), key=lambda kv: kv[1])
+        if p_share >= 0.5:
+            return ("position", pos)
+        if t_share >= 0.5:
+            return ("token", tok)
+        return ("spread", None)
+
     def explanation(self) -> str:
         """Why the direction is flagged, where it comes from and what that suggests."""
         head = (
@@ -88,15 +102,16 @@ class DominantDirection:
             f" Its squared projection on the sample comes from tokens "
             f"{top(self.token_share, repr)}; by position {top(self.position_share, str)}."
         )
-        pos, p_share = max(self.position_share.items(), key=lambda kv: kv[1])
-        tok, t_share = max(self.token_share.items(), key=lambda kv: kv[1])
-        if p_share >= 0.5:
+        tok = max(self.token_share.items(), key=lambda kv: kv[1])[0]
+        kind, where = self.source
+        if kind == "position":
+            pos = where
             verdict = (
                 f" Mostly position {pos} (token {tok!r}): one position with a massive "
                 "activation, the signature of an attention sink. Leave that position out of "
                 "the sites."
             )
-        elif t_share >= 0.5:
+        elif kind == "token":
             verdict = (
                 f" Mostly the token {tok!r}, at several positions: one token with a massive "
                 "activation wherever it occurs."

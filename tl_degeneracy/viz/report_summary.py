@@ -180,10 +180,13 @@ def diagnostic_sentence(diag: SinkDiagnostic | None) -> str:
         )
     names = [short_site_label(d.site) for d in diag.directions]
     shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    firsts: dict[tuple[str, Any], str] = {}  # the first site of each kind of source
+    for d in diag.directions:
+        firsts.setdefault(d.source, d.explanation())
     return (
         f"{len(names)} of {len(diag.shares)} sites have one direction carrying more than "
         f"{diag.threshold:.0%} of the variance ({shown}); their spectra and edges describe "
-        f"mostly that direction. {diag.directions[0].explanation()}"
+        "mostly that direction. " + " ".join(list(firsts.values())[:3])
     )
 
 
