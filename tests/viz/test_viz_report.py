@@ -241,3 +241,16 @@ def test_diagnostic_sentence_names_each_kind_of_source_once():
         "No site has a direction carrying more than 50% of its variance "
         "(the largest share is 30.0%, at 1 pre)."
     )
+
+
+def test_an_interaction_graph_stands_for_its_sections_and_modules(small_study):
+    from tl_degeneracy.engine.edges import InteractionGraph
+
+    _, inputs, _ = small_study
+    lib = inputs.bases["lib"]
+    modules = {name: [i % 3 for i in range(b.k)] for name, b in lib.bases.items()}
+    graph = InteractionGraph(lib, inputs.edges["lib"], modules)
+    got = StudyReportInputs({"lib": lib}, edges={"lib": graph})
+    assert got.edges["lib"] == inputs.edges["lib"] and got.modules["lib"] == modules
+    html_text = study_report(got).to_html()
+    assert '"module":2' in html_text

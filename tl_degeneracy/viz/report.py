@@ -51,7 +51,8 @@ class StudyReportInputs(HtmlReprMixin):
 
     bases: dict[str, BasisResult]
     edges: dict[str, dict[str, SectionEdges]] = field(default_factory=dict)
-    """{kind: {section name: edges}} between consecutive sites."""
+    """{kind: {section name: edges}} between consecutive sites; an `InteractionGraph` per kind
+    is accepted too (its sections are taken, and its modules when `modules` has none)."""
     curves: dict[str, dict[str, AblationCurve]] = field(default_factory=dict)
     """{site: {kind: node-ablation curve}}."""
     attribution: dict[str, AttributionComparison] = field(default_factory=dict)
@@ -79,6 +80,14 @@ class StudyReportInputs(HtmlReprMixin):
     """Features per site the page holds (the reader can show up to this many)."""
     graph_share: float = 0.8
     """Share of each feature's input its drawn edges carry when the graph opens."""
+
+    def __post_init__(self) -> None:
+        for kind, value in list(self.edges.items()):
+            sections = getattr(value, "sections", None)  # an InteractionGraph
+            if sections is not None:
+                self.edges[kind] = dict(sections)
+                if getattr(value, "modules", None) and kind not in self.modules:
+                    self.modules[kind] = dict(value.modules)
 
     def _html_title(self) -> str:
         if self.title:
