@@ -86,8 +86,9 @@ class StudyReportInputs(HtmlReprMixin):
             sections = getattr(value, "sections", None)  # an InteractionGraph
             if sections is not None:
                 self.edges[kind] = dict(sections)
-                if getattr(value, "modules", None) and kind not in self.modules:
-                    self.modules[kind] = dict(value.modules)
+                modules = getattr(value, "modules", None)
+                if modules and kind not in self.modules:
+                    self.modules[kind] = dict(modules)
 
     def _html_title(self) -> str:
         if self.title:
