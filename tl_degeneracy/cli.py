@@ -6,6 +6,7 @@ Subcommands:
   fit-lm        LIB and PCA at every residual cut of SmolLM2-135M: edges, ablation, report
   degeneracy    the degeneracy report (three sources, SGLD N_eff) of a checkpoint or SmolLM2
   replicate-mlp LIB vs PCA on the digits MLP checkpoints (the paper's image-classifier setting)
+  report        re-render a study's report.html from its saved artifacts
 """
 
 from __future__ import annotations
@@ -459,6 +460,30 @@ def run_degeneracy(args: argparse.Namespace) -> int:
     report = run_degeneracy_job(config, args.out)
     print(report.to_markdown())
     print(f"wrote {args.out} (report.json, report.safetensors, report.html, report.md, job.json)")
+    return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", help="folder of a saved study (e.g. out/demo/lm)")
+    p.add_argument(
+        "--page", default=None, help="where to write the page (default: OUT_DIR/report.html)"
+    )
+
+
+@command("report", "re-render a study's report.html from its saved artifacts, without refitting")(
+    _report_args
+)
+def run_report(args: argparse.Namespace) -> int:
+    from tl_degeneracy.viz.report import study_report
+    from tl_degeneracy.viz.report_artifacts import load_study_artifacts
+
+    out = Path(args.out_dir)
+    if not (out / "summary.json").is_file():
+        print(f"{out} is not a saved study (no summary.json): run fit-lm or demo first")
+        return 2
+    page = study_report(load_study_artifacts(out))
+    path = page.save(Path(args.page) if args.page else out / "report.html")
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 

@@ -81,7 +81,7 @@ def build_demo_page(path: Path, probe: bool = True) -> Path:
     page = HtmlPage("tl_degeneracy demo", "Synthetic data; every view renders offline.")
     if probe:
         page.add("", PROBE)
-    page.add("Interaction graph", graph_widget_html(demo_graph(), top_n=8, selected="0:0"))
+    page.add("Interaction graph", graph_widget_html(demo_graph(), features=8, selected="0:0"))
     page.add(
         "Feature activations",
         feature_activations_view(DEMO_TOKENS, acts, ["f0", "f1", HOSTILE_SCRIPT]),
@@ -190,3 +190,74 @@ def parse_dom():
 @pytest.fixture(scope="session")
 def hostile() -> str:
     return HOSTILE
+
+
+# ---------------------------------------------------------------------------------------------
+# A small real study for the report: a random 2-block model over a word vocabulary
+# ---------------------------------------------------------------------------------------------
+
+REPORT_ABLATION_SITES = ("blocks.0.hook_resid_mid", "blocks.1.hook_resid_pre")
+REPORT_ATTRIBUTION_SITES = ("blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid")
+
+
+def build_small_study(out: Path):
+    """Fit LIB and PCA with the language-model job on a random 2-block model (width 16) whose
+    tokens are words, compare attribution with patching on IOI pairs, add the model's views,
+    and write everything the `report` command reads into `out`. Returns (inputs, tokenizer)."""
+    from support import available_apis, ioi_word_tokenizer, tiny_model
+
+    from tl_degeneracy.engine.attribution import compare_attribution
+    from tl_degeneracy.experiments.ioi import ioi_prompt_pairs
+    from tl_degeneracy.experiments.lm_study import LMFitConfig, fit_lm, write_lm_fit
+    from tl_degeneracy.experiments.report_views import add_model_views, inputs_from_lm_fit
+    from tl_degeneracy.viz.report_artifacts import save_report_views
+
+    tok = ioi_word_tokenizer(64, (" " + HOSTILE,))
+    model = tiny_model(
+        available_apis()[0], "ln", seed=5, n_layers=2, d_model=16, n_heads=4, d_head=4,
+        d_mlp=32, n_ctx=16, d_vocab=len(tok.vocab),
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, len(tok.vocab), (48, 16), generator=gen)
+    heldout = torch.randint(1, len(tok.vocab), (24, 16), generator=gen)
+    tokens[:, 0] = heldout[:, 0] = tok.bos_token_id
+    config = LMFitConfig(
+        seq_len=16,
+        n_sources=2,
+        batch_rows=8,
+        edge_tokens=64,
+        edge_outputs=12,
+        ablation_tokens=128,
+        ablation_sites=REPORT_ABLATION_SITES,
+        ablation_ks=(0, 1, 2, 4, 8, 12, 16),
+        progress=False,
+    )
+    fit = fit_lm(model, tokens, config, None, heldout, log=lambda s: None)
+    fit.timings["total_s"] = sum(fit.timings.values())
+    pairs = ioi_prompt_pairs(tok, 8)
+    attribution = {}
+    for kind, result in fit.bases.items():
+        comp = compare_attribution(
+            model,
+            result,
+            list(REPORT_ATTRIBUTION_SITES),
+            pairs.clean_tokens,
+            pairs.corrupted_tokens,
+            pairs.logit_difference,
+            metric_name="logit(IO) - logit(S) at the last position",
+        )
+        comp.metadata["example"] = (pairs.prompts[0], pairs.corrupted_prompts[0])
+        attribution[kind] = comp
+    inputs = inputs_from_lm_fit(fit, attribution=attribution)
+    inputs = add_model_views(inputs, model, heldout, tok.decode, n_features=12, k=3)
+    write_lm_fit(fit, out)
+    save_report_views(inputs, out)
+    return inputs, tok
+
+
+@pytest.fixture(scope="session")
+def small_study(tmp_path_factory: pytest.TempPathFactory):
+    """(folder of the saved study, the inputs it was saved from, the tokenizer)."""
+    out = tmp_path_factory.mktemp("study")
+    inputs, tok = build_small_study(out)
+    return out, inputs, tok

@@ -10,6 +10,7 @@ blank) and copied into docs/img, so the docs always show what the code renders.
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import warnings
@@ -21,7 +22,7 @@ import torch
 
 from tl_degeneracy.viz import HtmlPage
 from tl_degeneracy.viz.html import Fragment
-from tl_degeneracy.viz.screenshot import dump_dom, screenshot
+from tl_degeneracy.viz.screenshot import REPORT_PARTS, dump_dom, report_screenshots, screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.once]
 
@@ -91,7 +92,7 @@ def _pixels(png: Path) -> np.ndarray:
     return matplotlib.image.imread(str(png))
 
 
-def _check_png(png: Path, size: tuple[int, int]) -> None:
+def _check_png(png: Path, size: tuple[int, int], min_colours: int = 9) -> None:
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", data[16:24]) == size
@@ -100,7 +101,7 @@ def _check_png(png: Path, size: tuple[int, int]) -> None:
     background = np.median(rgb.reshape(-1, 3), axis=0)
     drawn = np.abs(rgb - background).sum(-1) > 0.1
     assert drawn.mean() > 0.01
-    assert len(np.unique((rgb[drawn] * 8).astype(int), axis=0)) > 8
+    assert len(np.unique((rgb[drawn] * 8).astype(int), axis=0)) >= min_colours
 
 
 @pytest.mark.parametrize(
@@ -157,6 +158,27 @@ def test_degeneracy_report_offline(chromium, tiny, tokens_for, tmp_path, parse_d
     assert hostile in text  # as text, not as an element
     assert not [i for i in dom.find("img") if i.attrs.get("src") == "x"]
     assert "data-alert" not in dom.find("html")[0].attrs
+
+
+def test_report_screenshots(chromium, small_study, tmp_path):
+    """The study report's parts as PNGs (`report_screenshots`). With `TLD_REPORT_PAGE` set to a
+    report page (the demo's `out/demo/lm/report.html`), they are taken from that page and
+    written to docs/img/report_*.png; otherwise from the small test study, into a temporary
+    folder."""
+    page_env = os.environ.get("TLD_REPORT_PAGE")
+    if page_env:
+        page, out = Path(page_env), DOCS_IMG
+    else:
+        from tl_degeneracy import cli
+
+        page, out = tmp_path / "report.html", tmp_path / "img"
+        assert cli.main(["report", str(small_study[0]), "--page", str(page)]) == 0
+    shots = report_screenshots(page, out)
+    assert set(shots) == set(REPORT_PARTS)
+    for part, png in shots.items():
+        assert png == out / REPORT_PARTS[part][0]
+        text_only = part in ("summary", "attribution")  # black text and grey rules
+        _check_png(png, (1400, REPORT_PARTS[part][1]), 3 if text_only else 9)
 
 
 def _apis() -> list[str]:

@@ -10,7 +10,7 @@ from importlib import resources
 import pytest
 
 from tl_degeneracy.viz import graph_widget_html, prepare_graph, synthetic_graph
-from tl_degeneracy.viz.graph_widget import d3_asset, graph_assets
+from tl_degeneracy.viz.graph_widget import d3_asset, graph_assets, short_site_label
 
 HOSTILE = "</script><img src=x onerror=alert(1)>"
 
@@ -52,28 +52,70 @@ def _graph() -> dict:
 
 
 def _data(fragment_html: str) -> dict:
-    m = re.search(r"tldGraph\.render\(id,(.*),(\{\"width\".*?\})\);}catch", fragment_html)
+    m = re.search(r"tldGraph\.render\(id,(.*),(\{\"features\".*?\})\);}catch", fragment_html)
     assert m
     return json.loads(m.group(1))
 
 
 def test_prepare_graph_keeps_top_features_and_their_edges():
-    data = prepare_graph(_graph(), top_n=2, max_edges=None)
+    data = prepare_graph(_graph(), max_features=2, max_share=1.0, max_inputs=None)
     assert [f["id"] for f in data["layers"][0]["features"]] == ["a1", "a0"]
     assert [f["id"] for f in data["layers"][1]["features"]] == ["b0", "b1"]
     assert data["layers"][1]["features"][1]["label"] == "b1"
-    # a2 dropped (NaN importance -> 0), zero/inf weights and unknown targets removed
+    # a2 dropped (NaN importance -> 0), zero/inf weights and unknown targets removed; a2 -> b1
+    # still counts in b1's input although a2 is not drawn
     assert [(e["source"], e["target"]) for e in data["edges"]] == [("a0", "b0"), ("a1", "b0")]
-    assert prepare_graph(_graph(), top_n=2, max_edges=1)["edges"][0]["weight"] == -2.0
+    b0, b1 = data["layers"][1]["features"]
+    assert b0["input_total"] == 2.5 and b1["input_total"] == 1.0
     for layer in data["layers"]:
         assert all(math.isfinite(f["importance"]) for f in layer["features"])
+    assert [layer["block"] for layer in data["layers"]] == [0, 0]
+    assert data["layers"][0]["label"] == "0 pre"
 
 
-def test_prepare_graph_rejects_duplicate_ids():
-    g = _graph()
-    g["layers"][1]["features"][1]["id"] = "a0"
-    with pytest.raises(ValueError, match="twice"):
-        prepare_graph(g)
+def test_edges_carry_the_share_of_each_target_input():
+    """Per target, edges strongest first until `max_share` of its input; `share` and `cum`
+    are fractions of the input over all its sources (`input_total` when given)."""
+    layers = [
+        {"site": "s0", "features": [{"id": f"a{j}", "importance": 10 - j} for j in range(5)]},
+        {"site": "s1", "features": [{"id": "t", "importance": 1.0, "input_total": 20.0}]},
+    ]
+    weights = [8.0, 6.0, 3.0, 2.0, 1.0]  # 20 in all
+    edges = [{"source": f"a{j}", "target": "t", "weight": w} for j, w in enumerate(weights)]
+    data = prepare_graph({"layers": layers, "edges": edges}, max_share=0.8)
+    got = [(e["source"], e["share"], e["cum"]) for e in data["edges"]]
+    # 8 + 6 = 70% < 80%, so the third edge (to 85%) is needed; then 85% >= 80%: stop
+    assert got == [("a0", 0.4, 0.0), ("a1", 0.3, 0.4), ("a2", 0.15, 0.7)]
+    # a feature not drawn still counts towards the share, and max_inputs caps the list
+    few = prepare_graph({"layers": layers, "edges": edges}, max_features=1, max_share=0.99)
+    assert [(e["source"], e["cum"]) for e in few["edges"]] == [("a0", 0.0)]
+    capped = prepare_graph({"layers": layers, "edges": edges}, max_share=0.99, max_inputs=2)
+    assert [e["source"] for e in capped["edges"]] == ["a0", "a1"]
+    # without input_total the given edges are the whole input
+    del layers[1]["features"][0]["input_total"]
+    data = prepare_graph({"layers": layers, "edges": edges[:2]}, max_share=0.5)
+    assert [(e["share"], e["cum"]) for e in data["edges"]] == [(8 / 14, 0.0)]
+
+
+def test_widget_wire_format_and_options():
+    frag = graph_widget_html(_graph(), features=1, share=0.5, blocks=(0, 0))
+    data = _data(frag.html)
+    ids = [f["id"] for layer in data["layers"] for f in layer["features"]]
+    assert ids == ["a1", "a0", "a2", "b0", "b1"]
+    src, dst = ids.index("a0"), ids.index("b0")
+    assert data["edges"][0][:2] == [src, dst] and data["edges"][0][2] == -2.0
+    opts = json.loads(re.search(r",(\{\"features\".*?\})\);}catch", frag.html).group(1))
+    assert opts["features"] == 1 and opts["share"] == 0.5 and opts["blocks"] == [0, 0]
+    with pytest.raises(ValueError, match="share"):
+        graph_widget_html(_graph(), share=1.0, max_share=0.9)
+
+
+def test_short_site_labels():
+    assert short_site_label("blocks.12.hook_resid_mid") == "12 mid"
+    assert short_site_label("blocks.3.attn.hook_z") == "3 attn.z"
+    assert short_site_label("blocks.0.hook_resid_post[-1]") == "0 post[-1]"
+    assert short_site_label("blocks.0.hook_resid_pre[1,2,3,4,5,6,7]") == "0 pre"
+    assert short_site_label("logits") == "logits"
 
 
 def test_hostile_labels_stay_inside_json():
@@ -104,5 +146,5 @@ def test_vendored_d3_and_assets():
 def test_synthetic_graph_is_reproducible():
     g1, g2 = synthetic_graph(seed=3), synthetic_graph(seed=3)
     assert g1 == g2 and len(g1["layers"]) == 4 and g1["edges"]
-    frag = graph_widget_html(g1, top_n=5)
-    assert 'data-nodes="20"' in frag.html
+    frag = graph_widget_html(g1, max_features=5)
+    assert 'data-features="20"' in frag.html and 'data-sites="4"' in frag.html

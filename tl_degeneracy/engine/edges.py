@@ -150,8 +150,10 @@ class InteractionGraph(Result):
         return {k: s.edges_for_fraction(fraction) for k, s in self.sections.items()}
 
     def to_graph_data(self, top_n: int = 12, examples: dict | None = None) -> dict:
-        """The plain dict the interaction-graph widget draws (top `top_n` features a site)."""
-        layers, keep = [], {}
+        """The plain dict the interaction-graph widget draws (top `top_n` features a site; each
+        target's `input_total` sums its edges from every input feature)."""
+        layers: list[dict[str, Any]] = []
+        keep: dict[str, int] = {}
         for name, b in self.basis.bases.items():
             n = min(top_n, b.k)
             keep[name] = n
@@ -172,8 +174,12 @@ class InteractionGraph(Result):
                 }
             )
         edges = []
+        feats = {f["id"]: f for layer in layers for f in layer["features"]}
         for sec in self.sections.values():
             src, dst = sec.section.inp.name, sec.section.out.name
+            for i in range(min(keep[dst], sec.edges.shape[0])):  # input over all features
+                feats[f"{dst}:{i}"]["input_total"] = float(sec.edges[i].sum())
+                feats[f"{dst}:{i}"]["mean_input"] = float(sec.mean_edges[i])
             e = sec.edges[: keep[dst], : keep[src]].cpu()
             for i in range(e.shape[0]):
                 for j in range(e.shape[1]):

@@ -2,6 +2,7 @@
 graph widget (d3) and matplotlib plots. Nothing here loads from the network."""
 
 from tl_degeneracy.viz.feature_views import (
+    LogitEffects,
     TopkExamples,
     feature_activations_view,
     logit_effects_view,
@@ -31,8 +32,12 @@ from tl_degeneracy.viz.plots import (
     plot_spectra,
     save_figure,
 )
+from tl_degeneracy.viz.report import StudyReportInputs, study_report
 
 __all__ = [
+    "LogitEffects",
+    "StudyReportInputs",
+    "study_report",
     "Asset",
     "Fragment",
     "HtmlPage",

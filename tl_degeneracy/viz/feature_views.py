@@ -32,6 +32,7 @@ from torch import Tensor
 from tl_degeneracy.viz.html import Asset, Fragment, json_for_script
 
 __all__ = [
+    "LogitEffects",
     "TopkExamples",
     "circuitsvis_asset",
     "circuitsvis_widget",
@@ -152,11 +153,44 @@ class TopkExamples:
         return out
 
     def graph_examples(self, feature: int) -> list[dict[str, Any]]:
-        """Examples of one feature in the graph widget's format (tokens + values)."""
+        """Examples of one feature in the graph widget's format (tokens, values, peak)."""
         return [
-            {"tokens": toks, "values": [round(a, 4) for a in acts]}
-            for toks, acts in zip(self.tokens[feature], self.acts[feature])
+            {"tokens": toks, "values": [round(a, 4) for a in acts], "center": c}
+            for toks, acts, c in zip(self.tokens[feature], self.acts[feature], self.center[feature])
         ]
+
+    def subset(self, features: Sequence[int]) -> TopkExamples:
+        """The examples of some features only, in the given order."""
+        idx = [int(i) for i in features]
+        return TopkExamples(
+            self.values[idx],
+            self.seq_idx[idx],
+            self.pos_idx[idx],
+            [self.tokens[i] for i in idx],
+            [self.acts[i] for i in idx],
+            [self.center[i] for i in idx],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "values": self.values.tolist(),
+            "seq_idx": self.seq_idx.tolist(),
+            "pos_idx": self.pos_idx.tolist(),
+            "tokens": self.tokens,
+            "acts": self.acts,
+            "center": self.center,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TopkExamples:
+        return cls(
+            torch.tensor(d["values"], dtype=torch.float32),
+            torch.tensor(d["seq_idx"], dtype=torch.long),
+            torch.tensor(d["pos_idx"], dtype=torch.long),
+            d["tokens"],
+            d["acts"],
+            d["center"],
+        )
 
 
 def topk_examples(
@@ -248,25 +282,60 @@ def topk_examples_view(
     )
 
 
-TokenValues = Sequence[tuple[str, Real]]
+TokenValues = Sequence[tuple[str, float]]
 
 
 def top_logit_effects(
-    effects: Float[Tensor, "n_features d_vocab"], vocab: Sequence[str], k: int = 10
+    effects: Float[Tensor, "n_features d_vocab"],
+    vocab: Sequence[str] | Callable[[int], str],
+    k: int = 10,
 ) -> tuple[list[list[tuple[str, float]]], list[list[tuple[str, float]]]]:
     """The k most promoted and most suppressed tokens of each feature, from its direct effect
-    on the logits (e.g. `direction @ W_U`)."""
+    on the logits (e.g. `direction @ W_U`); `vocab` is a list of token strings or a function
+    id -> string (called only for the tokens shown)."""
     e = effects.detach().float().cpu()
     k = min(k, e.shape[1])
     top_v, top_i = e.topk(k, dim=1)
     bot_v, bot_i = e.topk(k, dim=1, largest=False)
+    name = vocab if callable(vocab) else vocab.__getitem__
 
     def pairs(v: Tensor, i: Tensor) -> list[list[tuple[str, float]]]:
         return [
-            [(vocab[t], val) for t, val in zip(ti, vi)] for ti, vi in zip(i.tolist(), v.tolist())
+            [(name(t), val) for t, val in zip(ti, vi)] for ti, vi in zip(i.tolist(), v.tolist())
         ]
 
     return pairs(top_v, top_i), pairs(bot_v, bot_i)
+
+
+@dataclass
+class LogitEffects:
+    """The tokens each feature of a site promotes and suppresses (lists indexed by feature)."""
+
+    promoted: list[list[tuple[str, float]]]
+    suppressed: list[list[tuple[str, float]]]
+
+    @classmethod
+    def from_effects(
+        cls,
+        effects: Float[Tensor, "n_features d_vocab"],
+        vocab: Sequence[str] | Callable[[int], str],
+        k: int = 10,
+    ) -> LogitEffects:
+        return cls(*top_logit_effects(effects, vocab, k))
+
+    @property
+    def n_features(self) -> int:
+        return len(self.promoted)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"promoted": self.promoted, "suppressed": self.suppressed}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> LogitEffects:
+        def pairs(rows: Any) -> list[list[tuple[str, float]]]:
+            return [[(str(t), float(v)) for t, v in row] for row in rows]
+
+        return cls(pairs(d["promoted"]), pairs(d["suppressed"]))
 
 
 def _visible(token: str) -> str:

@@ -14,10 +14,20 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["BrowserRun", "NetRequest", "dump_dom", "find_chromium", "read_net_log", "screenshot"]
+__all__ = [
+    "REPORT_PARTS",
+    "BrowserRun",
+    "NetRequest",
+    "dump_dom",
+    "find_chromium",
+    "read_net_log",
+    "report_screenshots",
+    "screenshot",
+]
 
 OFFLINE_FLAGS = (
     "--headless",
@@ -161,3 +171,57 @@ def screenshot(
     if not png_path.exists():
         raise RuntimeError(f"chromium wrote no screenshot to {png_path}")
     return png_path
+
+
+REPORT_PARTS: dict[str, tuple[str, int]] = {
+    "summary": ("report_summary.png", 760),
+    "graph": ("report_graph.png", 820),
+    "features": ("report_features.png", 900),
+    "ablation": ("report_ablation.png", 820),
+    "attribution": ("report_ioi.png", 640),
+}
+"""Parts of a study report page (`viz.report`): PNG name and viewport height."""
+
+_ONE_PART = """<style>.tld-page > .tld-section:not(.tld-shot) {{ display: none; }}
+.tld-page > h1, .tld-page > .tld-desc {{ display: none; }}</style>
+<script>window.addEventListener("load", function () {{
+  var part = document.querySelector('.tld-part[data-part="{part}"]');
+  if (!part) {{ document.body.setAttribute("data-missing-part", "1"); return; }}
+  part.closest(".tld-section").classList.add("tld-shot");
+  // open the panel of the top feature of the second-to-last site (late: logit effects too)
+  var nodes = Array.prototype.slice.call(part.querySelectorAll(".tld-node"));
+  var sites = nodes.map(function (n) {{ return n.getAttribute("data-site"); }})
+    .filter(function (s, i, all) {{ return all.indexOf(s) === i; }});
+  var site = sites[Math.max(0, sites.length - 2)];
+  var node = nodes.filter(function (n) {{ return n.getAttribute("data-site") === site; }})[0];
+  if (node) node.dispatchEvent(new MouseEvent("click", {{ bubbles: true }}));
+  window.scrollTo(0, 0);
+}});</script>
+"""
+
+
+def report_screenshots(
+    page: str | Path,
+    out_dir: str | Path,
+    parts: Mapping[str, tuple[str, int]] | None = None,
+    width: int = 1400,
+    budget_ms: int = 6000,
+) -> dict[str, Path]:
+    """PNGs of a study report's parts (`REPORT_PARTS` by default), each taken offline from a
+    copy of `page` that shows only that part (in the graph, the top feature of the
+    second-to-last site clicked open).
+    Writes `out_dir/<name>.png`; a part the page lacks is skipped."""
+    html_text = Path(page).read_text(encoding="utf-8")
+    out = Path(out_dir)
+    shots: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="tld-shots-") as tmp:
+        for part, (name, height) in (parts or REPORT_PARTS).items():
+            if f'data-part="{part}"' not in html_text:
+                continue
+            copy = Path(tmp) / f"{part}.html"
+            copy.write_text(
+                html_text.replace("</body>", _ONE_PART.format(part=part) + "</body>", 1),
+                encoding="utf-8",
+            )
+            shots[part] = screenshot(copy, out / name, width, height, budget_ms)
+    return shots

@@ -1,0 +1,256 @@
+"""The study report without a browser: the page from a small real fit (through the `report`
+command), its summary numbers against the results they come from, the loader's round trip,
+readable settings, and the graph data built from edge tensors."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+
+import pytest
+import torch
+
+from tl_degeneracy import cli
+from tl_degeneracy.engine.ablation import AblationCurve
+from tl_degeneracy.engine.bases import SiteBasis
+from tl_degeneracy.engine.edges import SectionEdges
+from tl_degeneracy.engine.sections import Section
+from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.viz import report_summary as rs
+from tl_degeneracy.viz.feature_views import LogitEffects, topk_examples
+from tl_degeneracy.viz.graph_data import result_graph_data, token_labels
+from tl_degeneracy.viz.report import StudyReportInputs, study_report
+from tl_degeneracy.viz.report_artifacts import load_study_artifacts
+
+
+@pytest.fixture(scope="module")
+def page(small_study):
+    out, _, _ = small_study
+    assert cli.main(["report", str(out)]) == 0
+    return (out / "report.html").read_text(encoding="utf-8")
+
+
+def _part(html_text: str, name: str) -> str:
+    start = html_text.index(f'data-part="{name}"')
+    return html_text[start : html_text.index("</section>", start)]
+
+
+def test_page_is_self_contained_and_small(page, small_study):
+    out, _, _ = small_study
+    assert (out / "report.html").stat().st_size < 5_000_000
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    titles = re.findall(r"<h2>(.*?)</h2>", page)
+    assert titles == [
+        "Summary",
+        "Interaction graph (LIB)",
+        "Interaction graph (PCA)",
+        "Features",
+        "Node ablation",
+        "Attribution vs patching on indirect-object pairs",
+        "Edge sparsity",
+        "Dominant directions",
+        "Spectra",
+        "Settings and timings",
+    ]
+    assert (
+        page.count('data-tld-asset="circuitsvis-') == 1 and page.count('data-tld-asset="d3-') == 1
+    )
+    assert "<img src=x" not in page  # the hostile token of the vocabulary stays text
+
+
+def test_summary_numbers_come_from_the_results(page, small_study):
+    _, inputs, _ = small_study
+    summary = _part(page, "summary")
+    assert f"{inputs.bases['lib'].metadata['n_tokens']:,} token positions" in summary
+    for site, by_kind in inputs.curves.items():
+        ks = {kind: c.min_k(inputs.tolerance) for kind, c in by_kind.items()}
+        assert f"at {site}, LIB {ks['lib']}, PCA {ks['pca']}" in summary
+    for kind in ("lib", "pca"):
+        n99 = [se.edges_for_fraction(0.99) for se in inputs.edges[kind].values()]
+        assert f"{statistics.median(n99):g} for {kind.upper()}" in summary
+    lib, pca = inputs.edges["lib"], inputs.edges["pca"]
+    fewer = sum(lib[s].edges_for_fraction(0.99) < pca[s].edges_for_fraction(0.99) for s in lib)
+    assert f"LIB needs fewer edges than PCA in {fewer} of {len(lib)} sections" in summary
+    top = max(inputs.diagnostic.shares.values())
+    assert f"the largest share is {top:.1%}" in summary
+
+
+def test_settings_and_timings_are_readable(page, small_study):
+    _, inputs, _ = small_study
+    settings = _part(page, "settings")
+    cells = re.findall(r"<td>(.*?)</td>", settings)
+    assert "ablation sites" in cells and "truncation relative" in cells and "1e-10" in cells
+    assert not [c for c in cells if re.search(r"[{}]|\w\(|^\(|^\[", c)], cells
+    rows = rs.timing_rows(inputs.timings)
+    assert rows[-1]["phase"] == "total (wall clock)" and rows[0]["time"].endswith(" s")
+
+
+def test_loader_reads_back_what_was_saved(small_study):
+    out, inputs, _ = small_study
+    loaded = load_study_artifacts(out)
+    assert sorted(loaded.bases) == sorted(inputs.bases)
+    for kind, result in inputs.bases.items():
+        for name, b in result.bases.items():
+            assert torch.equal(loaded.bases[kind].bases[name].C, b.C)
+        for name, se in inputs.edges[kind].items():
+            got = loaded.edges[kind][name]
+            assert torch.equal(got.edges, se.edges) and got.count == se.count
+            assert got.section.name == se.section.name
+        for site, ex in inputs.examples[kind].items():
+            assert loaded.examples[kind][site].tokens == ex.tokens
+        assert loaded.logit_effects[kind] == inputs.logit_effects[kind]
+        saved = json.loads(json.dumps(inputs.attribution[kind].to_json()))  # tuples -> lists
+        assert loaded.attribution[kind].to_json() == saved
+    for site, by_kind in inputs.curves.items():
+        for kind, c in by_kind.items():
+            assert loaded.curves[site][kind].scores == pytest.approx(c.scores, rel=1e-12)
+            assert loaded.curves[site][kind].min_k(0.05) == c.min_k(0.05)
+    assert loaded.diagnostic == inputs.diagnostic
+    assert loaded.settings["ablation_sites"] == list(inputs.settings["ablation_sites"])
+
+
+def test_loader_without_views_computes_the_shares(small_study, tmp_path):
+    out, inputs, _ = small_study
+    for f in ("lib", "pca", "summary.json", "edges_lib.safetensors"):
+        src = out / f
+        if src.is_dir():
+            (tmp_path / f).mkdir()
+            for g in src.iterdir():
+                (tmp_path / f / g.name).write_bytes(g.read_bytes())
+        else:
+            (tmp_path / f).write_bytes(src.read_bytes())
+    loaded = load_study_artifacts(tmp_path)
+    assert loaded.diagnostic.shares == pytest.approx(inputs.diagnostic.shares, rel=1e-9)
+    assert list(loaded.edges) == ["lib"] and not loaded.examples and not loaded.attribution
+    html_text = study_report(loaded).to_html()
+    assert "Interaction graph (LIB)" in html_text and "Features</h2>" not in html_text
+
+
+def test_jupyter_view_is_the_report(small_study):
+    _, inputs, _ = small_study
+    frag = inputs._repr_html_()
+    assert "tldGraph.render" in frag and "CircuitsVis.render" in frag and "<h3>Summary" in frag
+
+
+def test_bases_alone_render():
+    site = Site("blocks.0.hook_resid_pre")
+    b = _basis(site, 4)
+    from tl_degeneracy.engine.result import BasisResult
+
+    html_text = study_report(StudyReportInputs({"pca": BasisResult({site.name: b}, {})})).to_html()
+    assert "<h2>Summary</h2>" in html_text and "Settings and timings" in html_text
+
+
+def _basis(site: Site, k: int, d: int = 6) -> SiteBasis:
+    c = torch.eye(d, dtype=torch.float64)[:, :k]
+    imp = torch.arange(k, 0, -1, dtype=torch.float64)
+    z = torch.zeros(d, dtype=torch.float64)
+    return SiteBasis(site, "pca", c, c.T.clone(), imp, z, torch.ones(d, dtype=torch.float64))
+
+
+def test_result_graph_data_takes_each_features_strongest_inputs():
+    a, b = Site("blocks.0.hook_resid_pre"), Site("blocks.0.hook_resid_mid")
+    bases = {a.name: _basis(a, 6), b.name: _basis(b, 3)}
+    e = torch.tensor(
+        [[5.0, 3.0, 1.0, 0.5, 0.3, 0.2], [0.0, 0.0, 0.0, 0.0, 0.0, 10.0], [1.0] * 6],
+        dtype=torch.float64,
+    )
+    sec = SectionEdges(Section(a, b), e, torch.tensor([0.1, 0.2, 0.3]), 8, "exact")
+    strs = [[f" t{s}{p}" for p in range(5)] for s in range(4)]
+    ex = {a.name: topk_examples(torch.rand(4, 5, 6), strs, k=2)}
+    le = {b.name: LogitEffects([[(" x", 2.0), ("\n", 1.0)]] * 3, [[(" y", -1.0)]] * 3)}
+    data = result_graph_data(
+        bases, {sec.section.name: sec}, max_features=4, max_share=0.9, max_inputs=3,
+        examples=ex, logit_effects=le, labels={b.name: token_labels(le[b.name])},
+    )  # fmt: skip
+    pairs = [(e["source"].split(":")[1], e["target"].split(":")[1]) for e in data["edges"]]
+    # output 0: 5 + 3 = 80% < 90%, then 1 (90%): stop; output 1: its only input is feature 5,
+    # beyond the 4 drawn features: listed as an edge from a feature not drawn; output 2: six
+    # equal inputs, capped at 3 (ties in index order)
+    assert pairs == [
+        ("0", "0"), ("1", "0"), ("2", "0"), ("5", "1"), ("0", "2"), ("1", "2"), ("2", "2")
+    ]  # fmt: skip
+    outs = {f["id"]: f for f in data["layers"][1]["features"]}
+    assert outs[f"{b.name}:0"]["input_total"] == pytest.approx(10.0)
+    assert outs[f"{b.name}:2"]["mean_input"] == pytest.approx(0.3)
+    assert outs[f"{b.name}:0"]["label"] == "x · ↵"
+    assert outs[f"{b.name}:0"]["logits"]["promoted"][0] == (" x", 2.0)
+    ins = data["layers"][0]["features"]
+    assert len(ins) == 4 and len(ins[0]["examples"]) == 2 and "center" in ins[0]["examples"][0]
+
+
+def test_summary_sentences_on_known_numbers():
+    def curve(scores):
+        return AblationCurve("s", "lib", scores, 1.0, higher_is_better=False)
+
+    curves = {
+        "blocks.1.hook_resid_mid": {
+            "pca": curve({0: 3.0, 8: 1.2, 16: 1.04, 32: 1.0}),
+            "lib": curve({0: 3.0, 8: 1.04, 16: 1.01, 32: 1.0}),
+        }
+    }
+    text = " ".join(rs.ablation_sentences(curves, 0.05, "loss"))
+    assert "at blocks.1.hook_resid_mid, LIB 8, PCA 16 (unablated 1)" in text
+    assert "fewer features than PCA at 1 of 1 ablated sites, as many at 0 and more at 0" in text
+    never = {"x": {"lib": curve({0: 3.0, 4: 2.0}), "pca": curve({0: 3.0, 4: 2.5})}}
+    first, tally = rs.ablation_sentences({**curves, **never}, 0.05, "loss")
+    assert "at x, LIB more than 4, PCA more than 4" in first
+    assert "fewer features than PCA at 1 of 2 ablated sites, as many at 0 and more at 0" in tally
+    assert "at 1 no evaluated k of either basis is within the tolerance" in tally
+    assert rs.duration(4.25) == "4.2 s" and rs.duration(83.2) == "1 min 23 s"
+    assert rs.duration(3725) == "1 h 02 min" and rs.duration(math.nan) == "–"
+    rows = rs.setting_rows({"kinds": ("lib", "pca"), "t": {"a": 1e-10, "b": None}, "x": True})
+    assert rows == [
+        {"setting": "kinds", "value": "lib, pca"},
+        {"setting": "t a", "value": "1e-10"},
+        {"setting": "t b", "value": "–"},
+        {"setting": "x", "value": "yes"},
+    ]
+
+
+def test_settings_of_the_study_config_flatten(small_study):
+    _, inputs, _ = small_study
+    rows = {r["setting"]: r["value"] for r in rs.setting_rows(inputs.settings)}
+    cfg = inputs.settings
+    assert rows["edge outputs"] == str(cfg["edge_outputs"])
+    assert rows["truncation absolute"] == "1e-15" and rows["truncation relative"] == "1e-10"
+    assert rows["ablation ks"] == ", ".join(str(k) for k in cfg["ablation_ks"])
+
+
+def test_diagnostic_sentence_names_each_kind_of_source_once():
+    from tl_degeneracy.engine.diagnostics import DominantDirection, SinkDiagnostic
+
+    def direction(site: str, share: float, pos: dict, tok: dict) -> DominantDirection:
+        return DominantDirection(site, share, 0.01, [], pos, tok)
+
+    dirs = [
+        direction("blocks.3.hook_resid_pre", 0.8, {0: 0.3, 4: 0.1}, {" the": 0.6, "<s>": 0.3}),
+        direction("blocks.4.hook_resid_pre", 0.7, {0: 0.3, 4: 0.1}, {" the": 0.6, "<s>": 0.3}),
+        direction("blocks.12.hook_resid_pre", 0.99, {0: 0.98}, {"<s>": 0.98}),
+    ]
+    shares = {d.site: d.share for d in dirs} | {"blocks.0.hook_resid_pre": 0.2}
+    text = rs.diagnostic_sentence(SinkDiagnostic(0.5, shares, dirs, 100))
+    assert text.startswith("3 of 4 sites have one direction carrying more than 50%")
+    assert "(3 pre, 4 pre, 12 pre)" in text
+    assert text.count("One direction carries") == 2  # blocks 3 and 12, not 4 again
+    assert "Mostly the token ' the'" in text and "Mostly position 0 (token '<s>')" in text
+    none = SinkDiagnostic(0.5, {"blocks.0.hook_resid_pre": 0.2, "blocks.1.hook_resid_pre": 0.3}, [])
+    assert rs.diagnostic_sentence(none) == (
+        "No site has a direction carrying more than 50% of its variance "
+        "(the largest share is 30.0%, at 1 pre)."
+    )
+
+
+def test_an_interaction_graph_stands_for_its_sections_and_modules(small_study):
+    from tl_degeneracy.engine.edges import InteractionGraph
+
+    _, inputs, _ = small_study
+    lib = inputs.bases["lib"]
+    modules = {name: [i % 3 for i in range(b.k)] for name, b in lib.bases.items()}
+    graph = InteractionGraph(lib, inputs.edges["lib"], modules)
+    got = StudyReportInputs({"lib": lib}, edges={"lib": graph})
+    assert got.edges["lib"] == inputs.edges["lib"] and got.modules["lib"] == modules
+    html_text = study_report(got).to_html()
+    assert '"module":2' in html_text

@@ -1,0 +1,139 @@
+"""The parts of a study report that need the model: top-activating examples of each site's first
+features on held-out text, the tokens late features promote and suppress through the
+unembedding, and the dominant-direction diagnostic traced to its tokens.
+
+    inputs = inputs_from_lm_fit(fit)                    # or viz.report_artifacts.load_...
+    inputs = add_model_views(inputs, model, heldout, decode)
+    study_report(inputs).save(out / "report.html")
+
+Works for any model the engine fits: sites and positions come from the bases, token strings
+from the caller's `decode(token_id)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+
+from tl_degeneracy.engine.bases import SiteBasis
+from tl_degeneracy.engine.diagnostics import dominant_directions
+from tl_degeneracy.engine.result import BasisResult
+from tl_degeneracy.engine.statistics import capture_sites
+from tl_degeneracy.engine.streaming import iter_batches
+from tl_degeneracy.viz.feature_views import LogitEffects, TopkExamples, topk_examples
+from tl_degeneracy.viz.report import StudyReportInputs
+
+__all__ = ["add_model_views", "feature_examples", "feature_logit_effects", "inputs_from_lm_fit"]
+
+Decoder = Callable[[int], str]
+
+
+def _bases(result: BasisResult | Mapping[str, SiteBasis]) -> Mapping[str, SiteBasis]:
+    return result.bases if isinstance(result, BasisResult) else result
+
+
+@torch.no_grad()
+def feature_examples(
+    model: nn.Module,
+    result: BasisResult | Mapping[str, SiteBasis],
+    tokens: Int[Tensor, "n pos"],
+    decode: Decoder,
+    sites: Sequence[str] | None = None,
+    n_features: int = 16,
+    k: int = 4,
+    context: tuple[int, int] = (8, 2),
+    batch_size: int = 8,
+) -> dict[str, TopkExamples]:
+    """Top-`k` activating contexts of the first `n_features` features of each site (one
+    example per sequence), at the site's own positions. Holds `n · pos · n_features` floats
+    per site: pick `tokens` to fit (a few hundred sequences)."""
+    bases = _bases(result)
+    names = list(sites) if sites is not None else list(bases)
+    objs = [bases[n].site for n in names]
+    parts: dict[str, list[Tensor]] = {n: [] for n in names}
+    for batch in iter_batches(tokens, batch_size):
+        for name, act in zip(names, capture_sites(model, batch, objs)):
+            b = bases[name]
+            m = min(n_features, b.k)
+            parts[name].append(((act.to(torch.float64) - b.mean) @ b.C[:, :m]).float())
+    strings = [[decode(int(t)) for t in row] for row in tokens.tolist()]
+    out = {}
+    for name, site in zip(names, objs):
+        pos = site.index(tokens.shape[1]).tolist()
+        rows = [[row[p] for p in pos] for row in strings]
+        out[name] = topk_examples(torch.cat(parts[name]), rows, k=k, context=context)
+    return out
+
+
+def feature_logit_effects(
+    result: BasisResult | Mapping[str, SiteBasis],
+    unembed: Tensor,
+    decode: Decoder,
+    sites: Sequence[str],
+    n_features: int = 16,
+    k: int = 8,
+) -> dict[str, LogitEffects]:
+    """The `k` tokens each of the first `n_features` features of `sites` raises and lowers
+    most: its direction (row of `C⁺`) times `unembed` (`[d_model, d_vocab]`, the final norm's
+    scale left out). At the logits site the direction is already over the vocabulary."""
+    bases = _bases(result)
+    out = {}
+    for name in sites:
+        b = bases[name]
+        rows = b.C_pinv[: min(n_features, b.k)].to(torch.float64)
+        effects = rows if b.site.is_logits else rows @ unembed.detach().to(torch.float64).cpu()
+        out[name] = LogitEffects.from_effects(effects, decode, k)
+    return out
+
+
+def add_model_views(
+    inputs: StudyReportInputs,
+    model: nn.Module,
+    tokens: Int[Tensor, "n pos"],
+    decode: Decoder,
+    unembed: Tensor | None = None,
+    logit_sites: Sequence[str] | None = None,
+    n_features: int = 16,
+    k: int = 4,
+    batch_size: int = 8,
+    threshold: float = 0.5,
+) -> StudyReportInputs:
+    """`inputs` with examples and logit effects of every fitted kind and the dominant-direction
+    diagnostic (from the PCA fit when there is one), all on `tokens` (held-out text).
+
+    Logit effects are computed at `logit_sites` (default: the last third of the sites);
+    `unembed` defaults to `model.W_U`.
+    """
+    w_u = unembed if unembed is not None else getattr(model, "W_U", None)
+    examples, effects = {}, {}
+    for kind, result in inputs.bases.items():
+        examples[kind] = feature_examples(
+            model, result, tokens, decode, None, n_features, k, batch_size=batch_size
+        )
+        names = list(result.bases)
+        late = list(logit_sites) if logit_sites is not None else names[-max(1, len(names) // 3) :]
+        if w_u is not None:
+            effects[kind] = feature_logit_effects(result, w_u, decode, late, n_features)
+    source = inputs.bases.get("pca") or next(iter(inputs.bases.values()))
+    diagnostic = dominant_directions(
+        source, model, tokens, decode, threshold=threshold, batch_size=batch_size
+    )
+    return replace(inputs, examples=examples, logit_effects=effects, diagnostic=diagnostic)
+
+
+def inputs_from_lm_fit(fit: Any, **extra: Any) -> StudyReportInputs:
+    """The report's inputs from an `experiments.lm_study.LMFit` (bases, edges, curves,
+    settings, timings); `extra` sets any other field (e.g. `attribution=`)."""
+    return StudyReportInputs(
+        bases=fit.bases,
+        edges=fit.edges,
+        curves=fit.curves,
+        settings=asdict(fit.config),
+        timings=dict(fit.timings),
+        **extra,
+    )
