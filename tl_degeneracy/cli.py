@@ -474,8 +474,8 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     _report_args
 )
 def run_report(args: argparse.Namespace) -> int:
+    from tl_degeneracy.experiments.study import load_study_artifacts
     from tl_degeneracy.viz.report import study_report
-    from tl_degeneracy.viz.report_artifacts import load_study_artifacts
 
     out = Path(args.out_dir)
     if not (out / "summary.json").is_file():

@@ -25,8 +25,6 @@ from tl_degeneracy.models.digits import DigitsDataset, load_digits_model  # noqa
 from tl_degeneracy.models.digits.train import TrainConfig, save_result, train  # noqa: E402
 
 
-
-
 def fake_run(base: float, k: int | None, edges: int | None) -> dict:
     """The fields of `replicate_checkpoint`'s result that the summary and report read."""
     kinds = {"lib": k, "pca": None if k is None else k + 2}

@@ -197,7 +197,7 @@ def hostile() -> str:
 # ---------------------------------------------------------------------------------------------
 
 REPORT_ABLATION_SITES = ("blocks.0.hook_resid_mid", "blocks.1.hook_resid_pre")
-REPORT_ATTRIBUTION_SITES = ("blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid")
+REPORT_ATTRIBUTION_SITES = ("blocks.1.hook_resid_pre[1:]", "blocks.1.hook_resid_mid[1:]")
 
 
 def build_small_study(out: Path):
@@ -208,9 +208,9 @@ def build_small_study(out: Path):
 
     from tl_degeneracy.engine.attribution import compare_attribution
     from tl_degeneracy.experiments.ioi import ioi_prompt_pairs
-    from tl_degeneracy.experiments.lm_study import LMFitConfig, fit_lm, write_lm_fit
-    from tl_degeneracy.experiments.report_views import add_model_views, inputs_from_lm_fit
-    from tl_degeneracy.viz.report_artifacts import save_report_views
+    from tl_degeneracy.experiments.lm_study import LMFitConfig, fit_lm
+    from tl_degeneracy.experiments.report_views import add_model_views
+    from tl_degeneracy.experiments.study import report_inputs, write_study
 
     tok = ioi_word_tokenizer(64, (" " + HOSTILE,))
     model = tiny_model(
@@ -248,10 +248,9 @@ def build_small_study(out: Path):
         )
         comp.metadata["example"] = (pairs.prompts[0], pairs.corrupted_prompts[0])
         attribution[kind] = comp
-    inputs = inputs_from_lm_fit(fit, attribution=attribution)
+    inputs = report_inputs(fit, attribution=attribution)
     inputs = add_model_views(inputs, model, heldout, tok.decode, n_features=12, k=3)
-    write_lm_fit(fit, out)
-    save_report_views(inputs, out)
+    write_study(fit, out, inputs=inputs)
     return inputs, tok
 
 

@@ -18,11 +18,11 @@ from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.edges import SectionEdges
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.experiments.study import load_study_artifacts
 from tl_degeneracy.viz import report_summary as rs
 from tl_degeneracy.viz.feature_views import LogitEffects, topk_examples
 from tl_degeneracy.viz.graph_data import result_graph_data, token_labels
 from tl_degeneracy.viz.report import StudyReportInputs, study_report
-from tl_degeneracy.viz.report_artifacts import load_study_artifacts
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +112,12 @@ def test_loader_reads_back_what_was_saved(small_study):
 
 
 def test_loader_without_views_computes_the_shares(small_study, tmp_path):
+    import shutil
+
     out, inputs, _ = small_study
-    for f in ("lib", "pca", "summary.json", "edges_lib.safetensors"):
-        src = out / f
-        if src.is_dir():
-            (tmp_path / f).mkdir()
-            for g in src.iterdir():
-                (tmp_path / f / g.name).write_bytes(g.read_bytes())
-        else:
-            (tmp_path / f).write_bytes(src.read_bytes())
+    for f in ("bases", "graphs/lib", "curves"):
+        shutil.copytree(out / f, tmp_path / f)
+    shutil.copy(out / "study.json", tmp_path / "study.json")
     loaded = load_study_artifacts(tmp_path)
     assert loaded.diagnostic.shares == pytest.approx(inputs.diagnostic.shares, rel=1e-9)
     assert list(loaded.edges) == ["lib"] and not loaded.examples and not loaded.attribution
@@ -137,7 +134,7 @@ def test_jupyter_view_is_the_report(small_study):
 def test_bases_alone_render():
     site = Site("blocks.0.hook_resid_pre")
     b = _basis(site, 4)
-    from tl_degeneracy.engine.result import BasisResult
+    from tl_degeneracy.engine.basis_result import BasisResult
 
     html_text = study_report(StudyReportInputs({"pca": BasisResult({site.name: b}, {})})).to_html()
     assert "<h2>Summary</h2>" in html_text and "Settings and timings" in html_text

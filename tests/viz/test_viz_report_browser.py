@@ -16,7 +16,7 @@ from tl_degeneracy.viz.screenshot import dump_dom
 
 pytestmark = pytest.mark.browser
 
-CLICKED = "blocks.1.hook_resid_pre:0"
+CLICKED = "blocks.1.hook_resid_pre[1:]:0"
 
 # Runs in a copy of the page: clicks a LIB feature, records the side panel, then drives the
 # controls (features per site, share, block range) and records what the graph draws.

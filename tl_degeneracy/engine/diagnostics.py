@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.bases import SiteBasis
-from tl_degeneracy.engine.result import BasisResult
+from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.statistics import GramStatistics, capture_sites
 from tl_degeneracy.engine.streaming import iter_batches
 

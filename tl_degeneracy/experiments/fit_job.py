@@ -25,6 +25,7 @@ from tl_degeneracy.experiments.study import (
     StudyConfig,
     finish_timings,
     run_study,
+    write_language_model_study,
     write_study,
 )
 from tl_degeneracy.models.presets import Preset, load_preset
@@ -178,7 +179,10 @@ def run_fit_job(job: FitJob, ctx: DistContext | None = None, log: Log = print) -
     finish_timings(study, start)
     study.metadata["job"] = {k: v for k, v in vars(job).items() if k != "study"}
     if ctx.is_main:
-        write_study(study, job.out)
+        if preset.language_model:
+            write_language_model_study(study, job.out, preset.model, heldout, log)
+        else:
+            write_study(study, job.out)
         shutil.rmtree(Path(job.out) / "checkpoints", ignore_errors=True)
     ctx.barrier()
     return study

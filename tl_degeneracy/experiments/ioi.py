@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -172,10 +172,53 @@ def ioi_prompt_pairs(
 
 def _top_features(basis: SiteBasis, k: int) -> SiteBasis:
     """The basis restricted to its `k` most important features (columns are sorted)."""
-    k = min(k, basis.k)
-    return replace(
-        basis, C=basis.C[:, :k], C_pinv=basis.C_pinv[:k], importance=basis.importance[:k]
-    )
+    return basis.truncated(k)
+
+
+def ioi_report_attribution(
+    model: nn.Module,
+    results: dict[str, Any],
+    tokenizer: Any = None,
+    n_pairs: int = 8,
+    n_features: int = 16,
+    site: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Attribution patching against true patching for a study's bases on `n_pairs` indirect-
+    object pairs, at one site (default: the middle `hook_resid_mid` site) over its `n_features`
+    most important features: the report's attribution table. Empty when the tokenizer lacks
+    single-token names (the pairs need them). Returns `{kind: AttributionComparison}`."""
+    from tl_degeneracy.engine.attribution import compare_attribution
+
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return {}
+    try:
+        pairs = ioi_prompt_pairs(tokenizer, n_pairs, seed=seed)
+    except (ValueError, KeyError, IndexError):
+        return {}
+    out: dict[str, Any] = {}
+    for kind, result in results.items():
+        names = [n for n in result.bases if "hook_resid_mid" in n] or list(result.bases)[:-1]
+        name = site if site is not None else names[len(names) // 2]
+        basis = _top_features(result[name], n_features)
+        comparison = compare_attribution(
+            model,
+            {name: basis},
+            [name],
+            pairs.clean_tokens,
+            pairs.corrupted_tokens,
+            pairs.logit_difference,
+            metric_name="logit(IO) - logit(S) at the last position",
+        )
+        comparison.metadata.update(
+            kind=kind,
+            basis_kind=kind,
+            n_features=n_features,
+            example=(pairs.prompts[0], pairs.corrupted_prompts[0]),
+        )
+        out[kind] = comparison
+    return out
 
 
 def ioi_attribution_demo(

@@ -36,6 +36,7 @@ from tl_degeneracy.experiments.study import (
     finish_timings,
     run_study,
     summary_lines,
+    write_language_model_study,
     write_study,
 )
 
@@ -158,7 +159,7 @@ def run_lm_fit(
     study = fit_lm(model, tokens, config, out, heldout, ctx, log)
     finish_timings(study, start)
     if ctx.is_main:
-        write_study(study, out)
+        write_language_model_study(study, out, model, heldout, log)
         shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)
     ctx.barrier()
     return study

@@ -2,7 +2,7 @@
 features on held-out text, the tokens late features promote and suppress through the
 unembedding, and the dominant-direction diagnostic traced to its tokens.
 
-    inputs = inputs_from_lm_fit(fit)                    # or viz.report_artifacts.load_...
+    inputs = study.report_inputs(fit)                   # or study.load_study_artifacts(out)
     inputs = add_model_views(inputs, model, heldout, decode)
     study_report(inputs).save(out / "report.html")
 
@@ -13,28 +13,59 @@ from the caller's `decode(token_id)`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, replace
-from typing import Any
+from dataclasses import replace
 
 import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.bases import SiteBasis
+from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.diagnostics import dominant_directions
-from tl_degeneracy.engine.result import BasisResult
 from tl_degeneracy.engine.statistics import capture_sites
 from tl_degeneracy.engine.streaming import iter_batches
 from tl_degeneracy.viz.feature_views import LogitEffects, TopkExamples, topk_examples
 from tl_degeneracy.viz.report import StudyReportInputs
 
-__all__ = ["add_model_views", "feature_examples", "feature_logit_effects", "inputs_from_lm_fit"]
+__all__ = ["add_model_views", "feature_examples", "feature_logit_effects"]
 
 Decoder = Callable[[int], str]
 
 
 def _bases(result: BasisResult | Mapping[str, SiteBasis]) -> Mapping[str, SiteBasis]:
     return result.bases if isinstance(result, BasisResult) else result
+
+
+@torch.no_grad()
+def all_feature_examples(
+    model: nn.Module,
+    results: Mapping[str, BasisResult],
+    tokens: Int[Tensor, "n pos"],
+    decode: Decoder,
+    n_features: int = 16,
+    k: int = 4,
+    context: tuple[int, int] = (8, 2),
+    batch_size: int = 8,
+) -> dict[str, dict[str, TopkExamples]]:
+    """`feature_examples` of every site of every basis kind, from one pass over `tokens`
+    ({kind: {site: examples}})."""
+    sites = {s.name: s for r in results.values() for s in r.sites}
+    names = list(sites)
+    parts: dict[tuple[str, str], list[Tensor]] = {}
+    for batch in iter_batches(tokens, batch_size, model):
+        acts = dict(zip(names, capture_sites(model, batch, [sites[n] for n in names])))
+        for kind, result in results.items():
+            for name, b in result.bases.items():
+                m = min(n_features, b.k)
+                feats = b.features(acts[name])[..., :m].float().cpu()
+                parts.setdefault((kind, name), []).append(feats)
+    strings = [[decode(int(t)) for t in row] for row in tokens.tolist()]
+    out: dict[str, dict[str, TopkExamples]] = {kind: {} for kind in results}
+    for (kind, name), chunks in parts.items():
+        pos = sites[name].index(tokens.shape[1]).tolist()
+        rows = [[row[p] for p in pos] for row in strings]
+        out[kind][name] = topk_examples(torch.cat(chunks), rows, k=k, context=context)
+    return out
 
 
 @torch.no_grad()
@@ -56,11 +87,11 @@ def feature_examples(
     names = list(sites) if sites is not None else list(bases)
     objs = [bases[n].site for n in names]
     parts: dict[str, list[Tensor]] = {n: [] for n in names}
-    for batch in iter_batches(tokens, batch_size):
+    for batch in iter_batches(tokens, batch_size, model):
         for name, act in zip(names, capture_sites(model, batch, objs)):
             b = bases[name]
             m = min(n_features, b.k)
-            parts[name].append(((act.to(torch.float64) - b.mean) @ b.C[:, :m]).float())
+            parts[name].append(b.features(act)[..., :m].float().cpu())
     strings = [[decode(int(t)) for t in row] for row in tokens.tolist()]
     out = {}
     for name, site in zip(names, objs):
@@ -110,11 +141,11 @@ def add_model_views(
     `unembed` defaults to `model.W_U`.
     """
     w_u = unembed if unembed is not None else getattr(model, "W_U", None)
-    examples, effects = {}, {}
+    examples = all_feature_examples(
+        model, inputs.bases, tokens, decode, n_features, k, batch_size=batch_size
+    )
+    effects = {}
     for kind, result in inputs.bases.items():
-        examples[kind] = feature_examples(
-            model, result, tokens, decode, None, n_features, k, batch_size=batch_size
-        )
         names = list(result.bases)
         late = list(logit_sites) if logit_sites is not None else names[-max(1, len(names) // 3) :]
         if w_u is not None:
@@ -124,16 +155,3 @@ def add_model_views(
         source, model, tokens, decode, threshold=threshold, batch_size=batch_size
     )
     return replace(inputs, examples=examples, logit_effects=effects, diagnostic=diagnostic)
-
-
-def inputs_from_lm_fit(fit: Any, **extra: Any) -> StudyReportInputs:
-    """The report's inputs from an `experiments.lm_study.LMFit` (bases, edges, curves,
-    settings, timings); `extra` sets any other field (e.g. `attribution=`)."""
-    return StudyReportInputs(
-        bases=fit.bases,
-        edges=fit.edges,
-        curves=fit.curves,
-        settings=asdict(fit.config),
-        timings=dict(fit.timings),
-        **extra,
-    )

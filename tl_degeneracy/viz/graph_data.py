@@ -16,8 +16,8 @@ import torch
 
 if TYPE_CHECKING:
     from tl_degeneracy.engine.bases import SiteBasis
+    from tl_degeneracy.engine.basis_result import BasisResult
     from tl_degeneracy.engine.edges import SectionEdges
-    from tl_degeneracy.engine.result import BasisResult
     from tl_degeneracy.viz.feature_views import LogitEffects, TopkExamples
 
 __all__ = ["result_graph_data", "token_labels"]

@@ -33,9 +33,9 @@ from tl_degeneracy.viz.html import Fragment, HtmlPage, HtmlReprMixin, PageSectio
 if TYPE_CHECKING:
     from tl_degeneracy.engine.ablation import AblationCurve
     from tl_degeneracy.engine.attribution import AttributionComparison
+    from tl_degeneracy.engine.basis_result import BasisResult
     from tl_degeneracy.engine.diagnostics import SinkDiagnostic
     from tl_degeneracy.engine.edges import SectionEdges
-    from tl_degeneracy.engine.result import BasisResult
     from tl_degeneracy.viz.feature_views import LogitEffects, TopkExamples
 
 __all__ = ["StudyReportInputs", "report_sections", "study_report"]
