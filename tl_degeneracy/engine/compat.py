@@ -473,6 +473,19 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def move_model(
+    model: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """`model` on `device` and in `dtype`, on either API (`HookedTransformer.to` takes one
+    positional argument and keeps its config's device and dtype in step)."""
+    hooked: Any = model
+    if device is not None:
+        hooked.to(torch.device(device)) if is_transformer(model) else model.to(device=device)
+    if dtype is not None:
+        hooked.to(dtype) if is_transformer(model) else model.to(dtype=dtype)
+    return model
+
+
 def model_cfg(model: nn.Module) -> Any:
     """`model.cfg` of either API (a `HookedTransformerConfig` or the Bridge's config).
 

@@ -61,7 +61,8 @@ Kind = Literal["lib", "ib", "pca", "neuron"]
 StoreMode = Literal["auto", "memory", "disk", "off"]
 
 MEMORY_STORE_BYTES = 2 * 2**30
-"""`store="auto"` keeps activations in memory below this size, on disk above it."""
+"""`store="auto"` keeps activations in host memory below this size, on disk above it (on a GPU
+the budget is half its free memory, see `memory_budget`)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,14 @@ def store_sites(model: nn.Module, sections: Sequence[Section]) -> list[Site]:
     return list(out.values())
 
 
+def memory_budget(device: torch.device) -> int:
+    """Bytes an in-memory store may take on `device`: `MEMORY_STORE_BYTES` of host memory, or
+    half the free memory of a GPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] // 2)
+    return MEMORY_STORE_BYTES
+
+
 def make_store(
     mode: StoreMode,
     sites: Sequence[Site],
@@ -127,7 +136,7 @@ def make_store(
     if mode == "auto" and d_of is not None:
         tokens = sum(int(b.numel()) for b in batches)
         size = sum(tokens * d_of.get(s.name, 0) * elem_size for s in sites)
-        if size <= MEMORY_STORE_BYTES:
+        if size <= memory_budget(batches[0].device):
             return ActivationStore(None, rows)
     if folder is None:
         folder = Path(tempfile.mkdtemp(prefix="tl_degeneracy_store_"))

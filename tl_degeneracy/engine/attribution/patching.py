@@ -61,7 +61,7 @@ def patched_metrics(
         logits = run_with_hooks(model, corrupted_tokens.repeat(r, 1), hooks)
         for j in range(r):
             part = slice(j * batch, (j + 1) * batch)
-            values[start + j] = batch_metric(metric, logits[part], corrupted_tokens)
+            values[start + j] = float(batch_metric(metric, logits[part], corrupted_tokens))
     return values
 
 

@@ -243,8 +243,8 @@ class ReluRows(StatefulRows):
     """Edge ablation of a ReLU form; shared per mask row: the hidden pre-activations."""
 
     def __init__(self, form: AffineRelu, basis_in, basis_out, feats: Tensor):
-        super().__init__()
         device = feats.device
+        super().__init__(device)
         b_in, b_out = basis_in.to(device), basis_out.to(device)
         self.feats = feats  # [B, T, k_in]
         self.inputs_t = feats.flatten(0, 1).T.contiguous()  # [k_in, B·T]

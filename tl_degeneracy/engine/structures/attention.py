@@ -177,8 +177,8 @@ class AttentionRows(StatefulRows):
     mask row: the queries and keys, hence the pattern."""
 
     def __init__(self, structure: Attention, basis_in, basis_out, feats: Tensor):
-        super().__init__()
         device = feats.device
+        super().__init__(device)
         block = structure.block.to(device, torch.float64)
         b_in, b_out = basis_in.to(device), basis_out.to(device)
         n_pos = feats.shape[1]

@@ -235,9 +235,10 @@ class AutogradEdges:
             clean = torch.cat([leaf.detach() for leaf in graphs[0][0]], -1)
         feats = self.basis_in.features(clean).to(self.edges.device)  # [B, P_in, k_in]
         batch, t_out = y0.shape[:2]
-        readout = self.basis_out.C.T.to(y0.dtype)  # [k_out, d_out]
+        readout = self.basis_out.C.T.to(y0.device, y0.dtype)  # [k_out, d_out]
         c_pinv_t = self.basis_in.C_pinv.T
         mean = self.basis_in.mean
+        idx_device = self.edges.device
         gen = batch_generator(cfg.seed, "edges", st.section.name, batch_index)
         for out_idx, v, weight in edge_cotangents(
             readout, batch, t_out, cfg.method, cfg.n_sources, gen, cfg.chunk_size
@@ -250,7 +251,7 @@ class AutogradEdges:
                 g = _grads(y, leaves, v).to(self.edges.device, torch.float64)  # [c, B, P, d]
                 attr += w * ((g @ c_pinv_t) * feats).sum(2)
                 attr_mean += w * (g @ mean).sum(2)
-            idx = out_idx.to(self.edges.device)
+            idx = out_idx.to(idx_device)
             self.edges.index_add_(0, idx, weight * attr.pow(2).sum(1))
             self.mean_edges.index_add_(0, idx, weight * attr_mean.pow(2).sum(1))
         self.count += batch * feats.shape[1]

@@ -21,7 +21,8 @@ class StatefulRows:
 
     cache_bytes: int = 256 * 2**20
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self._cache: dict[tuple[int, bytes], Tensor] = {}
         self._cached_bytes = 0
 
@@ -43,6 +44,7 @@ class StatefulRows:
         raise NotImplementedError
 
     def outputs(self, mask: Bool[Tensor, "k_out k_in"]) -> Float[Tensor, "batch p_out k_out"]:
+        mask = mask.to(self.device)
         out = self._linear(mask)
         cpu_mask = mask.cpu()
         groups: dict[bytes, list[int]] = {}

@@ -1,0 +1,162 @@
+"""The engine on any device and dtype: a model on CUDA gives the CPU's numbers (float64), its
+statistics can live on the CPU, float32/bfloat16 models fit, results load onto any device.
+
+Every test runs on the CPU in the fast suite (checking the test itself) and on CUDA where it is
+available (marker `gpu`; `pytest -m gpu`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import random_tokens, tiny_model
+
+from tl_degeneracy.engine.ablation import last_position_accuracy, node_ablation_curve
+from tl_degeneracy.engine.attach import attach
+from tl_degeneracy.engine.attribution import compare_attribution
+from tl_degeneracy.engine.basis_result import BasisResult
+from tl_degeneracy.engine.compat import available_apis, move_model
+from tl_degeneracy.engine.edge_ablation import edges_required
+from tl_degeneracy.engine.edges import EdgeConfig, interaction_graph
+from tl_degeneracy.engine.fit import LIBConfig, fit_basis
+from tl_degeneracy.engine.jacobians import JacobianConfig
+from tl_degeneracy.engine.sites import Site
+
+API = available_apis()[0]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ],
+    ),
+]
+PLAIN_SITES = (
+    Site("blocks.0.hook_resid_pre"),
+    Site("blocks.0.hook_resid_mid", "last"),
+    Site("blocks.0.hook_resid_post", "last"),
+    Site("logits", "last"),
+)
+LN_SITES = (
+    Site("blocks.0.hook_resid_pre", "1:"),
+    Site("blocks.0.hook_resid_mid", "1:"),
+    Site("blocks.0.mlp.hook_post", "1:"),
+    Site("blocks.1.hook_resid_pre", "1:"),
+    Site("blocks.1.hook_resid_post", "1:"),
+)
+
+
+def _pair(kind: str, device: str, dtype=torch.float64, **overrides):
+    """The same random model on the CPU (float64) and on `device` (in `dtype`)."""
+    cpu = tiny_model(API, kind, seed=3, **overrides)
+    moved = move_model(tiny_model(API, kind, seed=3, **overrides), device, dtype)
+    return cpu, moved
+
+
+def _same_bases(a: BasisResult, b: BasisResult, rtol=1e-9, atol=1e-11):
+    for name, x in a.bases.items():
+        y = b.bases[name]
+        assert y.C.device.type == "cpu"  # results are device-independent
+        torch.testing.assert_close(x.importance, y.importance, rtol=rtol, atol=atol)
+        signs = torch.sign((x.C * y.C).sum(0))
+        torch.testing.assert_close(x.C, y.C * signs, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_plain_model_fit_edges_ablation_on_device(device):
+    """Closed forms (attention, ReLU MLP, unembedding), edges, node and edge ablation."""
+    cpu, dev = _pair("mlp", device)
+    toks = random_tokens(cpu, 40, seed=1)
+    config = LIBConfig(PLAIN_SITES, progress=False)
+    ref, got = fit_basis(cpu, toks, config), fit_basis(dev, toks, config)
+    _same_bases(ref, got)
+    g_ref = interaction_graph(cpu, toks, ref, progress=False)
+    g_dev = interaction_graph(dev, toks, ref, progress=False)
+    for name, se in g_ref.sections.items():
+        torch.testing.assert_close(g_dev[name].edges.cpu(), se.edges, rtol=1e-9, atol=1e-12)
+    metric = last_position_accuracy(lambda t: t[:, 1])
+    site = PLAIN_SITES[1].name
+    c_ref = node_ablation_curve(cpu, ref, site, toks, metric, ks=[0, 2, 5])
+    c_dev = node_ablation_curve(dev, ref, site, toks, metric, ks=[0, 2, 5])
+    assert c_ref.scores == pytest.approx(c_dev.scores, abs=1e-12)
+    a, b = ref[PLAIN_SITES[1].name], ref[PLAIN_SITES[2].name]
+    se = g_ref.sections[f"{a.site.name}->{b.site.name}"]
+    r_ref = edges_required(cpu, toks, se, a, b, metric, tolerance=0.05)
+    r_dev = edges_required(dev, toks, se, a, b, metric, tolerance=0.05)
+    assert r_ref.edges_required == r_dev.edges_required
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layernorm_model_with_mlp_site_and_bos_left_out(device):
+    """Block-local and generic sections, a composite MLP site, sites without position 0;
+    statistics on the model's device or kept on the CPU."""
+    cpu, dev = _pair("ln", device, n_layers=2, n_ctx=6)
+    toks = random_tokens(cpu, 24, seed=2)
+    jac = JacobianConfig(method="stochastic", n_sources=3, seed=1)
+    config = LIBConfig(LN_SITES, final_basis="pca", jacobian=jac, batch_size=8, progress=False)
+    ref = fit_basis(cpu, toks, config)
+    _same_bases(ref, fit_basis(dev, toks, config))
+    _same_bases(ref, fit_basis(dev, toks, LIBConfig(**{**config.__dict__, "stats_device": "cpu"})))
+    edges = EdgeConfig(method="stochastic", seed=2)
+    g_ref = interaction_graph(cpu, toks, ref, edges, batch_size=8, progress=False, top_outputs=4)
+    g_dev = interaction_graph(dev, toks, ref, edges, batch_size=8, progress=False, top_outputs=4)
+    for name, se in g_ref.sections.items():
+        torch.testing.assert_close(g_dev[name].edges.cpu(), se.edges, rtol=1e-8, atol=1e-12)
+    with torch.no_grad(), attach(dev, ref):
+        attached = dev(toks.to(device))
+    torch.testing.assert_close(attached, dev(toks.to(device)), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_models_fit(device, dtype):
+    """float32 and bfloat16 models: statistics in float64, finite bases close to float64's."""
+    cpu, dev = _pair("ln", device, dtype=dtype, n_layers=2, n_ctx=6)
+    toks = random_tokens(cpu, 24, seed=2)
+    jac = JacobianConfig(method="stochastic", n_sources=3, seed=1)
+    config = LIBConfig(LN_SITES, final_basis="pca", jacobian=jac, batch_size=8, progress=False)
+    from tl_degeneracy.engine.bases import Truncation
+
+    config = LIBConfig(**{**config.__dict__, "truncation": Truncation(1e-15, 1e-6)})
+    got = fit_basis(dev, toks, config)
+    ref = fit_basis(cpu, toks, config)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for name, b in got.bases.items():
+        assert torch.isfinite(b.C).all() and b.C.dtype == torch.float64
+        top = min(3, b.k, ref[name].k)
+        torch.testing.assert_close(
+            b.importance[:top], ref[name].importance[:top], rtol=tol * 10, atol=0
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attribution_and_loading_onto_another_device(device, tmp_path):
+    cpu, dev = _pair("mlp", device)
+    toks = random_tokens(cpu, 30, seed=1)
+    ref = fit_basis(cpu, toks, LIBConfig(PLAIN_SITES, progress=False))
+    ref.save(tmp_path / "lib")
+    loaded = BasisResult.load(tmp_path / "lib", dev)  # checked against the moved model
+    clean, corrupted = random_tokens(cpu, 8, seed=5), random_tokens(cpu, 8, seed=6)
+
+    def metric(logits, tokens):
+        last = logits[:, -1].to(torch.float64)
+        return last[:, 0] - last[:, 1]
+
+    a = compare_attribution(cpu, ref, None, clean, corrupted, metric)
+    b = compare_attribution(dev, loaded, None, clean, corrupted, metric)
+    for name, sa in a.sites.items():
+        torch.testing.assert_close(b[name].attribution, sa.attribution, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(b[name].patching, sa.patching, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sgld_on_device(device):
+    from tl_degeneracy.engine.degeneracy import ModelProblem, SGLDConfig, estimate_llc
+
+    _, dev = _pair("mlp", device)
+    toks = random_tokens(dev, 64, seed=1).to(device)
+    problem = ModelProblem(dev, toks)
+    cfg = SGLDConfig(step_size=1e-5, n_chains=2, n_steps=20, n_burnin=5, batch_size=32)
+    result = estimate_llc(problem, cfg)
+    assert torch.isfinite(torch.tensor(result.llc))
