@@ -401,9 +401,11 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     """Config fields and a digest of every weight that identify a model; saved with every
     result, so that a result refuses a model it was not computed on."""
     if not is_transformer(model):
+        shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
         return {
             "model_name": type(model).__name__,
             "api": "module",
+            "weight_shapes": shapes,
             "weight_digest": weight_digest(model),
         }
     cfg = model_cfg(model)

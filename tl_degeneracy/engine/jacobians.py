@@ -78,6 +78,8 @@ class JacobianGram(Result):
         """‖M'_even − M'_odd‖ / ‖M'_even + M'_odd‖ over batches: the relative standard error
         of `matrix` from data and source sampling (0 for a single batch)."""
         a, b = self.halves
+        if not bool(a.any()) or not bool(b.any()):  # one batch: nothing to compare
+            return 0.0
         denom = float(torch.linalg.norm(a + b))
         return float(torch.linalg.norm(a - b)) / denom if denom > 0 else 0.0
 
