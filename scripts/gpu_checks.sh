@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU checks, run once on a lent GPU machine (see docs/devices.md): install what its image
+# lacks from carried wheels (.gpu/), then the `gpu` tests and the GPU benchmark. Output goes
+# to $OUT (or ./gpu-out).
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=$PWD
+PY=${PY:-python3}
+{
+  nvidia-smi -L
+  $PY -m pip install -q --no-deps --no-index .gpu/*.whl 2>&1 | tail -3
+  $PY -c "import torch, transformer_lens; print('torch', torch.__version__, 'TL', transformer_lens.__version__ if hasattr(transformer_lens, '__version__') else '?', 'cuda', torch.cuda.is_available())"
+} 2>&1 | tee "$OUT/setup.log"
+start=$(date +%s)
+$PY -m pytest -m gpu -q -p no:cacheprovider -o addopts="" tests/engine/test_devices.py -rA 2>&1 | tee "$OUT/gpu_tests.log"
+echo "gpu tests: $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu_tests.log"
+start=$(date +%s)
+$PY benchmarks/bench_gpu.py --tokens "${TOKENS:-100000}" 2>&1 | tee "$OUT/bench_gpu.log"
+echo "benchmark: $(( $(date +%s) - start )) s" | tee -a "$OUT/bench_gpu.log"
