@@ -93,12 +93,11 @@ def test_layernorm_model_with_mlp_site_and_bos_left_out(device):
     statistics on the model's device or kept on the CPU."""
     cpu, dev = _pair("ln", device, n_layers=2, n_ctx=6)
     toks = random_tokens(cpu, 24, seed=2)
-    jac = JacobianConfig(method="stochastic", n_sources=3, seed=1)
-    config = LIBConfig(LN_SITES, final_basis="pca", jacobian=jac, batch_size=8, progress=False)
+    config = LIBConfig(LN_SITES, final_basis="pca", batch_size=8, progress=False)
     ref = fit_basis(cpu, toks, config)
     _same_bases(ref, fit_basis(dev, toks, config))
     _same_bases(ref, fit_basis(dev, toks, LIBConfig(**{**config.__dict__, "stats_device": "cpu"})))
-    edges = EdgeConfig(method="stochastic", seed=2)
+    edges = EdgeConfig()
     g_ref = interaction_graph(cpu, toks, ref, edges, batch_size=8, progress=False, top_outputs=4)
     g_dev = interaction_graph(dev, toks, ref, edges, batch_size=8, progress=False, top_outputs=4)
     for name, se in g_ref.sections.items():
@@ -114,8 +113,7 @@ def test_low_precision_models_fit(device, dtype):
     """float32 and bfloat16 models: statistics in float64, finite bases close to float64's."""
     cpu, dev = _pair("ln", device, dtype=dtype, n_layers=2, n_ctx=6)
     toks = random_tokens(cpu, 24, seed=2)
-    jac = JacobianConfig(method="stochastic", n_sources=3, seed=1)
-    config = LIBConfig(LN_SITES, final_basis="pca", jacobian=jac, batch_size=8, progress=False)
+    config = LIBConfig(LN_SITES, final_basis="pca", batch_size=8, progress=False)
     from tl_degeneracy.engine.bases import Truncation
 
     config = LIBConfig(**{**config.__dict__, "truncation": Truncation(1e-15, 1e-6)})
@@ -148,6 +146,18 @@ def test_attribution_and_loading_onto_another_device(device, tmp_path):
     for name, sa in a.sites.items():
         torch.testing.assert_close(b[name].attribution, sa.attribution, rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(b[name].patching, sa.patching, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_estimates_are_reproducible_on_device(device):
+    """Rademacher sources drawn on the model's device: the same seed gives the same M'."""
+    _, dev = _pair("ln", device, n_layers=2, n_ctx=6)
+    toks = random_tokens(dev, 16, seed=2)
+    jac = JacobianConfig(method="stochastic", n_sources=3, seed=1)
+    config = LIBConfig(LN_SITES, final_basis="pca", jacobian=jac, batch_size=8, progress=False)
+    a, b = fit_basis(dev, toks, config), fit_basis(dev, toks, config)
+    for name, x in a.bases.items():
+        assert torch.equal(x.importance, b.bases[name].importance)
 
 
 @pytest.mark.parametrize("device", DEVICES)

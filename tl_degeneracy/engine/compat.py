@@ -109,7 +109,7 @@ def build_model(
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
         model: nn.Module = HookedTransformer(
-            HookedTransformerConfig(**cfg, dtype=dtype, model_name=model_name)
+            HookedTransformerConfig(**cfg, dtype=dtype, model_name=model_name, device="cpu")
         )
         if state_dict is not None:
             sd = {k: v.to(dtype) for k, v in state_dict.items()}

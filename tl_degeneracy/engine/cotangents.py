@@ -5,8 +5,9 @@ choice of cotangents is the choice of estimator (docs/concepts.md, "Estimating M
 - stochastic (Hutchinson): Rademacher signs with weight 1/R, so `Σ w g gᵀ` is unbiased for
   `Σ JᵀJ`, drawn over (position, feature), positions only or features only.
 
-Random signs are drawn on the CPU from a generator seeded per batch, so estimates do not depend
-on the device or on where a run was interrupted.
+Random signs come from a generator seeded per batch (`streaming.batch_generator`, on the
+model's device), so estimates do not depend on where a run was interrupted or how it was
+sharded.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def exact_cotangents(
 
 
 def _signs(gen: torch.Generator, device: torch.device, dtype: torch.dtype, *shape: int) -> Tensor:
-    return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(device=device, dtype=dtype)
+    """Rademacher signs drawn on the generator's device."""
+    signs = torch.randint(0, 2, shape, generator=gen, device=gen.device) * 2 - 1
+    return signs.to(device=device, dtype=dtype)
 
 
 def stochastic_cotangents(

@@ -136,14 +136,17 @@ def stream(
     return accumulator
 
 
-def batch_generator(seed: int, *parts: int | str) -> torch.Generator:
+def batch_generator(
+    seed: int, *parts: int | str, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """A generator seeded by `seed` and a batch's identity, so stochastic estimates do not
-    depend on where a run was interrupted."""
+    depend on where a run was interrupted or how it was sharded. On a GPU it draws there
+    (reproducible per device; a CPU and a GPU run draw different signs)."""
     text = "/".join(str(p) for p in (seed, *parts))
     h = 1469598103934665603
     for ch in text.encode():
         h = ((h ^ ch) * 1099511628211) % (1 << 63)
-    return torch.Generator().manual_seed(h)
+    return torch.Generator(device=device).manual_seed(h)
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:

@@ -479,8 +479,10 @@ def split_rhat(traces: Float[Tensor, "chain step"]) -> float:
     return float(torch.sqrt(var_hat / within))
 
 
-def _chain_generator(seed: int, chain: int) -> torch.Generator:
-    return torch.Generator().manual_seed(1_000_003 * seed + chain)
+def _chain_generator(seed: int, chain: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The chain's random stream (minibatches on the CPU; the noise on the parameters' device,
+    so a GPU chain draws its noise there: reproducible per device)."""
+    return torch.Generator(device=device).manual_seed(1_000_003 * seed + chain)
 
 
 def estimate_llc(
@@ -521,11 +523,12 @@ def _run_chain(
     w_star = problem.w_star.detach()
     w = w_star.clone()
     noise = torch.empty_like(w)
+    noise_gen = gen if w.device.type == "cpu" else _chain_generator(cfg.seed, chain, w.device)
     pull, drift, scale = _step_coefficients(cfg, nbeta)
     limit = problem.loss_at_star + cfg.explode_factor * problem.n_params / nbeta
     full = cfg.batch_size >= problem.n
     trace = torch.full((cfg.n_steps,), float("nan"), dtype=torch.float64)
-    values = torch.empty(cfg.n_steps, dtype=w.dtype)
+    values = torch.empty(cfg.n_steps, dtype=w.dtype, device=w.device)
     diverged = False
     with problem.bind(w):
         all_idx = torch.arange(problem.n)
@@ -538,16 +541,16 @@ def _run_chain(
                 block = values[t - t % 16 : t + 1]
                 if not bool(torch.isfinite(block).all()) or bool((block > limit).any()):
                     bad = t - t % 16 + int((~torch.isfinite(block) | (block > limit)).nonzero()[0])
-                    trace[:bad] = values[:bad].to(torch.float64)
+                    trace[:bad] = values[:bad].to("cpu", torch.float64)
                     diverged = True
                     break
             with torch.no_grad():
-                noise.normal_(generator=gen)
+                noise.normal_(generator=noise_gen)
                 w.mul_(1 - pull).add_(w_star, alpha=pull).add_(grad, alpha=-drift)
                 w.add_(noise, alpha=scale)
             bar.update()
         else:
-            trace[:] = values.to(torch.float64)
+            trace[:] = values.to("cpu", torch.float64)
     bar.update(cfg.n_steps * (chain + 1) - bar.n)  # a diverged chain's remaining steps
     return trace, diverged
 
@@ -560,11 +563,12 @@ def _run_batched(
     w_star = problem.w_star.detach()[None]
     w = w_star.repeat(c, 1)
     noise = torch.empty_like(w)
+    noise_gen = gen if w.device.type == "cpu" else _chain_generator(cfg.seed, 0, w.device)
     pull, drift, scale = _step_coefficients(cfg, nbeta)
     limit = problem.loss_at_star + cfg.explode_factor * problem.n_params / nbeta
     full = cfg.batch_size >= problem.n
-    values = torch.empty(cfg.n_steps, c, dtype=torch.float64)
-    alive = torch.ones(c, dtype=torch.bool)
+    values = torch.empty(cfg.n_steps, c, dtype=torch.float64, device=w.device)
+    alive = torch.ones(c, dtype=torch.bool, device=w.device)
     all_idx = torch.arange(problem.n).expand(c, problem.n)
     for t in range(cfg.n_steps):
         if full:
@@ -578,11 +582,11 @@ def _run_batched(
             alive &= ~bad
             grad = torch.where(alive[:, None], grad, 0.0)
             w = torch.where(alive[:, None], w, w_star)
-        noise.normal_(generator=gen)
+        noise.normal_(generator=noise_gen)
         w = w * (1 - pull) + w_star * pull - drift * grad + scale * noise
         bar.update(c)
-    traces = values.T.contiguous()
-    diverged = ~alive
+    traces = values.T.contiguous().cpu()
+    diverged = (~alive).cpu()
     for i in diverged.nonzero().flatten().tolist():
         first = int((~torch.isfinite(traces[i]) | (traces[i] > limit)).nonzero()[0])
         traces[i, first:] = float("nan")

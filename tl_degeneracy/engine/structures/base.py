@@ -172,7 +172,7 @@ class AutogradJacobian(JacobianSums):
         cfg = self.config
         cots: Iterator[tuple[Tensor, float]]
         if cfg.method == "stochastic":
-            gen = batch_generator(cfg.seed, st.section.name, batch_index)
+            gen = batch_generator(cfg.seed, st.section.name, batch_index, device=y.device)
             cots = stochastic_cotangents(
                 readout, batch, t_out, cfg.n_sources, cfg.sources_over, gen, cfg.chunk_size
             )
@@ -239,7 +239,7 @@ class AutogradEdges:
         c_pinv_t = self.basis_in.C_pinv.T
         mean = self.basis_in.mean
         idx_device = self.edges.device
-        gen = batch_generator(cfg.seed, "edges", st.section.name, batch_index)
+        gen = batch_generator(cfg.seed, "edges", st.section.name, batch_index, device=y0.device)
         for out_idx, v, weight in edge_cotangents(
             readout, batch, t_out, cfg.method, cfg.n_sources, gen, cfg.chunk_size
         ):
