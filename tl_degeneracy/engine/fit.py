@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -305,11 +305,15 @@ def bases_pass(
         site = section.inp
         out_basis = bases[section.out.name]
         c_out = None if out_basis.kind == "raw" else out_basis.C
-        jg = jacobian_pass(state, section, c_out, config.jacobian)
+        jacobian = config.jacobian
+        if jacobian.stats_device is None and config.stats_device is not None:
+            jacobian = replace(jacobian, stats_device=config.stats_device)
+        jg = jacobian_pass(state, section, c_out, jacobian)
         jgrams[site.name] = jg
         st = stats[site]
+        m_prime = jg.matrix.to(st.mean.device)
         bases[site.name] = interaction_basis(
-            site, st.mean, st.gram, jg.matrix, config.truncation, kind=config.kind
+            site, st.mean, st.gram, m_prime, config.truncation, kind=config.kind
         )
         state.clock.step(
             "M'",

@@ -203,18 +203,34 @@ def add_to_statistics(
 ) -> None:
     """Fold one batch of activations into each site's statistics (on `device`).
 
-    The NaN/Inf check rides on the Gram update (see `SiteStatistics.add`); on failure the error
-    names the site, the batch and the positions, as `check_finite` does.
+    Sites of the same width and sample count are updated together (one batched product for
+    their Grams, one check for NaN/Inf over all their means: on a GPU the pass then runs
+    without a synchronisation per site). On a non-finite value nothing is folded in and the
+    error names the site, the batch and the positions (`check_finite`).
     """
-    for site, act in zip(sites, acts):
-        flat = act.reshape(-1, act.shape[-1])
-        if site.name not in stats.per_site:
-            stats.per_site[site.name] = SiteStatistics.empty(site, flat.shape[-1], device)
-        try:
-            stats.per_site[site.name].add(flat)
-        except NonFiniteActivationError:
+    flats = [act.reshape(-1, act.shape[-1]) for act in acts]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, flat in enumerate(flats):
+        groups.setdefault(tuple(flat.shape), []).append(i)
+    parts = []
+    for (n, _), idx in groups.items():
+        if n == 0:
+            continue
+        x = torch.stack([flats[i] for i in idx]).to(device, torch.float64)  # [S, n, d]
+        mean = x.mean(1)
+        xc = x - mean[:, None]
+        parts.append((idx, n, mean, torch.bmm(xc.transpose(1, 2), xc)))
+    means = [mean for _, _, mean, _ in parts]
+    if means and not bool(torch.isfinite(torch.cat([m.flatten() for m in means])).all()):
+        for site, act in zip(sites, acts):
             check_finite(act, site, batch_index)
-            raise
+        raise NonFiniteActivationError(f"NaN or Inf in the activations of batch {batch_index}")
+    for idx, n, mean, m2 in parts:
+        for j, i in enumerate(idx):
+            site = sites[i]
+            if site.name not in stats.per_site:
+                stats.per_site[site.name] = SiteStatistics.empty(site, mean.shape[-1], device)
+            stats.per_site[site.name]._merge(n, mean[j], m2[j])
 
 
 class GramAccumulator:
