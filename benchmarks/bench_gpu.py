@@ -66,6 +66,75 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def study_phase(model, tokens: torch.Tensor, args: argparse.Namespace) -> None:
+    """The whole study (`experiments.study.run_study`) with two MLP sites, phase by phase."""
+    from tl_degeneracy.experiments.study import StudyConfig, run_study
+
+    sites = residual_sites(model, positions="1:", mlp=(5, 15))
+    config = StudyConfig(
+        batch_rows=args.batch_rows,
+        edge_tokens=min(8192, tokens.numel()),
+        ablation_tokens=4096,
+        progress=False,
+    )
+    held = tokens[-max(1, 4096 // tokens.shape[1]) :]
+    sync()
+    start = time.perf_counter()
+    study = run_study(model, sites, tokens, config, heldout=held, log=lambda s: None)
+    sync()
+    total = time.perf_counter() - start
+    phases = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in study.timings.items())
+    print(f"study of {tokens.numel()} tokens, {len(sites)} sites: {total:.1f} s ({phases})")
+    for site, by_kind in study.curves.items():
+        ks = {kind: c.min_k(0.05) for kind, c in by_kind.items()}
+        print(f"  {site}: baseline loss {next(iter(by_kind.values())).baseline:.3f}, min k {ks}")
+
+
+def bench_dtype(name: str, tokens: torch.Tensor, args: argparse.Namespace, study: bool) -> None:
+    """Forward, Gram statistics and the LIB fit of the model in dtype `name`."""
+    torch.manual_seed(0)
+    dtype = getattr(torch, name)
+    model = move_model(build_model(SMOLLM2_SHAPE, api="hooked", dtype=dtype), args.device)
+    sites = residual_sites(model, positions="1:")
+    batches = tokens.to(args.device).split(args.batch_rows)
+
+    @torch.no_grad()
+    def forward() -> None:
+        for b in batches:
+            model(b)
+
+    def gram() -> object:
+        return collect_statistics(
+            model, sites, tokens, args.batch_rows, progress=False, device=args.device
+        )
+
+    config = LIBConfig(
+        tuple(sites),
+        kind="lib",
+        final_basis="pca",
+        jacobian=JacobianConfig(method="stochastic", n_sources=4),
+        batch_size=args.batch_rows,
+        progress=False,
+    )
+    forward()  # warm-up
+    t_fwd, _ = timed(forward, args.repeats)
+    t_gram, _ = timed(gram, args.repeats)
+    t_fit, lib = timed(lambda: fit_basis(model, tokens, config), 1)
+    n = tokens.numel()
+    for phase, t in (
+        ("plain forward", t_fwd),
+        ("Gram statistics, 61 sites", t_gram),
+        ("LIB fit (stats + M' R=4 + bases)", t_fit),
+    ):
+        print(f"{name:9s} {phase:34s} {t:9.2f} {n / t:12.0f} {t / t_fwd:10.2f}")
+    kept = [b.k for b in lib.bases.values()]  # type: ignore[attr-defined]
+    print(f"{name:9s} kept features per site: min {min(kept)}, max {max(kept)}")
+    if study and args.study_tokens > 0:
+        study_phase(model, tokens[: max(1, args.study_tokens // args.seq_len)], args)
+    if args.device == "cuda":
+        print(f"{name:9s} peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=100_000)
@@ -74,6 +143,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test)")
+    p.add_argument(
+        "--study-tokens",
+        type=int,
+        default=32768,
+        help="tokens for the whole study (LIB and PCA, MLP sites of blocks 5 and 15, edges, "
+        "node ablation) on the first dtype; 0 skips it",
+    )
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("needs CUDA (or --device cpu for a smoke test)")
@@ -86,48 +162,9 @@ def main() -> None:
     header = f"{'dtype':9s} {'phase':34s} {'seconds':>9s} {'tokens/s':>12s} {'vs forward':>10s}"
     print(header)
     for name in args.dtypes:
-        dtype = getattr(torch, name)
-        torch.manual_seed(0)
-        model = move_model(build_model(SMOLLM2_SHAPE, api="hooked", dtype=dtype), args.device)
-        sites = residual_sites(model, positions="1:")
-        batches = tokens.to(args.device).split(args.batch_rows)
-
-        @torch.no_grad()
-        def forward() -> None:
-            for b in batches:
-                model(b)
-
-        forward()  # warm-up
-        t_fwd, _ = timed(forward, args.repeats)
-        t_gram, stats = timed(
-            lambda: collect_statistics(
-                model, sites, tokens, args.batch_rows, progress=False, device=args.device
-            ),
-            args.repeats,
-        )
-        config = LIBConfig(
-            tuple(sites),
-            kind="lib",
-            final_basis="pca",
-            jacobian=JacobianConfig(method="stochastic", n_sources=4),
-            batch_size=args.batch_rows,
-            progress=False,
-        )
-        t_fit, lib = timed(lambda: fit_basis(model, tokens, config), 1)
-        n = tokens.numel()
-        for phase, t in (
-            ("plain forward", t_fwd),
-            ("Gram statistics, 61 sites", t_gram),
-            ("LIB fit (stats + M' R=4 + bases)", t_fit),
-        ):
-            print(f"{name:9s} {phase:34s} {t:9.2f} {n / t:12.0f} {t / t_fwd:10.2f}")
-        kept = [b.k for b in lib.bases.values()]  # type: ignore[attr-defined]
-        print(f"{name:9s} kept features per site: min {min(kept)}, max {max(kept)}")
+        bench_dtype(name, tokens, args, study=name == args.dtypes[0])
         if args.device == "cuda":
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            print(f"{name:9s} peak GPU memory {peak:.1f} GiB")
             torch.cuda.empty_cache()
-        del model, stats, lib
 
 
 if __name__ == "__main__":
