@@ -5,6 +5,7 @@ pytest's pythonpath), never through `conftest`, whose module name is not unique.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -59,3 +60,29 @@ def tiny_model(api: str, kind: str = "mlp", seed: int = 0, **overrides):
 def random_tokens(model, n: int, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.cfg.d_vocab, (n, model.cfg.n_ctx), generator=gen)
+
+
+class WordTokenizer:
+    """Word-level stand-in for a Hugging Face tokenizer: " word" is one token, except words of
+    more than `max_len` letters, which split into two (to exercise the single-token filter)."""
+
+    bos_token_id = 0
+
+    def __init__(self, max_len: int = 6):
+        self.max_len = max_len
+        self.vocab: dict[str, int] = {"<bos>": 0}
+
+    def _id(self, piece: str) -> int:
+        return self.vocab.setdefault(piece, len(self.vocab))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [self.bos_token_id] if add_special_tokens else []
+        for piece in re.findall(r" ?\w+|[^\w\s]", text):
+            if len(piece.strip()) > self.max_len:
+                ids += [self._id(piece[:4]), self._id("##" + piece[4:])]
+            else:
+                ids.append(self._id(piece))
+        return ids
+
+    def name(self, word: str) -> int:
+        return self.encode(" " + word, add_special_tokens=False)[0]

@@ -12,7 +12,7 @@
 (function () {
   "use strict";
 
-  var ROW = 26, COL_MIN = 58, GAP = 13, LEFT = 190, TOP = 16, BOTTOM = 56;
+  var ROW = 24, COL_MIN = 50, GAP = 12, LEFT = 120, TOP = 16, BOTTOM = 56;
   var POS = "#2b6cb0", NEG = "#c53030";
 
   function fmt(v) {
@@ -52,31 +52,49 @@
       return edge;
     });
 
-    // Rows (layers with kept nodes) and columns (positions, wide enough for their cells).
+    // Rows (layers with kept nodes) and columns (positions, wide enough for the shown part of
+    // their cells: the `perCell` nodes of largest influence of each site and position).
     var layers = Array.from(new Set(nodes.map(function (n) { return n.layer; })))
       .sort(d3.ascending);
     var rowOf = new Map(layers.map(function (l, i) { return [l, i]; }));
     var cells = d3.group(nodes, function (n) { return n.layer + ":" + n.pos; });
-    var perPos = tokens.map(function () { return 1; });
+    var biggest = 1;
     cells.forEach(function (list) {
       list.sort(function (a, b) { return b.influence - a.influence; });
       list.forEach(function (n, i) { n.slot = i; n.cellSize = list.length; });
-      var p = list[0].pos;
-      perPos[p] = Math.max(perPos[p] || 1, list.length);
+      biggest = Math.max(biggest, list.length);
     });
-    var colW = perPos.map(function (k) { return Math.max(COL_MIN, k * GAP + 16); });
-    var colX = [], acc = LEFT;
-    colW.forEach(function (w) { colX.push(acc); acc += w; });
-    var width = Math.max(acc + 20, opts.width || 0);
+    var colW = [], colX = [], acc = LEFT, width = 0;
     var height = TOP + layers.length * ROW + BOTTOM;
+    function place(perCell) {
+      var perPos = tokens.map(function () { return 1; });
+      cells.forEach(function (list) {
+        var p = list[0].pos;
+        perPos[p] = Math.max(perPos[p] || 1, Math.min(list.length, perCell));
+      });
+      colW = perPos.map(function (k) { return Math.max(COL_MIN, k * GAP + 16); });
+      colX = [];
+      acc = LEFT;
+      colW.forEach(function (w) { colX.push(acc); acc += w; });
+      width = Math.max(acc + 20, opts.width || 0);
+    }
     var nx = function (n) {
-      return colX[n.pos] + colW[n.pos] / 2 + (n.slot - (n.cellSize - 1) / 2) * GAP;
+      var k = Math.min(n.cellSize, state.perCell);
+      return colX[n.pos] + colW[n.pos] / 2 + (Math.min(n.slot, k - 1) - (k - 1) / 2) * GAP;
     };
     var ny = function (n) { return TOP + (layers.length - 1 - rowOf.get(n.layer)) * ROW + ROW / 2; };
     var rowName = function (l) {
       return l < 0 ? "embeddings" : l >= sites.length ? "target" : sites[l];
     };
+    var shortName = function (l) {  // blocks.12.hook_resid_pre -> 12 resid_pre
+      return rowName(l).replace(/^blocks\.(\d+)\.hook_/, "$1 ").replace(/^blocks\.(\d+)\./, "$1 ");
+    };
 
+    var state = {
+      hidden: new Set(), pinned: new Set(), rest: true, edgeShare: 1,
+      perCell: Math.min(opts.perCell || 8, biggest)
+    };
+    place(state.perCell);
     var maxInf = d3.max(nodes, function (n) { return n.kind === "target" ? 0 : n.influence; }) || 1;
     var radius = d3.scaleSqrt().domain([0, maxInf]).range([2.5, 8]).clamp(true);
     var maxAttr = d3.max(nodes, function (n) {
@@ -86,7 +104,6 @@
     var strokeW = d3.scaleSqrt().domain([0, maxW]).range([0.3, 5]).clamp(true);
     var sortedW = edges.map(function (e) { return Math.abs(e.weight); }).sort(d3.descending);
 
-    var state = { hidden: new Set(), pinned: new Set(), rest: true, edgeShare: 1 };
 
     var wrap = root.append("div").attr("class", "tld-pg-wrap");
     var main = wrap.append("div").attr("class", "tld-pg-main");
@@ -101,6 +118,14 @@
     slider.append("input").attr("type", "range").attr("min", 1).attr("max", 100).attr("value", 100)
       .attr("class", "tld-pg-edge-slider")
       .on("input", function () { state.edgeShare = this.value / 100; update(); });
+    var cellBox = bar.append("label");
+    cellBox.append("span").text(" nodes per cell ");
+    cellBox.append("input").attr("type", "number").attr("min", 1).attr("max", biggest)
+      .attr("value", state.perCell).attr("class", "tld-pg-per-cell")
+      .on("change", function () {
+        state.perCell = Math.max(1, Math.min(biggest, +this.value || 1));
+        relayout();
+      });
     var unpin = bar.append("button").attr("type", "button").attr("class", "tld-pg-unpin")
       .text("unpin all").on("click", function () { state.pinned.clear(); update(); });
     var unhide = bar.append("button").attr("type", "button").attr("class", "tld-pg-unhide")
@@ -124,7 +149,8 @@
 
     // Grid: row labels on the left, token labels along the bottom, light guides.
     var grid = svg.append("g").attr("class", "tld-pg-grid");
-    grid.selectAll("line.tld-pg-row").data(layers).join("line").attr("class", "tld-pg-row")
+    var rowLines = grid.selectAll("line.tld-pg-row").data(layers).join("line")
+      .attr("class", "tld-pg-row")
       .attr("x1", LEFT).attr("x2", acc)
       .attr("y1", function (l) { return ny({ layer: l }); })
       .attr("y2", function (l) { return ny({ layer: l }); });
@@ -132,13 +158,15 @@
       .attr("class", "tld-pg-row-label").attr("x", LEFT - 8)
       .attr("y", function (l) { return ny({ layer: l }); }).attr("dy", "0.35em")
       .attr("text-anchor", "end")
-      .text(function (l) { return truncate(rowName(l), 30); })
+      .text(function (l) { return truncate(shortName(l), 18); })
       .append("title").text(function (l) { return rowName(l); });
     var tokY = TOP + layers.length * ROW + 14;
-    grid.selectAll("text.tld-pg-token").data(tokens).join("text").attr("class", "tld-pg-token")
-      .attr("transform", function (_, i) {
-        return "translate(" + (colX[i] + colW[i] / 2) + "," + tokY + ") rotate(-30)";
-      })
+    var tokenPlace = function (_, i) {
+      return "translate(" + (colX[i] + colW[i] / 2) + "," + tokY + ") rotate(-30)";
+    };
+    var tokenSel = grid.selectAll("text.tld-pg-token").data(tokens).join("text")
+      .attr("class", "tld-pg-token")
+      .attr("transform", tokenPlace)
       .attr("text-anchor", "end")
       .text(function (t) { return truncate(visible(t), 12); })
       .append("title").text(function (t, i) { return i + ": " + JSON.stringify(String(t)); });
@@ -214,7 +242,17 @@
     }
 
     function isShown(n) {
-      return !state.hidden.has(n.id) && (state.rest || n.kind !== "rest");
+      return !state.hidden.has(n.id) && (state.rest || n.kind !== "rest") &&
+        n.slot < state.perCell;
+    }
+    function relayout() {
+      place(state.perCell);
+      svg.attr("width", width).attr("viewBox", [0, 0, width, height].join(" "));
+      rowLines.attr("x2", acc);
+      tokenSel.attr("transform", tokenPlace);
+      nodeSel.attr("transform", function (n) { return "translate(" + nx(n) + "," + ny(n) + ")"; });
+      edgeSel.attr("d", edgePath);
+      update();
     }
     function update() {
       var cut = sortedW.length
@@ -243,7 +281,8 @@
       unpin.property("disabled", !anyPinned);
       var shownEdges = edgeSel.filter(function () { return this.style.display !== "none"; }).size();
       note.text(" " + nodes.filter(isShown).length + " nodes, " + shownEdges + " edges");
-      root.attr("data-hidden", state.hidden.size).attr("data-pinned", state.pinned.size);
+      root.attr("data-hidden", state.hidden.size).attr("data-pinned", state.pinned.size)
+        .attr("data-shown", nodes.filter(isShown).length);
     }
 
     function togglePin(n) {
@@ -354,6 +393,7 @@
       .text("target " + (data.target ? data.target.name + " = " + fmt(data.target.value) : "") +
         (data.basis ? "; " + data.basis + " basis" : "") +
         "; node size \u221d \u221ainfluence; blue supports the target, red opposes it; " +
+        "each cell shows its most influential nodes (\"nodes per cell\"); " +
         "squares: rest nodes (mean + truncated directions) and embeddings");
     update();
     root.attr("data-rendered", "true");

@@ -85,17 +85,24 @@ class PairResult:
 
     @property
     def random_median(self) -> float:
+        """Median |change| of the random draws (NaN without draws)."""
+        if not self.random_deltas:
+            return float("nan")
         return float(torch.tensor(self.random_deltas).abs().median())
 
     @property
     def beaten(self) -> float:
         """Share of random draws whose |change| is below the top nodes'."""
+        if not self.random_deltas:
+            return 0.0
         r = torch.tensor(self.random_deltas).abs()
         return float((r < abs(self.top_delta)).double().mean())
 
     @property
     def passed(self) -> bool:
-        return abs(self.top_delta) > self.random_median
+        """The top nodes moved the target more than the median random draw (False without
+        top nodes)."""
+        return bool(self.top_nodes) and abs(self.top_delta) > self.random_median
 
 
 @dataclass
@@ -159,7 +166,9 @@ def random_nodes_like(
 ) -> tuple[list[list[tuple[str, int, int]]], int]:
     """`n_draws` sets of `len(top)` feature nodes drawn uniformly among the graph's feature
     nodes (every site and position of the graph) whose |activation| is at least the smallest of
-    the top nodes', the top nodes excluded."""
+    the top nodes', the top nodes excluded (no draws without top nodes)."""
+    if not top:
+        return [], 0
     threshold = min(abs(float(graph.candidates.activation[graph.node_index(r)])) for r in top)
     chosen = {tuple(r) for r in top}
     pool: list[tuple[str, int, int]] = []
@@ -185,6 +194,7 @@ def ioi_faithfulness(
     n_random: int = 20,
     seed: int = 0,
     drop_final_site: bool = True,
+    tokenizer: Any = None,
     log: Any = print,
     **graph_settings: Any,
 ) -> Faithfulness:
@@ -196,7 +206,8 @@ def ioi_faithfulness(
 
     Nodes sit at every position but BOS. With `drop_final_site` the final site
     (`blocks.29.hook_resid_post`, whose basis is the same PCA basis in both fits) is left out,
-    so that every node of the graph is in the basis being compared.
+    so that every node of the graph is in the basis being compared. `tokenizer` defaults to
+    `model.tokenizer`; `graph_settings` go to `prompt_graph`.
     """
     import time
 
@@ -209,7 +220,7 @@ def ioi_faithfulness(
 
         model = load_smollm2()
     bases = bases if bases is not None else ioi_bases(model, log=log)
-    pairs = ioi_prompt_pairs(model.tokenizer, n_pairs, seed=seed)
+    pairs = ioi_prompt_pairs(tokenizer or model.tokenizer, n_pairs, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for kind, basis in bases.items():

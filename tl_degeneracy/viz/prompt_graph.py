@@ -35,11 +35,12 @@ def prompt_graph_assets() -> tuple[Asset, ...]:
 
 
 def prompt_graph_html(
-    data: Mapping[str, Any], width: int = 1100, max_edges: int | None = 3000
+    data: Mapping[str, Any], width: int = 1100, max_edges: int | None = 3000, per_cell: int = 8
 ) -> Fragment:
     """The viewer as a page fragment (assets inlined once per page by `render_page`).
 
-    `max_edges` keeps the strongest |weight| edges (the page stays responsive)."""
+    `max_edges` keeps the strongest |weight| edges (the page stays responsive); each (site,
+    position) cell first shows its `per_cell` most influential nodes (a control changes it)."""
     data = dict(data)
     edges = sorted(data.get("edges", []), key=lambda e: -abs(float(e["weight"])))
     data["edges"] = edges if max_edges is None else edges[:max_edges]
@@ -49,7 +50,7 @@ def prompt_graph_html(
         "try{tldPromptGraph.render(id,"
         + json_for_script(data)
         + ","
-        + json_for_script({"width": int(width)})
+        + json_for_script({"width": int(width), "perCell": int(per_cell)})
         + ");}"
         "catch(e){document.getElementById(id).textContent='prompt graph failed: '+e;}})();"
     )
