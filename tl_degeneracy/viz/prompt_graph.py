@@ -13,24 +13,31 @@ import functools
 import uuid
 from collections.abc import Callable, Mapping
 from functools import lru_cache
+from importlib import resources
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tl_degeneracy.viz.graph_widget import _read_asset, d3_asset
+from tl_degeneracy.viz.graph_widget import d3_asset, graph_assets
 from tl_degeneracy.viz.html import Asset, Fragment, json_for_script
 
 __all__ = ["graph_details", "prompt_graph_assets", "prompt_graph_html"]
 
 
+def _asset_text(name: str) -> str:
+    return (resources.files("tl_degeneracy") / "assets" / name).read_text(encoding="utf-8")
+
+
 @lru_cache(maxsize=1)
 def prompt_graph_assets() -> tuple[Asset, ...]:
-    """d3, the viewer's script and its CSS, in load order."""
+    """d3, the graph widget's CSS (tooltip, panel, examples), the viewer's script and CSS."""
+    widget_css = next(a for a in graph_assets() if a.kind == "css")
     return (
         d3_asset(),
-        Asset("tld-prompt-graph-js", _read_asset("prompt_graph.js"), "js"),
-        Asset("tld-prompt-graph-css", _read_asset("prompt_graph.css"), "css"),
+        widget_css,
+        Asset("tld-prompt-graph-js", _asset_text("prompt_graph.js"), "js"),
+        Asset("tld-prompt-graph-css", _asset_text("prompt_graph.css"), "css"),
     )
 
 
