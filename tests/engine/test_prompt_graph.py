@@ -299,5 +299,9 @@ def test_positions_and_bad_input(api):
         prompt_graph(model, result, tokens, Target.logit(5))
     graph = prompt_graph(model, result, tokens[:1], Target.logit(5), positions=(2, 3))
     assert set(graph.candidates.position[graph.candidates.kind == FEATURE].tolist()) <= {2, 3}
+    with pytest.raises(ValueError, match="node_share is a share"):
+        prompt_graph(model, result, tokens[:1], Target.logit(5), node_share=1.5)
+    with pytest.raises(TypeError, match="cannot make a target"):
+        prompt_graph(model, result, tokens[:1], "logit 5")
     with pytest.raises(ValueError, match="one value per sequence"):
         prompt_graph(model, result, tokens[:1], Target.from_metric(lambda logits: logits.sum()))

@@ -42,12 +42,13 @@ def prompt_graph_assets() -> tuple[Asset, ...]:
 
 
 def prompt_graph_html(
-    data: Mapping[str, Any], width: int = 1100, max_edges: int | None = 3000, per_cell: int = 8
+    data: Mapping[str, Any], width: int = 0, max_edges: int | None = 3000, per_cell: int = 8
 ) -> Fragment:
     """The viewer as a page fragment (assets inlined once per page by `render_page`).
 
     `max_edges` keeps the strongest |weight| edges (the page stays responsive); each (site,
-    position) cell first shows its `per_cell` most influential nodes (a control changes it)."""
+    position) cell first shows its `per_cell` most influential nodes (a control changes it);
+    `width` is a minimum width in pixels (the drawing is as wide as its columns need)."""
     data = dict(data)
     edges = sorted(data.get("edges", []), key=lambda e: -abs(float(e["weight"])))
     data["edges"] = edges if max_edges is None else edges[:max_edges]

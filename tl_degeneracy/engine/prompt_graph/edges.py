@@ -93,7 +93,7 @@ def candidate_nodes(
         )
         cand_index.append(torch.arange(start, start + flat.numel()))
         start += flat.numel()
-        rest_norm = attrs.rest_vectors(layer).norm(dim=-1)
+        rest_norm = attrs.rest_values[layer].norm(dim=-1)
         blocks.append(
             _node_block(layer, pos, torch.full_like(pos, -1), REST, rest_norm, attrs.rest[layer])
         )
@@ -177,10 +177,7 @@ def prompt_edges(
                 )
             dst = cand_index[lay][rows]
             if lay == 0:
-                w = torch.zeros(rows.numel(), n_pos, dtype=torch.float64)
-                for g, val in zip(grads, attrs.embedding_values):
-                    if g is not None:
-                        w += (g[:, 0].to(torch.float64) * val).sum(-1)
+                w = _embedding_rows(grads, attrs, rows.numel())
                 src_index = torch.arange(n_pos)
                 total = w.abs().sum(-1)
             else:
@@ -206,6 +203,18 @@ def prompt_edges(
     )  # fmt: skip
 
 
+def _embedding_rows(
+    grads: tuple[Tensor | None, ...], attrs: NodeAttributions, rows: int
+) -> Float[Tensor, "r pos"]:
+    """Edges from every position's embedding node into `rows` of the first site's candidates:
+    gradient × activation summed over the embedding hooks (token, and position if any)."""
+    w = torch.zeros(rows, attrs.embedding.numel(), dtype=torch.float64)
+    for g, value in zip(grads, attrs.embedding_values):
+        if g is not None:
+            w += (g[:, 0].to(torch.float64) * value).sum(-1)
+    return w
+
+
 def _section_rows(
     grad: Tensor | None, attrs: NodeAttributions, layer: int, cand: Tensor, rows: int
 ) -> tuple[Float[Tensor, "r c_plus_p"], Float[Tensor, " r"]]:
@@ -213,7 +222,7 @@ def _section_rows(
     candidates, and each row's total |input| over all of the site's nodes."""
     basis = attrs.chain[layer].basis
     feats = attrs.features[layer]
-    rest = attrs.rest_vectors(layer)
+    rest = attrs.rest_values[layer]
     if grad is None:  # the next site does not depend on this one at these positions
         n = cand.numel() + feats.shape[0]
         return torch.zeros(rows, n, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64)

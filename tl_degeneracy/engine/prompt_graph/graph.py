@@ -63,11 +63,22 @@ class PromptGraphConfig:
     node_share: float = 0.8
     """Kept nodes hold this share of the total influence on the target."""
     edge_share: float = 0.9
-    """Each kept node keeps the edges holding this share of its total |input|."""
+    """Each kept node keeps the edges holding this share of its |input| from the graph."""
     freeze_final_norm: bool = True
     """Hold the final normalisation's scale at its value on the prompt (see `node_attributions`)."""
     chunk_size: int = 64
     """Cotangents per batched vector-Jacobian product."""
+
+    def __post_init__(self) -> None:
+        for name in ("candidate_share", "node_share", "edge_share"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} is a share between 0 and 1, got {value}")
+        if self.max_candidates < 1 or self.chunk_size < 1:
+            raise ValueError(
+                f"max_candidates and chunk_size must be at least 1, got {self.max_candidates} "
+                f"and {self.chunk_size}"
+            )
 
 
 class NodeRef(NamedTuple):

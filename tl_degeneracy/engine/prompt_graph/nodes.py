@@ -94,6 +94,8 @@ class NodeAttributions:
     attributions: list[Float[Tensor, "p k"]]
     rest: list[Float[Tensor, " p"]]
     """Attribution of each position's rest node (mean and truncated directions)."""
+    rest_values: list[Float[Tensor, "p d"]]
+    """The rest nodes' vectors, `f − f̂ C⁺` (with a baseline: the truncated part of `f − f'`)."""
     embedding: Float[Tensor, " pos"]
     """Attribution of each position's embedding node."""
     embedding_values: list[Float[Tensor, "pos d"]]
@@ -105,11 +107,6 @@ class NodeAttributions:
     def site_totals(self) -> Float[Tensor, " n_sites"]:
         """`Σ_s g_s · f_s` per site: what features and rest nodes add up to."""
         return torch.stack([(g * f).sum() for g, f in zip(self.gradients, self.activations)])
-
-    def rest_vectors(self, layer: int) -> Float[Tensor, "p d"]:
-        """The rest nodes' vectors at a site: `f − f̂ C⁺` (mean and truncated part)."""
-        basis = self.chain[layer].basis
-        return self.activations[layer] - self.features[layer] @ basis.C_pinv
 
 
 def _check_prompt(tokens: Tensor) -> None:
@@ -189,9 +186,19 @@ def node_attributions(
         base = capture(model, all_sites, baseline_tokens)
         acts = {n: a - base[n][0] for n, a in acts.items()}
     out = NodeAttributions(
-        chain, [], [], [], [], [], [], torch.zeros(tokens.shape[1], dtype=torch.float64),
-        [], [], float(value.detach()),
-    )  # fmt: skip
+        chain=chain,
+        positions=[],
+        activations=[],
+        gradients=[],
+        features=[],
+        attributions=[],
+        rest=[],
+        rest_values=[],
+        embedding=torch.zeros(tokens.shape[1], dtype=torch.float64),
+        embedding_values=[],
+        embedding_gradients=[],
+        value=float(value.detach()),
+    )
     for c in chain:
         f, g, basis = acts[c.name], grads[c.name], c.basis
         feats = f @ basis.C if baseline_tokens is not None else basis.features(f)
@@ -203,6 +210,7 @@ def node_attributions(
         out.features.append(feats)
         out.attributions.append(attr)
         out.rest.append((g * rest_vec).sum(-1))
+        out.rest_values.append(rest_vec)
     for site in embeds:
         out.embedding += (grads[site.hook] * acts[site.hook]).sum(-1)
         out.embedding_values.append(acts[site.hook])
