@@ -5,6 +5,7 @@ pytest's pythonpath), never through `conftest`, whose module name is not unique.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -96,3 +97,29 @@ def ioi_word_tokenizer(size: int = 64, extra: tuple[str, ...] = ()) -> WordToken
     fillers = [f" w{i}" for i in range(size)]
     tok = WordTokenizer(words)
     return WordTokenizer(words + fillers[: max(0, size - len(tok.vocab))])
+
+
+class SplittingWordTokenizer:
+    """Word-level stand-in for a Hugging Face tokenizer: " word" is one token, except words of
+    more than `max_len` letters, which split into two (to exercise the single-token filter)."""
+
+    bos_token_id = 0
+
+    def __init__(self, max_len: int = 6):
+        self.max_len = max_len
+        self.vocab: dict[str, int] = {"<bos>": 0}
+
+    def _id(self, piece: str) -> int:
+        return self.vocab.setdefault(piece, len(self.vocab))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [self.bos_token_id] if add_special_tokens else []
+        for piece in re.findall(r" ?\w+|[^\w\s]", text):
+            if len(piece.strip()) > self.max_len:
+                ids += [self._id(piece[:4]), self._id("##" + piece[4:])]
+            else:
+                ids.append(self._id(piece))
+        return ids
+
+    def name(self, word: str) -> int:
+        return self.encode(" " + word, add_special_tokens=False)[0]

@@ -99,3 +99,28 @@ def test_lib_vs_attribution_with_smollm2(tmp_path, monkeypatch):
 def test_smollm2_tour(tmp_path):
     text = output_text(run_notebook("smollm2_tour.ipynb", tmp_path))
     assert 'data-component="ColoredTokensMulti"' in text and "tld-logit-effects" in text
+
+
+def check_prompt_graph_modadd(text: str) -> None:
+    """The exactness and attribution-patching checks the notebook prints are at rounding."""
+    for prefix in ("max |features + rest - g.f|", "max |sum of nodes - TransformerLens|"):
+        line = next(r for r in text.splitlines() if r.startswith(prefix))
+        assert float(line.rsplit(":", 1)[1]) < 1e-10, line
+    assert 'class="tld-pg"' in text and "top 5 supporting nodes set to their mean" in text
+
+
+def test_prompt_graph_modadd(tmp_path, monkeypatch):
+    """The modular-addition part (the SmolLM2 part is skipped through TLD_SKIP_SMOLLM2)."""
+    monkeypatch.setenv("TLD_SKIP_SMOLLM2", "1")
+    text = output_text(run_notebook("prompt_graph.ipynb", tmp_path))
+    check_prompt_graph_modadd(text)
+    assert "When " not in text
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_prompt_graph_with_smollm2(tmp_path, monkeypatch):
+    monkeypatch.delenv("TLD_SKIP_SMOLLM2", raising=False)
+    text = output_text(run_notebook("prompt_graph.ipynb", tmp_path))
+    check_prompt_graph_modadd(text)
+    assert "top 10 set to their mean" in text and "Spearman rho over 9 nodes" in text

@@ -185,14 +185,15 @@ def _fit_lm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--api", default="auto", choices=["auto", "hooked", "bridge"])
     p.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="re-run the model prefix per section instead of an activation store",
+        "--store",
+        default="auto",
+        choices=["auto", "memory", "disk", "off"],
+        help="where section inputs are kept between passes ('off' re-runs the model prefix)",
     )
     p.add_argument(
-        "--skip-bos",
+        "--keep-bos",
         action="store_true",
-        help="leave position 0 (BOS) out of every site (slower: no activation store)",
+        help="keep position 0 (BOS, an attention sink) in every site (default: left out)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -213,8 +214,8 @@ def run_fit_lm(args: argparse.Namespace) -> int:
         n_blocks=args.blocks,
         batch_rows=args.batch_rows,
         api=args.api,
-        cache_activations=not args.no_cache,
-        skip_first_position=args.skip_bos,
+        store=args.store,
+        skip_bos=not args.keep_bos,
         progress=not args.quiet,
     )
     ctx = DistContext.from_env()
@@ -222,7 +223,7 @@ def run_fit_lm(args: argparse.Namespace) -> int:
     if ctx.is_main:
         for line in summary_lines(fit):
             print(line)
-        print(f"wrote {args.out} (report.html, lib/, pca/, summary.json)")
+        print(f"wrote {args.out} (report.html, bases/, graphs/, curves/, summary.json)")
     return 0
 
 

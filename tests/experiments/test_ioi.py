@@ -4,10 +4,10 @@ attribution demonstration's sum rule on a tiny model with a word-level tokenizer
 from __future__ import annotations
 
 import importlib.util
-import re
 
 import pytest
 import torch
+from support import SplittingWordTokenizer
 
 from tl_degeneracy.experiments.ioi import (
     IOI_NAMES,
@@ -18,35 +18,9 @@ from tl_degeneracy.experiments.ioi import (
 )
 
 
-class WordTokenizer:
-    """Word-level stand-in for a Hugging Face tokenizer: " word" is one token, except words of
-    more than `max_len` letters, which split into two (to exercise the single-token filter)."""
-
-    bos_token_id = 0
-
-    def __init__(self, max_len: int = 6):
-        self.max_len = max_len
-        self.vocab: dict[str, int] = {"<bos>": 0}
-
-    def _id(self, piece: str) -> int:
-        return self.vocab.setdefault(piece, len(self.vocab))
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = [self.bos_token_id] if add_special_tokens else []
-        for piece in re.findall(r" ?\w+|[^\w\s]", text):
-            if len(piece.strip()) > self.max_len:
-                ids += [self._id(piece[:4]), self._id("##" + piece[4:])]
-            else:
-                ids.append(self._id(piece))
-        return ids
-
-    def name(self, word: str) -> int:
-        return self.encode(" " + word, add_special_tokens=False)[0]
-
-
 @pytest.fixture
-def tokenizer() -> WordTokenizer:
-    return WordTokenizer()
+def tokenizer() -> SplittingWordTokenizer:
+    return SplittingWordTokenizer()
 
 
 def test_pairs_differ_only_in_the_repeated_name(tokenizer):

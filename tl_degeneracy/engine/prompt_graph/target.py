@@ -1,0 +1,101 @@
+"""What a prompt graph explains: one scalar of the logits (a logit, a logit difference, or any
+metric of the logits at a position)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+TargetFn = Callable[[Float[Tensor, "batch pos vocab"]], Float[Tensor, " batch"]]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A scalar per sequence computed from the logits, `fn(logits) -> [batch]`.
+
+    `position` is the position it reads (the viewer draws the target node there); `spec`
+    describes it in JSON (`{"kind": "logit", "token": 42}`), so that a saved graph says what it
+    explained.
+    """
+
+    name: str
+    fn: TargetFn = field(compare=False, repr=False)
+    position: int = -1
+    spec: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def logit(cls, token: int, position: int = -1, label: str | None = None) -> Target:
+        """The logit of `token` at `position`."""
+        token = int(token)
+
+        def fn(logits: Tensor) -> Tensor:
+            return logits[:, position, token].to(torch.float64)
+
+        name = f"logit({label or token})"
+        return cls(name, fn, position, {"kind": "logit", "token": token})
+
+    @classmethod
+    def logit_difference(
+        cls, good: int, bad: int, position: int = -1, labels: tuple[str, str] | None = None
+    ) -> Target:
+        """`logit(good) − logit(bad)` at `position` (e.g. the indirect object against the
+        subject)."""
+        good, bad = int(good), int(bad)
+
+        def fn(logits: Tensor) -> Tensor:
+            last = logits[:, position].to(torch.float64)
+            return last[:, good] - last[:, bad]
+
+        a, b = labels or (str(good), str(bad))
+        spec = {"kind": "logit_difference", "good": good, "bad": bad}
+        return cls(f"logit({a}) - logit({b})", fn, position, spec)
+
+    @classmethod
+    def from_metric(cls, fn: TargetFn, name: str | None = None, position: int = -1) -> Target:
+        """Any differentiable scalar of the logits, one value per sequence."""
+        label = name or str(getattr(fn, "__name__", "metric"))
+        return cls(label, fn, position, {"kind": "metric", "name": label})
+
+    def __call__(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
+        value = self.fn(logits)
+        if not isinstance(value, Tensor) or value.shape != (logits.shape[0],):
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(
+                f"target {self.name!r} must return one value per sequence, shape "
+                f"({logits.shape[0]},); got {got}"
+            )
+        return value.to(torch.float64)
+
+    def metric(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """The target as a `(logits, tokens)` metric of `engine.attribution`."""
+        return lambda logits, tokens: self(logits)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "position": self.position, **self.spec}
+
+
+TargetLike = Target | int | tuple[int, int] | TargetFn
+
+
+def as_target(target: TargetLike) -> Target:
+    """A `Target` from a `Target`, a token id (its logit), a `(good, bad)` pair (their logit
+    difference) or a function of the logits (at the last position)."""
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, bool):
+        raise TypeError("a target is a Target, a token id, a (good, bad) pair or a function")
+    if isinstance(target, int):
+        return Target.logit(target)
+    if isinstance(target, tuple) and len(target) == 2:
+        return Target.logit_difference(*target)
+    if callable(target):
+        return Target.from_metric(target)
+    raise TypeError(
+        f"cannot make a target of {target!r}: pass a Target, a token id, a (good, bad) pair of "
+        "token ids or a function logits -> [batch]"
+    )
