@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
+from tl_degeneracy.engine.artifacts import Result
 from tl_degeneracy.engine.attribution import (
     feature_patching_effects,
     site_patching_effect,
@@ -33,11 +34,10 @@ from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.prompt_graph.nodes import node_attributions, site_chain
 from tl_degeneracy.engine.prompt_graph.target import TargetLike, as_target
 from tl_degeneracy.engine.sites import Positions, Site
-from tl_degeneracy.viz.html import HtmlReprMixin, PageSection
 
 
 @dataclass
-class PatchingComparison(HtmlReprMixin):
+class PatchingComparison(Result):
     """Per site and per node: the graph's attributions, attribution patching, true patching."""
 
     sites: list[dict[str, Any]]
@@ -45,6 +45,20 @@ class PatchingComparison(HtmlReprMixin):
     clean_value: float
     corrupted_value: float
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    ARTIFACT = "patching_comparison"
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"values": torch.tensor([self.clean_value, self.corrupted_value])}
+
+    def _metadata(self) -> dict[str, Any]:
+        return {**self.metadata, "site_rows": self.sites, "node_rows": self.nodes}
+
+    @classmethod
+    def _from_artifact(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> PatchingComparison:
+        clean, corrupted = (float(v) for v in tensors["values"])
+        rest = {k: v for k, v in meta.items() if k not in ("site_rows", "node_rows")}
+        return cls(meta["site_rows"], meta["node_rows"], clean, corrupted, rest)
 
     def correlation(self, site: str | None = None) -> float:
         """Spearman ρ between per-node attribution patching and true patching (all nodes, or
@@ -98,8 +112,8 @@ class PatchingComparison(HtmlReprMixin):
     def _html_title(self) -> str:
         return "Prompt graph against attribution patching"
 
-    def _html_sections(self) -> list[PageSection]:
-        from tl_degeneracy.viz.html import table
+    def _html_sections(self) -> list:
+        from tl_degeneracy.viz.html import PageSection, table
         from tl_degeneracy.viz.plots import figure_to_html, plot_scatter
 
         a = [r["attribution patching"] for r in self.nodes]

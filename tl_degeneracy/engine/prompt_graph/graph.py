@@ -24,9 +24,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from tl_degeneracy.engine.artifacts import Result, build_metadata
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
-from tl_degeneracy.engine.compat import model_identity
 from tl_degeneracy.engine.prompt_graph.edges import (
     FEATURE,
     KIND_NAMES,
@@ -43,7 +43,6 @@ from tl_degeneracy.engine.prompt_graph.prune import (
 )
 from tl_degeneracy.engine.prompt_graph.target import Target, TargetLike, as_target
 from tl_degeneracy.engine.sites import Positions
-from tl_degeneracy.viz.html import HtmlReprMixin, PageSection
 
 
 @dataclass(frozen=True)
@@ -90,8 +89,10 @@ class NodeRef(NamedTuple):
 
 
 @dataclass
-class PromptGraph(HtmlReprMixin):
+class PromptGraph(Result):
     """A pruned prompt graph with every node's attribution; see the module docstring."""
+
+    ARTIFACT = "prompt_graph"
 
     tokens: Int[Tensor, " pos"]
     str_tokens: list[str]
@@ -243,8 +244,8 @@ class PromptGraph(HtmlReprMixin):
     def _html_title(self) -> str:
         return f"Prompt graph of {self.target['name']}"
 
-    def _html_sections(self) -> list[PageSection]:
-        from tl_degeneracy.viz.html import table
+    def _html_sections(self) -> list:
+        from tl_degeneracy.viz.html import PageSection, table
         from tl_degeneracy.viz.prompt_graph import prompt_graph_html
 
         return [
@@ -261,19 +262,23 @@ class PromptGraph(HtmlReprMixin):
             f"edges={int(self.kept_edges.sum())})"
         )
 
-    # -- persistence ---------------------------------------------------------------------------
+    # -- the result protocol (`save(path)`, `load(path, model=None)`) ------------------------
 
-    def save(self, path: Any) -> Any:
-        """Write `path/tensors.safetensors` and `path/metadata.json`; returns the folder."""
-        from tl_degeneracy.engine.prompt_graph.persist import save_graph
+    def _tensors(self) -> dict[str, Tensor]:
+        from tl_degeneracy.engine.prompt_graph.persist import graph_tensors
 
-        return save_graph(self, path)
+        return graph_tensors(self)
+
+    def _metadata(self) -> dict[str, Any]:
+        from tl_degeneracy.engine.prompt_graph.persist import graph_metadata
+
+        return graph_metadata(self)
 
     @classmethod
-    def load(cls, path: Any) -> PromptGraph:
-        from tl_degeneracy.engine.prompt_graph.persist import load_graph
+    def _from_artifact(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> PromptGraph:
+        from tl_degeneracy.engine.prompt_graph.persist import graph_from_artifact
 
-        return load_graph(path)
+        return graph_from_artifact(tensors, meta)
 
 
 def str_tokens_of(model: nn.Module, tokens: Tensor) -> list[str]:
@@ -315,7 +320,7 @@ def prompt_graph(
     t_prune = time.process_time() - start - t_nodes - t_edges
     kind = basis.kind if isinstance(basis, BasisResult) else chain[0].basis.kind
     metadata = {
-        "model": model_identity(model),
+        **build_metadata(model, [c.basis.site for c in chain]),
         "basis_kind": kind,
         "basis_sites": [c.basis.site.name for c in chain],
         "cpu_seconds": {"nodes": t_nodes, "edges": t_edges, "prune": t_prune},

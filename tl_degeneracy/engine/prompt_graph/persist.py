@@ -1,19 +1,14 @@
-"""Saving and loading a `PromptGraph`: safetensors for the tensors, JSON for the rest (never
-pickle), with a checksum of the tensor file."""
+"""A `PromptGraph` as an artifact (the result protocol, `engine.artifacts`): its tensors, its
+JSON metadata, and the graph rebuilt from both."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from tl_degeneracy.engine.artifacts import ArtifactError, package_version
+from tl_degeneracy.engine.artifacts import ArtifactError
 from tl_degeneracy.engine.prompt_graph.edges import CandidateGraph
 from tl_degeneracy.engine.prompt_graph.graph import PromptGraph, PromptGraphConfig
 
@@ -24,10 +19,8 @@ _CANDIDATE_FIELDS = [f.name for f in dataclasses.fields(CandidateGraph)]
 _PER_SITE = ("site_positions", "features", "attributions", "rest")
 
 
-def save_graph(graph: PromptGraph, path: str | Path) -> Path:
-    """Write the graph to a folder (created if missing)."""
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+def graph_tensors(graph: PromptGraph) -> dict[str, torch.Tensor]:
+    """Every tensor of the graph, flat (per-site lists as `name/layer`)."""
     tensors: dict[str, torch.Tensor] = {
         "tokens": graph.tokens,
         "site_totals": graph.site_totals,
@@ -41,22 +34,22 @@ def save_graph(graph: PromptGraph, path: str | Path) -> Path:
             tensors[f"{name}/{layer}"] = t
     for name in _CANDIDATE_FIELDS:
         tensors[f"candidates/{name}"] = getattr(graph.candidates, name)
-    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(plain, str(folder / TENSORS_FILE))
-    meta = {
+    return tensors
+
+
+def graph_metadata(graph: PromptGraph) -> dict[str, Any]:
+    """Everything else, as JSON data (the graph's `metadata` holds the model's identity)."""
+    return {
+        **graph.metadata,
         "format": FORMAT,
-        "tl_degeneracy": package_version(),
         "str_tokens": graph.str_tokens,
-        "sites": graph.sites,
+        "graph_sites": graph.sites,
         "target": graph.target,
         "value": graph.value,
         "config": dataclasses.asdict(graph.config),
-        "metadata": graph.metadata,
+        "graph_metadata": graph.metadata,
         "details": graph.details,
-        "tensors_sha256": hashlib.sha256((folder / TENSORS_FILE).read_bytes()).hexdigest(),
     }
-    (folder / METADATA_FILE).write_text(json.dumps(meta, indent=1, allow_nan=True))
-    return folder
 
 
 def _config(d: dict[str, Any]) -> PromptGraphConfig:
@@ -68,35 +61,18 @@ def _config(d: dict[str, Any]) -> PromptGraphConfig:
     return PromptGraphConfig(**d)
 
 
-def load_graph(path: str | Path) -> PromptGraph:
-    """Read a graph written by `save_graph`; corrupted or foreign folders raise
-    `ArtifactError` saying what is wrong."""
-    folder = Path(path)
-    meta_path, tensor_path = folder / METADATA_FILE, folder / TENSORS_FILE
-    if not meta_path.exists() or not tensor_path.exists():
-        raise ArtifactError(
-            f"{folder} is not a saved prompt graph: expected {METADATA_FILE} and {TENSORS_FILE}"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{meta_path} is corrupted (invalid JSON: {e})") from e
+def graph_from_artifact(t: dict[str, torch.Tensor], meta: dict[str, Any]) -> PromptGraph:
+    """The graph of `graph_tensors` and `graph_metadata`."""
     if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{folder} holds {meta.get('format')!r}, not a {FORMAT} prompt graph")
-    if meta.get("tensors_sha256") != hashlib.sha256(tensor_path.read_bytes()).hexdigest():
-        raise ArtifactError(f"{tensor_path} is corrupted: its checksum does not match")
-    try:
-        t = load_file(str(tensor_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ArtifactError(f"{tensor_path} is corrupted ({e})") from e
-    n_sites = len(meta["sites"])
+        raise ArtifactError(f"this folder holds {meta.get('format')!r}, not a {FORMAT} graph")
+    n_sites = len(meta["graph_sites"])
     per_site = {name: [t[f"{name}/{layer}"] for layer in range(n_sites)] for name in _PER_SITE}
     site_positions, features, attributions, rest = (per_site[n] for n in _PER_SITE)
     candidates = CandidateGraph(**{n: t[f"candidates/{n}"] for n in _CANDIDATE_FIELDS})
     return PromptGraph(
         tokens=t["tokens"],
         str_tokens=list(meta["str_tokens"]),
-        sites=list(meta["sites"]),
+        sites=list(meta["graph_sites"]),
         target=meta["target"],
         value=float(meta["value"]),
         site_totals=t["site_totals"],
@@ -106,7 +82,7 @@ def load_graph(path: str | Path) -> PromptGraph:
         kept_nodes=t["kept_nodes"].bool(),
         kept_edges=t["kept_edges"].bool(),
         config=_config(meta["config"]),
-        metadata=meta.get("metadata", {}),
+        metadata=meta.get("graph_metadata", {}),
         details=meta.get("details"),
         site_positions=site_positions,
         features=features,
