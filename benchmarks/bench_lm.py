@@ -24,21 +24,15 @@ from pathlib import Path
 import torch
 
 from tl_degeneracy.engine.edges import EdgeConfig
-from tl_degeneracy.engine.jacobians import JacobianConfig, _JacobianAccumulator, jacobian_gram
+from tl_degeneracy.engine.jacobians import JacobianConfig, jacobian_gram
 from tl_degeneracy.engine.sections import Section
-from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.engine.sites import Site, residual_sites
 from tl_degeneracy.engine.statistics import capture_sites, collect_statistics
+from tl_degeneracy.engine.store import ActivationSource, ActivationStore
 from tl_degeneracy.engine.streaming import iter_batches
+from tl_degeneracy.engine.structures import autograd_only, structure_of
 from tl_degeneracy.experiments.lm_report import relative_error
-from tl_degeneracy.experiments.lm_study import (
-    ActivationStore,
-    LMFitConfig,
-    _StoreEdges,
-    _StoreJacobian,
-    fit_lm,
-    lm_sites,
-    top_outputs,
-)
+from tl_degeneracy.experiments.lm_study import LMFitConfig, fit_lm
 from tl_degeneracy.models import load_corpus, load_smollm2
 
 
@@ -84,7 +78,7 @@ def main() -> None:
     rows = max(1, args.tokens // 128)
     tokens = heldout[:rows]
     n = tokens.numel()
-    sites = lm_sites(model.cfg.n_layers)
+    sites = residual_sites(model)
     batches = iter_batches(tokens, args.batch_rows)
     res: dict[str, dict] = {}
     print(f"{n} tokens, {torch.get_num_threads()} threads, load average {load_before}")
@@ -124,14 +118,18 @@ def main() -> None:
             store.write(section.inp, i, act)
 
     def section_store() -> None:
-        acc = _StoreJacobian(model, section, None, jcfg, store)
+        source = ActivationSource(model, store)
+        acc = structure_of(model, section).jacobian_accumulator(None, jcfg, source)
         for i, b in enumerate(batches):
             acc.update(i, b)
 
     def section_prefix() -> None:
-        acc = _JacobianAccumulator(model, section, None, jcfg)
-        for i, b in enumerate(batches):
-            acc.update(i, b)
+        with autograd_only():
+            acc = structure_of(model, section).jacobian_accumulator(
+                None, jcfg, ActivationSource(model)
+            )
+            for i, b in enumerate(batches):
+                acc.update(i, b)
 
     res["M' one section R=4, block-local"] = measure(section_store, n, args.repeats)
     res["M' one section R=4, prefix re-run"] = measure(section_prefix, n, args.repeats)
@@ -144,8 +142,9 @@ def main() -> None:
         b_out = pca_basis(section.out, stats[section.out].mean, stats[section.out].gram)
 
         def edges() -> None:
-            acc = _StoreEdges(
-                model, section, b_in, top_outputs(b_out, 16), EdgeConfig("stochastic"), store
+            source = ActivationSource(model, store)
+            acc = structure_of(model, section).edge_accumulator(
+                b_in, b_out.truncated(16), EdgeConfig("stochastic"), source
             )
             for i, b in enumerate(batches):
                 acc.update(i, b)
@@ -157,6 +156,7 @@ def main() -> None:
         for r in args.fit_sources:
             cfg = LMFitConfig(
                 n_sources=r,
+                skip_bos=False,
                 batch_rows=args.batch_rows,
                 edge_tokens=0,
                 ablation_tokens=0,
