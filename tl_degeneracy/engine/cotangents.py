@@ -1,5 +1,5 @@
 """Cotangents on a section's output: one backward pass with cotangent `v` gives `Jᵀv`, so the
-choice of cotangents is the choice of estimator (docs/concepts.md, "Estimating M' fast").
+choice of cotangents is the choice of estimator (docs/concepts.md, "Estimating M'").
 
 - exact: one-hot over output (position, feature), batched `chunk` at a time;
 - stochastic (Hutchinson): Rademacher signs with weight 1/R, so `Σ w g gᵀ` is unbiased for

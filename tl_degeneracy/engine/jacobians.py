@@ -1,4 +1,4 @@
-"""The Jacobian Gram `M'` of a section (docs/concepts.md, "Bases" and "Estimating M' fast").
+"""The Jacobian Gram `M'` of a section (docs/concepts.md, "Bases" and "Estimating M'").
 
 `M' = (1/(N·P_in)) Σ_b Σ_{t,i} Σ_s J_{b,t,i,s,:}ᵀ J_{b,t,i,s,:}`, with J the Jacobian of the
 output site's features `(F(f) − μ) C_out` with respect to the input site's raw activation.

@@ -1,5 +1,5 @@
 """Closed form of `M'` for an attention section `resid_pre → resid_mid` (docs/concepts.md,
-"Estimating M' fast").
+"Estimating M'").
 
 For a LayerNorm-free block with standard (learned, additive) positional embeddings, the
 Jacobian of the output at position p with respect to the input at position t is, in the
