@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 import torch
-from support import SplittingWordTokenizer, random_tokens
+from support import APIS, SplittingWordTokenizer, random_tokens
 
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.sites import Site
@@ -19,7 +19,7 @@ from tl_degeneracy.experiments.prompt_graph_ioi import ioi_faithfulness, random_
 def setting(tiny):
     tokenizer = SplittingWordTokenizer()
     ioi_prompt_pairs(tokenizer, 64, seed=1)  # fill the vocabulary
-    model = tiny("hooked", "mlp", n_layers=2, n_ctx=16, d_vocab=len(tokenizer.vocab) + 1)
+    model = tiny(APIS[0], "mlp", n_layers=2, n_ctx=16, d_vocab=len(tokenizer.vocab) + 1)
     hooks = [f"blocks.{b}.hook_resid_{s}" for b in range(2) for s in ("pre", "mid")]
     sites = (*(Site(h) for h in hooks), Site("blocks.1.hook_resid_post"), Site("logits", "last"))
     data = random_tokens(model, 60)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from support import random_tokens, tiny_model
+from support import APIS, random_tokens, tiny_model
 
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.prompt_graph import Target, prompt_graph
@@ -23,7 +23,7 @@ HOSTILE_SCRIPT = "</script><script>alert(2)</script>"
 
 @functools.cache
 def small_graph():
-    model = tiny_model("hooked", "ln", n_layers=2)
+    model = tiny_model(APIS[0], "ln", n_layers=2)
     hooks = [f"blocks.{b}.hook_resid_{s}" for b in range(2) for s in ("pre", "mid")]
     sites = (*(Site(h) for h in hooks), Site("blocks.1.hook_resid_post"), Site("logits", "last"))
     result = fit_basis(model, random_tokens(model, 200), LIBConfig(sites, progress=False))
