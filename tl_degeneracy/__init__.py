@@ -28,7 +28,7 @@ from tl_degeneracy.engine.edges import (
 )
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis, fit_lib, fit_pca
 from tl_degeneracy.engine.jacobians import JacobianConfig, JacobianGram, jacobian_gram
-from tl_degeneracy.engine.modularity import Modules, find_modules
+from tl_degeneracy.engine.modularity import REFERENCE_MODULES, ModuleConfig, Modules, find_modules
 from tl_degeneracy.engine.result import ArtifactError, BasisResult
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import LOGITS, Site, SiteError, validate_sites
@@ -43,6 +43,8 @@ from tl_degeneracy.engine.streaming import Checkpointing, EmptyDataError
 
 __all__ = [
     "Modules",
+    "ModuleConfig",
+    "REFERENCE_MODULES",
     "SectionEdges",
     "InteractionGraph",
     "EdgeConfig",
