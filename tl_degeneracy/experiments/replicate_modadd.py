@@ -226,18 +226,23 @@ def modules_markdown(modules: dict) -> list[str]:
         )
     lines += [
         "",
-        "LIB modules with more than one feature, most edge mass first (features as site:index, "
-        "with the dominant frequency w and its share of the feature's power):",
+        "LIB modules with more than one feature, most edge mass first: members as site:index, "
+        "and the dominant frequencies w of the members with at least 50% of their power there:",
         "",
         "| module | features | share of edge mass | kept inside | frequencies | members |",
         "|---|---|---|---|---|---|",
     ]
     for s in modules["lib"]["summary"]:
         counts: dict[str, int] = {}
+        unclear = 0
         for label in s["labels"]:
-            w = label.split(" ")[0]
+            w, _, share = label.partition(" (")
+            if float(share.rstrip("%)") or 0) < 50:
+                unclear += 1
+                continue
             counts[w] = counts.get(w, 0) + 1
         freqs = ", ".join(f"{w} ×{n}" for w, n in sorted(counts.items(), key=lambda x: -x[1]))
+        freqs += f"; {unclear} with no frequency above 50%" if unclear else ""
         members = ", ".join(f"{_short(site)}:{i}" for site, i in s["features"][:24])
         more = len(s["features"]) - 24
         lines.append(
