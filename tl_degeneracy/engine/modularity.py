@@ -216,7 +216,9 @@ def select_features(
             k = config.top_k if not isinstance(config.top_k, Mapping) else config.top_k.get(s)
             k = sizes[s] if k is None else min(int(k), sizes[s])
             if importance is not None and s in importance:
-                order = importance[s].detach().to(torch.float64).argsort(descending=True)
+                # edges may cover only the first features (e.g. edges into the top outputs)
+                values = importance[s].detach().to(torch.float64)[: sizes[s]]
+                order = values.argsort(descending=True)
             else:
                 order = torch.arange(sizes[s])
             chosen[s] = order[:k]
