@@ -2,6 +2,7 @@
 bases, on the planted-module network of `tl_degeneracy.engine.degeneracy.invariance`.
 
     python benchmarks/rotation_invariance.py [--out docs/img/rotation_invariance.png]
+        [--setting default|reference]
 
 Prints one table row per basis (Q before / after, modules, whether the partition is the same,
 the adjusted Rand index of the two partitions, the smallest and mean share of a feature in
@@ -28,6 +29,7 @@ from tl_degeneracy.engine.degeneracy.invariance import (
     rotate_residual_stream,
     same_partition,
 )
+from tl_degeneracy.engine.modularity import REFERENCE_MODULES
 
 SECTION = "blocks.0.hook_resid_mid->blocks.0.hook_resid_post"
 
@@ -36,7 +38,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/img/rotation_invariance.png")
     parser.add_argument("--seed", type=int, default=1, help="seed of the rotation")
+    parser.add_argument(
+        "--setting",
+        choices=("default", "reference"),
+        default="default",
+        help="module finding: the package default or the reference's log(E/ε) setting",
+    )
     args = parser.parse_args()
+    config = REFERENCE_MODULES if args.setting == "reference" else None
     torch.set_num_threads(1)
     start = time.time()
     planted = planted_modules_model()
@@ -55,8 +64,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     panels = []
     for kind in ("lib", "pca", "neuron"):
-        before = basis_modules(planted.model, planted.tokens, kind)
-        after = basis_modules(rotated, planted.tokens, kind)
+        before = basis_modules(planted.model, planted.tokens, kind, config=config)
+        after = basis_modules(rotated, planted.tokens, kind, config=config)
         shares = block_shares(planted, after, rotation)
         print(
             f"| {kind} | {before.modularity_q:.4f} | {after.modularity_q:.4f} | "

@@ -37,7 +37,7 @@ from tl_degeneracy.engine.edges import (
 )
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis, fit_lib, fit_pca
 from tl_degeneracy.engine.jacobians import JacobianConfig, JacobianGram, jacobian_gram
-from tl_degeneracy.engine.modularity import Modules, find_modules
+from tl_degeneracy.engine.modularity import REFERENCE_MODULES, ModuleConfig, Modules, find_modules
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import (
     LOGITS,
@@ -59,6 +59,8 @@ from tl_degeneracy.engine.tokens import TokenError, validate_tokens
 
 __all__ = [
     "LOGITS",
+    "ModuleConfig",
+    "REFERENCE_MODULES",
     "AblationCurve",
     "ArtifactError",
     "AttributionComparison",

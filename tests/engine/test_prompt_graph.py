@@ -11,8 +11,8 @@ import itertools
 import pytest
 import torch
 from support import random_tokens, tiny_model
-from tl_degeneracy.engine.artifacts import ArtifactError
 
+from tl_degeneracy.engine.artifacts import ArtifactError
 from tl_degeneracy.engine.attribution import site_gradients
 from tl_degeneracy.engine.bases import Truncation
 from tl_degeneracy.engine.compat import hooked_state_dict

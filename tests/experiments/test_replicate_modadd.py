@@ -47,10 +47,17 @@ def test_replicate_command_writes_json_report_and_plots(tiny_checkpoint, tmp_pat
     assert all(1 <= w <= 3 for w in site["dominant_frequency"])
     section = result["sections"]["blocks.0.hook_resid_pre->blocks.0.hook_resid_mid[-1]"]
     assert set(section["lib"]) >= {"edges_required", "total_edges"}
-    assert set(result["modules"]["lib"]) >= {"n_modules", "modularity_q"}
+    modules = result["modules"]["lib"]
+    assert set(modules) >= {"n_modules", "modularity_q", "ari_vs_frequency_top20", "summary"}
+    assert modules["reference_setting"]["n_modules"] >= 1
+    for entry in modules["summary"]:  # modules where people look: features, labels, edge mass
+        assert len(entry["features"]) == len(entry["labels"]) >= 2
+        assert all(label.startswith("w=") for label in entry["labels"])
+        assert 0 <= entry["edge_share"] <= 1 + 1e-9
     for name in ("report.md", "node_ablation.png", "edges_required.png", "graph_lib.png"):
         assert (folder / name).exists(), name
-    assert "| section |" in (folder / "report.md").read_text()
+    report = (folder / "report.md").read_text()
+    assert "| section |" in report and "## Modules" in report
 
 
 @pytest.mark.slow

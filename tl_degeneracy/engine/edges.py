@@ -137,7 +137,8 @@ class InteractionGraph(Result):
     basis: BasisResult
     sections: dict[str, SectionEdges]
     modules: dict[str, list[int]] = field(default_factory=dict)
-    """Optional module label per feature, keyed by site name (see `modularity`)."""
+    """Optional module label per feature, keyed by site name (`find_modules(graph).by_site()`;
+    −1 marks a feature that took no part)."""
     metadata: dict[str, Any] = field(default_factory=dict)
 
     ARTIFACT = "interaction_graph"
@@ -166,7 +167,7 @@ class InteractionGraph(Result):
                             "id": f"{name}:{i}",
                             "label": f"{i}",
                             "importance": float(b.importance[i]),
-                            "module": None if mods is None else int(mods[i]),
+                            "module": None if mods is None or mods[i] < 0 else int(mods[i]),
                             "examples": (examples or {}).get(f"{name}:{i}", []),
                         }
                         for i in range(n)

@@ -18,8 +18,14 @@ from tl_degeneracy.engine.compat import API
 from tl_degeneracy.engine.edge_ablation import edges_required
 from tl_degeneracy.engine.edges import interaction_graph
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
-from tl_degeneracy.engine.modularity import find_modules
+from tl_degeneracy.engine.modularity import REFERENCE_MODULES, ModuleConfig, find_modules
 from tl_degeneracy.engine.statistics import collect_statistics
+from tl_degeneracy.experiments.modadd_modules import (
+    EVAL_TOP,
+    FrequencyLabels,
+    frequency_ari,
+    frequency_labels,
+)
 from tl_degeneracy.models.modadd.checkpoints import ModAddCheckpoint
 from tl_degeneracy.models.modadd.fourier import fourier_labels
 from tl_degeneracy.models.modadd.sites import REFERENCE_SITES
@@ -149,12 +155,8 @@ def replicate_checkpoint(
     t = lap("edge_ablation", t)
 
     for kind, graph in graphs.items():
-        sections = {
-            (s.section.inp.name, s.section.out.name): s.edges for s in graph.sections.values()
-        }
-        modules = find_modules(sections)
-        graph.modules = modules.by_site()
-        result["modules"][kind] = modules.to_json()
+        frequencies = frequency_labels(model, bases[kind], everything, p)
+        result["modules"][kind] = module_report(graph, frequencies)
     lap("modules", t)
     result["timings_s"] = timings
     result["cpu_timings_s"] = cpu_timings
@@ -167,6 +169,89 @@ def replicate_checkpoint(
     write_plots(result, bases, graphs, folder)
     (folder / "report.md").write_text(report_markdown(result, Path(checkpoint).name))
     return result
+
+
+def module_report(graph, labels: FrequencyLabels, config: ModuleConfig | None = None) -> dict:
+    """Modules of one basis's graph (default setting; its labels go into `graph.modules` for
+    the graph widget), the reference's setting beside them, each judged by the adjusted Rand
+    index against the features' dominant frequencies, and the modules where people look: their
+    features, frequencies and share of the edge mass."""
+    modules = find_modules(graph, config)
+    graph.modules = modules.by_site()
+    reference = find_modules(graph, REFERENCE_MODULES)
+    return {
+        **modules.to_json(),
+        f"ari_vs_frequency_top{EVAL_TOP}": frequency_ari(modules, labels),
+        "ari_vs_frequency_top10": frequency_ari(modules, labels, top=10),
+        "reference_setting": {
+            "setting": reference.setting,
+            "n_modules": reference.n_modules,
+            "modularity_q": reference.modularity_q,
+            f"ari_vs_frequency_top{EVAL_TOP}": frequency_ari(reference, labels),
+        },
+        "summary": [
+            s.to_json() for s in modules.describe(labels.labeller(), min_size=2, max_modules=12)
+        ],
+    }
+
+
+def _short(site: str) -> str:
+    """`blocks.0.hook_resid_mid[-1]` → `mid`, for compact module tables."""
+    for part in ("resid_pre", "resid_mid", "resid_post", "logits"):
+        if part in site:
+            return part.removeprefix("resid_")
+    return site
+
+
+def modules_markdown(modules: dict) -> list[str]:
+    """The report's modules section: per basis the count, Q and ARI beside the reference's
+    setting, then the LIB modules with their features' frequencies and edge mass."""
+    key = f"ari_vs_frequency_top{EVAL_TOP}"
+    lines = [
+        "",
+        "## Modules",
+        "",
+        f"Default setting: {modules['lib']['setting']}. ARI: adjusted Rand index of the modules of "
+        f"the top {EVAL_TOP} features per site at resid_mid and resid_post against each feature's "
+        "dominant Fourier frequency (1 = the same partition, 0 = unrelated).",
+        "",
+        "| basis | modules | Q | ARI | reference setting: modules | Q | ARI |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, m in modules.items():
+        ref = m["reference_setting"]
+        lines.append(
+            f"| {kind.upper()} | {m['n_modules']} | {m['modularity_q']:.3f} | {m[key]:.2f} | "
+            f"{ref['n_modules']} | {ref['modularity_q']:.3f} | {ref[key]:.2f} |"
+        )
+    lines += [
+        "",
+        "LIB modules with more than one feature, most edge mass first: members as site:index, "
+        "and the dominant frequencies w of the members with at least 50% of their power there:",
+        "",
+        "| module | features | share of edge mass | kept inside | frequencies | members |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in modules["lib"]["summary"]:
+        counts: dict[str, int] = {}
+        unclear = 0
+        for label in s["labels"]:
+            w, _, share = label.partition(" (")
+            if float(share.rstrip("%)") or 0) < 50:
+                unclear += 1
+                continue
+            counts[w] = counts.get(w, 0) + 1
+        freqs = ", ".join(f"{w} ×{n}" for w, n in sorted(counts.items(), key=lambda x: -x[1]))
+        freqs += f"; {unclear} with no frequency above 50%" if unclear else ""
+        members = ", ".join(f"{_short(site)}:{i}" for site, i in s["features"][:24])
+        more = len(s["features"]) - 24
+        lines.append(
+            f"| {s['module']} | {len(s['features'])} | {s['edge_share']:.3f} | "
+            f"{s['internal_fraction']:.2f} | {freqs} | {members}"
+            + (f" … (+{more})" if more > 0 else "")
+            + " |"
+        )
+    return lines
 
 
 def _replicate_one(args: tuple) -> tuple[str, dict[str, Any]]:
@@ -283,13 +368,14 @@ def plot_graph(graph, path: Path, top_n: int = 12) -> None:
     for layer in data["layers"]:
         for feat in layer["features"]:
             x, y = pos[feat["id"]]
-            colour = palette((feat["module"] or 0) % 10)
+            module = feat["module"]
+            colour = "lightgrey" if module is None else palette(module % 10)
             ax.scatter([x], [y], s=60, color=colour, zorder=3)
     ax.set_xticks(
         range(len(data["layers"])), [lay["site"] for lay in data["layers"]], rotation=15, fontsize=7
     )
     ax.set_yticks([])
-    ax.set_title("LIB interaction graph (top features per site; colour = module)")
+    ax.set_title("LIB interaction graph (top features per site; colour = module, grey = none)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -328,13 +414,8 @@ def report_markdown(result: dict, name: str) -> str:
             f"{e['lib']['total_edges']} | {e['lib']['edges_for_99pct_weight']} | "
             f"{e['pca']['edges_for_99pct_weight']} |"
         )
-    mods = result["modules"]
+    lines += modules_markdown(result["modules"])
     lines += [
-        "",
-        "## Modules (Louvain on log(E/ε), ε = 1e-3 × largest edge of a section)",
-        "",
-        f"LIB: {mods['lib']['n_modules']} modules, Q = {mods['lib']['modularity_q']:.3f}; "
-        f"PCA: {mods['pca']['n_modules']} modules, Q = {mods['pca']['modularity_q']:.3f}.",
         "",
         f"Runtime: {result['total_s']} s ({result['timings_s']}).",
         "",

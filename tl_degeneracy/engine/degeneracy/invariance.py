@@ -17,13 +17,13 @@ This module builds the test case and the measurement:
   orthogonal `R`, folded into every weight that reads or writes the stream (in a residual
   network every residual site shares one coordinate system, so the rotation applies to all);
 - `basis_modules`: fit a basis at every residual cut, compute the interaction graph and its
-  Louvain modules (`tl_degeneracy.engine.modularity.find_modules`);
-- `same_partition` / `adjusted_rand_index`: compare two partitions up to relabelling.
+  modules (`tl_degeneracy.engine.modularity.find_modules`, default setting or any other);
+- `same_partition` / `adjusted_rand_index` / `refines` (from
+  `tl_degeneracy.engine.module_finding`): compare two partitions up to relabelling.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -35,8 +35,31 @@ from torch import Tensor, nn
 from tl_degeneracy.engine.compat import API, build_model, hooked_state_dict, model_cfg, model_config
 from tl_degeneracy.engine.edges import InteractionGraph, interaction_graph
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
-from tl_degeneracy.engine.modularity import Modules, Node, find_modules
+from tl_degeneracy.engine.modularity import ModuleConfig, Modules, Node, find_modules
+from tl_degeneracy.engine.module_finding import (
+    adjusted_rand_index,
+    refines,
+    same_partition,
+)
 from tl_degeneracy.engine.sites import LOGITS, Site
+
+__all__ = [
+    "BasisModules",
+    "PlantedModules",
+    "PlantedModulesConfig",
+    "adjusted_rand_index",
+    "basis_modules",
+    "block_shares",
+    "planted_labels",
+    "planted_modules_model",
+    "planted_sections",
+    "random_orthogonal",
+    "refines",
+    "residual_sites",
+    "rotate_residual_state_dict",
+    "rotate_residual_stream",
+    "same_partition",
+]
 
 
 @dataclass(frozen=True)
@@ -152,6 +175,34 @@ def planted_modules_model(
     return PlantedModules(model, tokens, config)
 
 
+def planted_sections(
+    n_blocks: int = 3,
+    size: int = 4,
+    n_sites: int = 3,
+    noise: float = 1e-6,
+    decay: float = 1.0,
+    seed: int = 0,
+) -> tuple[dict[tuple[str, str], Float[Tensor, "k k"]], Int[Tensor, " k"]]:
+    """Edges of a chain of `n_sites` sites whose features fall in `n_blocks` blocks of `size`:
+    within a block, edges uniform in [0.5, 1.5]; across blocks, `noise` × U[0, 1]. Feature `i`
+    of each site is scaled by `decay**i` (both ends of its edges), so importances can span many
+    orders of magnitude as in a fitted basis (features in decreasing importance, blocks
+    interleaved: feature i lies in block `i % n_blocks`). Returns the sections and each
+    feature's block."""
+    gen = torch.Generator().manual_seed(seed)
+    k = n_blocks * size
+    block = torch.arange(k) % n_blocks
+    same = (block[:, None] == block[None, :]).to(torch.float64)
+    scale = decay ** torch.arange(k, dtype=torch.float64)
+    sections = {}
+    for layer in range(n_sites - 1):
+        strong = 0.5 + torch.rand(k, k, generator=gen, dtype=torch.float64)
+        weak = noise * torch.rand(k, k, generator=gen, dtype=torch.float64)
+        e = (same * strong + (1 - same) * weak) * scale[:, None] * scale[None, :]
+        sections[(f"site{layer}", f"site{layer + 1}")] = e
+    return sections, block
+
+
 def random_orthogonal(d: int, seed: int = 0) -> Float[Tensor, "d d"]:
     """A Haar-random orthogonal matrix (QR of a Gaussian matrix with the signs fixed)."""
     gen = torch.Generator().manual_seed(seed)
@@ -223,29 +274,30 @@ def basis_modules(
     tokens: Int[Tensor, "n pos"],
     kind: Literal["lib", "ib", "pca", "neuron"],
     sites: Sequence[Site] | None = None,
-    relative_epsilon: float = 1e-3,
-    seed: int = 0,
+    config: ModuleConfig | None = None,
 ) -> BasisModules:
     """Fit `kind` bases at `sites` (default: every residual cut and the logits), compute the
-    interaction graph and its Louvain modules (edge weights `log(E/ε)` clipped at 0, ε =
-    `relative_epsilon` × the section's largest edge)."""
+    interaction graph and its modules (`config`: default `ModuleConfig()`; the reference's
+    setting is `REFERENCE_MODULES`)."""
     sites = list(sites) if sites is not None else residual_sites(model)
     basis = fit_basis(model, tokens, LIBConfig(tuple(sites), kind=kind, progress=False))
     graph = interaction_graph(model, tokens, basis, progress=False)
-    edges = {(se.section.inp.name, se.section.out.name): se.edges for se in graph.sections.values()}
-    modules = find_modules(edges, relative_epsilon=relative_epsilon, seed=seed)
+    modules = find_modules(graph, config)
     graph.modules = modules.by_site()
     return BasisModules(graph, modules)
 
 
 def planted_labels(planted: PlantedModules, found: BasisModules) -> dict[Node, int]:
-    """The planted module of every feature of a fitted basis: the block carrying its
-    reconstruction direction (row of `C⁺`) at residual sites, the logit's block at the
-    logits. Meaningful only when each feature lies in one block (LIB and neuron bases of the
-    unrotated model)."""
+    """The planted module of every feature that took part in module finding: the block
+    carrying its reconstruction direction (row of `C⁺`) at residual sites, the logit's block
+    at the logits. Meaningful only when each feature lies in one block (LIB and neuron bases
+    of the unrotated model)."""
     labels: dict[Node, int] = {}
+    taking_part = found.modules.assignment
     for name, basis in found.graph.basis.bases.items():
         for i in range(basis.k):
+            if (name, i) not in taking_part:
+                continue
             direction = basis.C_pinv[i]
             if name == LOGITS:
                 labels[(name, i)] = planted.logit_module(int(direction.abs().argmax()))
@@ -272,45 +324,3 @@ def block_shares(
         blocks = rows.reshape(rows.shape[0], planted.config.n_modules, planted.config.width)
         shares.append(blocks.square().sum(-1).max(-1).values)
     return torch.cat(shares)
-
-
-def refines(fine: Mapping[Node, int], coarse: Mapping[Node, int]) -> bool:
-    """Whether every class of `fine` lies inside one class of `coarse`."""
-    seen: dict[int, int] = {}
-    return all(seen.setdefault(label, coarse[node]) == coarse[node] for node, label in fine.items())
-
-
-def same_partition(a: Mapping[Node, int], b: Mapping[Node, int]) -> bool:
-    """Whether two labellings of the same nodes give the same partition (up to relabelling)."""
-    if set(a) != set(b):
-        return False
-    forward: dict[int, int] = {}
-    backward: dict[int, int] = {}
-    for node, la in a.items():
-        lb = b[node]
-        if forward.setdefault(la, lb) != lb or backward.setdefault(lb, la) != la:
-            return False
-    return True
-
-
-def adjusted_rand_index(a: Mapping[Node, int], b: Mapping[Node, int]) -> float:
-    """Adjusted Rand index of two labellings of the same nodes: 1 for the same partition,
-    about 0 for unrelated ones (Hubert & Arabie 1985)."""
-    nodes = sorted(a, key=str)
-    if set(nodes) != set(b):
-        raise ValueError("the two labellings cover different nodes")
-    la = torch.tensor([a[n] for n in nodes])
-    lb = torch.tensor([b[n] for n in nodes])
-    _, ia = torch.unique(la, return_inverse=True)
-    _, ib = torch.unique(lb, return_inverse=True)
-    table = torch.zeros(int(ia.max()) + 1, int(ib.max()) + 1, dtype=torch.float64)
-    table.index_put_((ia, ib), torch.ones(len(nodes), dtype=torch.float64), accumulate=True)
-
-    def pairs(x: Tensor) -> float:
-        return float((x * (x - 1) / 2).sum())
-
-    index = pairs(table)
-    rows, cols = pairs(table.sum(1)), pairs(table.sum(0))
-    expected = rows * cols / math.comb(len(nodes), 2)
-    top = (rows + cols) / 2
-    return 1.0 if top == expected else (index - expected) / (top - expected)
