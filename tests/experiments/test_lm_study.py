@@ -174,6 +174,19 @@ def test_disk_store_is_used_and_removed(tmp_path):
         torch.testing.assert_close(disk.bases["lib"].bases[name].C, b.C, rtol=1e-12, atol=1e-14)
 
 
+def test_checkpointed_lib_and_pca_edges_are_their_own(tmp_path, fits):
+    """With a work folder, each kind's edges are their own pass (not resumed from the other's
+    checkpoint) and equal those of a run without checkpoints."""
+    model, tokens, fast, _ = fits
+    heldout = random_tokens(model, 6, seed=9)
+    again = fit_lm(model, tokens, CFG, tmp_path, heldout, log=_quiet)
+    for kind in ("lib", "pca"):
+        for name, se in fast.edges[kind].items():
+            torch.testing.assert_close(again.edges[kind][name].edges, se.edges, rtol=1e-9, atol=0)
+    name = next(iter(fast.edges["lib"]))
+    assert not torch.allclose(fast.edges["lib"][name].edges, fast.edges["pca"][name].edges)
+
+
 def test_checkpoint_keys_fit_in_a_file_name():
     long = "jacobian." + "->".join(
         f"blocks.1.hook_resid_mid[{','.join(map(str, range(1, 128)))}]" for _ in "ab"

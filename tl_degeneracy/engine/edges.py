@@ -111,7 +111,10 @@ def section_edges(
     source = source or ActivationSource(model)
     section = Section(basis_in.site, basis_out.site)
     acc = structure_of(model, section).edge_accumulator(basis_in, basis_out, config, source)
-    key = f"edges.{section.name}" + (f".top{basis_out.k}" if basis_out.kind != "raw" else "")
+    # the bases' kinds are in the key: LIB and PCA edges of one section are different passes
+    key = f"edges.{basis_in.kind}.{section.name}" + (
+        f".top{basis_out.k}" if basis_out.kind != "raw" else ""
+    )
     states = stream_sharded(
         acc,
         iter_batches(tokens, batch_size, model),
