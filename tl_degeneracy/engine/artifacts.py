@@ -189,7 +189,30 @@ def read_artifact(path: str | Path, kind: str) -> tuple[dict[str, Tensor], dict[
     return tensors, meta
 
 
-class Result:
+class Rendered:
+    """Gives an object `_repr_html_` (Jupyter) and `save_html` from `_html_sections()`; the
+    views are leaves, imported only when something is rendered."""
+
+    def _html_sections(self) -> list[Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _html_sections()")
+
+    def _html_title(self) -> str:
+        return type(self).__name__
+
+    def _repr_html_(self) -> str:
+        from tl_degeneracy.viz.html import render_fragment
+
+        return render_fragment(self._html_sections())
+
+    def save_html(self, path: str | Path, title: str | None = None) -> Path:
+        """Write a self-contained page that opens offline in any browser."""
+        from tl_degeneracy.viz.html import HtmlPage
+
+        page = HtmlPage(title or self._html_title()).extend(self._html_sections())
+        return page.save(path)
+
+
+class Result(Rendered):
     """The result protocol: subclasses set `ARTIFACT` and define `_tensors`, `_metadata`,
     `_from_artifact` and `_html_sections`."""
 
@@ -221,23 +244,3 @@ class Result:
     def check_model(self, model: nn.Module) -> None:
         """Raise `ArtifactError` when `model` is not the one this result was computed on."""
         check_model(self._metadata(), model, self.ARTIFACT)
-
-    # -- rendering: the views are leaves, imported only here ---------------------------------
-
-    def _html_sections(self) -> list[Any]:
-        raise NotImplementedError(f"{type(self).__name__} must implement _html_sections()")
-
-    def _html_title(self) -> str:
-        return type(self).__name__
-
-    def _repr_html_(self) -> str:
-        from tl_degeneracy.viz.html import render_fragment
-
-        return render_fragment(self._html_sections())
-
-    def save_html(self, path: str | Path, title: str | None = None) -> Path:
-        """Write a self-contained page that opens offline in any browser."""
-        from tl_degeneracy.viz.html import HtmlPage
-
-        page = HtmlPage(title or self._html_title()).extend(self._html_sections())
-        return page.save(path)

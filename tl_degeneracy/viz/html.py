@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tl_degeneracy.engine.artifacts import Rendered
+
 __all__ = [
     "Asset",
     "Fragment",
@@ -265,23 +267,6 @@ class HtmlPage:
         return render_fragment(self.sections)
 
 
-class HtmlReprMixin:
-    """Gives a result object `_repr_html_` (Jupyter) and `save_html` from `_html_sections()`.
-
-    Subclasses implement `_html_sections()` returning a list of `PageSection`s; `_html_title()`
-    defaults to the class name.
-    """
-
-    def _html_sections(self) -> Sequence[SectionLike]:
-        raise NotImplementedError(f"{type(self).__name__} must implement _html_sections()")
-
-    def _html_title(self) -> str:
-        return type(self).__name__
-
-    def _repr_html_(self) -> str:
-        return render_fragment(self._html_sections())
-
-    def save_html(self, path: str | Path, title: str | None = None) -> Path:
-        """Write a self-contained page that opens offline in any browser."""
-        page = HtmlPage(title or self._html_title()).extend(self._html_sections())
-        return page.save(path)
+HtmlReprMixin = Rendered
+"""`_repr_html_` (Jupyter) and `save_html` from `_html_sections()`: the engine's mixin, which
+every result and report input shares."""
