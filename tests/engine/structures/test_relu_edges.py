@@ -4,6 +4,7 @@ Jacobian formed from all of its hidden units, whatever the grouping."""
 import pytest
 import torch
 
+from tl_degeneracy.engine.structures import relu_edges
 from tl_degeneracy.engine.structures.relu_edges import mask_centres, relu_edge_sums
 
 
@@ -14,8 +15,11 @@ def _problem(n: int, d_hidden: int, masks: str, seed: int = 0):
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    feats, lin, proj, read = randn(n, k_in), randn(k_in, k_out), randn(k_in, d_hidden), randn(
-        d_hidden, k_out
+    feats, lin, proj, read = (
+        randn(n, k_in),
+        randn(k_in, k_out),
+        randn(k_in, d_hidden),
+        randn(d_hidden, k_out),
     )
     if masks == "clustered":  # a few prototypes with a few flipped units each
         protos = torch.rand(4, d_hidden, generator=gen) < 0.5
@@ -42,6 +46,14 @@ def test_equals_per_example_jacobians(masks, n_centres):
     problem = _problem(40, 24, masks)
     got = relu_edge_sums(*problem, n_centres=n_centres)
     torch.testing.assert_close(got, _brute_force(*problem), rtol=1e-12, atol=1e-12)
+
+
+def test_rows_in_chunks(monkeypatch):
+    problem = _problem(40, 24, "clustered", seed=4)
+    monkeypatch.setattr(relu_edges, "ROWS", 7)
+    torch.testing.assert_close(
+        relu_edge_sums(*problem), _brute_force(*problem), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_one_example_and_wide_layer():

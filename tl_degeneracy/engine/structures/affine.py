@@ -161,7 +161,8 @@ class FormJacobian(JacobianSums):
 
 class FormEdges:
     """Exact edges of a form from per-example Jacobians in feature coordinates: for the ReLU
-    form `C⁺ J_b C_out = L + Pr diag(m_b) R`, for the affine one the constant `L`."""
+    form `C⁺ J_b C_out = L + Pr diag(m_b) R` (summed over examples grouped by mask,
+    `relu_edges`), for the affine one the constant `L`."""
 
     def __init__(self, structure: FormStructure, basis_in, basis_out, config, source):
         device = config.stats_device or model_device(structure.model)

@@ -15,8 +15,10 @@ needs only head-sized (d_head²) sums over the data, never a d×d matrix per dat
     M' = N_δ K + T + Tᵀ + L X Lᵀ,   L = [W_V^h | W_K^h | W_Q^h]_h,   S_{hg} = W_O^h K W_O^gᵀ,
 
 with `T = Σ_h L_h (Σ δ R_h) W_O^h K` and `X_{hg} = Σ R_h S_{hg} R_gᵀ` assembled from the three
-blocks of `R_h = [A_h I; q_h ⊗ a_h; δ Q_h]`. Tested equal to batched autograd to float64
-rounding on both TransformerLens APIs.
+blocks of `R_h = [A_h I; q_h ⊗ a_h; δ Q_h]`. `Q_{hp}` is never formed: every product with it
+goes through its rank-≤ S factors, weighted by `a_{h,t}ᵀ S_{hg} a_{g,s}`, and the sums are taken
+over chunks of the batch small enough to stay in cache. Tested equal to batched autograd to
+float64 rounding on both TransformerLens APIs.
 """
 
 from __future__ import annotations

@@ -26,7 +26,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_degeneracy.engine.streaming import chunks
+
 LLOYD_ITERATIONS = 2
+ROWS = 4096
+"""Examples grouped together (their masks and differences are held at once)."""
 CHUNK = 16
 """Examples per batched product: their products stay in the core's cache."""
 CENTRE_ELEMENTS = 1 << 22
@@ -61,10 +65,15 @@ def relu_edge_sums(
     n_centres: int | None = None,
 ) -> Float[Tensor, "k_in k_out"]:
     """`Σ_n (f_n[j] (L + P diag(m_n) R)[j, i])²` (see the module docstring), with `n_centres`
-    groups (√n by default; any number gives the same sum)."""
+    groups per `ROWS` examples (√ of their number by default; any number gives the same sum)."""
+    total = lin.new_zeros(lin.shape)
+    for rows in chunks(masks.shape[0], ROWS):
+        total += _grouped_sum(feats[rows], masks[rows], lin, proj, read, n_centres)
+    return total
+
+
+def _grouped_sum(feats, masks, lin, proj, read, n_centres: int | None) -> Tensor:
     n = masks.shape[0]
-    if n == 0:
-        return lin.new_zeros(lin.shape)
     n_centres = max(1, min(n, n_centres or math.ceil(math.sqrt(n))))
     centres, group, distance = mask_centres(masks, n_centres)
     f2 = feats * feats
