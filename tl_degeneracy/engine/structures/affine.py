@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from tl_degeneracy.engine.compat import model_device
 from tl_degeneracy.engine.sections import Section
-from tl_degeneracy.engine.structures.base import JacobianSums, Structure
+from tl_degeneracy.engine.structures.base import EdgeSums, JacobianSums, Structure
 from tl_degeneracy.engine.structures.forms import Affine, AffineRelu, Form
 from tl_degeneracy.engine.structures.relu_edges import relu_edge_sums
 from tl_degeneracy.engine.structures.rows import StatefulRows, shift
@@ -159,7 +159,7 @@ class FormJacobian(JacobianSums):
             self.mm_sum = state["mm_sum"].to(self.device)
 
 
-class FormEdges:
+class FormEdges(EdgeSums):
     """Exact edges of a form from per-example Jacobians in feature coordinates: for the ReLU
     form `C⁺ J_b C_out = L + Pr diag(m_b) R` (summed over examples grouped by mask,
     `relu_edges`), for the affine one the constant `L`."""
@@ -168,9 +168,7 @@ class FormEdges:
         device = config.stats_device or model_device(structure.model)
         self.section, self.source = structure.section, source
         self.basis_in = basis_in.to(device)
-        self.edges = torch.zeros(basis_out.k, basis_in.k, dtype=torch.float64, device=device)
-        self.mean_edges = torch.zeros(basis_out.k, dtype=torch.float64, device=device)
-        self.count = 0
+        super().__init__(basis_in, basis_out, device)
         form = _f64(structure.form, device)
         self.form = form
         c_out, c_pinv, mean = basis_out.C.to(device), self.basis_in.C_pinv, self.basis_in.mean
@@ -209,18 +207,6 @@ class FormEdges:
             mean_a = self.mean_lin + (self.mean_proj * flat_m) @ self.read
             self.mean_edges += mean_a.pow(2).sum(0)
         self.count += n_in
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {
-            "edges": self.edges,
-            "mean_edges": self.mean_edges,
-            "count": torch.tensor([self.count]),
-        }
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        device = self.edges.device
-        self.edges, self.mean_edges = state["edges"].to(device), state["mean_edges"].to(device)
-        self.count = int(state["count"][0])
 
 
 class AffineRows:

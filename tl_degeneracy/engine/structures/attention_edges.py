@@ -27,6 +27,7 @@ from torch import Tensor, einsum
 
 from tl_degeneracy.engine.compat import model_device
 from tl_degeneracy.engine.streaming import chunks
+from tl_degeneracy.engine.structures.base import EdgeSums
 from tl_degeneracy.engine.structures.plain import PlainBlock
 
 PARTS_ELEMENTS = 1 << 22
@@ -124,15 +125,13 @@ class AttentionAttributions:
         return total.T
 
 
-class AttentionEdges:
+class AttentionEdges(EdgeSums):
     """Exact edges of an attention section from `AttentionAttributions`."""
 
     def __init__(self, structure, basis_in, basis_out, config, source):
         device = config.stats_device or model_device(structure.model)
         self.section, self.source = structure.section, source
-        self.edges = torch.zeros(basis_out.k, basis_in.k, dtype=torch.float64, device=device)
-        self.mean_edges = torch.zeros(basis_out.k, dtype=torch.float64, device=device)
-        self.count = 0
+        super().__init__(basis_in, basis_out, device)
         block = structure.block.to(device, torch.float64)
         self.attributions = AttentionAttributions(block, basis_in.to(device), basis_out.to(device))
 
@@ -148,15 +147,3 @@ class AttentionEdges:
         self.edges += sq[:, :-1]
         self.mean_edges += sq[:, -1]
         self.count += x.shape[0] * n_pos
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {
-            "edges": self.edges,
-            "mean_edges": self.mean_edges,
-            "count": torch.tensor([self.count]),
-        }
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        device = self.edges.device
-        self.edges, self.mean_edges = state["edges"].to(device), state["mean_edges"].to(device)
-        self.count = int(state["count"][0])
