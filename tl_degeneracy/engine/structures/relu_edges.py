@@ -65,7 +65,7 @@ def relu_edge_sums(
     n_centres: int | None = None,
 ) -> Float[Tensor, "k_in k_out"]:
     """`Σ_n (f_n[j] (L + P diag(m_n) R)[j, i])²` (see the module docstring), with `n_centres`
-    groups per `ROWS` examples (√ of their number by default; any number gives the same sum)."""
+    groups per `ROWS` examples (√(n/4) by default; any number gives the same sum)."""
     total = lin.new_zeros(lin.shape)
     for rows in chunks(masks.shape[0], ROWS):
         total += _grouped_sum(feats[rows], masks[rows], lin, proj, read, n_centres)
@@ -74,7 +74,7 @@ def relu_edge_sums(
 
 def _grouped_sum(feats, masks, lin, proj, read, n_centres: int | None) -> Tensor:
     n = masks.shape[0]
-    n_centres = max(1, min(n, n_centres or math.ceil(math.sqrt(n))))
+    n_centres = max(1, min(n, n_centres or math.ceil(math.sqrt(n / 4))))
     centres, group, distance = mask_centres(masks, n_centres)
     f2 = feats * feats
     delta = masks - centres[group]
