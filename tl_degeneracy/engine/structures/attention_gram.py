@@ -88,7 +88,8 @@ def _head_sums(
     n_out = len(pos_out)
     weight, bias = w.qkv_weight()
     qkv = (x @ weight + bias).view(batch, n_pos, 3, heads, d_head)
-    u, k, v = qkv[:, pos_out, 0], qkv[:, :, 1], qkv[:, :, 2]  # [b, P, h, i], [b, S, h, i]
+    u = _take(qkv[:, :, 0], 1, pos_out)  # queries at the outputs: [b, P, h, i]
+    k, v = qkv[:, :, 1], qkv[:, :, 2]  # [b, S, h, i]
     scores = einsum("bphi,bshi->bphs", u, k) / w.scale
     later = torch.arange(n_pos, device=x.device)[None, :] > pos_out[:, None]  # [P, S]
     pattern = scores.masked_fill(later[:, None], float("-inf")).softmax(-1)  # A: [b, P, h, S]
@@ -99,25 +100,25 @@ def _head_sums(
     a_s = a_s.view(heads, batch, n_out, n_pos, heads, d_head)
 
     # the samples (b, p, t ∈ pos_in): value and key paths
-    a_in, pat_in = a[:, :, :, pos_in], pattern[..., pos_in]  # [b, P, h, T, i], [b, P, h, T]
+    a_in, pat_in = _take(a, 3, pos_in), _take(pattern, 3, pos_in)  # [b,P,h,T,i], [b,P,h,T]
     vv = einsum("bpht,bpgt->hg", pat_in, pat_in)[..., None, None] * s.transpose(1, 2)
     pat_a = einsum("bpht,bptgk->bphgk", pat_in, a_in.transpose(2, 3))
     vk = einsum("higk,hgkj->hgij", s, einsum("bphgk,bpgj->hgkj", pat_a, u))
-    kk_w = (a_s[:, :, :, pos_in] * a_in.transpose(2, 3)[None]).sum((3, 5))  # [h, b, P, g]
+    kk_w = (_take(a_s, 3, pos_in) * a_in.transpose(2, 3)[None]).sum((3, 5))  # [h, b, P, g]
     kk = einsum("hbpgi,bpgj->hgij", kk_w[..., None] * u.permute(2, 0, 1, 3)[:, :, :, None], u)
 
-    # the samples where t = p (the query path): output position p_self[m] is input t_self[m]
+    # the samples where t = p (the query path): output p_self[m] is also an input position
     p_self = (pos_out[:, None] == pos_in[None, :]).nonzero(as_tuple=True)[0]
-    at_self = torch.nn.functional.one_hot(pos_out[p_self], n_pos).to(x.dtype)  # [m, S]
-    a_m, u_m = a[:, p_self], u[:, p_self]  # [b, m, h, S, i], [b, m, h, i]
-    pat_self = einsum("bmhs,ms->bmh", pattern[:, p_self], at_self)
-    a_self = einsum("bmhsi,ms->bmhi", a_m, at_self)
+    at = pos_out[p_self]  # the position of each self sample
+    a_m, u_m = _take(a, 1, p_self), _take(u, 1, p_self)  # [b, m, h, S, i], [b, m, h, i]
+    pat_self = _at_own_position(_take(pattern, 1, p_self), at, 1, 3)  # [b, m, h]
+    a_self = _at_own_position(a_m, at, 1, 3)  # [b, m, h, i]
     # Q_h = Σ_s k_s ⊗ a_s has rank ≤ S: every product with it goes through its factors, with
     # the weights a_{h,t}ᵀ S_{hg} a_{g,s}
-    w_qq = einsum("hbmtgj,bmgsj->hbmgts", a_s[:, :, p_self], a_m)
+    w_qq = einsum("hbmtgj,bmgsj->hbmgts", _take(a_s, 2, p_self), a_m)
     k_w = einsum("hbmgts,bsgj->hbmgtj", w_qq, k)  # Σ_s w k_{g,s}
     qq = einsum("bthi,hbgtj->hgij", k, k_w.sum(2))
-    kq = einsum("bmhi,hbmgj->hgij", u_m, einsum("hbmgtj,mt->hbmgj", k_w, at_self))
+    kq = einsum("bmhi,hbmgj->hgij", u_m, _at_own_position(k_w, at, 2, 4))
     vq_left = einsum("bmh,bmgsk->bgshk", pat_self, a_m)
     vq = einsum("higk,hgkj->hgij", s, einsum("bgshk,bsgj->hgkj", vq_left, k))
 
@@ -131,3 +132,19 @@ def _head_sums(
         dim=1,
     )  # Σ δ R_h: [h, 3, i, j]
     return torch.stack([vv, vk, vq, kk, kq, qq]), r_self
+
+
+def _take(t: Tensor, dim: int, idx: Tensor) -> Tensor:
+    """`t.index_select(dim, idx)`, as a view when `idx` is a run of consecutive positions."""
+    n = len(idx)
+    if n and bool((idx == torch.arange(int(idx[0]), int(idx[0]) + n, device=idx.device)).all()):
+        return t.narrow(dim, int(idx[0]), n)
+    return t.index_select(dim, idx)
+
+
+def _at_own_position(t: Tensor, at: Tensor, m_dim: int, pos_dim: int) -> Tensor:
+    """`t` at position `at[m]` (axis `pos_dim`, dropped) for each self sample m (axis `m_dim`)."""
+    shape = [1] * t.ndim
+    shape[m_dim] = -1
+    index = at.view(shape).expand(*t.shape[:pos_dim], 1, *t.shape[pos_dim + 1 :])
+    return t.gather(pos_dim, index).squeeze(pos_dim)
