@@ -61,9 +61,12 @@ class AttentionAttributions:
     def factors(
         self, x: Float[Tensor, "b pos d"], queries: Tensor
     ) -> tuple[
-        Float[Tensor, "n slot k_out"], Float[Tensor, "n slot k_in_plus_1"], Float[Tensor, "n w k"]
+        Float[Tensor, "n slot k_out"],
+        Float[Tensor, "n slot k_in_plus_1"],
+        Float[Tensor, "k_in_plus_1 n paths"],
     ]:
-        """`D`, `G` and `w` of every (example, query) pair `n`."""
+        """`D`, `G` and `w` of every (example, query) pair `n` (`w` input-major, for the
+        product batched over inputs)."""
         batch, n_pos = x.shape[:2]
         heads, n_q = self.heads, len(queries)
         f = self.features(x)
@@ -75,31 +78,33 @@ class AttentionAttributions:
         scores = einsum("bthe,bshe->bths", q, k) / self.scale
         a = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)  # [B, T, H, S]
         mixed = einsum("bths,bhsi->bthi", a, c)
-        d_scores = torch.sub(c[:, None], mixed[:, :, :, None]).mul_(a[..., None])  # D
+        d_scores = x.new_empty(batch, n_q, *c.shape[1:])  # D: [B, T, H, S, I]
+        torch.sub(c[:, None], mixed[:, :, :, None], out=d_scores).mul_(a[..., None])
         key = einsum("bthe,hej->bthj", q, self.key_rows)  # κ: [B, T, H, J]
         query = einsum("bshe,hej->bhsj", k, self.query_rows)  # ϰ: [B, H, S, J]
         phi_t = phi[:, queries]  # [B, T, J]
-        g = torch.mul(phi_t[:, :, None, None], query[:, None])
-        g.addcmul_(key[..., None, :], phi[:, None, None])  # G: [B, T, H, S, J]
-        w = torch.cat([phi_t[:, :, None], einsum("bths,bsj->bthj", a, phi)], 2)
-        n = batch * n_q
+        g = x.new_empty(batch, n_q, *query.shape[1:])  # G: [B, T, H, S, J]
+        torch.mul(phi_t[:, :, None, None], query[:, None], out=g)
+        g.addcmul_(key[..., None, :], phi[:, None, None])
+        w = torch.cat([phi_t[:, :, None], einsum("bths,bsj->bthj", a, phi)], 2)  # [B,T,H+1,J]
+        n, width = batch * n_q, phi.shape[-1]
         return (
             d_scores.reshape(n, -1, c.shape[-1]),
-            g.reshape(n, -1, phi.shape[-1]),
-            w.flatten(0, 1),
+            g.reshape(n, -1, width),
+            w.permute(3, 0, 1, 2).reshape(width, n, heads + 1),
         )
 
     def assemble(
         self,
         d_scores: Float[Tensor, "n slot k_out"],
         g: Float[Tensor, "n slot k_in_plus_1"],
-        w: Float[Tensor, "n w k_in_plus_1"],
+        w: Float[Tensor, "k_in_plus_1 n paths"],
         out: Tensor | None = None,
     ) -> Float[Tensor, "n k_in_plus_1 k_out"]:
         """`Aᵀ = Gᵀ D + Σ_h' w_h' ∘ Ω_h'ᵀ` for each n (into `out` when given): the score slots in
         one product batched over n, the residual and value paths in one batched over inputs j."""
         attr = torch.bmm(g.transpose(1, 2), d_scores, out=out)  # [n, J, I]
-        direct = torch.bmm(w.permute(2, 0, 1), self.direct)  # [J, n, I]
+        direct = torch.bmm(w, self.direct)  # [J, n, I]
         return attr.add_(direct.transpose(0, 1))
 
     def __call__(
@@ -121,7 +126,7 @@ class AttentionAttributions:
             d_scores, g, w = self.factors(x[outer], queries)
             for sl in chunks(d_scores.shape[0], block):
                 out = buffer[: sl.stop - sl.start]
-                total += self.assemble(d_scores[sl], g[sl], w[sl], out=out).square_().sum(0)
+                total += self.assemble(d_scores[sl], g[sl], w[:, sl], out=out).square_().sum(0)
         return total.T
 
 
