@@ -7,8 +7,8 @@ With `J_b = P + W_in D_b Q` (row convention, `D_b` the 0/1 ReLU mask) and `K = C
     M' = N P K Pᵀ + W_in diag(Σ m) Q K Pᵀ + (…)ᵀ + W_in [(Q K Qᵀ) ∘ Σ m mᵀ] W_inᵀ
 
 so `M'` needs only the mask counts and co-occurrence Gram over the data; edges need per-example
-products in feature coordinates (`C⁺ J_b C_out = L + Pr diag(m_b) R`), and edge ablation keeps
-the hidden pre-activations as its state (`rows.StatefulRows`).
+products in feature coordinates (`C⁺ J_b C_out = L + Pr diag(m_b) R`, summed by `relu_edges`),
+and edge ablation keeps the hidden pre-activations as its state (`rows.StatefulRows`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from tl_degeneracy.engine.compat import model_device
 from tl_degeneracy.engine.sections import Section
-from tl_degeneracy.engine.streaming import chunks
-from tl_degeneracy.engine.structures.base import JacobianSums, Structure
+from tl_degeneracy.engine.structures.base import EdgeSums, JacobianSums, Structure
 from tl_degeneracy.engine.structures.forms import Affine, AffineRelu, Form
+from tl_degeneracy.engine.structures.relu_edges import relu_edge_sums
 from tl_degeneracy.engine.structures.rows import StatefulRows, shift
 
 
@@ -159,17 +159,16 @@ class FormJacobian(JacobianSums):
             self.mm_sum = state["mm_sum"].to(self.device)
 
 
-class FormEdges:
+class FormEdges(EdgeSums):
     """Exact edges of a form from per-example Jacobians in feature coordinates: for the ReLU
-    form `C⁺ J_b C_out = L + Pr diag(m_b) R`, for the affine one the constant `L`."""
+    form `C⁺ J_b C_out = L + Pr diag(m_b) R` (summed over examples grouped by mask,
+    `relu_edges`), for the affine one the constant `L`."""
 
     def __init__(self, structure: FormStructure, basis_in, basis_out, config, source):
         device = config.stats_device or model_device(structure.model)
         self.section, self.source = structure.section, source
         self.basis_in = basis_in.to(device)
-        self.edges = torch.zeros(basis_out.k, basis_in.k, dtype=torch.float64, device=device)
-        self.mean_edges = torch.zeros(basis_out.k, dtype=torch.float64, device=device)
-        self.count = 0
+        super().__init__(basis_in, basis_out, device)
         form = _f64(structure.form, device)
         self.form = form
         c_out, c_pinv, mean = basis_out.C.to(device), self.basis_in.C_pinv, self.basis_in.mean
@@ -204,25 +203,10 @@ class FormEdges:
             mask = ((act @ self.form.W_in + self.form.b_in) > 0).to(torch.float64)
             flat_f = feats.reshape(-1, feats.shape[-1])
             flat_m = mask.reshape(-1, mask.shape[-1])
-            for sl in chunks(flat_f.shape[0], 128):
-                q = torch.einsum("jm,bm,mi->bji", self.proj, flat_m[sl], self.read)
-                a = flat_f[sl, :, None] * (self.lin + q)  # [b, k_in, k_out]
-                self.edges += a.pow(2).sum(0).T
-                mean_a = self.mean_lin + (self.mean_proj * flat_m[sl]) @ self.read
-                self.mean_edges += mean_a.pow(2).sum(0)
+            self.edges += relu_edge_sums(flat_f, flat_m, self.lin, self.proj, self.read).T
+            mean_a = self.mean_lin + (self.mean_proj * flat_m) @ self.read
+            self.mean_edges += mean_a.pow(2).sum(0)
         self.count += n_in
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {
-            "edges": self.edges,
-            "mean_edges": self.mean_edges,
-            "count": torch.tensor([self.count]),
-        }
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        device = self.edges.device
-        self.edges, self.mean_edges = state["edges"].to(device), state["mean_edges"].to(device)
-        self.count = int(state["count"][0])
 
 
 class AffineRows:

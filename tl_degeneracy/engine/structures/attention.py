@@ -1,18 +1,17 @@
 """The attention block of a LayerNorm-free transformer, `resid_pre → resid_mid` of one layer,
 in closed form: `M'` from head-sized sums (`attention_gram`), edges from per-example
-attributions written out in feature coordinates, and edge ablation with the queries and keys as
-the state shared per mask row.
+attributions written out in feature coordinates (`attention_edges`), and edge ablation with
+the queries and keys as the state shared per mask row.
 """
 
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.compat import model_device
 from tl_degeneracy.engine.sections import Section
-from tl_degeneracy.engine.streaming import chunks
+from tl_degeneracy.engine.structures.attention_edges import AttentionEdges
 from tl_degeneracy.engine.structures.attention_gram import attention_jacobian_gram
 from tl_degeneracy.engine.structures.base import JacobianSums, Structure
 from tl_degeneracy.engine.structures.plain import PlainBlock
@@ -87,88 +86,6 @@ class AttentionJacobian(JacobianSums):
         x = x.to(self.device, torch.float64)
         m = attention_jacobian_gram(x, self.block, self.k_out, pin, pout)
         self.add(batch_index, m, x.shape[0] * len(pin))
-
-
-class AttentionEdges:
-    """Exact edges from `A_{b,t,i,j}` written out (see `attributions`)."""
-
-    def __init__(self, structure: Attention, basis_in, basis_out, config, source):
-        device = config.stats_device or model_device(structure.model)
-        self.section, self.source = structure.section, source
-        self.basis_in = basis_in.to(device)
-        self.edges = torch.zeros(basis_out.k, basis_in.k, dtype=torch.float64, device=device)
-        self.mean_edges = torch.zeros(basis_out.k, dtype=torch.float64, device=device)
-        self.count = 0
-        block = structure.block.to(device, torch.float64)
-        self.block = block
-        c_out = basis_out.C.to(device)
-        rows = torch.cat([self.basis_in.C_pinv, self.basis_in.mean[None]])  # [k_in + 1, d]
-        self.rows_out = rows @ c_out  # residual path
-        self.rows_vo = torch.einsum("jd,hde,hem,mi->hji", rows, block.W_V, block.W_O, c_out)
-        self.rows_k = torch.einsum("jd,hde->hje", rows, block.W_K)
-        self.rows_q = torch.einsum("jd,hde->hje", rows, block.W_Q)
-        self.read_o = torch.einsum("hem,mi->hei", block.W_O, c_out)
-
-    def method(self) -> str:
-        return "closed_form:attention"
-
-    def attributions(
-        self, x: Float[Tensor, "b pos d"], queries: Tensor
-    ) -> Float[Tensor, "b query k_out k_in_plus_1"]:
-        """`A_{b,t,i,j}` of the attention section, the mean node as the last column.
-
-        With `φ = [f̂, 1]` and the rows `ρ_j` of `[C⁺; μ]`, `A_{t,i,j} = Σ_s φ_{s,j}
-        (∂f̂^out_{t,i}/∂x_s · ρ_j)`. The derivative of `x_t + attn_t(x)` read by column i of
-        `C_out` has four parts: the residual (s = t), the value path `a_{h,t,s} W_V W_O`,
-        and, through the scores `e_{h,t,s} = q_t·k_s / scale` with
-        `D_{h,t,s,i} = a_{h,t,s} (c_{h,s,i} − Σ_s' a_{h,t,s'} c_{h,s',i})` (`c` the values read
-        by the output), the key path `D W_K q_t / scale` at s and the query path
-        `Σ_s D W_Q k_s / scale` at t.
-        """
-        blk = self.block
-        f = self.basis_in.features(x)
-        phi = torch.cat([f, f.new_ones(*f.shape[:-1], 1)], -1)  # [b, S, j]
-        w, b = blk.qkv_weight()
-        split = (x @ w + b).unflatten(-1, (3, blk.n_heads, -1))
-        q, k, v = split[:, queries, 0], split[:, :, 1], split[:, :, 2]  # [b, ·, H, e]
-        scores = torch.einsum("bthe,bshe->bhts", q, k) / blk.scale
-        allowed = torch.arange(x.shape[1], device=x.device)[None, :] <= queries[:, None]
-        a = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # [b, H, T, S]
-        c = torch.einsum("bshe,hei->bhsi", v, self.read_o)
-        mixed = torch.einsum("bhts,bhsi->bhti", a, c)
-        d_scores = a[..., None] * (c[:, :, None] - mixed[:, :, :, None])  # [b, H, T, S, i]
-        attr = phi[:, queries, None, :] * self.rows_out.T  # residual
-        attr = attr + torch.einsum("bhts,bsj,hji->btij", a, phi, self.rows_vo)
-        key_rows = torch.einsum("bthe,hje->bhtj", q, self.rows_k) / blk.scale
-        attr = attr + torch.einsum("bhtsi,bhtj,bsj->btij", d_scores, key_rows, phi)
-        query_rows = torch.einsum("bshe,hje->bhsj", k, self.rows_q) / blk.scale
-        attr = attr + phi[:, queries, None, :] * torch.einsum(
-            "bhtsi,bhsj->btij", d_scores, query_rows
-        )
-        return attr
-
-    def update(self, batch_index: int, inputs: Tensor) -> None:
-        x = self.source.activation(self.section.inp, batch_index, inputs)
-        n_pos = x.shape[1]
-        x = x.to(self.edges.device, torch.float64)
-        queries = self.section.out.index(n_pos, x.device)
-        for sl in chunks(x.shape[0], 256):
-            sq = self.attributions(x[sl], queries).pow(2).sum((0, 1))  # [k_out, k_in + 1]
-            self.edges += sq[:, :-1]
-            self.mean_edges += sq[:, -1]
-        self.count += x.shape[0] * n_pos
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {
-            "edges": self.edges,
-            "mean_edges": self.mean_edges,
-            "count": torch.tensor([self.count]),
-        }
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        device = self.edges.device
-        self.edges, self.mean_edges = state["edges"].to(device), state["mean_edges"].to(device)
-        self.count = int(state["count"][0])
 
 
 class AttentionRows(StatefulRows):

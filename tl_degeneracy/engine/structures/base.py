@@ -186,7 +186,29 @@ class AutogradJacobian(JacobianSums):
         self.add(batch_index, m, batch * leaves[0].shape[1])
 
 
-class AutogradEdges:
+class EdgeSums:
+    """The sums every edge accumulator streams and checkpoints: `Σ A²` per (output, input)
+    feature, per output from the mean node, and the count of input tokens."""
+
+    def __init__(self, basis_in, basis_out, device: torch.device | str):
+        self.edges = torch.zeros(basis_out.k, basis_in.k, dtype=torch.float64, device=device)
+        self.mean_edges = torch.zeros(basis_out.k, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {
+            "edges": self.edges,
+            "mean_edges": self.mean_edges,
+            "count": torch.tensor([self.count]),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        device = self.edges.device
+        self.edges, self.mean_edges = state["edges"].to(device), state["mean_edges"].to(device)
+        self.count = int(state["count"][0])
+
+
+class AutogradEdges(EdgeSums):
     """Edges by gradient × activation through the structure's forward (docs/concepts.md,
     "Interaction graph"): exact over output (position, feature), or Rademacher signs over
     output positions; integrated gradients with `config.integration_points > 1`."""
@@ -194,10 +216,8 @@ class AutogradEdges:
     def __init__(self, structure: Structure, basis_in, basis_out, config, source):
         self.structure, self.config, self.source = structure, config, source
         device = config.stats_device or model_device(structure.model)
+        super().__init__(basis_in, basis_out, device)
         self.basis_in, self.basis_out = basis_in.to(device), basis_out.to(device)
-        self.edges = torch.zeros(basis_out.k, basis_in.k, dtype=torch.float64, device=device)
-        self.mean_edges = torch.zeros(basis_out.k, dtype=torch.float64, device=device)
-        self.count = 0
 
     def method(self) -> str:
         cfg = self.config
@@ -255,18 +275,6 @@ class AutogradEdges:
             self.edges.index_add_(0, idx, weight * attr.pow(2).sum(1))
             self.mean_edges.index_add_(0, idx, weight * attr_mean.pow(2).sum(1))
         self.count += batch * feats.shape[1]
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {
-            "edges": self.edges,
-            "mean_edges": self.mean_edges,
-            "count": torch.tensor([self.count]),
-        }
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        device = self.edges.device
-        self.edges, self.mean_edges = state["edges"].to(device), state["mean_edges"].to(device)
-        self.count = int(state["count"][0])
 
 
 def _quadrature_weights(n: int) -> list[float]:
