@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 
 from tl_degeneracy import cli
+from tl_degeneracy.cli import fit as cli_fit
 
 
 @pytest.fixture
 def calls(monkeypatch, tmp_path):
     seen: list[tuple[str, object]] = []
-    monkeypatch.setattr(cli, "run_fit_lm", lambda args: seen.append(("lm", args)) or 0)
-    monkeypatch.setattr(cli, "run_fit_modadd", lambda args: seen.append(("modadd", args)) or 0)
-    monkeypatch.setattr(cli, "demo_checkpoint", lambda: tmp_path / "checkpoint")
+    monkeypatch.setattr(cli_fit, "run_fit_lm", lambda args: seen.append(("lm", args)) or 0)
+    monkeypatch.setattr(cli_fit, "run_fit_modadd", lambda args: seen.append(("modadd", args)) or 0)
+    monkeypatch.setattr(cli_fit, "demo_checkpoint", lambda: tmp_path / "checkpoint")
     return seen
 
 
