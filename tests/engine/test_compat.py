@@ -1,13 +1,8 @@
 import pytest
 import torch
 
-from tl_degeneracy.engine.compat import (
-    available_apis,
-    model_identity,
-    rebuild,
-    replace_hooks,
-    run_with_hooks,
-)
+from tl_degeneracy.engine.compat import available_apis, rebuild, replace_hooks, run_with_hooks
+from tl_degeneracy.engine.identity import model_identity
 
 
 @pytest.mark.skipif(len(available_apis()) < 2, reason="HookedTransformer needs TransformerLens < 4")

@@ -13,7 +13,7 @@ import torch
 from support import APIS
 from torch.overrides import TorchFunctionMode
 
-from tl_degeneracy.engine.compat import weight_processing
+from tl_degeneracy.engine.identity import weight_processing
 from tl_degeneracy.models.architectures import ARCHITECTURES, UnsupportedArchitectureError
 from tl_degeneracy.models.local import load_hf, load_local
 from tl_degeneracy.models.tiny import (

@@ -210,7 +210,7 @@ def build_small_study(out: Path):
     from tl_degeneracy.experiments.ioi import ioi_prompt_pairs
     from tl_degeneracy.experiments.lm_study import LMFitConfig, fit_lm
     from tl_degeneracy.experiments.report_views import add_model_views
-    from tl_degeneracy.experiments.study import report_inputs, write_study
+    from tl_degeneracy.experiments.study_output import report_inputs, write_study
 
     tok = ioi_word_tokenizer(64, (" " + HOSTILE,))
     model = tiny_model(

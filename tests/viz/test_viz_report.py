@@ -18,7 +18,7 @@ from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.edges import SectionEdges
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import Site
-from tl_degeneracy.experiments.study import load_study_artifacts
+from tl_degeneracy.experiments.study_output import load_study_artifacts
 from tl_degeneracy.viz import report_summary as rs
 from tl_degeneracy.viz.feature_views import LogitEffects, topk_examples
 from tl_degeneracy.viz.graph_data import result_graph_data, token_labels

@@ -126,7 +126,7 @@ def run_fit(args: argparse.Namespace) -> int:
     job = FitJob.from_args(args)
     study = run_fit_job(job, ctx=ctx, log=print if ctx.is_main else lambda s: None)
     if ctx.is_main:
-        from tl_degeneracy.experiments.study import summary_lines
+        from tl_degeneracy.experiments.study_output import summary_lines
 
         for line in summary_lines(study):
             print(line)

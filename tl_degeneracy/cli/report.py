@@ -19,7 +19,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     _report_args
 )
 def run_report(args: argparse.Namespace) -> int:
-    from tl_degeneracy.experiments.study import load_study_artifacts
+    from tl_degeneracy.experiments.study_output import load_study_artifacts
     from tl_degeneracy.viz.report import study_report
 
     out = Path(args.out_dir)

@@ -29,14 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.compat import (
-    hooked_state_dict,
-    is_transformer,
-    model_dtype,
-    model_identity,
-    tl_version,
-    weight_processing,
-)
+from tl_degeneracy.engine.compat import model_dtype, tl_version
+from tl_degeneracy.engine.identity import model_identity, weight_fingerprint, weight_processing
 
 FORMAT_VERSION = 2
 TENSORS_FILE = "tensors.safetensors"
@@ -69,22 +63,6 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
-
-
-def weight_fingerprint(model: nn.Module) -> dict[str, list[float]]:
-    """Per weight tensor (HookedTransformer names on either API): mean |w| and root mean
-    square, 6 significant digits. Cheap (one pass over the weights) and stable across APIs,
-    devices and dtypes up to their rounding."""
-    state = hooked_state_dict(model) if is_transformer(model) else model.state_dict()
-    out: dict[str, list[float]] = {}
-    for key in sorted(state):
-        t = state[key].detach()
-        if not t.is_floating_point() or t.numel() == 0:
-            continue
-        t = t.to(torch.float64)
-        stats = torch.stack([t.abs().mean(), t.square().mean().sqrt()]).tolist()
-        out[key] = [float(f"{x:.6g}") for x in stats]
-    return out
 
 
 def build_metadata(model: nn.Module, sites: Sequence[Any] = (), **fields: Any) -> dict[str, Any]:

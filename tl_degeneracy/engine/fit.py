@@ -31,13 +31,14 @@ from tl_degeneracy.engine.bases import (
     pca_basis,
 )
 from tl_degeneracy.engine.basis_result import BasisResult
-from tl_degeneracy.engine.compat import model_device, model_identity
+from tl_degeneracy.engine.compat import model_device
 from tl_degeneracy.engine.distributed import (
     DistContext,
     merge_gram_states,
     stream_sharded,
     sum_states,
 )
+from tl_degeneracy.engine.identity import model_identity
 from tl_degeneracy.engine.jacobians import (
     JacobianConfig,
     JacobianGram,

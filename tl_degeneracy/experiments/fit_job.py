@@ -20,14 +20,8 @@ from tl_degeneracy.engine.edges import EdgeConfig
 from tl_degeneracy.engine.jacobians import JacobianConfig
 from tl_degeneracy.engine.progress import Log
 from tl_degeneracy.engine.sites import Site, residual_sites
-from tl_degeneracy.experiments.study import (
-    Study,
-    StudyConfig,
-    finish_timings,
-    run_study,
-    write_language_model_study,
-    write_study,
-)
+from tl_degeneracy.experiments.study import Study, StudyConfig, finish_timings, run_study
+from tl_degeneracy.experiments.study_output import write_language_model_study, write_study
 from tl_degeneracy.models.presets import Preset, load_preset
 
 

@@ -26,9 +26,9 @@ from tl_degeneracy.engine.compat import (
     available_apis,
     has_hooked_transformer,
     model_cfg,
-    set_weight_processing,
     tl_version,
 )
+from tl_degeneracy.engine.identity import set_weight_processing
 from tl_degeneracy.models.architectures import Architecture, architecture_of
 from tl_degeneracy.models.rmsnorm import round_rmsnorm_like_hugging_face
 from tl_degeneracy.models.weight_layout import store_weights_transposed
@@ -223,7 +223,7 @@ def _tokenizer_in_a_folder(tokenizer: Any) -> Iterator[Any]:
 def _record(
     hf_model: nn.Module, arch: Architecture, api: str, processing: dict[str, bool], folder: Any
 ) -> dict[str, Any]:
-    """What `compat.weight_processing` reports for a loaded folder."""
+    """What `identity.weight_processing` reports for a loaded folder."""
     norm = "RMS" if arch.uses_rms else "LN"
     flags: dict[str, Any] = {
         **processing,

@@ -11,7 +11,8 @@ import importlib.util
 import pytest
 import torch
 
-from tl_degeneracy.engine.compat import available_apis, weight_processing
+from tl_degeneracy.engine.compat import available_apis
+from tl_degeneracy.engine.identity import weight_processing
 from tl_degeneracy.models.local import load_hf
 from tl_degeneracy.models.smollm2 import loader as smollm2
 from tl_degeneracy.models.smollm2.loader import (

@@ -25,7 +25,6 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.compat import model_identity
 from tl_degeneracy.engine.degeneracy.llc import (
     Divergence,
     LLCResult,
@@ -42,6 +41,7 @@ from tl_degeneracy.engine.degeneracy.sources import (
     measure_sources,
     section_filter,
 )
+from tl_degeneracy.engine.identity import model_identity
 from tl_degeneracy.viz.html import HtmlPage, table, text
 from tl_degeneracy.viz.plots import figure_to_html, plot_llc_traces
 

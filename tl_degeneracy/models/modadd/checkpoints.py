@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tl_degeneracy.engine import compat
+from tl_degeneracy.engine import compat, identity
 from tl_degeneracy.models.modadd.data import ModAddDataset
 
 NO_WEIGHT_PROCESSING = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False}
@@ -128,7 +128,7 @@ class ModAddCheckpoint:
             dtype=dtype,
             model_name=f"modadd-{self.path.name}",
         )
-        compat.set_weight_processing(model, dict(NO_WEIGHT_PROCESSING))
+        identity.set_weight_processing(model, dict(NO_WEIGHT_PROCESSING))
         return model
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine import compat
+from tl_degeneracy.engine import compat, identity
 from tl_degeneracy.models.modadd.data import ModAddDataset, evaluate
 
 Backend = Literal["functional", "model"]
@@ -243,7 +243,7 @@ def train(
         trained = {k: v.detach().clone() for k, v in params.items()}
         model = compat.build_model(cfg, trained, api=api, model_name=f"modadd-p{config.p}")
     model.eval()
-    compat.set_weight_processing(
+    identity.set_weight_processing(
         model,
         {
             "fold_ln": False,

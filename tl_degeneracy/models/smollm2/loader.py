@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tl_degeneracy.engine.compat import set_weight_processing, weight_processing
+from tl_degeneracy.engine.identity import set_weight_processing, weight_processing
 from tl_degeneracy.models.cache import cache_dir
 from tl_degeneracy.models.local import load_local
 from tl_degeneracy.models.smollm2.gguf import (

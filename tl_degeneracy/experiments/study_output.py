@@ -1,0 +1,115 @@
+"""A study's output: the report's inputs, `write_study` (artifacts, `summary.json`, the
+report and its views), `load_study_artifacts` (for `tl-degeneracy report`, without refitting) and
+the lines the commands print."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from tl_degeneracy.engine.artifacts import jsonable
+from tl_degeneracy.engine.progress import Log
+from tl_degeneracy.experiments.study import Study
+
+
+def report_inputs(study: Study, **fields: Any) -> Any:
+    """The report's inputs from a study (bases, interaction graphs, curves, settings,
+    timings); `fields` sets any other (`attribution=`, views)."""
+    from tl_degeneracy.viz.report import StudyReportInputs
+
+    return StudyReportInputs(
+        bases=study.bases,
+        edges=dict(study.graphs),
+        curves=study.curves,
+        settings=jsonable(study.config),
+        timings=dict(study.timings),
+        **fields,
+    )
+
+
+def write_study(
+    study: Study,
+    out: str | Path,
+    model: nn.Module | None = None,
+    heldout: Tensor | None = None,
+    decode: Callable[[int], str] | None = None,
+    attribution: dict[str, Any] | None = None,
+    example_rows: int = 16,
+    inputs: Any = None,
+) -> Path:
+    """Save the study, `summary.json` and the report (`report.html` and the views beside it)
+    under `out`. With the model, held-out rows and a token decoder, the report shows each
+    feature's top-activating contexts and logit effects and traces dominant directions to
+    their tokens (on `example_rows` rows spread over the held-out data). `inputs` replaces
+    the report's inputs altogether (`report_inputs` plus views built by the caller)."""
+    from tl_degeneracy.experiments.lm_report import lm_summary
+    from tl_degeneracy.experiments.report_views import add_model_views
+    from tl_degeneracy.viz.report import study_report
+    from tl_degeneracy.viz.report_artifacts import save_report_views
+
+    out = Path(out)
+    study.save(out)
+    (out / "summary.json").write_text(json.dumps(jsonable(lm_summary(study)), indent=1))
+    if inputs is None:
+        inputs = report_inputs(study, attribution=attribution or {})
+    if model is not None and heldout is not None and decode is not None:
+        step = max(1, heldout.shape[0] // example_rows)
+        rows = heldout[::step][:example_rows]
+        inputs = add_model_views(inputs, model, rows, decode)
+    save_report_views(inputs, out)
+    study_report(inputs).save(out / "report.html")
+    return out
+
+
+def load_study_artifacts(out: str | Path) -> Any:
+    """The report's inputs from a folder written by `write_study`, without refitting; without
+    saved views, the dominant-direction shares come from the saved PCA spectra."""
+    from tl_degeneracy.engine.diagnostics import dominant_directions
+    from tl_degeneracy.viz.report_artifacts import load_report_views
+
+    study = Study.load(out)
+    views = load_report_views(out, list(study.bases))
+    if views["diagnostic"] is None:
+        source = study.bases.get("pca") or next(iter(study.bases.values()))
+        views["diagnostic"] = dominant_directions(source)
+    return report_inputs(study, **views)
+
+
+def write_language_model_study(
+    study: Study, out: str | Path, model: nn.Module, heldout: Tensor | None, log: Log = print
+) -> Path:
+    """`write_study` for a language model: the report adds feature views from held-out text
+    and attribution patching on indirect-object prompt pairs (when its tokenizer has the
+    names they need)."""
+    from tl_degeneracy.experiments.ioi import ioi_report_attribution
+
+    start = time.perf_counter()
+    tokenizer = getattr(model, "tokenizer", None)
+    attribution = ioi_report_attribution(model, study.bases) if tokenizer is not None else {}
+    decode = None if tokenizer is None else (lambda i: tokenizer.decode([i]))
+    study.timings["report_s"] = time.perf_counter() - start
+    out = write_study(study, out, model, heldout, decode, attribution)
+    log(f"report views in {time.perf_counter() - start:.1f} s")
+    return out
+
+
+def summary_lines(study: Study) -> list[str]:
+    """A few lines for the terminal."""
+    lines = [f"tokens {study.n_tokens}, total {study.timings.get('total_s', 0):.0f} s"]
+    for kind, graph in study.graphs.items():
+        n99 = [s.edges_for_fraction(0.99) for s in graph.sections.values()]
+        if n99:
+            lines.append(
+                f"{kind}: median edges for 99% of the weight {sorted(n99)[len(n99) // 2]} "
+                f"(of {next(iter(graph.sections.values())).total_edges} per section)"
+            )
+    for site, by_kind in study.curves.items():
+        parts = [f"{kind} min k (0.05) {curve.min_k(0.05)}" for kind, curve in by_kind.items()]
+        base = next(iter(by_kind.values())).baseline
+        lines.append(f"{site}: baseline {base:.3f}; " + "; ".join(parts))
+    return lines
