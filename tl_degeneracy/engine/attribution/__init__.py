@@ -4,10 +4,8 @@ attribution patching and the features' importances (`comparison`)."""
 
 from tl_degeneracy.engine.attribution.comparison import (
     AttributionComparison,
-    SiteAttribution,
     compare_attribution,
     format_correlation_table,
-    spearman,
 )
 from tl_degeneracy.engine.attribution.gradients import (
     AttributionMetric,
@@ -18,6 +16,7 @@ from tl_degeneracy.engine.attribution.patching import (
     feature_patching_effects,
     site_patching_effect,
 )
+from tl_degeneracy.engine.attribution.site_scores import SiteAttribution, spearman
 
 __all__ = [
     "AttributionComparison",
