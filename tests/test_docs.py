@@ -36,5 +36,5 @@ def test_docs_build_strict(tmp_path):
     cli = (site / "cli" / "index.html").read_text()
     assert "usage: tl-degeneracy" in cli and "cli-help" not in cli
     api = (site / "api" / "index.html").read_text()
-    assert 'id="tl_degeneracy.engine.attribution.compare_attribution"' in api
+    assert 'id="tl_degeneracy.engine.attribution.comparison.compare_attribution"' in api
     assert not (site / "_hooks").exists()

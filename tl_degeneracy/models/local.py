@@ -98,6 +98,7 @@ def load_hf(
 ) -> tuple[nn.Module, Any]:
     """The `transformers` causal LM (eager attention, eval mode) and tokenizer of a folder,
     read from local files only. `n_ctx` overrides a rotary model's context length."""
+    folder = Path(folder).expanduser()
     config = check_folder(folder, tokenizer=tokenizer is None)
     arch = architecture_of(config)
     _offline()
