@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.degeneracy.llc import SGLDConfig
+from tl_degeneracy.engine.degeneracy.config import SGLDConfig
 
 
 @dataclass(frozen=True)
