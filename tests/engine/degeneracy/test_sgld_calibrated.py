@@ -166,3 +166,32 @@ def test_masked_entries_move_alone_and_match_autograd(api, tiny, tokens_for):
         loss_full, grad_full = plain.value_and_grad(moved.reshape(-1), idx)
         assert torch.equal(loss, loss_full)
         torch.testing.assert_close(grad, grad_full.view_as(mask)[mask], rtol=1e-12, atol=1e-15)
+
+
+def test_preconditioned_chains_sample_the_same_posterior():
+    """Per-parameter step sizes (a constant preconditioner) leave the posterior, hence λ̂,
+    unchanged: linear regression with one coefficient at a tenth of the step size still
+    gives d/2."""
+    problem = linear_regression_problem(4, n=1000)
+    problem.param_names = ("w0", "w1", "w2", "w3")
+    cfg = SGLDConfig(1e-3, 1.0, n_chains=64, n_steps=1500, n_burnin=500, batch_size=10**9)
+    slow = SGLDConfig(**{**cfg.__dict__, "step_scales": (("^w0$", 0.1),)})
+    assert problem.step_vector(slow.step_scales).tolist() == pytest.approx([0.1, 1, 1, 1])
+    res = estimate_llc(problem, slow)
+    assert res.llc == pytest.approx(2.0, rel=0.06) and res.rhat < 1.1
+    assert res.config.step_scales == (("^w0$", 0.1),)
+
+
+def test_step_scales_follow_the_parameters_of_a_model(tiny, tokens_for):
+    model = tiny(available_apis()[0], "mlp")
+    problem = ModelProblem(model, tokens_for(model, 10))
+    vector = problem.step_vector([(r"^blocks\.0\.mlp\.", 0.5), (r"^unembed\.", 0.25)])
+    sizes = dict(zip(problem.param_names, problem.entry_sizes()))
+    expected = torch.cat(
+        [
+            torch.full((sizes[n],), 0.5 if ".mlp." in n else 0.25 if "unembed" in n else 1.0)
+            for n in problem.param_names
+        ]
+    )
+    assert torch.equal(vector, expected.to(vector.dtype))
+    assert sum(sizes.values()) == problem.n_params

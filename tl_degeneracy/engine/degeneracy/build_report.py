@@ -6,12 +6,13 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Int
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from tl_degeneracy.engine.compat import model_identity
 from tl_degeneracy.engine.degeneracy.calibrated import CalibratedLLC, calibrated_llc
@@ -19,7 +20,6 @@ from tl_degeneracy.engine.degeneracy.calibration import sensitivity_grid
 from tl_degeneracy.engine.degeneracy.config import CalibrationConfig, SGLDConfig
 from tl_degeneracy.engine.degeneracy.diagnostics import LLCResult
 from tl_degeneracy.engine.degeneracy.measure import measure_sources
-from tl_degeneracy.engine.degeneracy.parameters import select_parameters
 from tl_degeneracy.engine.degeneracy.problems import Divergence, ModelProblem
 from tl_degeneracy.engine.degeneracy.report import SOURCE_KEYS, DegeneracyReport, SectionReport
 from tl_degeneracy.engine.degeneracy.sgld import estimate_llc
@@ -98,9 +98,12 @@ def degeneracy_report(
 
     SGLD settings: with no `sgld_config` (and `calibration="auto"`) every estimate chooses its
     step size and chain length by `calibrated_llc` with `CalibrationConfig()`, judged against
-    the section's bound `N − free`; a given `sgld_config` runs exactly those settings (no
-    calibration) unless a `CalibrationConfig` is given too (then it supplies chains, γ, nβ,
-    batch and seed). `calibration=None` never calibrates.
+    the section's bound `N − free`; the whole model then runs each section's parameters at
+    that section's step size times a common factor, which is calibrated the same way
+    (`SGLDConfig.step_scales`: a constant preconditioner, the same posterior). A given
+    `sgld_config` runs exactly those settings (no calibration) unless a `CalibrationConfig` is
+    given too (then it supplies chains, γ, nβ, batch and seed). `calibration=None` never
+    calibrates.
 
     The behavioural loss reads the positions `sources_config.positions`. `sgld_dtype` runs
     SGLD on a copy of the model in that dtype (float32 is twice as fast as float64 on a CPU;
@@ -120,31 +123,45 @@ def degeneracy_report(
     if sgld_dtype is not None and sgld_dtype != next(model.parameters()).dtype:
         sampled = copy.deepcopy(model).to(sgld_dtype)
 
-    chosen: list[float] = []  # the sections' step sizes: the total starts at the smallest
+    steps: dict[str, float] = {}  # each section's calibrated step size
 
-    def run(problem: ModelProblem, bound: int) -> tuple[LLCResult | None, CalibratedLLC | None]:
+    def run(
+        problem: ModelProblem, bound: int, section: str | None
+    ) -> tuple[LLCResult | None, CalibratedLLC | None]:
         if cal is None:
             return estimate_llc(problem, sgld_config, progress), None
-        largest = min(chosen) if chosen and problem.param_names == union_names else None
-        found = calibrated_llc(problem, sgld_config, cal, bound, progress, largest)
-        chosen.extend([found.chosen] if found.chosen is not None else [])
+        base, largest = sgld_config, None
+        if section is None and steps:  # the whole model: each section at its own pace
+            largest = max(steps.values())
+            scales = tuple((section_filter(n), e / largest) for n, e in steps.items())
+            base = replace(sgld_config, step_scales=scales)
+        found = calibrated_llc(problem, base, cal, bound, progress, largest)
+        if section is not None and found.result is not None:
+            steps[section] = found.result.config.step_size
+        if progress and found.result is not None:
+            r = found.result
+            status = "; ".join(found.reasons) or "converged"
+            tqdm.write(
+                f"{section or 'total'}: ε = {r.config.step_size:g}, {r.config.n_steps} steps, "
+                f"N_eff = {r.n_eff:.4g} ± {r.n_eff_se:.2g}, R-hat {r.rhat:.3f} ({status}; "
+                f"{found.steps_used:,} steps, {found.seconds:.0f} s)"
+            )
         return found.result, found
 
-    union = None if sections is None else "|".join(f"(?:{section_filter(n)})" for n in names)
-    union_names = tuple(select_parameters(sampled, union))
     reports = []
     for n in names:
         estimate: tuple[LLCResult | None, CalibratedLLC | None] = (None, None)
         if llc == "all":
             part = ModelProblem(sampled, tokens, section_filter(n), positions, divergence)
-            estimate = run(part, sources.upper_bound(n))
+            estimate = run(part, sources.upper_bound(n), n)
         reports.append(section_report(sources, n, *estimate))
+    union = None if sections is None else "|".join(f"(?:{section_filter(n)})" for n in names)
     problem: ModelProblem | None = None  # the total's loss: its estimate and the grid
     if llc in ("all", "total") or sensitivity_step_sizes:
         problem = ModelProblem(sampled, tokens, union, positions, divergence)
     own: tuple[LLCResult | None, CalibratedLLC | None] = (None, None)
     if problem is not None and llc != "none":
-        own = run(problem, sources.upper_bound(None))
+        own = run(problem, sources.upper_bound(None), None)
     total = section_report(sources, None, *own)
     grid = []
     if sensitivity_step_sizes and problem is not None:

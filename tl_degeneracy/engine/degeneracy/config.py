@@ -34,6 +34,16 @@ class SGLDConfig:
     explode_factor: float = 10.0
     """A chain has diverged when nβ (L − L*) exceeds this times the number of parameters
     (a regular minimum has nβ (L − L*) ≈ d/2), or the loss is not finite."""
+    step_scales: tuple[tuple[str, float], ...] = ()
+    """Per-parameter multipliers of `step_size`: (regex searched in the parameter's name,
+    factor), the first match wins, 1 where none matches. A constant preconditioner: the chains
+    sample the same posterior, each group of parameters at its own pace (the whole model's
+    estimate uses each section's calibrated step size)."""
+
+    def __post_init__(self) -> None:  # JSON gives lists: keep the config hashable
+        object.__setattr__(
+            self, "step_scales", tuple((str(p), float(f)) for p, f in self.step_scales)
+        )
 
     def nbeta(self, n: int) -> float:
         """nβ for a data set of n points."""

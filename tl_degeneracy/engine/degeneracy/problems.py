@@ -55,6 +55,23 @@ class LLCProblem:
     def n_params(self) -> int:
         return int(self.w_star.numel())
 
+    def entry_sizes(self) -> list[int]:
+        """How many entries of w each of `param_names` has (in order)."""
+        if len(self.param_names) != self.n_params:
+            raise ValueError("this problem names no parameter groups: give param_names per entry")
+        return [1] * self.n_params
+
+    def step_vector(self, scales: Sequence[tuple[str, float]]) -> Float[Tensor, " p"]:
+        """Per-entry multipliers of the step size: the factor of the first pattern that a
+        parameter's name matches (`re.search`), 1 where none does."""
+        factors = [
+            next((f for pattern, f in scales if re.search(pattern, name)), 1.0)
+            for name in self.param_names
+        ]
+        sizes = torch.tensor(self.entry_sizes())
+        out = torch.repeat_interleave(torch.tensor(factors, dtype=torch.float64), sizes)
+        return out.to(self.w_star.dtype)
+
     @contextmanager
     def bind(self, w: Tensor) -> Iterator[None]:
         yield
@@ -201,6 +218,9 @@ class ModelProblem(LLCProblem):
     def plain(self) -> bool:
         """True when the sampler runs the written-out forward."""
         return self.written_out is not None
+
+    def entry_sizes(self) -> list[int]:
+        return [p.numel() if m is None else int(m.sum()) for p, m in zip(self.params, self.masks)]
 
     def _cache_prefix(self, cache_limit: int, chunk_size: int) -> tuple[int, Tensor | None]:
         """When only blocks ≥ L move (HookedTransformer), the residual stream entering block L

@@ -154,7 +154,7 @@ class DegeneracyReport:
                     "bound N − free": f"{s.upper_bound:,}",
                     "SGLD N_eff = 2λ̂": s.estimate_text(),
                     "R-hat": f"{llc.rhat:.3f}" if llc else "—",
-                    "ε, steps": f"{llc.config.step_size:g}, {llc.config.n_steps}" if llc else "—",
+                    "ε, steps": f"{_step_text(llc.config)}, {llc.config.n_steps}" if llc else "—",
                 }
             )
         return out
@@ -345,6 +345,14 @@ def plot_llc_results(
         {k: r.llc for k, r in results.items()},
         path=path,
     )
+
+
+def _step_text(cfg: Any) -> str:
+    """The step size, or the range of per-section step sizes of a preconditioned run."""
+    if not cfg.step_scales:
+        return f"{cfg.step_size:g}"
+    factors = [f for _, f in cfg.step_scales]
+    return f"{cfg.step_size * min(factors):g}–{cfg.step_size * max(factors):g}"
 
 
 def _stem(path: str | Path) -> Path:

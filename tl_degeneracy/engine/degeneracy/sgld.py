@@ -142,6 +142,14 @@ def _step_coefficients(cfg: SGLDConfig, nbeta: float) -> tuple[float, float, flo
     return eps * cfg.gamma / 2, eps * nbeta / 2, math.sqrt(eps)
 
 
+def _scaled_step(
+    problem: LLCProblem, cfg: SGLDConfig, nbeta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-entry coefficients of the preconditioned step (`SGLDConfig.step_scales`)."""
+    eps = cfg.step_size * problem.step_vector(cfg.step_scales)
+    return eps * cfg.gamma / 2, eps * nbeta / 2, eps.sqrt()
+
+
 def _run_chain(
     problem: LLCProblem,
     cfg: SGLDConfig,
@@ -155,6 +163,7 @@ def _run_chain(
     w_star = problem.w_star.detach()
     noise = torch.empty_like(w)
     pull, drift, scale = _step_coefficients(cfg, nbeta)
+    scaled = _scaled_step(problem, cfg, nbeta) if cfg.step_scales else None
     limit = problem.loss_at_star + cfg.explode_factor * problem.n_params / nbeta
     full = cfg.batch_size >= problem.n
     trace = torch.full((n_steps,), float("nan"), dtype=torch.float64)
@@ -177,8 +186,12 @@ def _run_chain(
                     break
             with torch.no_grad():
                 noise.normal_(generator=gen)
-                w.mul_(1 - pull).add_(w_star, alpha=pull).add_(grad, alpha=-drift)
-                w.add_(noise, alpha=scale)
+                if scaled is None:
+                    w.mul_(1 - pull).add_(w_star, alpha=pull).add_(grad, alpha=-drift)
+                    w.add_(noise, alpha=scale)
+                else:
+                    pulls, drifts, scales = scaled
+                    w.sub_(pulls * (w - w_star) + drifts * grad - scales * noise)
             bar.update()
             done += 1
         else:
@@ -201,7 +214,10 @@ def _run_batched(
     c = cfg.n_chains
     w_star = problem.w_star.detach()[None]
     noise = torch.empty_like(w)
-    pull, drift, scale = _step_coefficients(cfg, nbeta)
+    coefficients: tuple[Tensor | float, ...] = _step_coefficients(cfg, nbeta)
+    if cfg.step_scales:
+        coefficients = _scaled_step(problem, cfg, nbeta)
+    pull, drift, scale = coefficients
     limit = problem.loss_at_star + cfg.explode_factor * problem.n_params / nbeta
     full = cfg.batch_size >= problem.n
     values = torch.empty(n_steps, c, dtype=torch.float64)
