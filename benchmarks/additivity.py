@@ -21,7 +21,13 @@ import time
 
 import torch
 
-from tl_degeneracy.engine.degeneracy import AdditivityResult, SGLDConfig, model_additivity
+from tl_degeneracy.engine.degeneracy import (
+    AdditivityResult,
+    ModelProblem,
+    SGLDConfig,
+    estimate_llc,
+    model_additivity,
+)
 from tl_degeneracy.engine.degeneracy.invariance import PlantedModulesConfig, planted_modules_model
 
 
@@ -44,6 +50,8 @@ def planted(steps: int) -> None:
     start = time.process_time()
     res = model_additivity(p.model, p.tokens, partition, cfg, divergence="mse")
     print(f"## Planted modules ({len(p.tokens)} inputs, squared error)\n\n{table(res)}")
+    every = estimate_llc(ModelProblem(p.model, p.tokens, None, divergence="mse"), cfg)
+    print(f"every parameter (cross-module weights too): {every.summary()}")
     print(f"({time.process_time() - start:.0f} CPU-s)\n")
 
 

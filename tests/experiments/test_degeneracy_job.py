@@ -22,6 +22,7 @@ def test_degeneracy_command_on_a_tiny_checkpoint(api, tiny, tmp_path, capsys):
     out = tmp_path / "report"
     argv = ["degeneracy", str(ckpt), "--out", str(out), "--api", api, "--threads", "1"]
     argv += ["--chains", "2", "--steps", "20", "--burnin", "5", "--batch-size", "16", "--quiet"]
+    argv += ["--step-size", "1e-4"]  # fixed settings: exactly these chains
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SGLDWarning)
         assert cli.main(argv) == 0
@@ -50,6 +51,7 @@ def test_one_section_only(api, tiny, tmp_path):
     out = tmp_path / "mlp"
     argv = ["degeneracy", str(ckpt), "--out", str(out), "--api", api, "--llc", "total"]
     argv += ["--sections", "blocks.0.mlp", "--chains", "2", "--steps", "10", "--burnin", "2"]
+    argv += ["--step-size", "1e-4"]
     argv += ["--grid-step-sizes", "3e-5", "1e-4", "--grid-nbetas", "5", "50"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SGLDWarning)

@@ -138,8 +138,9 @@ class _Budget:
     def __init__(self, cal: CalibrationConfig):
         self.cal, self.start, self.steps, self.sampling = cal, time.perf_counter(), 0, 0.0
 
-    def allows(self, steps: int) -> bool:
-        if self.steps + steps > self.cal.max_total_steps:
+    def allows(self, steps: int, reserve: int = 0) -> bool:
+        """Whether `steps` more fit, keeping `reserve` steps for later."""
+        if self.steps + steps + reserve > self.cal.max_total_steps:
             return False
         if self.cal.max_seconds is None or self.steps == 0:
             return True
@@ -166,7 +167,8 @@ class _Pilots:
         have = self.runs.get(eps)
         done = have.config.n_steps if have is not None else 0
         if done < n:
-            if not self.budget.allows(self.cal.pilot_chains * (n - done)):
+            reserve = self.cfg.n_chains * self.cfg.n_steps  # the estimate's first chains
+            if not self.budget.allows(self.cal.pilot_chains * (n - done), reserve):
                 return None
             if have is None:
                 run = replace(
@@ -247,9 +249,10 @@ def calibrated_llc(
         out.chosen = eps if chosen is not None else None
         run = replace(cfg, step_size=eps)
         out.result = _run_to_convergence(problem, run, cal, budget, out, progress)
-        if out.result is None or not _unstable(out.result, cal, bound):
+        why = _unstable(out.result, cal, bound) if out.result is not None else ""
+        if not why:
             break
-        out.notes.append(f"the chains at ε = {eps:g} diverged, disagreed or exceeded the bound")
+        out.notes.append(f"at ε = {eps:g} {why}: a smaller step size was tried")
     out.steps_used = budget.steps
     out.seconds = time.perf_counter() - budget.start
     if out.reasons:
@@ -262,12 +265,17 @@ def calibrated_llc(
     return out
 
 
-def _unstable(result: LLCResult, cal: CalibrationConfig, bound: float | None) -> bool:
-    """Chains that diverged, disagree (standard error above `tolerance` × λ̂) or exceed the
-    bound: a smaller step size is needed, not longer chains."""
-    spread = not result.llc_se <= cal.tolerance / 2 * abs(result.llc)
-    over = bound is not None and result.n_eff > bound
-    return bool(result.diverged.any()) or spread or over or not math.isfinite(result.llc)
+def _unstable(result: LLCResult, cal: CalibrationConfig, bound: float | None) -> str:
+    """Why the chains need a smaller step size rather than more steps ("" if they do not):
+    they diverged, disagree (standard error above half the tolerance × λ̂) or exceed the
+    bound."""
+    if bool(result.diverged.any()) or not math.isfinite(result.llc):
+        return f"{int(result.diverged.sum())} of {len(result.diverged)} chains diverged"
+    if not result.llc_se <= cal.tolerance / 2 * abs(result.llc):
+        return f"the chains disagreed (λ̂ = {result.llc:.4g} ± {result.llc_se:.2g})"
+    if bound is not None and result.n_eff > bound:
+        return f"N_eff {result.n_eff:,.0f} exceeded the bound {bound:,.0f}"
+    return ""
 
 
 def _run_to_convergence(
