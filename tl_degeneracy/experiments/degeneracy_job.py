@@ -64,7 +64,8 @@ class DegeneracyJobConfig:
     max_total_steps: int = CalibrationConfig.max_total_steps
     """Calibration budget per estimate: SGLD steps over all pilots and chains."""
     max_seconds: float | None = None
-    """Calibration budget per estimate in seconds (None: steps only)."""
+    """Calibration budget per estimate in seconds (None: steps only for modular addition,
+    1,800 s for a language model, where one SGLD step can take a second)."""
     max_steps: int = CalibrationConfig.max_steps
     """Most steps per chain when R-hat asks for longer chains."""
     sensitivity_step_sizes: tuple[float, ...] = ()
@@ -131,7 +132,7 @@ def run_degeneracy_job(config: DegeneracyJobConfig, out: str | Path) -> Degenera
     if config.step_size is None:
         calibration = CalibrationConfig(
             max_total_steps=config.max_total_steps,
-            max_seconds=config.max_seconds,
+            max_seconds=config.max_seconds if config.max_seconds or not lm else 1800.0,
             max_steps=config.max_steps,
         )
     loaded = time.perf_counter() - wall

@@ -145,7 +145,8 @@ class _Budget:
         if self.cal.max_seconds is None or self.steps == 0:
             return True
         per_step = self.sampling / self.steps
-        return time.perf_counter() - self.start + steps * per_step <= self.cal.max_seconds
+        left = self.cal.max_seconds - (time.perf_counter() - self.start)
+        return (steps + reserve) * per_step <= left
 
     def spend(self, steps: int, seconds: float) -> None:
         self.steps += steps
