@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from tl_degeneracy import cli
+from tl_degeneracy.engine.compat import available_apis
 from tl_degeneracy.engine.degeneracy import DegeneracyReport, SGLDWarning
 from tl_degeneracy.models.modadd.checkpoints import save_checkpoint
 from tl_degeneracy.models.modadd.data import ModAddDataset
@@ -21,6 +22,7 @@ def test_degeneracy_command_on_a_tiny_checkpoint(api, tiny, tmp_path, capsys):
     out = tmp_path / "report"
     argv = ["degeneracy", str(ckpt), "--out", str(out), "--api", api, "--threads", "1"]
     argv += ["--chains", "2", "--steps", "20", "--burnin", "5", "--batch-size", "16", "--quiet"]
+    argv += ["--step-size", "1e-4"]  # fixed settings: exactly these chains
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SGLDWarning)
         assert cli.main(argv) == 0
@@ -49,6 +51,7 @@ def test_one_section_only(api, tiny, tmp_path):
     out = tmp_path / "mlp"
     argv = ["degeneracy", str(ckpt), "--out", str(out), "--api", api, "--llc", "total"]
     argv += ["--sections", "blocks.0.mlp", "--chains", "2", "--steps", "10", "--burnin", "2"]
+    argv += ["--step-size", "1e-4"]
     argv += ["--grid-step-sizes", "3e-5", "1e-4", "--grid-nbetas", "5", "50"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SGLDWarning)
@@ -66,3 +69,32 @@ def test_one_section_only(api, tiny, tmp_path):
     assert all(r.n_params == report.total.n_params for r in report.sensitivity)
     assert "Sensitivity of λ̂" in (out / "report.md").read_text()
     assert len(json.loads((out / "job.json").read_text())["timing"]["sensitivity_s"]) == 4
+
+
+def test_without_a_step_size_every_estimate_is_calibrated(tiny, tmp_path):
+    """No `--step-size`: every section and the total choose their step size by pilots; the
+    table shows an estimate only where it is a result, and says why where it is not."""
+    p = 7
+    api = "hooked" if "hooked" in available_apis() else "bridge"
+    model = tiny(api, "mlp", d_vocab=p + 1, n_ctx=3)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, {}, ModAddDataset.random(p, 0.5, 0))
+    out = tmp_path / "auto"
+    argv = ["degeneracy", str(ckpt), "--out", str(out), "--api", api, "--quiet"]
+    argv += ["--chains", "2", "--steps", "40", "--burnin", "10", "--max-total-steps", "3000"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SGLDWarning)
+        assert cli.main(argv) == 0
+    report = DegeneracyReport.load(out / "report")
+    assert report.settings["calibration"]["max_total_steps"] == 3000
+    md = (out / "report.md").read_text()
+    for s in [*report.sections, report.total]:
+        assert s.calibration is not None and s.calibration.steps_used <= 3000
+        assert s.calibration.pilots and s.calibration.lengths
+        row = next(line for line in md.splitlines() if line.startswith(f"| {s.name} |"))
+        if s.converged:
+            assert s.llc is not None and s.n_eff <= s.upper_bound and s.llc.rhat <= 1.1
+            assert f"{s.llc.n_eff:.4g} ± " in row
+        else:
+            assert "not converged" in row and f"- {s.name}: not converged — " in md
+    job = json.loads((out / "job.json").read_text())
+    assert job["config"]["step_size"] is None

@@ -123,13 +123,37 @@ def _degeneracy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-data", type=int, default=None, help="data points (default: all / 64)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="LM tokens per row")
     p.add_argument("--probes", type=int, default=d.n_probes, help="probes per sequence for K")
-    p.add_argument("--step-size", type=float, default=d.step_size, help="SGLD ε")
+    p.add_argument(
+        "--step-size",
+        type=float,
+        default=None,
+        help="SGLD ε, run exactly (default: chosen per estimate by pilot chains)",
+    )
     p.add_argument("--gamma", type=float, default=d.gamma, help="SGLD localisation γ")
     p.add_argument("--nbeta", type=float, default=None, help="nβ (default: n / log n)")
     p.add_argument("--chains", type=int, default=d.chains)
     p.add_argument("--steps", type=int, default=d.steps, help="steps per chain, burn-in included")
     p.add_argument("--burnin", type=int, default=d.burnin)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="SGLD minibatch")
+    p.add_argument(
+        "--max-total-steps",
+        type=int,
+        default=d.max_total_steps,
+        help="calibration budget per estimate: SGLD steps of pilots and chains "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="calibration budget per estimate in seconds (default: none)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=d.max_steps,
+        help="most steps per chain when R-hat asks for longer chains (default: %(default)s)",
+    )
     p.add_argument(
         "--grid-step-sizes",
         type=float,
@@ -175,6 +199,9 @@ def run_degeneracy(args: argparse.Namespace) -> int:
         steps=args.steps,
         burnin=args.burnin,
         batch_size=args.batch_size,
+        max_total_steps=args.max_total_steps,
+        max_seconds=args.max_seconds,
+        max_steps=args.max_steps,
         sensitivity_step_sizes=tuple(args.grid_step_sizes),
         sensitivity_nbetas=tuple(args.grid_nbetas) if args.grid_nbetas else (None,),
         progress=not args.quiet,

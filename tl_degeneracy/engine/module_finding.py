@@ -26,7 +26,7 @@ from typing import Any, Literal
 import networkx as nx
 import torch
 
-from tl_degeneracy.viz.html import HtmlReprMixin
+from tl_degeneracy.engine.artifacts import Rendered
 
 Node = tuple[str, int]
 """A feature: (site name, feature index)."""
@@ -135,7 +135,7 @@ Labeller = Callable[[Node], str] | Mapping[Node, str]
 
 
 @dataclass
-class Modules(HtmlReprMixin):
+class Modules(Rendered):
     """A partition of features into modules, numbered by edge mass (module 0 holds the most),
     with Newman's Q of the network it was found on and the edge mass of each module."""
 

@@ -21,9 +21,13 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.degeneracy.llc import SGLDConfig
-from tl_degeneracy.engine.degeneracy.report import DegeneracyReport, degeneracy_report
-from tl_degeneracy.engine.degeneracy.sources import SourcesConfig
+from tl_degeneracy.engine.degeneracy import (
+    CalibrationConfig,
+    DegeneracyReport,
+    SGLDConfig,
+    SourcesConfig,
+    degeneracy_report,
+)
 
 LANGUAGE_MODELS = ("smollm2",)
 
@@ -46,7 +50,9 @@ class DegeneracyJobConfig:
     """Tokens per row of a language model (BOS first)."""
     n_probes: int = 16
     """Rademacher probes per sequence for the gradient source of wide outputs."""
-    step_size: float = 1e-4
+    step_size: float | None = None
+    """SGLD step size; None chooses it per estimate (`calibrated_llc`), a number runs exactly
+    it (no calibration)."""
     gamma: float = 100.0
     nbeta: float | None = None
     """nβ; default n / log n."""
@@ -55,6 +61,13 @@ class DegeneracyJobConfig:
     burnin: int = 100
     batch_size: int = 512
     seed: int = 0
+    max_total_steps: int = CalibrationConfig.max_total_steps
+    """Calibration budget per estimate: SGLD steps over all pilots and chains."""
+    max_seconds: float | None = None
+    """Calibration budget per estimate in seconds (None: steps only for modular addition,
+    1,800 s for a language model, where one SGLD step can take a second)."""
+    max_steps: int = CalibrationConfig.max_steps
+    """Most steps per chain when R-hat asks for longer chains."""
     sensitivity_step_sizes: tuple[float, ...] = ()
     """Re-estimate the total's λ̂ at these step sizes (empty: no sensitivity grid)."""
     sensitivity_nbetas: tuple[float | None, ...] = (None,)
@@ -106,7 +119,7 @@ def run_degeneracy_job(config: DegeneracyJobConfig, out: str | Path) -> Degenera
     )
     beta = None if config.nbeta is None else config.nbeta / tokens.shape[0]
     sgld = SGLDConfig(
-        step_size=config.step_size,
+        step_size=config.step_size or SGLDConfig.step_size,
         gamma=config.gamma,
         beta=beta,
         n_chains=config.chains,
@@ -115,6 +128,13 @@ def run_degeneracy_job(config: DegeneracyJobConfig, out: str | Path) -> Degenera
         batch_size=config.batch_size,
         seed=config.seed,
     )
+    calibration = None
+    if config.step_size is None:
+        calibration = CalibrationConfig(
+            max_total_steps=config.max_total_steps,
+            max_seconds=config.max_seconds if config.max_seconds or not lm else 1800.0,
+            max_steps=config.max_steps,
+        )
     loaded = time.perf_counter() - wall
     report = degeneracy_report(
         model,
@@ -127,6 +147,7 @@ def run_degeneracy_job(config: DegeneracyJobConfig, out: str | Path) -> Degenera
         sensitivity_step_sizes=config.sensitivity_step_sizes,
         sensitivity_nbetas=config.sensitivity_nbetas,
         progress=config.progress,
+        calibration=calibration,
     )
     report.save(out / "report")
     report.save_html(out / "report.html")
@@ -135,7 +156,12 @@ def run_degeneracy_job(config: DegeneracyJobConfig, out: str | Path) -> Degenera
         "wall_s": time.perf_counter() - wall,
         "cpu_s": time.process_time() - cpu,
         "load_s": loaded,
-        "sgld_s": {s.name: s.llc.seconds for s in [*report.sections, report.total] if s.llc},
+        "sgld_s": {
+            s.name: s.calibration.seconds if s.calibration else s.llc.seconds
+            for s in [*report.sections, report.total]
+            if s.llc
+        },
+        "cpu_count": os.cpu_count(),
         "sensitivity_s": [r.seconds for r in report.sensitivity],
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0],

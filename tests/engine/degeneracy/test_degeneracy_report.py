@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 
 import pytest
@@ -50,7 +51,30 @@ def test_report_covers_every_parameter(report, tiny, api):
         assert s.upper_bound == s.n_params - s.free["total"]
         assert s.llc is not None and s.llc.loss_traces.shape == (2, 30)
         assert len(s.bound_curve) == len(report.eps_grid)
-    assert report.modularity is not None
+    every = [*report.sections, report.total]
+    assert (report.additivity is not None) == all(s.converged for s in every)
+
+
+def test_an_estimate_that_is_not_a_result_is_not_shown(report):
+    """Unconverged, diverged, or above the bound: the table says "not converged", the notes
+    say why and give the setting; N_eff is NaN. A result is shown with its error."""
+    section = report.sections[2]
+    section.llc.rhat = 1.5
+    section.upper_bound = int(section.llc.n_eff) + 1000
+    assert not section.converged and math.isnan(section.n_eff)
+    row = next(r for r in report.rows() if r["section"] == section.name)
+    assert row["SGLD N_eff = 2λ̂"] == "not converged"
+    (note,) = [n for n in report.notes() if n.startswith(section.name)]
+    assert "R-hat 1.500 > 1.1" in note and f"ε = {section.llc.config.step_size:g}" in note
+    section.llc.rhat = 1.0
+    section.llc.llc_se = 0.1
+    section.upper_bound = int(section.llc.n_eff) - 1
+    assert "above the bound" in section.note()
+    section.upper_bound = int(section.llc.n_eff) + 1
+    if section.llc.llc >= 0 and not bool(section.llc.diverged.any()):
+        assert section.converged and section.note() is None
+        row = next(r for r in report.rows() if r["section"] == section.name)
+        assert row["SGLD N_eff = 2λ̂"].startswith(f"{section.llc.n_eff:.4g} ± ")
 
 
 def test_save_load_round_trip(report, tmp_path):

@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from tl_degeneracy.engine.compat import hooked_state_dict
-from tl_degeneracy.engine.degeneracy.sources import (
-    SourcesConfig,
+from tl_degeneracy.engine.degeneracy.groups import pattern_groups, switch_pattern
+from tl_degeneracy.engine.degeneracy.measure import measure_sources
+from tl_degeneracy.engine.degeneracy.sources import SourcesConfig
+from tl_degeneracy.engine.degeneracy.spectra import (
     joint_free_weights,
-    measure_sources,
     null_directions,
     nullity,
     nullity_curve,
-    pattern_groups,
-    switch_pattern,
 )
 
 

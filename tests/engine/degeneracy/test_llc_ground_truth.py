@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from tl_degeneracy.engine.degeneracy.additivity import additivity
+from tl_degeneracy.engine.degeneracy.config import SGLDConfig
 from tl_degeneracy.engine.degeneracy.ground_truth import (
     deep_linear_network,
     deep_linear_problem,
@@ -20,12 +22,10 @@ from tl_degeneracy.engine.degeneracy.ground_truth import (
     quartic_problem,
     reduced_rank_regression,
 )
-from tl_degeneracy.engine.degeneracy.llc import (
-    SGLDConfig,
-    estimate_llc,
-    modularity,
-    temperature_fit,
-)
+from tl_degeneracy.engine.degeneracy.parameters import matches
+from tl_degeneracy.engine.degeneracy.problems import FunctionProblem
+from tl_degeneracy.engine.degeneracy.sgld import estimate_llc
+from tl_degeneracy.engine.degeneracy.temperature import temperature_fit
 
 FULL = 10**9  # batch size ≥ n: full-batch gradients
 
@@ -147,8 +147,6 @@ def test_independent_modules_add_their_llc():
     n = n_for_nbeta(100.0)
 
     def make_problem(param_filter):
-        from tl_degeneracy.engine.degeneracy.llc import FunctionProblem, matches
-
         keep = torch.tensor([matches(param_filter, x) for x in names])
 
         def loss(w, idx):
@@ -170,7 +168,7 @@ def test_independent_modules_add_their_llc():
     cfg = SGLDConfig(
         step_size=1e-3, gamma=1.0, n_chains=128, n_steps=2_000, n_burnin=500, batch_size=FULL
     )
-    result = modularity(make_problem, {"pair0": ["w0", "w1"], "pair1": ["w2", "w3"]}, cfg)
+    result = additivity(make_problem, {"pair0": ["w0", "w1"], "pair1": ["w2", "w3"]}, cfg)
     assert result.whole.n_params == 4
     assert abs(result.gap) < 4 * result.gap_se + 0.02
     assert result.ratio == pytest.approx(1.0, abs=0.1)

@@ -6,17 +6,13 @@ import pytest
 import torch
 
 from tl_degeneracy.engine.compat import available_apis, build_model, hooked_state_dict
+from tl_degeneracy.engine.degeneracy.calibration import calibrate_step_size
+from tl_degeneracy.engine.degeneracy.config import SGLDConfig, SGLDWarning
+from tl_degeneracy.engine.degeneracy.diagnostics import split_rhat
 from tl_degeneracy.engine.degeneracy.ground_truth import linear_regression_problem, quartic_problem
-from tl_degeneracy.engine.degeneracy.llc import (
-    ModelProblem,
-    SGLDConfig,
-    SGLDWarning,
-    calibrate_step_size,
-    estimate_llc,
-    model_llc,
-    select_parameters,
-    split_rhat,
-)
+from tl_degeneracy.engine.degeneracy.parameters import select_parameters, state_dict_parameters
+from tl_degeneracy.engine.degeneracy.problems import ModelProblem
+from tl_degeneracy.engine.degeneracy.sgld import estimate_llc, model_llc
 
 FAST = SGLDConfig(step_size=1e-4, gamma=100.0, n_chains=2, n_steps=40, n_burnin=10, batch_size=32)
 
@@ -104,8 +100,6 @@ def test_model_problem_restores_the_model_and_matches_autograd(api, tiny, tokens
 
 
 def _by_name(model):
-    from tl_degeneracy.engine.degeneracy.llc import state_dict_parameters
-
     return state_dict_parameters(model).items()
 
 
@@ -213,7 +207,7 @@ def test_written_out_forward_gives_the_model_loss_and_gradient(api, tiny, tokens
         torch.testing.assert_close(a[1], b[1], rtol=1e-9, atol=1e-13)
 
 
-@pytest.mark.filterwarnings("ignore::tl_degeneracy.engine.degeneracy.llc.SGLDWarning")
+@pytest.mark.filterwarnings("ignore::tl_degeneracy.engine.degeneracy.config.SGLDWarning")
 @pytest.mark.parametrize("batched", [True, False])
 def test_progress_bar_counts_every_step_and_leaves_the_result_unchanged(
     batched, capsys, monkeypatch

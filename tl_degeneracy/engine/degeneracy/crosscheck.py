@@ -4,7 +4,8 @@ devinterp (an optional dependency: `pip install -e ".[compare]"`) samples a plai
 on a `datasets.Dataset`. `devinterp_llc` gives it our behavioural loss — KL of the read
 position's softmax against the trained model's — and our hyperparameters (`SGLDConfig`: ε, γ,
 nβ, chains, steps and burn-in, batch size), so that the two estimates differ only by the
-samplers. Used by `benchmarks/llc_vs_devinterp.py` and `tests/degeneracy/test_against_devinterp.py`.
+samplers. Used by `benchmarks/llc_vs_devinterp.py` and
+`tests/engine/degeneracy/test_against_devinterp.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.degeneracy.llc import SGLDConfig
+from tl_degeneracy.engine.degeneracy.config import SGLDConfig
 
 
 @dataclass(frozen=True)

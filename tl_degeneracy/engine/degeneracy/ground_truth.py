@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_degeneracy.engine.degeneracy.llc import FunctionProblem
+from tl_degeneracy.engine.degeneracy.problems import FunctionProblem
 
 
 @dataclass(frozen=True)

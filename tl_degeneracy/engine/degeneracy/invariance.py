@@ -103,6 +103,50 @@ class PlantedModules:
     def logit_module(self, index: int) -> int:
         return index // self.config.logits_per_module
 
+    def parameter_masks(self, module: int) -> dict[str, Tensor]:
+        """The weights module `module` owns (its residual block, head, neurons and logits),
+        as masks over the HookedTransformer's parameters; the cross-module weights (zero)
+        belong to no module. Independent modules: their learning coefficients add."""
+        from tl_degeneracy.engine.compat import is_bridge
+
+        if is_bridge(self.model):
+            raise ValueError("parameter masks use HookedTransformer names: build with api='hooked'")
+        c, i = self.config, module
+        res = torch.zeros(c.d_model, dtype=torch.bool)
+        res[i * c.width : (i + 1) * c.width] = True
+        neurons = torch.zeros(c.n_modules * c.mlp_width, dtype=torch.bool)
+        neurons[i * c.mlp_width : (i + 1) * c.mlp_width] = True
+        head = torch.zeros(c.n_modules, dtype=torch.bool)
+        head[i] = True
+        logits = torch.zeros(c.n_modules * c.logits_per_module, dtype=torch.bool)
+        logits[i * c.logits_per_module : (i + 1) * c.logits_per_module] = True
+        every = torch.ones(c.width, dtype=torch.bool)
+
+        def outer(*axes: Tensor) -> Tensor:
+            out = axes[0]
+            for ax in axes[1:]:
+                out = out[..., None] & ax
+            return out
+
+        masks = {
+            "embed.W_E": outer(torch.ones(c.d_vocab, dtype=torch.bool), res),
+            "pos_embed.W_pos": outer(torch.ones(1, dtype=torch.bool), res),
+            "unembed.W_U": outer(res, logits),
+            "unembed.b_U": logits,
+        }
+        for layer in range(c.n_layers):
+            p = f"blocks.{layer}."
+            for x in "QKV":
+                masks[f"{p}attn.W_{x}"] = outer(head, res, every)
+                masks[f"{p}attn.b_{x}"] = outer(head, every)
+            masks[f"{p}attn.W_O"] = outer(head, every, res)
+            masks[f"{p}attn.b_O"] = res
+            masks[f"{p}mlp.W_in"] = outer(res, neurons)
+            masks[f"{p}mlp.b_in"] = neurons
+            masks[f"{p}mlp.W_out"] = outer(neurons, res)
+            masks[f"{p}mlp.b_out"] = res
+        return masks
+
 
 def _block_diagonal(blocks: Sequence[Tensor]) -> Tensor:
     return torch.block_diag(*blocks)

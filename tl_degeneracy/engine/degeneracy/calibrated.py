@@ -1,0 +1,309 @@
+"""An SGLD estimate that chooses its own step size and chain length: what the degeneracy
+report runs when no step size is given.
+
+1. Pilots, from the largest candidate step size ε down: 2 chains of `pilot_steps` steps at ε,
+   and 2 chains at the next smaller ε' for the same Langevin time `ε × pilot_steps` (so more
+   steps). Chains that follow the same diffusion for the same time estimate the same quantity
+   whatever their step size as long as the discretisation is fine, even before they have
+   converged; so two pilots that agree say that ε is small enough. A pilot is stable when no
+   chain diverged, λ̂ is finite and non-negative, and N_eff is not clearly (3 standard
+   errors) above the section's bound `N − free`. Runs are reused:
+   the pilot at ε' run for a pair is the start of its own pair's pilot (continued chains give
+   the same traces as one longer run).
+2. The chosen step size is the largest one whose pilot is stable and agrees with the pilot at
+   the next smaller step size (relative difference at most `tolerance`).
+3. The estimate: `SGLDConfig.n_chains` chains of `SGLDConfig.n_steps` steps at that step size,
+   continued to twice their length while the split R-hat is above `rhat_max`, up to
+   `max_steps` per chain and within the budget (`max_total_steps`, `max_seconds`). If its
+   chains diverge or disagree, the next smaller stable step size is tried.
+
+The result says whether the estimate is a result and, when it is not, why, with the best
+stable setting found (`CalibratedLLC.reasons`, `CalibratedLLC.result`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from tl_degeneracy.engine.degeneracy.config import CalibrationConfig, SGLDConfig, SGLDWarning
+from tl_degeneracy.engine.degeneracy.diagnostics import LLCResult
+from tl_degeneracy.engine.degeneracy.problems import LLCProblem
+from tl_degeneracy.engine.degeneracy.sgld import continue_llc, estimate_llc
+
+
+@dataclass(frozen=True)
+class Pilot:
+    """One pilot run of the calibration, as a row."""
+
+    step_size: float
+    n_steps: int
+    llc: float
+    llc_se: float
+    diverged: int
+    stable: bool
+    agrees_with_next: bool | None = None
+    """Whether λ̂ agrees with the pilot at the next smaller step size (None: not compared)."""
+
+
+@dataclass
+class CalibratedLLC:
+    """A calibrated SGLD estimate: the pilots, the chosen step size, the chains' lengths and
+    the estimate itself; `reasons` is empty when the estimate is a result."""
+
+    result: LLCResult | None
+    """The estimate (at the chosen step size or, when none passed, at the best stable setting
+    found; None when no pilot was stable)."""
+    pilots: list[Pilot]
+    chosen: float | None
+    """The step size that passed the calibration (or a smaller one that its pilot agreed
+    with, when the chains diverged or disagreed at it); None: none passed."""
+    lengths: list[tuple[int, float]] = field(default_factory=list)
+    """(steps per chain, R-hat) after each length the chains were run to."""
+    bound: float | None = None
+    """The section's `N − free`, if known."""
+    tolerance: float = 0.2
+    """`CalibrationConfig.tolerance`: half of it is the largest standard error of the
+    estimate relative to λ̂ (chains that agree)."""
+    steps_used: int = 0
+    """SGLD steps over all pilots and chains."""
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    """What happened on the way (step sizes given up, budget reached)."""
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the estimate is not a result (empty: it is)."""
+        if self.result is None:
+            return [*self.notes] or ["no stable step size"]
+        out = [] if self.chosen is not None else ["no step size passed the calibration"]
+        out += self.result.unconverged_reasons(self.bound)
+        r = self.result
+        if math.isfinite(r.llc) and not r.llc_se <= self.tolerance / 2 * abs(r.llc):
+            out.append(f"the chains disagree (se {r.llc_se:.3g} > {self.tolerance / 2:g} × λ̂)")
+        return out
+
+    @property
+    def converged(self) -> bool:
+        return not self.reasons
+
+    def table(self) -> list[dict[str, str]]:
+        """The pilots as rows of strings."""
+        return [
+            {
+                "ε": f"{p.step_size:g}",
+                "steps": str(p.n_steps),
+                "N_eff = 2λ̂": f"{2 * p.llc:.4g} ± {2 * p.llc_se:.2g}",
+                "diverged": str(p.diverged),
+                "stable": "yes" if p.stable else "no",
+                "agrees with next": {None: "—", True: "yes", False: "no"}[p.agrees_with_next],
+            }
+            for p in self.pilots
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the estimate (saved with its section)."""
+        return {
+            "pilots": [asdict(p) for p in self.pilots],
+            "chosen": self.chosen,
+            "lengths": [list(x) for x in self.lengths],
+            "bound": self.bound,
+            "tolerance": self.tolerance,
+            "steps_used": self.steps_used,
+            "seconds": self.seconds,
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_json(cls, meta: dict[str, Any], result: LLCResult | None) -> CalibratedLLC:
+        return cls(
+            result,
+            [Pilot(**p) for p in meta["pilots"]],
+            meta["chosen"],
+            [(int(a), float(b)) for a, b in meta["lengths"]],
+            meta["bound"],
+            meta["tolerance"],
+            meta["steps_used"],
+            meta["seconds"],
+            list(meta["notes"]),
+        )
+
+
+class _Budget:
+    """SGLD steps and seconds left to one calibrated estimate."""
+
+    def __init__(self, cal: CalibrationConfig):
+        self.cal, self.start, self.steps, self.sampling = cal, time.perf_counter(), 0, 0.0
+
+    def allows(self, steps: int, reserve: int = 0) -> bool:
+        """Whether `steps` more fit, keeping `reserve` steps for later."""
+        if self.steps + steps + reserve > self.cal.max_total_steps:
+            return False
+        if self.cal.max_seconds is None or self.steps == 0:
+            return True
+        per_step = self.sampling / self.steps
+        left = self.cal.max_seconds - (time.perf_counter() - self.start)
+        return (steps + reserve) * per_step <= left
+
+    def spend(self, steps: int, seconds: float) -> None:
+        self.steps += steps
+        self.sampling += seconds
+
+
+class _Pilots:
+    """Pilot chains per step size, run as long as the longest window asked of them."""
+
+    def __init__(
+        self, problem: LLCProblem, cfg: SGLDConfig, cal: CalibrationConfig, budget: _Budget
+    ):
+        self.problem, self.cfg, self.cal, self.budget = problem, cfg, cal, budget
+        self.runs: dict[float, LLCResult] = {}
+
+    def window(self, eps: float, n: int, bound: float | None) -> Pilot | None:
+        """λ̂ of the pilot at `eps` over its first `n` steps (the first quarter dropped);
+        None when the budget does not allow the steps."""
+        have = self.runs.get(eps)
+        done = have.config.n_steps if have is not None else 0
+        if done < n:
+            reserve = self.cfg.n_chains * self.cfg.n_steps  # the estimate's first chains
+            if not self.budget.allows(self.cal.pilot_chains * (n - done), reserve):
+                return None
+            if have is None:
+                run = replace(
+                    self.cfg, step_size=eps, n_chains=self.cal.pilot_chains, n_steps=n, n_burnin=0
+                )
+                have = estimate_llc(self.problem, run, warn=False)
+            else:
+                seconds = have.seconds
+                have = continue_llc(self.problem, have, n - done, n_burnin=0, warn=False)
+                have.seconds -= seconds
+            self.budget.spend(self.cal.pilot_chains * (n - done), have.seconds)
+            self.runs[eps] = have
+        assert have is not None
+        post = have.loss_traces[:, n // 4 : n]
+        per_chain = have.nbeta * (post.mean(1) - have.loss_at_star)
+        diverged = int((~per_chain.isfinite()).sum())
+        llc = float(per_chain.mean())
+        se = float(per_chain.std() / math.sqrt(len(per_chain))) if len(per_chain) > 1 else 0.0
+        above = bound is not None and 2 * (llc - 3 * se) > bound  # clearly above the bound
+        stable = diverged == 0 and math.isfinite(llc) and llc >= 0 and not above
+        return Pilot(eps, n, llc, se, diverged, stable)
+
+
+def calibrated_llc(
+    problem: LLCProblem,
+    config: SGLDConfig | None = None,
+    calibration: CalibrationConfig | None = None,
+    bound: float | None = None,
+    progress: bool = False,
+    largest: float | None = None,
+) -> CalibratedLLC:
+    """λ̂ with the step size chosen by pilot chains and the chains run until R-hat is at most
+    `config.rhat_max` (within the budget); `config.step_size` is ignored. `bound` (a section's
+    `N − free`) marks pilots and estimates above it as unstable. `largest` skips candidate
+    step sizes above it (the whole model is no more stable than its stiffest section). Warns
+    (`SGLDWarning`) once when the estimate is not a result, with the reasons."""
+    cfg = config or SGLDConfig()
+    cal = calibration or CalibrationConfig()
+    budget = _Budget(cal)
+    pilots = _Pilots(problem, cfg, cal, budget)
+    grid = sorted({e for e in cal.step_sizes if largest is None or e <= largest}, reverse=True)
+    rows: list[Pilot] = []
+    notes: list[str] = []
+    chosen: float | None = None
+    stable: list[float] = []
+    for i, eps in enumerate(grid):
+        here = pilots.window(eps, cal.pilot_steps, bound)
+        if here is None:
+            notes.append(f"the budget ended the calibration before ε = {eps:g}")
+            break
+        if not here.stable or i + 1 == len(grid):
+            rows.append(here)
+            stable += [eps] if here.stable else []
+            continue
+        stable.append(eps)
+        smaller = grid[i + 1]
+        below = pilots.window(smaller, round(cal.pilot_steps * eps / smaller), bound)
+        if below is None:
+            rows.append(here)
+            notes.append(f"the budget ended the calibration before ε = {smaller:g}")
+            break
+        agrees = below.stable and abs(here.llc - below.llc) <= cal.tolerance * abs(below.llc)
+        rows += [replace(here, agrees_with_next=agrees), below]
+        if agrees:
+            chosen = eps
+            stable.append(smaller)
+            break
+    if chosen is None and not notes:
+        notes.append(
+            f"no step size in {', '.join(f'{e:g}' for e in grid)} gave a stable pilot that "
+            "agrees with the next smaller one"
+        )
+    out = CalibratedLLC(None, rows, chosen, bound=bound, tolerance=cal.tolerance, notes=notes)
+    # the estimate: the chosen step size (else the smallest stable one), then the next smaller
+    # stable one while the chains diverge, disagree or exceed the bound
+    candidates = [e for e in stable if e <= chosen] if chosen is not None else stable[-1:]
+    for eps in candidates:
+        out.chosen = eps if chosen is not None else None
+        run = replace(cfg, step_size=eps)
+        out.result = _run_to_convergence(problem, run, cal, budget, out, progress)
+        why = _unstable(out.result, cal, bound) if out.result is not None else ""
+        if not why:
+            break
+        out.notes.append(f"at ε = {eps:g} {why}: a smaller step size was tried")
+    out.steps_used = budget.steps
+    out.seconds = time.perf_counter() - budget.start
+    if out.reasons:
+        warnings.warn(
+            f"SGLD estimate not converged ({problem.n_params:,} parameters): "
+            + "; ".join(out.reasons),
+            SGLDWarning,
+            stacklevel=2,
+        )
+    return out
+
+
+def _unstable(result: LLCResult, cal: CalibrationConfig, bound: float | None) -> str:
+    """Why the chains need a smaller step size rather than more steps ("" if they do not):
+    they diverged, disagree (standard error above half the tolerance × λ̂) or exceed the
+    bound."""
+    if bool(result.diverged.any()) or not math.isfinite(result.llc):
+        return f"{int(result.diverged.sum())} of {len(result.diverged)} chains diverged"
+    if not result.llc_se <= cal.tolerance / 2 * abs(result.llc):
+        return f"the chains disagreed (λ̂ = {result.llc:.4g} ± {result.llc_se:.2g})"
+    if bound is not None and result.n_eff > bound:
+        return f"N_eff {result.n_eff:,.0f} exceeded the bound {bound:,.0f}"
+    return ""
+
+
+def _run_to_convergence(
+    problem: LLCProblem,
+    cfg: SGLDConfig,
+    cal: CalibrationConfig,
+    budget: _Budget,
+    out: CalibratedLLC,
+    progress: bool = False,
+) -> LLCResult | None:
+    """Chains at `cfg`, doubled in length while R-hat asks for it and the budget allows."""
+    if not budget.allows(cfg.n_chains * cfg.n_steps):
+        out.notes.append(f"the budget left no room for the estimate at ε = {cfg.step_size:g}")
+        return None
+    result = estimate_llc(problem, cfg, progress, warn=False)
+    budget.spend(cfg.n_chains * cfg.n_steps, result.seconds)
+    out.lengths = [(cfg.n_steps, result.rhat)]
+    while not result.rhat <= cfg.rhat_max and not _unstable(result, cal, out.bound):
+        more = result.config.n_steps
+        if result.config.n_steps + more > cal.max_steps:
+            out.notes.append(f"R-hat still above {cfg.rhat_max:g} at {cal.max_steps} steps")
+            break
+        if not budget.allows(cfg.n_chains * more):
+            out.notes.append("the budget stopped the chains from running longer")
+            break
+        before = result.seconds
+        result = continue_llc(problem, result, more, progress=progress, warn=False)
+        budget.spend(cfg.n_chains * more, result.seconds - before)
+        out.lengths.append((result.config.n_steps, result.rhat))
+    return result
