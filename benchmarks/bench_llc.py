@@ -6,7 +6,7 @@
 Times tl_degeneracy's sampler (behavioural KL at the last position, float32, ε = 1e-4,
 γ = 100, nβ = n / log n on the 3,830 training inputs) through its written-out forward
 (`PlainModel`, the default for models without normalisation) and through the model's own
-forward (`ModelProblem(fast=False)`), and, when a Python with `devinterp`
+forward (`ModelProblem` built under `autograd_only()`), and, when a Python with `devinterp`
 is given, devinterp's `sample` on the same model, loss and hyperparameters. Each repeat
 runs two chain lengths and reports (steps₂ − steps₁) / (time₂ − time₁), so set-up (reference
 outputs, initial loss) is not counted. Prints the median over repeats. Repeats of the two
@@ -16,6 +16,7 @@ samplers are interleaved, so a busy machine slows both alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -94,7 +95,10 @@ def ours(steps: tuple[int, int], threads: int, fast: bool = True) -> float:
     exec(LOAD, namespace)
     model, tokens, train = namespace["load"](REFERENCE)
     torch.set_num_threads(threads)
-    problem = ModelProblem(model, tokens[train], fast=fast)
+    from tl_degeneracy.engine.structures import autograd_only
+
+    with contextlib.nullcontext() if fast else autograd_only():
+        problem = ModelProblem(model, tokens[train])
     times = []
     for s in steps:
         cfg = SGLDConfig(STEP_SIZE, GAMMA, n_chains=1, n_steps=s, n_burnin=0, batch_size=BATCH)

@@ -162,11 +162,19 @@ def test_stochastic_estimates_are_reproducible_on_device(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_sgld_on_device(device):
-    from tl_degeneracy.engine.degeneracy import ModelProblem, SGLDConfig, estimate_llc
+    """Chains on the model's device (noise drawn there): finite, the same seed gives the same
+    traces, and continuing a run equals one longer run (to rounding: CUDA's embedding
+    backward adds in any order)."""
+    from tl_degeneracy.engine.degeneracy import ModelProblem, SGLDConfig, continue_llc, estimate_llc
 
     _, dev = _pair("mlp", device)
     toks = random_tokens(dev, 64, seed=1).to(device)
     problem = ModelProblem(dev, toks)
     cfg = SGLDConfig(step_size=1e-5, n_chains=2, n_steps=20, n_burnin=5, batch_size=32)
-    result = estimate_llc(problem, cfg)
-    assert torch.isfinite(torch.tensor(result.llc))
+    a, b = estimate_llc(problem, cfg, warn=False), estimate_llc(problem, cfg, warn=False)
+    assert torch.isfinite(a.loss_traces).all() and a.loss_traces.device.type == "cpu"
+    torch.testing.assert_close(a.loss_traces, b.loss_traces, rtol=1e-9, atol=1e-12)
+    short = estimate_llc(problem, SGLDConfig(**{**cfg.__dict__, "n_steps": 12}), warn=False)
+    longer = continue_llc(problem, short, 8, n_burnin=5, warn=False)
+    torch.testing.assert_close(longer.loss_traces, a.loss_traces, rtol=1e-9, atol=1e-12)
+    assert longer.llc == pytest.approx(a.llc, rel=1e-7)

@@ -13,6 +13,7 @@ from tl_degeneracy.engine.degeneracy.ground_truth import linear_regression_probl
 from tl_degeneracy.engine.degeneracy.parameters import select_parameters, state_dict_parameters
 from tl_degeneracy.engine.degeneracy.problems import ModelProblem
 from tl_degeneracy.engine.degeneracy.sgld import estimate_llc, model_llc
+from tl_degeneracy.engine.structures import autograd_only
 
 FAST = SGLDConfig(step_size=1e-4, gamma=100.0, n_chains=2, n_steps=40, n_burnin=10, batch_size=32)
 
@@ -108,9 +109,10 @@ def test_position_pruning_is_exact(tiny, tokens_for):
         pytest.skip("pruning applies to HookedTransformer only")
     model = tiny("hooked", "mlp")
     tokens = tokens_for(model, 30)
-    pruned = ModelProblem(model, tokens, positions="last", fast=False)
+    with autograd_only():
+        pruned = ModelProblem(model, tokens, positions="last")
+        full = ModelProblem(model, tokens, positions="last")
     assert pruned.hooks
-    full = ModelProblem(model, tokens, positions="last", fast=False)
     full.hooks = []
     assert torch.allclose(pruned.reference, full.reference, atol=1e-12)
     w = pruned.w_star * 1.01
@@ -176,11 +178,12 @@ def test_a_late_block_starts_from_the_cached_residual_stream(tiny, tokens_for):
 @pytest.mark.parametrize("n_layers", [1, 2])
 def test_written_out_forward_gives_the_model_loss_and_gradient(api, tiny, tokens_for, n_layers):
     """A plain model samples through `PlainModel` (fast); the loss and the flat gradient at
-    a moved point equal those of the model's own forward (fast=False)."""
+    a moved point equal those of the model's own forward (under `autograd_only()`)."""
     model = tiny(api, "mlp", n_layers=n_layers)
     tokens = tokens_for(model, 30)
     fast = ModelProblem(model, tokens)
-    slow = ModelProblem(model, tokens, fast=False)
+    with autograd_only():
+        slow = ModelProblem(model, tokens)
     assert fast.plain and not slow.plain
     torch.testing.assert_close(fast.reference, slow.reference, rtol=1e-12, atol=1e-12)
     w = fast.w_star + 0.05 * torch.randn(
@@ -196,7 +199,8 @@ def test_written_out_forward_gives_the_model_loss_and_gradient(api, tiny, tokens
     torch.testing.assert_close(grad_f, grad_s, rtol=1e-9, atol=1e-13)
     if n_layers == 2 and api == "hooked":  # a late block from the cached residual stream
         late = ModelProblem(model, tokens, params=r"^blocks\.1\.")
-        late_slow = ModelProblem(model, tokens, params=r"^blocks\.1\.", fast=False)
+        with autograd_only():
+            late_slow = ModelProblem(model, tokens, params=r"^blocks\.1\.")
         assert late.start_layer == 1 and late.plain
         v = late.w_star * 1.02
         with late.bind(v.clone()):

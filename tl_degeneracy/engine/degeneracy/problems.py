@@ -22,15 +22,19 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.compat import hooked_state_dict, is_bridge
+from tl_degeneracy.engine.compat import is_bridge
 from tl_degeneracy.engine.degeneracy.parameters import (
     ParamFilter,
     parameter_masks,
     select_parameters,
     state_dict_parameters,
 )
+from tl_degeneracy.engine.sections import Section
+from tl_degeneracy.engine.sites import LOGITS, Site
 from tl_degeneracy.engine.streaming import chunks
-from tl_degeneracy.engine.structures.plain import PlainModel, is_plain
+from tl_degeneracy.engine.structures import INPUTS, structure_of
+from tl_degeneracy.engine.structures.plain import PlainModel
+from tl_degeneracy.engine.structures.written_out import PlainForward
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Divergence = Literal["kl", "mse"]
@@ -116,21 +120,14 @@ class FunctionProblem(LLCProblem):
         return loss.detach(), grad
 
 
-def written_out_forward(model: nn.Module, fast: bool = True) -> Callable[[], PlainModel] | None:
-    """The forward the sampler runs instead of the model's own, or None for the model's own.
-
-    A plain model (no normalisation, see `structures.plain.is_plain`; modular addition) runs
-    `PlainModel`, read on every call from the model's own parameters (so it follows the views
-    `bind` points them at, on either API). `fast=False` always runs the model's forward."""
-    if not (fast and is_plain(model)):
-        return None
-
-    def forward() -> PlainModel:
-        plain = PlainModel.of(model, hooked_state_dict(model, keep_vars=True), dtype=None)
-        assert plain is not None
-        return plain
-
-    return forward
+def written_out_forward(model: nn.Module) -> Callable[[], PlainModel] | None:
+    """The forward the sampler runs instead of the model's own, or None for the model's own:
+    the whole model's structure (`structure_of(model, Section(INPUTS, logits))`) decides. A
+    plain model (no normalisation; modular addition) runs `PlainForward.written_out`, read on
+    every call from the model's own parameters (so it follows the views `bind` points them
+    at, on either API); under `autograd_only()` every model runs its own forward."""
+    structure = structure_of(model, Section(INPUTS, Site(LOGITS)))
+    return structure.written_out if isinstance(structure, PlainForward) else None
 
 
 class ModelProblem(LLCProblem):
@@ -144,10 +141,10 @@ class ModelProblem(LLCProblem):
     otherwise recomputed at w* for every batch.
 
     Speed: a plain model runs its written-out forward (`written_out_forward`), the last block
-    at the read positions only (`fast=False` runs the model's own forward instead; tests hold
-    the two equal). Otherwise, when only some positions are read, a HookedTransformer runs its
-    last MLP and the unembedding at those positions only (the residual stream is cut to them
-    after the last attention layer).
+    at the read positions only (within `autograd_only()` the model's own forward runs
+    instead; tests hold the two equal). Otherwise, when only some positions are read, a
+    HookedTransformer runs its last MLP and the unembedding at those positions only (the
+    residual stream is cut to them after the last attention layer).
     """
 
     def __init__(
@@ -159,7 +156,6 @@ class ModelProblem(LLCProblem):
         divergence: Divergence = "kl",
         cache_limit: int = 50_000_000,
         chunk_size: int = 1024,
-        fast: bool = True,
     ):
         if divergence not in ("kl", "mse"):
             raise ValueError(f"divergence must be 'kl' or 'mse', got {divergence!r}")
@@ -193,7 +189,7 @@ class ModelProblem(LLCProblem):
         else:
             self.pos = torch.tensor([p % n_pos for p in positions])
         self.chunk_size = chunk_size
-        self.written_out = written_out_forward(model, fast)
+        self.written_out = written_out_forward(model)
         self.hooks: list[tuple[str, Callable]] = []
         cfg: Any = model.cfg
         hook_dict: Any = model.hook_dict
