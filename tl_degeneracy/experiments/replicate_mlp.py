@@ -18,12 +18,11 @@ from typing import Any, Literal
 import torch
 
 from tl_degeneracy.engine.ablation import evaluate, node_ablation_curve
-from tl_degeneracy.engine.edge_ablation import edges_required
 from tl_degeneracy.engine.edges import interaction_graph
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.sites import Site
 from tl_degeneracy.engine.statistics import collect_statistics
-from tl_degeneracy.experiments.replicate_modadd import write_plots
+from tl_degeneracy.experiments.replicate_modadd import section_edges_required, write_plots
 from tl_degeneracy.models.digits.checkpoints import SEEDS, checkpoint_dir, load_checkpoint
 from tl_degeneracy.models.digits.model import DigitsMLP
 
@@ -120,29 +119,9 @@ def replicate_checkpoint(
         for kind, basis in bases.items()
     }
     laps.lap("edges")
-    for name in graphs["lib"].sections:
-        result["sections"][name] = {}
-        for kind, graph in graphs.items():
-            sec = graph[name]
-            abl = edges_required(
-                model,
-                test_x,
-                sec,
-                bases[kind][sec.section.inp.name],
-                bases[kind][sec.section.out.name],
-                metric,
-                edge_tolerance,
-                baseline=baseline,
-                batch_size=BATCH,
-            )
-            result["sections"][name][kind] = {
-                "edges_required": abl.edges_required,
-                "total_edges": sec.total_edges,
-                "edges_for_99pct_weight": sec.edges_for_fraction(0.99),
-                "method": sec.method,
-                "accuracy_by_n": {str(k): v for k, v in sorted(abl.scores.items())},
-            }
-            log(f"  {name} {kind}: edges required {abl.edges_required} of {sec.total_edges}")
+    result["sections"] = section_edges_required(
+        model, test_x, graphs, bases, metric, edge_tolerance, baseline, BATCH, log
+    )
     laps.lap("edge_ablation")
 
     result["timings_s"], result["cpu_timings_s"] = laps.wall, laps.cpu

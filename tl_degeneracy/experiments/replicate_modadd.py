@@ -12,11 +12,17 @@ from typing import Any, Literal
 
 import torch
 
-from tl_degeneracy.engine.ablation import evaluate, last_position_accuracy, node_ablation_curve
+from tl_degeneracy.engine.ablation import (
+    Metric,
+    evaluate,
+    last_position_accuracy,
+    node_ablation_curve,
+)
 from tl_degeneracy.engine.attach import site_features
+from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.compat import API
 from tl_degeneracy.engine.edge_ablation import edges_required
-from tl_degeneracy.engine.edges import interaction_graph
+from tl_degeneracy.engine.edges import InteractionGraph, interaction_graph
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.modularity import REFERENCE_MODULES, ModuleConfig, find_modules
 from tl_degeneracy.engine.statistics import collect_statistics
@@ -129,29 +135,9 @@ def replicate_checkpoint(
         for kind, basis in bases.items()
     }
     t = lap("edges", t)
-    for name in graphs["lib"].sections:
-        result["sections"][name] = {}
-        for kind, graph in graphs.items():
-            sec = graph[name]
-            b_in, b_out = bases[kind][sec.section.inp], bases[kind][sec.section.out]
-            abl = edges_required(
-                model,
-                test,
-                sec,
-                b_in,
-                b_out,
-                metric,
-                edge_tolerance,
-                baseline=baseline,
-                batch_size=ABLATION_BATCH,
-            )
-            result["sections"][name][kind] = {
-                "edges_required": abl.edges_required,
-                "total_edges": sec.total_edges,
-                "edges_for_99pct_weight": sec.edges_for_fraction(0.99),
-                "accuracy_by_n": {str(k): v for k, v in sorted(abl.scores.items())},
-            }
-            log(f"  {name} {kind}: edges required {abl.edges_required} of {sec.total_edges}")
+    result["sections"] = section_edges_required(
+        model, test, graphs, bases, metric, edge_tolerance, baseline, ABLATION_BATCH, log
+    )
     t = lap("edge_ablation", t)
 
     for kind, graph in graphs.items():
@@ -297,6 +283,46 @@ def _summary(result: dict[str, Any], folder: Path) -> str:
     return (
         f"  baseline {result['baseline_test_accuracy']:.5f}, {result['total_s']} s, wrote {folder}"
     )
+
+
+def section_edges_required(
+    model: Any,
+    inputs: torch.Tensor,
+    graphs: dict[str, InteractionGraph],
+    bases: dict[str, BasisResult],
+    metric: Metric,
+    tolerance: float,
+    baseline: float,
+    batch_size: int,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Edges required (smallest edges ablated while the metric stays within `tolerance`) in
+    every section of every basis: the replications' rows, `{section: {basis: row}}`."""
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in graphs["lib"].sections:
+        rows[name] = {}
+        for kind, graph in graphs.items():
+            sec = graph[name]
+            abl = edges_required(
+                model,
+                inputs,
+                sec,
+                bases[kind][sec.section.inp],
+                bases[kind][sec.section.out],
+                metric,
+                tolerance,
+                baseline=baseline,
+                batch_size=batch_size,
+            )
+            rows[name][kind] = {
+                "edges_required": abl.edges_required,
+                "total_edges": sec.total_edges,
+                "edges_for_99pct_weight": sec.edges_for_fraction(0.99),
+                "method": sec.method,
+                "accuracy_by_n": {str(k): v for k, v in sorted(abl.scores.items())},
+            }
+            log(f"  {name} {kind}: edges required {abl.edges_required} of {sec.total_edges}")
+    return rows
 
 
 def write_plots(
