@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tl_degeneracy.engine.compat import (
     StopForward,
     frozen_parameters,
+    model_cfg,
     replace_hooks,
     run_with_hooks,
 )
@@ -155,7 +156,7 @@ def _offsets(model: nn.Module, site: Site, total: int) -> dict[str, int]:
     parts = site_parts(model, site)
     if len(parts) == 1:
         return {parts[0]: 0}
-    d_stream = int(model.cfg.d_model)  # type: ignore[union-attr]
+    d_stream = int(model_cfg(model).d_model)
     return {parts[0]: 0, parts[1]: total - d_stream}
 
 

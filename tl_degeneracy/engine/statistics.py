@@ -211,7 +211,7 @@ def add_to_statistics(
     flats = [act.reshape(-1, act.shape[-1]) for act in acts]
     groups: dict[tuple[int, int], list[int]] = {}
     for i, flat in enumerate(flats):
-        groups.setdefault(tuple(flat.shape), []).append(i)
+        groups.setdefault((int(flat.shape[0]), int(flat.shape[1])), []).append(i)
     parts = []
     for (n, _), idx in groups.items():
         if n == 0:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -285,11 +285,15 @@ def _summary(result: dict[str, Any], folder: Path) -> str:
     )
 
 
+Kind = TypeVar("Kind", bound=str)
+"""A basis kind ("lib", "pca", ...)."""
+
+
 def section_edges_required(
     model: Any,
     inputs: torch.Tensor,
-    graphs: dict[str, InteractionGraph],
-    bases: dict[str, BasisResult],
+    graphs: Mapping[Kind, InteractionGraph],
+    bases: Mapping[Kind, BasisResult],
     metric: Metric,
     tolerance: float,
     baseline: float,
@@ -299,7 +303,7 @@ def section_edges_required(
     """Edges required (smallest edges ablated while the metric stays within `tolerance`) in
     every section of every basis: the replications' rows, `{section: {basis: row}}`."""
     rows: dict[str, dict[str, dict[str, Any]]] = {}
-    for name in graphs["lib"].sections:
+    for name in next(iter(graphs.values())).sections:
         rows[name] = {}
         for kind, graph in graphs.items():
             sec = graph[name]

@@ -121,7 +121,7 @@ class Study:
             result.save(out / "bases" / kind)
         for kind, graph in self.graphs.items():
             graph.save(out / "graphs" / kind, basis_path=out / "bases" / kind)
-        curves = []
+        curves: list[dict[str, str]] = []
         for site, by_kind in self.curves.items():
             for kind, curve in by_kind.items():
                 folder = f"{len(curves):03d}_{kind}"

@@ -22,9 +22,10 @@ def report_inputs(study: Study, **fields: Any) -> Any:
     timings); `fields` sets any other (`attribution=`, views)."""
     from tl_degeneracy.viz.report import StudyReportInputs
 
+    graphs: dict[str, Any] = dict(study.graphs)  # the report takes their sections and modules
     return StudyReportInputs(
         bases=study.bases,
-        edges=dict(study.graphs),
+        edges=graphs,
         curves=study.curves,
         settings=jsonable(study.config),
         timings=dict(study.timings),

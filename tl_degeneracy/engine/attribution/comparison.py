@@ -42,6 +42,7 @@ from tl_degeneracy.engine.attribution.site_scores import SiteAttribution
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.capture import capture_sites
+from tl_degeneracy.engine.compat import model_cfg
 from tl_degeneracy.engine.identity import model_identity
 from tl_degeneracy.engine.sites import SiteLike, as_site, site_parts
 from tl_degeneracy.engine.streaming import iter_batches
@@ -67,7 +68,7 @@ def _first_part_width(model: nn.Module, site: Any, total: int) -> int:
     component (all but the stream's d_model)."""
     if len(site_parts(model, site)) == 1:
         return total
-    return total - int(model.cfg.d_model)  # type: ignore[union-attr]
+    return total - int(model_cfg(model).d_model)
 
 
 @dataclass

@@ -46,9 +46,9 @@ def transformer_form(model: nn.Module, section: Section) -> Form | None:
     if out == LOGITS:
         last = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
         if inp == last and plain:
-            sd = hooked_state_dict(model)
-            w_u = sd["unembed.W_U"]
-            b_u = sd.get("unembed.b_U", w_u.new_zeros(w_u.shape[1]))
+            state = hooked_state_dict(model)
+            w_u = state["unembed.W_U"]
+            b_u = state.get("unembed.b_U", w_u.new_zeros(w_u.shape[1]))
             return Affine(w_u.detach(), b_u.detach())
         return None
     if here is None:
