@@ -5,6 +5,10 @@ change of any block's weights shows)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,6 +68,40 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     return fields
 
 
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per model: the key of its weights when last read, and the digest and fingerprint then.
+Every result's metadata asks for them, and on a 135M-parameter model each costs about a CPU
+second: read once per state of the weights."""
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """What identifies the weights' current values cheaply: each tensor's storage, version
+    counter, dtype, device and shape, and a strided sample of its values (which also catches
+    writes through `.data`, which the version counter does not see)."""
+    meta, samples = [], []
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        meta.append((name, t.data_ptr(), t._version, str(t.dtype), str(t.device), tuple(t.shape)))
+        n = t.numel()
+        if n and t.ndim and t.is_floating_point():  # indexed, never copied (weights may be views)
+            at = torch.arange(0, n, max(1, n // 16), device=t.device)[:16]
+            samples.append(t.detach()[torch.unravel_index(at, t.shape)].to("cpu", torch.float64))
+    probe = torch.cat(samples).tolist() if samples else []
+    return tuple(meta), tuple(probe)
+
+
+def _cached(model: nn.Module, kind: str, compute: Callable[[nn.Module], Any]) -> Any:
+    key = _weights_key(model)
+    entry = _CACHE.get(model)
+    if entry is None or entry[0] != key:
+        entry = (key, {})
+        _CACHE[model] = entry
+    if kind not in entry[1]:
+        entry[1][kind] = compute(model)
+    return entry[1][kind]
+
+
 def weight_digest(model: nn.Module) -> str:
     """A digest of every weight, stable across the two APIs and across dtypes and devices.
 
@@ -72,32 +110,73 @@ def weight_digest(model: nn.Module) -> str:
     as a HookedTransformer or a Bridge, agree, and a change of any block's weights shows.
     """
     h = hashlib.sha256()
-    state = hooked_state_dict(model) if is_transformer(model) else model.state_dict()
-    for key in sorted(state):
-        t = state[key].detach()
-        if not t.is_floating_point():
-            continue
-        t = t.flatten().to(torch.float64)
-        stats = torch.stack([t.sum(), t.abs().sum(), (t * t).sum(), t[: min(64, t.numel())].sum()])
+    for key, (total, l1, l2sq, head, _) in _weight_sums(model).items():
         h.update(key.encode())
-        h.update(" ".join(f"{x:.5g}" for x in stats.tolist()).encode())
+        h.update(" ".join(f"{x:.5g}" for x in (total, l1, l2sq, head)).encode())
     return h.hexdigest()[:16]
 
 
 def weight_fingerprint(model: nn.Module) -> dict[str, list[float]]:
     """Per weight tensor (HookedTransformer names on either API): mean |w| and root mean
-    square, 6 significant digits. Cheap (one pass over the weights) and stable across APIs,
-    devices and dtypes up to their rounding."""
+    square, 6 significant digits. Stable across APIs, devices and dtypes up to their rounding."""
+    return {
+        key: [float(f"{l1 / n:.6g}"), float(f"{math.sqrt(l2sq / n):.6g}")]
+        for key, (_, l1, l2sq, _, n) in _weight_sums(model).items()
+        if n
+    }
+
+
+def _weight_sums(model: nn.Module) -> dict[str, tuple[float, float, float, float, int]]:
+    """Per floating-point weight tensor, sorted by name: Σw, Σ|w|, Σw², the sum of its first
+    64 entries and its size, in float64; read once per state of the weights (`_cached`)."""
+    return _cached(model, "sums", _read_weight_sums)
+
+
+def _read_weight_sums(model: nn.Module) -> dict[str, tuple[float, float, float, float, int]]:
     state = hooked_state_dict(model) if is_transformer(model) else model.state_dict()
-    out: dict[str, list[float]] = {}
+    out = {}
     for key in sorted(state):
         t = state[key].detach()
-        if not t.is_floating_point() or t.numel() == 0:
+        if not t.is_floating_point():
             continue
-        t = t.to(torch.float64)
-        stats = torch.stack([t.abs().mean(), t.square().mean().sqrt()]).tolist()
-        out[key] = [float(f"{x:.6g}") for x in stats]
+        t = t.flatten().to(torch.float64)
+        sums = torch.stack([t.sum(), t.abs().sum(), t.dot(t), t[:64].sum()]).tolist()
+        out[key] = (*sums, t.numel())
     return out
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per model: the key of its weights when last read, and what was read then. Every result's
+metadata asks for the digest and the fingerprint, and on a 135M-parameter model reading every
+weight costs about a CPU second."""
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """What identifies the weights' current values cheaply: each tensor's storage, version
+    counter, dtype, device and shape, and a strided sample of its values (which also catches
+    writes through `.data`, which the version counter does not see)."""
+    meta, samples = [], []
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        meta.append((name, t.data_ptr(), t._version, str(t.dtype), str(t.device), tuple(t.shape)))
+        n = t.numel()
+        if n and t.ndim and t.is_floating_point():  # indexed, never copied (weights may be views)
+            at = torch.arange(0, n, max(1, n // 16), device=t.device)[:16]
+            samples.append(t.detach()[torch.unravel_index(at, t.shape)].to("cpu", torch.float64))
+    probe = torch.cat(samples).tolist() if samples else []
+    return tuple(meta), tuple(probe)
+
+
+def _cached(model: nn.Module, kind: str, compute: Callable[[nn.Module], Any]) -> Any:
+    key = _weights_key(model)
+    entry = _CACHE.get(model)
+    if entry is None or entry[0] != key:
+        entry = (key, {})
+        _CACHE[model] = entry
+    if kind not in entry[1]:
+        entry[1][kind] = compute(model)
+    return entry[1][kind]
 
 
 def set_weight_processing(model: nn.Module, flags: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.compat import model_device
+from tl_degeneracy.engine.compat import is_transformer, model_device
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.structures.base import EdgeSums, JacobianSums, Structure
 from tl_degeneracy.engine.structures.forms import Affine, AffineRelu, Form
@@ -100,6 +100,7 @@ class FormJacobian(JacobianSums):
         super().__init__(structure.section, device)
         self.structure, self.out_basis, self.source = structure, out_basis, source
         self.form = _f64(structure.form, device)
+        self.tokens_in = is_transformer(structure.model)  # inputs are tokens [batch, pos]
         self.n_matched = 0
         self.m_sum: Tensor | None = None
         self.mm_sum: Tensor | None = None
@@ -113,6 +114,13 @@ class FormJacobian(JacobianSums):
 
     def update(self, batch_index: int, inputs: Tensor) -> None:
         section = self.section
+        if isinstance(self.form, Affine) and self.tokens_in:
+            # an affine form needs only the counts: token inputs [batch, pos] give them
+            # without computing the input activation
+            n_rows, n_pos = inputs.shape[0], inputs.shape[1]
+            self.count += n_rows * section.inp.n_positions(n_pos)
+            self.n_matched += n_rows * len(section.matched_positions(n_pos)[0])
+            return
         full = self.source.activation(section.inp, batch_index, inputs)
         n_pos = full.shape[1]
         slots = section.matched_positions(n_pos)[0].to(full.device)
