@@ -68,40 +68,6 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     return fields
 
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
-"""Per model: the key of its weights when last read, and the digest and fingerprint then.
-Every result's metadata asks for them, and on a 135M-parameter model each costs about a CPU
-second: read once per state of the weights."""
-
-
-def _weights_key(model: nn.Module) -> tuple:
-    """What identifies the weights' current values cheaply: each tensor's storage, version
-    counter, dtype, device and shape, and a strided sample of its values (which also catches
-    writes through `.data`, which the version counter does not see)."""
-    meta, samples = [], []
-    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-        meta.append((name, t.data_ptr(), t._version, str(t.dtype), str(t.device), tuple(t.shape)))
-        n = t.numel()
-        if n and t.ndim and t.is_floating_point():  # indexed, never copied (weights may be views)
-            at = torch.arange(0, n, max(1, n // 16), device=t.device)[:16]
-            samples.append(t.detach()[torch.unravel_index(at, t.shape)].to("cpu", torch.float64))
-    probe = torch.cat(samples).tolist() if samples else []
-    return tuple(meta), tuple(probe)
-
-
-def _cached(model: nn.Module, kind: str, compute: Callable[[nn.Module], Any]) -> Any:
-    key = _weights_key(model)
-    entry = _CACHE.get(model)
-    if entry is None or entry[0] != key:
-        entry = (key, {})
-        _CACHE[model] = entry
-    if kind not in entry[1]:
-        entry[1][kind] = compute(model)
-    return entry[1][kind]
-
-
 def weight_digest(model: nn.Module) -> str:
     """A digest of every weight, stable across the two APIs and across dtypes and devices.
 

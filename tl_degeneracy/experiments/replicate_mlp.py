@@ -22,7 +22,7 @@ from tl_degeneracy.engine.edges import interaction_graph
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.sites import Site
 from tl_degeneracy.engine.statistics import collect_statistics
-from tl_degeneracy.experiments.replicate_modadd import section_edges_required, write_plots
+from tl_degeneracy.experiments.replication_outputs import section_edges_required, write_plots
 from tl_degeneracy.models.digits.checkpoints import SEEDS, checkpoint_dir, load_checkpoint
 from tl_degeneracy.models.digits.model import DigitsMLP
 
