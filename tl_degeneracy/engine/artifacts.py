@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.compat import model_dtype, tl_version
-from tl_degeneracy.engine.identity import model_identity, weight_fingerprint, weight_processing
+from tl_degeneracy.engine.identity import identity_and_fingerprint, weight_processing
 
 FORMAT_VERSION = 2
 TENSORS_FILE = "tensors.safetensors"
@@ -68,10 +68,11 @@ def jsonable(value: Any) -> Any:
 def build_metadata(model: nn.Module, sites: Sequence[Any] = (), **fields: Any) -> dict[str, Any]:
     """Everything needed to know what a result was computed from: the model's identity and
     weight fingerprint, weight processing, sites, dtypes, versions, and `fields`."""
+    identity, fingerprint = identity_and_fingerprint(model)
     return {
         "format_version": FORMAT_VERSION,
-        "model": model_identity(model),
-        "weight_fingerprint": weight_fingerprint(model),
+        "model": identity,
+        "weight_fingerprint": fingerprint,
         "weight_processing": weight_processing(model),
         "sites": [s.to_json() if hasattr(s, "to_json") else s for s in sites],
         "model_dtype": str(model_dtype(model)),
@@ -92,7 +93,7 @@ def check_model(metadata: dict[str, Any], model: nn.Module, what: str = "result"
     The configuration must match, and every weight tensor's fingerprint within rounding
     (1e-5 relative in the same dtype, 1e-2 across dtypes such as float32 → bfloat16)."""
     saved = metadata.get("model", {})
-    current = model_identity(model)
+    current, here = identity_and_fingerprint(model)
     fix = f"Compute the {what} for this model, or load the model it was computed on."
     for key, value in saved.items():
         if key in ("api", "weight_digest"):
@@ -107,7 +108,6 @@ def check_model(metadata: dict[str, Any], model: nn.Module, what: str = "result"
         if saved.get("weight_digest") not in (None, current.get("weight_digest")):
             raise ArtifactError(f"this {what} was computed on a model with other weights. {fix}")
         return
-    here = weight_fingerprint(model)
     same_dtype = metadata.get("model_dtype") == str(model_dtype(model))
     rtol = 1e-5 if same_dtype else 1e-2
     for name in sorted(set(saved_fp) | set(here)):

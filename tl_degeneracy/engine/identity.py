@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from tl_degeneracy.engine.compat import api_of, hooked_state_dict, is_transformer, model_cfg
 
@@ -40,13 +40,24 @@ def weight_processing(model: nn.Module) -> dict[str, Any]:
 def model_identity(model: nn.Module) -> dict[str, Any]:
     """Config fields and a digest of every weight that identify a model; saved with every
     result, so that a result refuses a model it was not computed on."""
+    return _identity(model, _weight_sums(model))
+
+
+def identity_and_fingerprint(model: nn.Module) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """`model_identity` and `weight_fingerprint` together, the weights' state checked once
+    (what every result's metadata records)."""
+    sums = _weight_sums(model)
+    return _identity(model, sums), _fingerprint(sums)
+
+
+def _identity(model: nn.Module, sums: dict[str, tuple]) -> dict[str, Any]:
     if not is_transformer(model):
         shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
         return {
             "model_name": type(model).__name__,
             "api": "module",
             "weight_shapes": shapes,
-            "weight_digest": weight_digest(model),
+            "weight_digest": _digest(sums),
         }
     cfg = model_cfg(model)
     fields = {
@@ -64,7 +75,7 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     }
     fields["act_fn"] = getattr(cfg, "act_fn", None)
     fields["api"] = api_of(model)
-    fields["weight_digest"] = weight_digest(model)
+    fields["weight_digest"] = _digest(sums)
     return fields
 
 
@@ -75,8 +86,12 @@ def weight_digest(model: nn.Module) -> str:
     significant digits, so that the same weights held in float32 or float64, on any device,
     as a HookedTransformer or a Bridge, agree, and a change of any block's weights shows.
     """
+    return _digest(_weight_sums(model))
+
+
+def _digest(sums: dict[str, tuple]) -> str:
     h = hashlib.sha256()
-    for key, (total, l1, l2sq, head, _) in _weight_sums(model).items():
+    for key, (total, l1, l2sq, head, _) in sums.items():
         h.update(key.encode())
         h.update(" ".join(f"{x:.5g}" for x in (total, l1, l2sq, head)).encode())
     return h.hexdigest()[:16]
@@ -85,9 +100,13 @@ def weight_digest(model: nn.Module) -> str:
 def weight_fingerprint(model: nn.Module) -> dict[str, list[float]]:
     """Per weight tensor (HookedTransformer names on either API): mean |w| and root mean
     square, 6 significant digits. Stable across APIs, devices and dtypes up to their rounding."""
+    return _fingerprint(_weight_sums(model))
+
+
+def _fingerprint(sums: dict[str, tuple]) -> dict[str, list[float]]:
     return {
         key: [float(f"{l1 / n:.6g}"), float(f"{math.sqrt(l2sq / n):.6g}")]
-        for key, (_, l1, l2sq, _, n) in _weight_sums(model).items()
+        for key, (_, l1, l2sq, _, n) in sums.items()
         if n
     }
 
@@ -120,17 +139,18 @@ weight costs about a CPU second."""
 
 
 def _weights_key(model: nn.Module) -> tuple:
-    """What identifies the weights' current values cheaply: each tensor's storage, version
-    counter, dtype, device and shape, and a strided sample of its values (which also catches
-    writes through `.data`, which the version counter does not see)."""
-    meta, samples = [], []
+    """What identifies the weights' current values cheaply (7 ms for SmolLM2's 574 tensors): each
+    tensor's storage, version counter, dtype, device and shape, and its first and last entries
+    (which catch writes through `.data` that the version counter does not see)."""
+    meta = []
+    corners: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
         meta.append((name, t.data_ptr(), t._version, str(t.dtype), str(t.device), tuple(t.shape)))
-        n = t.numel()
-        if n and t.ndim and t.is_floating_point():  # indexed, never copied (weights may be views)
-            at = torch.arange(0, n, max(1, n // 16), device=t.device)[:16]
-            samples.append(t.detach()[torch.unravel_index(at, t.shape)].to("cpu", torch.float64))
-    probe = torch.cat(samples).tolist() if samples else []
+        if t.numel() and t.is_floating_point():
+            x = t.detach()
+            group = corners.setdefault((x.device, x.dtype), [])
+            group += [x[(0,) * x.ndim], x[tuple(n - 1 for n in x.shape)]]
+    probe = [v for group in corners.values() for v in torch.stack(group).cpu().tolist()]
     return tuple(meta), tuple(probe)
 
 

@@ -204,43 +204,72 @@ def add_to_statistics(
 ) -> None:
     """Fold one batch of activations into each site's statistics (on `device`).
 
-    One check for NaN/Inf over all sites' means; on a GPU, sites of the same width and sample
-    count also share one batched product for their Grams (the pass then runs without a
-    synchronisation or a launch per site), on a CPU each site gets its own BLAS product
-    (faster there: `benchmarks/bench_lm.py`). On a non-finite value nothing is folded in and the
-    error names the site, the batch and the positions (`check_finite`).
+    Every site's batch mean is checked for NaN/Inf first, all at once: on a non-finite value
+    nothing is folded in and the error names the site, the batch and the positions
+    (`check_finite`). On a GPU, sites of the same width and sample count then share one
+    batched product for their Grams (no synchronisation or launch per site); on a CPU each
+    site gets its own BLAS product, folded in and freed before the next (faster there, and
+    one site's memory at a time: `benchmarks/bench_lm.py`).
     """
     flats = [act.reshape(-1, act.shape[-1]) for act in acts]
+    if torch.device(device).type != "cpu":
+        _add_batched(stats, sites, acts, flats, batch_index, device)
+        return
+    means = [
+        flat.to(device).mean(0, dtype=torch.float64) if flat.shape[0] else None for flat in flats
+    ]
+    _check_means(sites, acts, [m for m in means if m is not None], batch_index)
+    for site, flat, mean in zip(sites, flats, means):
+        if mean is not None:
+            xc = flat.to(device, torch.float64) - mean
+            _site_statistics(stats, site, mean.shape[0], device)._merge(
+                flat.shape[0], mean, xc.T @ xc
+            )
+
+
+def _add_batched(
+    stats: GramStatistics,
+    sites: Sequence[Site],
+    acts: Sequence[Tensor],
+    flats: list[Tensor],
+    batch_index: int,
+    device: torch.device | str,
+) -> None:
+    """`add_to_statistics` on a GPU: one batched product per group of sites of one shape."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, flat in enumerate(flats):
         groups.setdefault((int(flat.shape[0]), int(flat.shape[1])), []).append(i)
     parts = []
-    on_cpu = torch.device(device).type == "cpu"
     for (n, _), idx in groups.items():
         if n == 0:
-            continue
-        if on_cpu:  # one BLAS product per site, no stacked copy: 1.3× faster than bmm here
-            for i in idx:
-                x = flats[i].to(device, torch.float64)
-                mean = x.mean(0)
-                xc = x - mean
-                parts.append(([i], n, mean[None], (xc.T @ xc)[None]))
             continue
         x = torch.stack([flats[i] for i in idx]).to(device, torch.float64)  # [S, n, d]
         mean = x.mean(1)
         xc = x - mean[:, None]
         parts.append((idx, n, mean, torch.bmm(xc.transpose(1, 2), xc)))
-    means = [mean for _, _, mean, _ in parts]
-    if means and not bool(torch.isfinite(torch.cat([m.flatten() for m in means])).all()):
+    _check_means(sites, acts, [mean.flatten() for _, _, mean, _ in parts], batch_index)
+    for idx, n, mean, m2 in parts:
+        for j, i in enumerate(idx):
+            _site_statistics(stats, sites[i], mean.shape[-1], device)._merge(n, mean[j], m2[j])
+
+
+def _check_means(
+    sites: Sequence[Site], acts: Sequence[Tensor], means: list[Tensor], batch_index: int
+) -> None:
+    """One check over all batch means (one synchronisation on a GPU); on NaN/Inf, the error of
+    the first offending site (`check_finite`)."""
+    if means and not bool(torch.isfinite(torch.cat(means)).all()):
         for site, act in zip(sites, acts):
             check_finite(act, site, batch_index)
         raise NonFiniteActivationError(f"NaN or Inf in the activations of batch {batch_index}")
-    for idx, n, mean, m2 in parts:
-        for j, i in enumerate(idx):
-            site = sites[i]
-            if site.name not in stats.per_site:
-                stats.per_site[site.name] = SiteStatistics.empty(site, mean.shape[-1], device)
-            stats.per_site[site.name]._merge(n, mean[j], m2[j])
+
+
+def _site_statistics(
+    stats: GramStatistics, site: Site, d: int, device: torch.device | str
+) -> SiteStatistics:
+    if site.name not in stats.per_site:
+        stats.per_site[site.name] = SiteStatistics.empty(site, d, device)
+    return stats.per_site[site.name]
 
 
 class GramAccumulator:
