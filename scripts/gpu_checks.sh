@@ -18,3 +18,6 @@ echo "gpu tests: $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu_tests.log"
 start=$(date +%s)
 $PY benchmarks/bench_gpu.py --tokens "${TOKENS:-100000}" 2>&1 | tee "$OUT/bench_gpu.log"
 echo "benchmark: $(( $(date +%s) - start )) s" | tee -a "$OUT/bench_gpu.log"
+start=$(date +%s)
+$PY benchmarks/gram_variants_gpu.py 2>&1 | tee "$OUT/gram_variants.log"
+echo "gram variants: $(( $(date +%s) - start )) s" | tee -a "$OUT/gram_variants.log"
