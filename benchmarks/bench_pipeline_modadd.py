@@ -34,14 +34,18 @@ PIPELINE = "pipeline (fit_basis + interaction_graph)"
 
 
 def _api() -> dict[str, Any]:
-    """The entry points of whichever `tl_degeneracy` is imported (redesigned or baseline)."""
-    try:
+    """The entry points of whichever `tl_degeneracy` is imported (redesigned or baseline),
+    chosen by the imported package's layout: trying the new names first would import them from
+    an editable install of the other checkout (its import hook serves any missing submodule)."""
+    import tl_degeneracy
+
+    if (Path(tl_degeneracy.__file__).parent / "engine").is_dir():
         from tl_degeneracy.engine.edges import interaction_graph, section_edges
         from tl_degeneracy.engine.fit import LIBConfig, fit_basis
         from tl_degeneracy.engine.statistics import collect_statistics
         from tl_degeneracy.models.modadd.checkpoints import ModAddCheckpoint
         from tl_degeneracy.models.modadd.sites import REFERENCE_SITES
-    except ImportError:  # the pre-redesign layout
+    else:  # the pre-redesign layout
         from tl_degeneracy.edges import interaction_graph, section_edges  # type: ignore
         from tl_degeneracy.fit import LIBConfig, fit_basis  # type: ignore
         from tl_degeneracy.modadd.checkpoints import ModAddCheckpoint  # type: ignore
