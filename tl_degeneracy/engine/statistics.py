@@ -85,8 +85,9 @@ class SiteStatistics:
         n_a = self.count
         n = n_a + n_b
         delta = mean_b - self.mean
-        # in place (the sums are this object's own): no new d×d tensors per batch
-        self.m2.add_(m2_b).addr_(delta, delta, alpha=n_a * n_b / n)
+        # in place (the sums are this object's own); the same operations, in the same order,
+        # as `m2 + m2_b + outer · c`, so the same rounding as before it was in place
+        self.m2.add_(m2_b).add_(torch.outer(delta, delta) * (n_a * n_b / n))
         self.mean = self.mean + delta * (n_b / n)
         self.count = n
 
