@@ -178,3 +178,5 @@ def test_sgld_on_device(device):
     longer = continue_llc(problem, short, 8, n_burnin=5, warn=False)
     torch.testing.assert_close(longer.loss_traces, a.loss_traces, rtol=1e-9, atol=1e-12)
     assert longer.llc == pytest.approx(a.llc, rel=1e-7)
+    scaled = SGLDConfig(**{**cfg.__dict__, "step_scales": ((r"^blocks\.", 0.5),)})
+    assert torch.isfinite(estimate_llc(problem, scaled, warn=False).loss_traces).all()

@@ -74,7 +74,7 @@ class LLCProblem:
         ]
         sizes = torch.tensor(self.entry_sizes())
         out = torch.repeat_interleave(torch.tensor(factors, dtype=torch.float64), sizes)
-        return out.to(self.w_star.dtype)
+        return out.to(self.w_star.device, self.w_star.dtype)
 
     @contextmanager
     def bind(self, w: Tensor) -> Iterator[None]:
