@@ -127,6 +127,7 @@ def _sample(
 ) -> LLCResult:
     nbeta = cfg.nbeta(problem.n)
     start = time.perf_counter()
+    _keep_heap_memory()
     desc = f"SGLD ε={cfg.step_size:g} nβ={nbeta:.4g} ({problem.n_params:,} parameters)"
     with tqdm(total=cfg.n_chains * n_steps, desc=desc, disable=not progress) as bar:
         if problem.batched:
@@ -151,6 +152,18 @@ def _sample(
     result = _summarise(problem, cfg, nbeta, traces, diverged, seconds, warn)
     result.state = state
     return result
+
+
+def _keep_heap_memory() -> None:
+    """Free one 8 MiB buffer, so that the C allocator keeps the memory of every step's tensors.
+
+    glibc gives memory at the top of its heap back to the system once more than its trim
+    threshold (at first 128 KiB) is free, and a step's tensors then fault their pages in again
+    on every step; it raises that threshold when a memory-mapped chunk is freed. Whether that
+    has happened depends on what the process allocated before: measured on modular addition,
+    ~220 page faults per step and 9.4 ms per step without, none and 7.9 ms with. Other
+    allocators ignore it; the buffer is freed at once."""
+    torch.empty(1 << 21, dtype=torch.float32)
 
 
 def _chain_generator(seed: int, chain: int, device: torch.device | str = "cpu") -> torch.Generator:
