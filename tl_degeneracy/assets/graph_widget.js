@@ -120,27 +120,15 @@
     var scroller = main.append("div").attr("class", "tld-graph-scroll");
     var svg = scroller.append("svg").attr("class", "tld-graph-svg")
       .attr("role", "img").attr("aria-label", "interaction graph");
-    var tooltip = main.append("div").attr("class", "tld-tooltip").style("display", "none");
+    var tooltip = window.tldTooltip(main);
     var legend = main.append("div").attr("class", "tld-legend");
     var panel = wrap.append("div").attr("class", "tld-panel");
-
-    function showTooltip(event, rows) {
-      tooltip.selectAll("*").remove();
-      rows.forEach(function (row) {
-        var line = tooltip.append("div");
-        line.append("span").attr("class", "tld-tt-key").text(row[0] + ": ");
-        line.append("span").text(row[1]);
-      });
-      var p = d3.pointer(event, main.node());
-      tooltip.style("display", null).style("left", (p[0] + 14) + "px").style("top", (p[1] + 10) + "px");
-    }
-    function hideTooltip() { tooltip.style("display", "none"); }
 
     var nodeSel = d3.select(null), edgeSel = d3.select(null);
 
     function draw() {
       svg.selectAll("*").remove();
-      hideTooltip();
+      tooltip.hide();
       var cols = [];
       layers.forEach(function (l, i) { if (l.block >= state.lo && l.block <= state.hi) cols.push(i); });
       var colOf = new Map(cols.map(function (li, c) { return [li, c]; }));
@@ -228,13 +216,10 @@
             var carried = d3.sum(inShown, function (e) { return e.share; });
             rows.push(["inputs drawn", inShown.length + " (" + pct(carried) + " of its input)"]);
           }
-          showTooltip(event, rows);
+          tooltip.show(event, rows);
         })
-        .on("mousemove", function (event) {
-          var p = d3.pointer(event, main.node());
-          tooltip.style("left", (p[0] + 14) + "px").style("top", (p[1] + 10) + "px");
-        })
-        .on("mouseleave", function () { unfocus(); hideTooltip(); })
+        .on("mousemove", tooltip.move)
+        .on("mouseleave", function () { unfocus(); tooltip.hide(); })
         .on("click", function (event, n) { select(n); })
         .on("keydown", function (event, n) {
           if (event.key === "Enter" || event.key === " ") { event.preventDefault(); select(n); }
@@ -242,14 +227,14 @@
       edgeSel
         .on("mouseenter", function (event, e) {
           d3.select(this).classed("tld-hover", true);
-          showTooltip(event, [
+          tooltip.show(event, [
             ["from", e.source.siteLabel + " / " + e.source.label],
             ["to", e.target.siteLabel + " / " + e.target.label],
             ["weight", fmt(e.weight)],
             ["share of the target's input", pct(e.share)]
           ]);
         })
-        .on("mouseleave", function () { d3.select(this).classed("tld-hover", false); hideTooltip(); });
+        .on("mouseleave", function () { d3.select(this).classed("tld-hover", false); tooltip.hide(); });
       svg.on("click", function (event) { if (event.target === this) select(null); });
 
       sOut.text(Math.round(100 * state.share) + "%");

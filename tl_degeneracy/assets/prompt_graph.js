@@ -137,7 +137,7 @@
       .attr("width", width).attr("height", height)
       .attr("viewBox", [0, 0, width, height].join(" "))
       .attr("role", "img").attr("aria-label", "prompt graph");
-    var tooltip = main.append("div").attr("class", "tld-tooltip").style("display", "none");
+    var tooltip = window.tldTooltip(main);
     var panel = wrap.append("div").attr("class", "tld-panel tld-pg-panel");
     var hint = function () {
       panel.selectAll("*").remove();
@@ -217,18 +217,6 @@
       .attr("rx", function (n) { return n.kind === "embedding" ? 3 : 0; })
       .attr("fill", fill);
 
-    function showTooltip(event, rows) {
-      tooltip.selectAll("*").remove();
-      rows.forEach(function (row) {
-        var line = tooltip.append("div");
-        line.append("span").attr("class", "tld-tt-key").text(row[0] + ": ");
-        line.append("span").text(row[1]);
-      });
-      var p = d3.pointer(event, main.node());
-      tooltip.style("display", null).style("left", (p[0] + 14) + "px")
-        .style("top", (p[1] + 10) + "px");
-    }
-    function hideTooltip() { tooltip.style("display", "none"); }
     function facts(n) {
       var rows = [["kind", n.kind], ["site", rowName(n.layer)],
         ["position", n.pos + " " + JSON.stringify(String(tokens[n.pos]))]];
@@ -363,12 +351,9 @@
     }
 
     nodeSel
-      .on("mouseenter", function (event, n) { showTooltip(event, facts(n)); })
-      .on("mousemove", function (event) {
-        var p = d3.pointer(event, main.node());
-        tooltip.style("left", (p[0] + 14) + "px").style("top", (p[1] + 10) + "px");
-      })
-      .on("mouseleave", hideTooltip)
+      .on("mouseenter", function (event, n) { tooltip.show(event, facts(n)); })
+      .on("mousemove", tooltip.move)
+      .on("mouseleave", tooltip.hide)
       .on("click", function (event, n) {
         if (event.shiftKey) togglePin(n); else select(n);
       })
@@ -378,13 +363,13 @@
       });
     edgeSel
       .on("mouseenter", function (event, e) {
-        showTooltip(event, [
+        tooltip.show(event, [
           ["from", rowName(e.source.layer) + " @" + e.source.pos + " " + e.source.label],
           ["to", rowName(e.target.layer) + " @" + e.target.pos + " " + e.target.label],
           ["weight", fmt(e.weight)]
         ]);
       })
-      .on("mouseleave", hideTooltip);
+      .on("mouseleave", tooltip.hide);
     svg.on("click", function (event) {
       if (event.target === this) { nodeSel.classed("tld-selected", false); hint(); }
     });

@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 
-def _read_asset(name: str) -> str:
+def read_asset(name: str) -> str:
+    """The text of a file in the package's `assets/` folder."""
     return (resources.files("tl_degeneracy") / "assets" / name).read_text(encoding="utf-8")
 
 
@@ -57,7 +58,7 @@ def d3_asset() -> Asset:
     The bundle runs with `define`/`module`/`exports` hidden (so Jupyter's RequireJS does not
     swallow it) and a private `globalThis` (so a page's own `window.d3` is left alone).
     """
-    src = _read_asset("d3.min.js")
+    src = read_asset("d3.min.js")
     m = re.search(r"d3js\.org v(\d+\.\d+\.\d+)", src[:200])
     version = m.group(1) if m else "7"
     wrapped = (
@@ -68,13 +69,19 @@ def d3_asset() -> Asset:
     return Asset(f"d3-{version}", wrapped, "js")
 
 
+def viewer_script(name: str) -> str:
+    """A graph viewer's script from `assets/`, after the hover tooltip both viewers share
+    (`tooltip.js`, which defines `window.tldTooltip`)."""
+    return read_asset("tooltip.js") + "\n" + read_asset(name)
+
+
 @lru_cache(maxsize=1)
 def graph_assets() -> tuple[Asset, ...]:
     """Everything the widget needs, in load order: d3, the widget script, its CSS."""
     return (
         d3_asset(),
-        Asset("tld-graph-widget-js", _read_asset("graph_widget.js"), "js"),
-        Asset("tld-graph-widget-css", _read_asset("graph_widget.css"), "css"),
+        Asset("tld-graph-widget-js", viewer_script("graph_widget.js"), "js"),
+        Asset("tld-graph-widget-css", read_asset("graph_widget.css"), "css"),
     )
 
 

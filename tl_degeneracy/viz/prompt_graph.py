@@ -13,20 +13,15 @@ import functools
 import uuid
 from collections.abc import Callable, Mapping
 from functools import lru_cache
-from importlib import resources
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tl_degeneracy.viz.graph_widget import d3_asset, graph_assets
+from tl_degeneracy.viz.graph_widget import d3_asset, graph_assets, read_asset, viewer_script
 from tl_degeneracy.viz.html import Asset, Fragment, json_for_script
 
 __all__ = ["graph_details", "prompt_graph_assets", "prompt_graph_html"]
-
-
-def _asset_text(name: str) -> str:
-    return (resources.files("tl_degeneracy") / "assets" / name).read_text(encoding="utf-8")
 
 
 @lru_cache(maxsize=1)
@@ -36,8 +31,8 @@ def prompt_graph_assets() -> tuple[Asset, ...]:
     return (
         d3_asset(),
         widget_css,
-        Asset("tld-prompt-graph-js", _asset_text("prompt_graph.js"), "js"),
-        Asset("tld-prompt-graph-css", _asset_text("prompt_graph.css"), "css"),
+        Asset("tld-prompt-graph-js", viewer_script("prompt_graph.js"), "js"),
+        Asset("tld-prompt-graph-css", read_asset("prompt_graph.css"), "css"),
     )
 
 
