@@ -90,14 +90,16 @@ def test_float64_logits_equal_transformers(checkpoints, tokens, arch, api):
 @pytest.mark.parametrize("arch", HF_ARCHS)
 @pytest.mark.parametrize("api", APIS)
 def test_float32_logits_match_transformers(checkpoints, tokens, arch, api):
-    """float32: bit for bit on RMSNorm models (Hugging Face's rotary tables and RMSNorm
-    rounding), within 3e-7 of the largest logit on the LayerNorm ones (measured)."""
+    """float32: to rounding on RMSNorm models (Hugging Face's rotary tables and RMSNorm
+    rounding: bit for bit here, but the two run different matmul layouts, which other CPUs may
+    round differently), within 3e-7 of the largest logit on the LayerNorm ones (measured)."""
     model = load_local(checkpoints[arch], api=api)
     hf, _ = load_hf(checkpoints[arch])
     with torch.no_grad():
         logits, reference = model(tokens), hf(tokens).logits
     if arch in RMS_ARCHS:
-        assert torch.equal(logits, reference)
+        ulp = torch.finfo(torch.float32).eps * float(reference.abs().max())
+        torch.testing.assert_close(logits, reference, rtol=0, atol=8 * ulp)
     assert relative_error(logits, reference) < 1e-6
 
 

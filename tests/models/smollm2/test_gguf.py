@@ -196,8 +196,10 @@ def test_tiny_gguf_model_gives_the_reference_logits(tiny_gguf, api):
     model = load_gguf_llama(path, model_name="tiny", api=api, n_ctx=64)
     assert model.cfg.model_name == "tiny"
     tokens = torch.randint(3, 262, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # bit for bit: same rotary tables, same RMSNorm rounding
-        assert torch.equal(model(tokens), hf(tokens).logits)
+    with torch.no_grad():  # same rotary tables, same RMSNorm rounding: equal to rounding
+        logits, reference = model(tokens), hf(tokens).logits
+    ulp = torch.finfo(torch.float32).eps * float(reference.abs().max())
+    torch.testing.assert_close(logits, reference, rtol=0, atol=8 * ulp)
     assert model.to_str_tokens("the the") == ["<s>", "t", "he", " the"]
 
 
