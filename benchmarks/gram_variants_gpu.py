@@ -1,15 +1,19 @@
-"""Where the Gram pass spends its time on a GPU (needs CUDA), variants side by side: the forward,
-capturing all 61 residual sites of a SmolLM2-shaped model, the whole Gram pass, and one batch's
-update as the package does it (sites of one shape stacked, one float64 `bmm`) against a loop
-over sites, the stacking and conversion alone, and the product alone; then a torch.profiler
-table of one small Gram pass. Float32 and bfloat16.
+"""Where the Gram pass spends its time on a GPU, variants side by side: the forward, capturing
+all 61 residual sites (BOS left out) of a SmolLM2-shaped model, the whole Gram pass, and one
+batch's update three ways: as the package does it now (each activation copied once, selected
+and converted, into one float64 buffer, centred in place, one `bmm`, one merge for all sites),
+as it did before (stack, convert, centred copy, `bmm`, a merge per site), and a loop over
+sites; then the copying alone, the product alone and a torch.profiler table of one small Gram
+pass. Float32 and bfloat16.
 
-    python benchmarks/gram_variants_gpu.py
+    python benchmarks/gram_variants_gpu.py [--device cpu --rows 8 --batches 2]
 
-Written to find why the Gram pass costs 1.38× the forward in float32 on an H200 (target 1.3×,
-docs/devices.md); not yet run.
+Written to find why the Gram pass cost 1.38× the forward in float32 on an H200 (target 1.3×,
+docs/devices.md). `--device cpu` is a smoke test (and a proxy for the copies saved; the CPU's
+own Gram pass uses one BLAS product per site).
 """
 
+import argparse
 import statistics
 import sys
 import time
@@ -25,13 +29,31 @@ from tl_degeneracy.engine.compat import build_model, move_model  # noqa: E402
 from tl_degeneracy.engine.sites import residual_sites  # noqa: E402
 from tl_degeneracy.engine.statistics import (  # noqa: E402
     GramStatistics,
+    SiteStatistics,
     add_to_statistics,
     collect_statistics,
 )
 
 
 def sync():
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def update_before(stats, sites, acts, device):
+    """The batched update before this round (kept here to compare): stack the selected
+    activations (a copy each for non-contiguous ones, then the stack), convert the stack to
+    float64, subtract the means into a new tensor, one `bmm`, then a merge per site."""
+    flats = [a.reshape(-1, a.shape[-1]) for a in acts]
+    x = torch.stack(flats).to(device, torch.float64)
+    mean = x.mean(1)
+    xc = x - mean[:, None]
+    m2 = torch.bmm(xc.transpose(1, 2), xc)
+    bool(torch.isfinite(mean).all())
+    for j, site in enumerate(sites):
+        if site.name not in stats.per_site:
+            stats.per_site[site.name] = SiteStatistics.empty(site, x.shape[-1], device)
+        stats.per_site[site.name]._merge(x.shape[1], mean[j], m2[j])
 
 
 def timed(fn, repeats=3):
@@ -45,13 +67,14 @@ def timed(fn, repeats=3):
     return statistics.median(ts)
 
 
-def profile_dtype(name: str) -> None:
+def profile_dtype(name: str, args: argparse.Namespace) -> None:
     """Times and profile of the Gram pass in one dtype."""
-    dtype = getattr(torch, name)
-    model = move_model(build_model(SMOLLM2_SHAPE, api="hooked", dtype=dtype), "cuda")
+    dtype, device = getattr(torch, name), args.device
+    model = move_model(build_model(SMOLLM2_SHAPE, api="hooked", dtype=dtype), device)
     sites = residual_sites(model, positions="1:")
-    tokens = torch.randint(0, 49152, (392, 128), generator=torch.Generator().manual_seed(1))
-    batches = tokens.cuda().split(64)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 49152, (args.rows * args.batches, 128), generator=gen)
+    batches = tokens.to(device).split(args.rows)
     n = tokens.numel()
 
     @torch.no_grad()
@@ -65,7 +88,7 @@ def profile_dtype(name: str) -> None:
             capture_sites(model, b, sites, i)
 
     def gram():
-        collect_statistics(model, sites, tokens, 64, progress=False, device="cuda")
+        collect_statistics(model, sites, tokens, args.rows, progress=False, device=device)
 
     forward()
     t_f = timed(forward)
@@ -78,9 +101,18 @@ def profile_dtype(name: str) -> None:
     with torch.no_grad():
         acts = capture_sites(model, batches[0], sites, 0)
 
-    def update_only():
+    def update_now():
         stats = GramStatistics(sites)
-        add_to_statistics(stats, sites, acts, 0, "cuda")
+        add_to_statistics(stats, sites, acts, 0, device, batched=True)
+
+    def update_old():
+        update_before(GramStatistics(sites), sites, acts, device)
+
+    def copy_now():
+        rows, width = acts[0].numel() // acts[0].shape[-1], acts[0].shape[-1]
+        x = torch.empty(len(acts), rows, width, dtype=torch.float64, device=device)
+        for j, a in enumerate(acts):
+            x[j].view(a.shape).copy_(a)
 
     def per_site():
         for a in acts:
@@ -96,16 +128,20 @@ def profile_dtype(name: str) -> None:
         torch.bmm(x.transpose(1, 2), x)
 
     for label, fn in (
-        ("update (current)", update_only),
+        ("update (now)", update_now),
+        ("update (before)", update_old),
         ("per-site loop", per_site),
+        ("copy into f64 (now)", copy_now),
         ("stack + to f64", stacked_only),
         ("stack + bmm", bmm_only),
     ):
         t = timed(fn, 5)
         print(
-            f"  one batch of {batches[0].numel()} tokens: {label:18s} {t * 1000:8.1f} ms"
+            f"  one batch of {batches[0].numel()} tokens: {label:20s} {t * 1000:8.1f} ms"
             f"  (x{len(batches)} batches = {t * len(batches):.3f} s)"
         )
+    if device != "cuda":
+        return
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -130,7 +166,15 @@ def profile_dtype(name: str) -> None:
 
 
 if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--rows", type=int, default=64, help="rows of 128 tokens per batch")
+    p.add_argument("--batches", type=int, default=6)
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("needs CUDA (or --device cpu for a smoke test)")
     torch.manual_seed(0)
     for dtype in ("float32", "bfloat16"):
-        profile_dtype(dtype)
-        torch.cuda.empty_cache()
+        profile_dtype(dtype, args)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()

@@ -7,6 +7,7 @@ from tl_degeneracy.engine.statistics import (
     NonFiniteActivationError,
     SiteStatistics,
     StatisticsMismatchError,
+    add_to_statistics,
     capture_sites,
     collect_statistics,
 )
@@ -129,3 +130,60 @@ def test_state_dict_round_trip(api, tiny, tokens_for):
     again.load_state_dict(stats.state_dict())
     for s in SITES:
         assert torch.equal(again[s].m2, stats[s].m2)
+
+
+def _fold(batches, sites, batched, stats=None):
+    stats = stats if stats is not None else GramStatistics(list(sites))
+    for i, acts in enumerate(batches):
+        add_to_statistics(stats, sites, acts, i, "cpu", batched=batched)
+    return stats
+
+
+def test_batched_update_equals_per_site_update():
+    """The GPU's batched update (one buffer, one bmm, one merge per group of sites of one
+    shape), run on the CPU: the same sums as one product per site, for sites in two groups of
+    widths, a site read at one position, float32 and non-contiguous inputs, an uneven last
+    batch, and continued from saved state."""
+    gen = torch.Generator().manual_seed(0)
+    sites = [Site("a"), Site("b", "last"), Site("c"), Site("d", "1:"), Site("e")]
+    widths = {"a": 6, "b": 6, "c": 6, "d": 9, "e": 9}
+
+    def batch(rows):
+        out = []
+        for s in sites:
+            x = torch.randn(rows, 5, widths[s.hook], generator=gen, dtype=torch.float64) * 3 + 7
+            x = x.float() if s.hook == "c" else x
+            x = x.transpose(0, 1).contiguous().transpose(0, 1) if s.hook == "e" else x
+            out.append(s.select(x))
+        return out
+
+    batches = [batch(4), batch(4), batch(3)]
+    assert not batches[0][4].is_contiguous()
+    per_site = _fold(batches, sites, batched=False)
+    together = _fold(batches, sites, batched=True)
+    resumed = GramStatistics(list(sites))
+    resumed.load_state_dict(_fold(batches[:2], sites, batched=True).state_dict())
+    _fold(batches[2:], sites, batched=True, stats=resumed)
+    for s in sites:
+        x = torch.cat([b[sites.index(s)].reshape(-1, widths[s.hook]).double() for b in batches])
+        for got in (together[s], resumed[s]):
+            assert got.count == per_site[s].count == x.shape[0]
+            torch.testing.assert_close(got.mean, per_site[s].mean, rtol=1e-15, atol=0)
+            torch.testing.assert_close(got.m2, per_site[s].m2, rtol=1e-13, atol=0)
+        torch.testing.assert_close(together[s].gram, x.T.cov(correction=0), rtol=1e-12, atol=0)
+
+
+def test_batched_update_refuses_non_finite_batch_and_stays_unchanged():
+    sites = [Site("a"), Site("b")]
+    good = [torch.randn(2, 3, 4, dtype=torch.float64) for _ in sites]
+    stats = _fold([good], sites, batched=True)
+    before = {k: (v.count, v.mean.clone(), v.m2.clone()) for k, v in stats.per_site.items()}
+    bad = [good[0].clone(), good[1].clone()]
+    bad[1][1, 2, 0] = float("nan")
+    with pytest.raises(
+        NonFiniteActivationError, match=r"site b, batch 1, \(row, position\) \[\[1, 2\]\]"
+    ):
+        add_to_statistics(stats, sites, bad, 1, "cpu", batched=True)
+    for k, (count, mean, m2) in before.items():
+        assert stats[k].count == count
+        assert torch.equal(stats[k].mean, mean) and torch.equal(stats[k].m2, m2)

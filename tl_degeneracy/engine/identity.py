@@ -119,15 +119,17 @@ def _weight_sums(model: nn.Module) -> dict[str, tuple[float, float, float, float
 
 def _read_weight_sums(model: nn.Module) -> dict[str, tuple[float, float, float, float, int]]:
     state = hooked_state_dict(model) if is_transformer(model) else model.state_dict()
-    out = {}
-    for key in sorted(state):
-        t = state[key].detach()
-        if not t.is_floating_point():
-            continue
-        t = t.flatten().to(torch.float64)
-        sums = torch.stack([t.sum(), t.abs().sum(), t.dot(t), t[:64].sum()]).tolist()
-        out[key] = (*sums, t.numel())
-    return out
+    keys = [k for k in sorted(state) if state[k].is_floating_point()]
+    per_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
+    for key in keys:
+        t = state[key].detach().flatten().to(torch.float64)
+        sums = torch.stack([t.sum(), t.abs().sum(), t.dot(t), t[:64].sum()])
+        per_device.setdefault(t.device, []).append((key, sums))
+    read = {}  # one transfer (one synchronisation) per device, not one per tensor
+    for pairs in per_device.values():
+        values = torch.stack([s for _, s in pairs]).tolist()
+        read.update({key: v for (key, _), v in zip(pairs, values)})
+    return {key: (*read[key], state[key].numel()) for key in keys}
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, Any]]] = (

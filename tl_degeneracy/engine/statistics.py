@@ -202,20 +202,24 @@ def add_to_statistics(
     acts: Sequence[Float[Tensor, "batch site_pos d"]],
     batch_index: int,
     device: torch.device | str = "cpu",
+    batched: bool | None = None,
 ) -> None:
     """Fold one batch of activations into each site's statistics (on `device`).
 
     Every site's batch mean is checked for NaN/Inf first, all at once: on a non-finite value
     nothing is folded in and the error names the site, the batch and the positions
-    (`check_finite`). On a GPU, sites of the same width and sample count then share one
-    batched product for their Grams (no synchronisation or launch per site); on a CPU each
-    site gets its own BLAS product, folded in and freed before the next (faster there, and
-    one site's memory at a time: `benchmarks/bench_lm.py`).
+    (`check_finite`). `batched` (default: on a GPU) folds sites of one width and sample count
+    in together: one float64 buffer, one batched product, one merge (a few launches per batch
+    instead of several per site); otherwise each site gets its own BLAS product, folded in and
+    freed before the next (faster on a CPU, and one site's memory at a time:
+    `benchmarks/bench_lm.py`).
     """
-    flats = [act.reshape(-1, act.shape[-1]) for act in acts]
-    if torch.device(device).type != "cpu":
-        _add_batched(stats, sites, acts, flats, batch_index, device)
+    if batched is None:
+        batched = torch.device(device).type != "cpu"
+    if batched:
+        _add_batched(stats, sites, acts, batch_index, device)
         return
+    flats = [act.reshape(-1, act.shape[-1]) for act in acts]
     means = [
         flat.to(device).mean(0, dtype=torch.float64) if flat.shape[0] else None for flat in flats
     ]
@@ -232,26 +236,53 @@ def _add_batched(
     stats: GramStatistics,
     sites: Sequence[Site],
     acts: Sequence[Tensor],
-    flats: list[Tensor],
     batch_index: int,
     device: torch.device | str,
 ) -> None:
-    """`add_to_statistics` on a GPU: one batched product per group of sites of one shape."""
+    """`add_to_statistics` for groups of sites of one shape: each activation is copied once,
+    selected and converted, into one float64 buffer `[S, n, d]`, centred in place, multiplied
+    in one `bmm` and merged into all S sites' sums at once (`_merge_group`)."""
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, flat in enumerate(flats):
-        groups.setdefault((int(flat.shape[0]), int(flat.shape[1])), []).append(i)
+    for i, act in enumerate(acts):
+        n = act.numel() // act.shape[-1] if act.shape[-1] else 0
+        groups.setdefault((n, int(act.shape[-1])), []).append(i)
     parts = []
-    for (n, _), idx in groups.items():
+    for (n, d), idx in groups.items():
         if n == 0:
             continue
-        x = torch.stack([flats[i] for i in idx]).to(device, torch.float64)  # [S, n, d]
+        x = torch.empty(len(idx), n, d, dtype=torch.float64, device=device)
+        for j, i in enumerate(idx):
+            x[j].view(acts[i].shape).copy_(acts[i])
         mean = x.mean(1)
-        xc = x - mean[:, None]
-        parts.append((idx, n, mean, torch.bmm(xc.transpose(1, 2), xc)))
+        x.sub_(mean[:, None])
+        parts.append((idx, n, mean, torch.bmm(x.transpose(1, 2), x)))
+        del x  # before the next group's buffer
     _check_means(sites, acts, [mean.flatten() for _, _, mean, _ in parts], batch_index)
     for idx, n, mean, m2 in parts:
-        for j, i in enumerate(idx):
-            _site_statistics(stats, sites[i], mean.shape[-1], device)._merge(n, mean[j], m2[j])
+        group = [_site_statistics(stats, sites[i], mean.shape[-1], device) for i in idx]
+        _merge_group(group, n, mean, m2)
+
+
+def _merge_group(
+    group: list[SiteStatistics],
+    n_b: int,
+    mean_b: Float[Tensor, "S d"],
+    m2_b: Float[Tensor, "S d d"],
+) -> None:
+    """`SiteStatistics._merge` of S sites at once, the same operations in the same order (so
+    the same rounding), as a few batched and multi-tensor launches instead of several per site."""
+    # the merge weights of every site, as `_merge` computes them (Python floats), in one copy
+    weights = [(st.count * n_b / (st.count + n_b), n_b / (st.count + n_b)) for st in group]
+    c, share = torch.tensor(weights, dtype=torch.float64).to(mean_b.device).unbind(1)
+    old = torch.stack([st.mean for st in group])
+    delta = mean_b - old
+    outer = delta[:, :, None] * delta[:, None, :] * c[:, None, None]
+    m2s = [st.m2 for st in group]
+    torch._foreach_add_(m2s, list(m2_b.unbind(0)))
+    torch._foreach_add_(m2s, list(outer.unbind(0)))
+    torch._foreach_add_([st.mean for st in group], list((delta * share[:, None]).unbind(0)))
+    for st in group:
+        st.count += n_b
 
 
 def _check_means(
