@@ -57,3 +57,15 @@ def test_report_refuses_a_folder_without_a_study(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "not a saved study (no summary.json)" in capsys.readouterr().out
     assert not (tmp_path / "report.html").exists()
+
+
+def test_input_errors_are_one_line_unless_traceback(tmp_path, capsys):
+    """Bad input (here a model folder that does not exist) ends with the error's message and
+    exit status 2, not a traceback; `--traceback` raises it."""
+    args = ["fit", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tl-degeneracy fit: FileNotFoundError: ")
+    assert "no-such-model" in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        cli.main(["--traceback", *args])

@@ -101,7 +101,7 @@ def write_language_model_study(
 
 def summary_lines(study: Study) -> list[str]:
     """A few lines for the terminal."""
-    lines = [f"tokens {study.n_tokens}, total {study.timings.get('total_s', 0):.0f} s"]
+    lines = [f"tokens {study.n_tokens}, total {study.timings.get('total_s', 0):.1f} s"]
     for kind, graph in study.graphs.items():
         n99 = [s.edges_for_fraction(0.99) for s in graph.sections.values()]
         if n99:
