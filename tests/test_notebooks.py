@@ -49,8 +49,14 @@ def output_text(book) -> str:
     return "\n".join(parts)
 
 
-def test_the_three_notebooks_exist():
-    assert {"quickstart_modadd.ipynb", "smollm2_tour.ipynb", "lib_vs_attribution.ipynb"} <= set(ALL)
+def test_the_notebooks_exist():
+    assert {
+        "quickstart_modadd.ipynb",
+        "smollm2_tour.ipynb",
+        "lib_vs_attribution.ipynb",
+        "prompt_graph.ipynb",
+        "your_own_model.ipynb",
+    } <= set(ALL)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -124,3 +130,33 @@ def test_prompt_graph_with_smollm2(tmp_path, monkeypatch):
     text = output_text(run_notebook("prompt_graph.ipynb", tmp_path))
     check_prompt_graph_modadd(text)
     assert "top 10 set to their mean" in text and "Spearman rho over 9 nodes" in text
+
+
+def check_your_own_model(text: str) -> None:
+    """The checks the notebook prints: a bad token named, MLP-site shares that sum to 1, an
+    attribution comparison rendered, a saved result that loads back identical."""
+    assert "TokenError: token id" in text and "is outside the vocabulary" in text
+    assert "rows sum to 1: True" in text and "identical: True" in text
+    assert "share of the top 16 features' norm in the MLP neurons: 0." in text
+    assert "features within 0.05 nats" in text and "AttributionComparison(" in text
+
+
+def test_your_own_model_tiny(tmp_path, monkeypatch):
+    """On the tiny random Llama checkpoint the notebook writes when no model is given."""
+    monkeypatch.setenv("TLD_SKIP_SMOLLM2", "1")
+    monkeypatch.delenv("TLD_MODEL_DIR", raising=False)
+    text = output_text(run_notebook("your_own_model.ipynb", tmp_path))
+    check_your_own_model(text)
+    assert "HookedTransformer 2 blocks, d_model 16" in text or "TransformerBridge 2 blocks" in text
+    assert (tmp_path / "tiny-llama" / "config.json").is_file()
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_your_own_model_smollm2(tmp_path, monkeypatch):
+    """On SmolLM2's converted folder, through the same generic loader a user's folder takes."""
+    monkeypatch.delenv("TLD_SKIP_SMOLLM2", raising=False)
+    monkeypatch.delenv("TLD_MODEL_DIR", raising=False)
+    text = output_text(run_notebook("your_own_model.ipynb", tmp_path))
+    check_your_own_model(text)
+    assert "30 blocks, d_model 576" in text

@@ -206,6 +206,13 @@ def test_missing_files_are_named(checkpoints, tmp_path):
             load_local(folder)
 
 
+def test_a_folder_under_home_can_be_given_with_a_tilde(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(checkpoints["gpt2"], tmp_path / "models" / "tiny")
+    model = load_local("~/models/tiny", model_name="tiny")
+    assert model.to_str_tokens("ok") == ["<s>", "o", "k"]
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_a_tokenizer_can_be_passed_instead(checkpoints, tmp_path, api):
     folder = copy_without(checkpoints["gpt2"], tmp_path / "bare", "tokenizer*")

@@ -50,7 +50,7 @@ def check_folder(folder: str | os.PathLike[str], tokenizer: bool = True) -> dict
     """The folder's `config.json`, after checking that the weights (and, with `tokenizer`,
     tokenizer files) are there. Raises `FileNotFoundError` naming what is missing and how to
     write it."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{folder} is not a folder; pass the directory that model.save_pretrained() wrote"
@@ -181,6 +181,7 @@ def load_local(
         raise RuntimeError(
             f"TransformerLens {tl_version()} has no HookedTransformer; use api='bridge'."
         )
+    folder = Path(folder).expanduser()
     config = check_folder(folder, tokenizer=tokenizer is None)
     arch = architecture_of(config)
     if center_writing_weights and arch.uses_rms:

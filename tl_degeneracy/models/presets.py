@@ -97,7 +97,7 @@ def load_preset(
     elif spec == "modadd":
         preset = _modadd_preset(None, api, dtype or torch.float64)
     else:
-        folder = Path(spec)
+        folder = Path(spec).expanduser()
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(
                 f"{spec!r} is neither a preset (smollm2, modadd) nor a folder with config.json"
