@@ -29,15 +29,15 @@ def _status_kb(field: str) -> int:
 def child(n_tokens: int, threads: int | None, batch_rows: int) -> dict:
     import torch
 
+    from tl_degeneracy.engine.sites import residual_sites
     from tl_degeneracy.engine.statistics import collect_statistics
-    from tl_degeneracy.experiments.lm_study import lm_sites
     from tl_degeneracy.models import load_corpus, load_smollm2
 
     if threads:
         torch.set_num_threads(threads)
     model = load_smollm2(api="hooked")
     tokens = load_corpus(model.tokenizer, 128, "train", max_tokens=n_tokens)
-    sites = lm_sites(model.cfg.n_layers)
+    sites = residual_sites(model)  # all 61 residual cuts
     rss_loaded = _status_kb("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS

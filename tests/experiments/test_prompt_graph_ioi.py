@@ -89,3 +89,27 @@ def test_smollm2_faithfulness_lib_and_pca():
         assert summary[kind]["pairs"] == 16
         assert summary[kind]["exceptions"] == MEASURED_EXCEPTIONS[kind], summary[kind]
         assert summary[kind]["median share of random draws beaten"] >= 0.9
+
+
+def test_cached_bases_of_another_model_are_refitted(setting, tiny, tmp_path, monkeypatch):
+    """A cache written for other weights (another model, or an older package's identity)
+    is refitted, not an error."""
+    from types import SimpleNamespace
+
+    from tl_degeneracy.experiments import lm_study, prompt_graph_ioi
+    from tl_degeneracy.models import corpus
+
+    model, _, bases = setting
+    other = tiny(APIS[0], "mlp", seed=7, n_layers=2, n_ctx=16, d_vocab=model.cfg.d_vocab)
+    for kind, result in bases.items():
+        result.save(tmp_path / kind)
+    fits = []
+    monkeypatch.setattr(corpus, "load_corpus", lambda *a, **k: random_tokens(other, 4))
+    monkeypatch.setattr(
+        lm_study, "fit_lm", lambda *a, **k: fits.append(a[0]) or SimpleNamespace(bases=bases)
+    )
+    logged = []
+    assert prompt_graph_ioi.ioi_bases(model, folder=tmp_path, log=logged.append) is not None
+    assert fits == []  # the right model: read from the cache
+    prompt_graph_ioi.ioi_bases(other, folder=tmp_path, log=logged.append)
+    assert fits == [other] and "refitting the cached bases" in logged[-1]

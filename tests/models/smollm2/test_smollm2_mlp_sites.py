@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_smollm2 import require_smollm2
+from support import require_smollm2
 
 from tl_degeneracy.engine.ablation import next_token_loss
 from tl_degeneracy.engine.composite import part_shares

@@ -4,7 +4,6 @@ the top-activating contexts) and its direct effect on the logits."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -12,7 +11,8 @@ from torch import Tensor, nn
 
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
-from tl_degeneracy.engine.compat import StopForward, frozen_parameters, model_cfg, run_with_hooks
+from tl_degeneracy.engine.compat import StopForward, frozen_parameters, run_with_hooks
+from tl_degeneracy.engine.logit_effects import direct_logit_effects
 from tl_degeneracy.engine.prompt_graph.site_io import _read_site
 from tl_degeneracy.engine.sites import Site
 
@@ -63,20 +63,7 @@ def feature_logit_effects(
     basis: BasisResult | Mapping[str, SiteBasis],
     wanted: Mapping[str, Sequence[int]],
 ) -> dict[str, Float[Tensor, "f vocab"]]:
-    """The direct effect of one unit of each wanted feature on the logits: its direction `C⁺_j`
-    through the final normalisation's weight (its scale left out) and the unembedding."""
+    """The direct effect of one unit of each wanted feature on the logits
+    (`engine.logit_effects.direct_logit_effects`), keyed by site hook."""
     by_hook = _by_hook(basis)
-    hooked: Any = model  # W_U and ln_final are attributes of either API, not of nn.Module
-    w_u = hooked.W_U.detach().to(torch.float64)
-    gain = getattr(getattr(hooked, "ln_final", None), "w", None)
-    if gain is None:
-        gain = getattr(getattr(hooked, "ln_final", None), "weight", None)
-    out = {}
-    for h, feats in wanted.items():
-        rows = by_hook[h].C_pinv[torch.tensor(list(feats), dtype=torch.long)]
-        if gain is not None and gain.shape[-1] == rows.shape[-1]:
-            rows = rows * gain.detach().to(torch.float64)
-        if rows.shape[-1] != int(model_cfg(model).d_model):
-            raise ValueError(f"{h} is not a residual-stream site: no direct logit effect")
-        out[h] = rows @ w_u
-    return out
+    return {h: direct_logit_effects(model, by_hook[h], feats) for h, feats in wanted.items()}

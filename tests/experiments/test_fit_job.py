@@ -1,0 +1,56 @@
+"""`tl-degeneracy fit --model FOLDER`: the general command on a Hugging Face checkpoint folder
+a user would bring (a tiny random GPT-2 written by `transformers`), end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tl_degeneracy import BasisResult, validate_tokens
+from tl_degeneracy.cli import main
+from tl_degeneracy.models import load_local, tiny_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = ["--n-tokens", "480", "--seq-len", "16", "--batch-rows", "8", "--sources", "2",
+         "--edge-tokens", "64", "--ablation-tokens", "64", "--quiet"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_checkpoint("gpt2", tmp_path_factory.mktemp("ckpt") / "tiny-gpt2", seed=0)
+
+
+def test_fit_on_a_folder_with_text_and_mlp_sites(folder, tmp_path):
+    """Text files in, every residual cut plus the MLP sites of both blocks out: bases that load
+    back onto the model, ablation curves, and the report with logit effects of MLP sites."""
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    out = tmp_path / "out"
+    args = ["fit", "--model", str(folder), "--text", str(text), "--mlp-sites", "0", "1"]
+    assert main([*args, *SMALL, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sites"]["blocks.1.mlp.hook_post[1:]"]["lib"]["kept"] > 0
+    model = load_local(folder)
+    lib = BasisResult.load(out / "bases" / "lib", model=model)
+    assert "blocks.0.mlp.hook_post[1:]" in lib.bases and "blocks.1.mlp.hook_post[1:]" in lib.bases
+    effects = json.loads((out / "logit_effects_lib.json").read_text())
+    assert "blocks.1.mlp.hook_post[1:]" in effects  # a composite site among the late ones
+    assert "tld-graph" in (out / "report.html").read_text()
+
+
+def test_fit_on_a_folder_with_tokens_and_chosen_sites(folder, tmp_path):
+    """A token file and an explicit site list with positions after '@'."""
+    model = load_local(folder)
+    gen = torch.Generator().manual_seed(0)
+    tokens = validate_tokens(model, torch.randint(0, model.cfg.d_vocab, (40, 16), generator=gen))
+    save_file({"tokens": tokens}, str(tmp_path / "tokens.safetensors"))
+    out = tmp_path / "out"
+    sites = ["blocks.0.hook_resid_pre@1:", "blocks.0.attn.hook_z@1:", "blocks.1.hook_resid_post@1:"]
+    args = ["fit", "--model", str(folder), "--tokens", str(tmp_path / "tokens.safetensors")]
+    assert main([*args, "--sites", *sites, *SMALL, "--out", str(out)]) == 0
+    lib = BasisResult.load(out / "bases" / "lib", model=model)
+    assert list(lib.bases) == [s.replace("@", "[") + "]" for s in sites]
