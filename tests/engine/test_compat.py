@@ -46,3 +46,61 @@ def test_writing_resid_mid_changes_the_residual(api, tiny, tokens_for):
     with torch.no_grad():
         run_with_hooks(model, toks, hooks + [("blocks.0.hook_resid_post", read("post3"))])
     assert torch.equal(seen["post3"], base_post)
+
+
+HF_ARCHS = ("gpt2", "neox", "llama", "gemma", "qwen2", "processed")
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+@pytest.mark.parametrize("api", available_apis())
+def test_hooked_state_dict_reproduces_the_blocks_outputs(arch, api):
+    """The output weights read back under HookedTransformer names write what the model's own
+    forward writes: `z W_O + b_O` is the attention's output, `post W_out + b_out` the MLP's
+    (GPT-2's Conv1D layers hold their weights transposed on the Bridge; a square W_O would be
+    silently wrong)."""
+    from tl_degeneracy.engine.compat import hooked_state_dict
+    from tl_degeneracy.models.tiny import tiny_model
+
+    model = tiny_model(arch, api)
+    toks = torch.randint(1, model.cfg.d_vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    names = ["hook_resid_pre", "attn.hook_z", "hook_resid_mid", "mlp.hook_post", "hook_resid_post"]
+    acts = {}
+
+    def keep(name):
+        def hook(act, hook=None):
+            acts[name] = act.detach()
+
+        return hook
+
+    present = set(dict(model.hook_dict)) if hasattr(model, "hook_dict") else set()
+    hooks = [(f"blocks.1.{n}", keep(n)) for n in names if f"blocks.1.{n}" in present]
+    with torch.no_grad():
+        run_with_hooks(model, toks, hooks)
+    w = hooked_state_dict(model)
+    p = "blocks.1."
+    attn = acts["attn.hook_z"].flatten(-2) @ w[p + "attn.W_O"].flatten(0, 1)
+    attn = attn + w.get(p + "attn.b_O", 0)
+    mlp = acts["mlp.hook_post"] @ w[p + "mlp.W_out"] + w.get(p + "mlp.b_out", 0)
+    if "hook_resid_mid" in acts:
+        torch.testing.assert_close(acts["hook_resid_mid"] - acts["hook_resid_pre"], attn)
+        torch.testing.assert_close(acts["hook_resid_post"] - acts["hook_resid_mid"], mlp)
+    else:  # parallel attention and MLP
+        torch.testing.assert_close(acts["hook_resid_post"] - acts["hook_resid_pre"], attn + mlp)
+
+
+@pytest.mark.skipif(len(available_apis()) < 2, reason="HookedTransformer needs TransformerLens < 4")
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_hooked_state_dict_is_the_same_on_both_apis(arch):
+    """Every weight both APIs name, equal: GPT-2's transposed Conv1D layers, and Gemma's
+    embedding scale √d_model and RMSNorm gain 1 + w, which a HookedTransformer holds folded in."""
+    from tl_degeneracy.engine.compat import hooked_state_dict
+    from tl_degeneracy.models.tiny import tiny_model
+
+    hooked = hooked_state_dict(tiny_model(arch, "hooked"))
+    bridge = hooked_state_dict(tiny_model(arch, "bridge"))
+    shared = sorted(set(hooked) & set(bridge))
+    wanted = ["embed.W_E", "unembed.W_U"]
+    wanted += [f"blocks.{b}.{w}" for b in (0, 1) for w in ("attn.W_Q", "attn.W_O", "mlp.W_out")]
+    assert set(wanted) <= set(shared)
+    for key in shared:
+        torch.testing.assert_close(bridge[key], hooked[key], rtol=1e-12, atol=1e-12, msg=key)

@@ -206,7 +206,21 @@ def hooked_state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, to
         return {k: v for k, v in sd.items() if not k.endswith(("mask", "IGNORE"))}
     sd = model.state_dict(keep_vars=keep_vars)
     cfg = model_cfg(model)
-    out: dict[str, torch.Tensor] = {"embed.W_E": sd["embed.weight"]}
+    # GPT-2's Conv1D holds [in, out] where nn.Linear holds [out, in]: bring every projection to
+    # nn.Linear's layout first, by the layer the Bridge wraps (square ones cannot be told apart
+    # by shape)
+    for key in [k for k in sd if k.startswith("blocks.") and k.endswith(".weight")]:
+        try:
+            module = model.get_submodule(key.removesuffix(".weight"))
+        except AttributeError:
+            continue
+        if type(getattr(module, "original_component", None)).__name__ == "Conv1D":
+            sd[key] = sd[key].T
+    gemma = _hf_model_type(model).startswith("gemma")
+    # Gemma scales the embedding by √d_model and its RMSNorm multiplies by (1 + w); a
+    # HookedTransformer holds both folded in (its W_E and ln weights)
+    embed = sd["embed.weight"] * cfg.d_model**0.5 if gemma else sd["embed.weight"]
+    out: dict[str, torch.Tensor] = {"embed.W_E": embed}
     if "pos_embed.weight" in sd:
         out["pos_embed.W_pos"] = sd["pos_embed.weight"]
     out["unembed.W_U"] = sd["unembed.weight"].T
@@ -239,11 +253,19 @@ def hooked_state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, to
         for ln in ("ln1", "ln2"):  # normalisation weights (inverse of hooked_to_bridge_...)
             for src, dst in (("weight", "w"), ("bias", "b")):
                 if f"{p}{ln}.{src}" in sd:
-                    out[f"{p}{ln}.{dst}"] = sd[f"{p}{ln}.{src}"]
+                    w = sd[f"{p}{ln}.{src}"]
+                    out[f"{p}{ln}.{dst}"] = 1 + w if gemma and src == "weight" else w
     for src, dst in (("weight", "w"), ("bias", "b")):
         if f"ln_final.{src}" in sd:
-            out[f"ln_final.{dst}"] = sd[f"ln_final.{src}"]
+            w = sd[f"ln_final.{src}"]
+            out[f"ln_final.{dst}"] = 1 + w if gemma and src == "weight" else w
     return out
+
+
+def _hf_model_type(model: nn.Module) -> str:
+    """The `transformers` model type a Bridge wraps (e.g. "gpt2", "gemma"), or ""."""
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    return str(getattr(config, "model_type", "") or "")
 
 
 # ---------------------------------------------------------------------------------------------
