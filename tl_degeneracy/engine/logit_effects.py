@@ -6,23 +6,22 @@ graph's "promoted and suppressed tokens"."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.bases import SiteBasis
+from tl_degeneracy.engine.compat import hooked_state_dict, is_transformer
 from tl_degeneracy.engine.composite import stream_directions
 
 
 def final_gain(model: nn.Module) -> Tensor | None:
-    """The final normalisation's elementwise weight (either API), or None (none, or folded)."""
-    ln_final = getattr(model, "ln_final", None)
-    gain = getattr(ln_final, "w", None)
-    if gain is None:
-        gain = getattr(ln_final, "weight", None)
-    return gain if isinstance(gain, Tensor) else None
+    """The final normalisation's elementwise weight as a HookedTransformer holds it (on either
+    API; Gemma's `1 + w`), or None (no final norm, or its weight folded into `W_U`)."""
+    if not is_transformer(model):
+        return None
+    return hooked_state_dict(model).get("ln_final.w")
 
 
 def direct_logit_effects(
@@ -39,9 +38,13 @@ def direct_logit_effects(
         picked = rows if features is None else rows[torch.as_tensor(list(features))]
         return picked.cpu()
     rows = stream_directions(model, basis, features).cpu()
-    hooked: Any = model  # W_U is an attribute of either API, not of nn.Module
     if unembed is None:
-        unembed = hooked.W_U
+        unembed = getattr(model, "W_U", None)
+        if not isinstance(unembed, Tensor):
+            raise ValueError(
+                f"{type(model).__name__} has no W_U: pass unembed= ([d_model, d_vocab]) for "
+                "direct logit effects"
+            )
         gain = final_gain(model)
         if gain is not None and gain.shape[-1] == rows.shape[-1]:
             rows = rows * gain.detach().cpu().to(torch.float64)
