@@ -67,6 +67,17 @@ def timed(fn, repeats=3):
     return statistics.median(ts)
 
 
+def operators(update, sites) -> int:
+    """Top-level operators one update dispatches into existing sums (a proxy for launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stats = GramStatistics(sites)
+    update(stats)  # the first batch creates the sums
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        update(stats)
+    return sum(1 for e in prof.events() if e.cpu_parent is None)
+
+
 def profile_dtype(name: str, args: argparse.Namespace) -> None:
     """Times and profile of the Gram pass in one dtype."""
     dtype, device = getattr(torch, name), args.device
@@ -140,6 +151,11 @@ def profile_dtype(name: str, args: argparse.Namespace) -> None:
             f"  one batch of {batches[0].numel()} tokens: {label:20s} {t * 1000:8.1f} ms"
             f"  (x{len(batches)} batches = {t * len(batches):.3f} s)"
         )
+    for label, update in (
+        ("now", lambda s: add_to_statistics(s, sites, acts, 1, device, batched=True)),
+        ("before", lambda s: update_before(s, sites, acts, device)),
+    ):
+        print(f"  operators dispatched by one update ({label}): {operators(update, sites)}")
     if device != "cuda":
         return
     from torch.profiler import ProfilerActivity, profile

@@ -269,17 +269,16 @@ def _merge_group(
     mean_b: Float[Tensor, "S d"],
     m2_b: Float[Tensor, "S d d"],
 ) -> None:
-    """`SiteStatistics._merge` of S sites at once, the same operations in the same order (so
-    the same rounding), as a few batched and multi-tensor launches instead of several per site."""
+    """`SiteStatistics._merge` of S sites at once (the same update, to rounding): the
+    between-means term folded into the batch's sums by one batched product, then one
+    multi-tensor add into every site's sums; a few launches instead of several per site.
+    `m2_b` is overwritten."""
     # the merge weights of every site, as `_merge` computes them (Python floats), in one copy
     weights = [(st.count * n_b / (st.count + n_b), n_b / (st.count + n_b)) for st in group]
     c, share = torch.tensor(weights, dtype=torch.float64).to(mean_b.device).unbind(1)
-    old = torch.stack([st.mean for st in group])
-    delta = mean_b - old
-    outer = delta[:, :, None] * delta[:, None, :] * c[:, None, None]
-    m2s = [st.m2 for st in group]
-    torch._foreach_add_(m2s, list(m2_b.unbind(0)))
-    torch._foreach_add_(m2s, list(outer.unbind(0)))
+    delta = mean_b - torch.stack([st.mean for st in group])
+    m2_b.baddbmm_((delta * c[:, None])[:, :, None], delta[:, None, :])
+    torch._foreach_add_([st.m2 for st in group], list(m2_b.unbind(0)))
     torch._foreach_add_([st.mean for st in group], list((delta * share[:, None]).unbind(0)))
     for st in group:
         st.count += n_b
