@@ -24,29 +24,39 @@ def final_gain(model: nn.Module) -> Tensor | None:
     return hooked_state_dict(model).get("ln_final.w")
 
 
+def logit_readout(
+    model: nn.Module, unembed: Float[Tensor, "d_model vocab"] | None = None
+) -> Float[Tensor, "d_model vocab"]:
+    """What one unit along each direction of the final residual stream does to the logits
+    directly (float64, on the CPU): the final normalisation's gain times `W_U`. `unembed`
+    replaces the model's unembedding (then without the gain). Compute it once for many sites."""
+    if unembed is not None:
+        return unembed.detach().cpu().to(torch.float64)
+    w_u = getattr(model, "W_U", None)
+    if not isinstance(w_u, Tensor):
+        raise ValueError(
+            f"{type(model).__name__} has no W_U: pass unembed= ([d_model, d_vocab]) for "
+            "direct logit effects"
+        )
+    readout = w_u.detach().cpu().to(torch.float64)
+    gain = final_gain(model)
+    if gain is not None and gain.shape[-1] == readout.shape[0]:
+        readout = gain.detach().cpu().to(torch.float64)[:, None] * readout
+    return readout
+
+
 def direct_logit_effects(
     model: nn.Module,
     basis: SiteBasis,
     features: Sequence[int] | None = None,
-    unembed: Float[Tensor, "d_model vocab"] | None = None,
+    readout: Float[Tensor, "d_model vocab"] | None = None,
 ) -> Float[Tensor, "f vocab"]:
-    """Per feature (default: all), its direct effect on each logit (float64, on the CPU). At
-    the logits site a feature's direction is already over the vocabulary. `unembed` defaults to
-    the model's `W_U` (and then the final gain applies)."""
+    """Per feature (default: all), its direct effect on each logit (float64, on the CPU): what
+    it writes into the stream (`stream_directions`) times `readout` (default:
+    `logit_readout(model)`). At the logits site a direction is already over the vocabulary."""
     if basis.site.is_logits:
         rows = basis.C_pinv.to(torch.float64)
         picked = rows if features is None else rows[torch.as_tensor(list(features))]
         return picked.cpu()
-    rows = stream_directions(model, basis, features).cpu()
-    if unembed is None:
-        unembed = getattr(model, "W_U", None)
-        if not isinstance(unembed, Tensor):
-            raise ValueError(
-                f"{type(model).__name__} has no W_U: pass unembed= ([d_model, d_vocab]) for "
-                "direct logit effects"
-            )
-        gain = final_gain(model)
-        if gain is not None and gain.shape[-1] == rows.shape[-1]:
-            rows = rows * gain.detach().cpu().to(torch.float64)
-    assert unembed is not None
-    return rows @ unembed.detach().cpu().to(torch.float64)
+    readout = readout if readout is not None else logit_readout(model)
+    return stream_directions(model, basis, features).cpu() @ readout

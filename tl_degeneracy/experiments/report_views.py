@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.diagnostics import dominant_directions
-from tl_degeneracy.engine.logit_effects import direct_logit_effects
+from tl_degeneracy.engine.logit_effects import direct_logit_effects, logit_readout
 from tl_degeneracy.engine.statistics import capture_sites
 from tl_degeneracy.engine.streaming import iter_batches
 from tl_degeneracy.viz.feature_views import LogitEffects, TopkExamples, topk_examples
@@ -115,10 +115,11 @@ def feature_logit_effects(
     most, by its direct effect on the logits (`engine.logit_effects`; residual, MLP and
     attention sites alike); `unembed` (`[d_model, d_vocab]`) replaces the model's own."""
     bases = _bases(result)
+    readout = logit_readout(model, unembed)
     out = {}
     for name in sites:
         b = bases[name]
-        effects = direct_logit_effects(model, b, range(min(n_features, b.k)), unembed)
+        effects = direct_logit_effects(model, b, range(min(n_features, b.k)), readout)
         out[name] = LogitEffects.from_effects(effects, decode, k)
     return out
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.compat import StopForward, frozen_parameters, run_with_hooks
-from tl_degeneracy.engine.logit_effects import direct_logit_effects
+from tl_degeneracy.engine.logit_effects import direct_logit_effects, logit_readout
 from tl_degeneracy.engine.prompt_graph.site_io import _read_site
 from tl_degeneracy.engine.sites import Site
 
@@ -66,4 +66,7 @@ def feature_logit_effects(
     """The direct effect of one unit of each wanted feature on the logits
     (`engine.logit_effects.direct_logit_effects`), keyed by site hook."""
     by_hook = _by_hook(basis)
-    return {h: direct_logit_effects(model, by_hook[h], feats) for h, feats in wanted.items()}
+    readout = logit_readout(model)
+    return {
+        h: direct_logit_effects(model, by_hook[h], feats, readout) for h, feats in wanted.items()
+    }
