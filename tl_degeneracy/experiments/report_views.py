@@ -109,13 +109,13 @@ def feature_logit_effects(
     sites: Sequence[str],
     n_features: int = 16,
     k: int = 8,
-    unembed: Tensor | None = None,
+    readout: Tensor | None = None,
 ) -> dict[str, LogitEffects]:
     """The `k` tokens each of the first `n_features` features of `sites` raises and lowers
     most, by its direct effect on the logits (`engine.logit_effects`; residual, MLP and
-    attention sites alike); `unembed` (`[d_model, d_vocab]`) replaces the model's own."""
+    attention sites alike); `readout` defaults to `logit_readout(model)`."""
     bases = _bases(result)
-    readout = logit_readout(model, unembed)
+    readout = readout if readout is not None else logit_readout(model)
     out = {}
     for name in sites:
         b = bases[name]
@@ -142,7 +142,10 @@ def add_model_views(
     Logit effects are computed at `logit_sites` (default: the last third of the sites);
     `unembed` defaults to `model.W_U` through the final normalisation's gain.
     """
-    has_unembed = unembed is not None or getattr(model, "W_U", None) is not None
+    try:  # one readout for every kind and site; none for a model without an unembedding
+        readout: Tensor | None = logit_readout(model, unembed)
+    except ValueError:
+        readout = None
     examples = all_feature_examples(
         model, inputs.bases, tokens, decode, n_features, k, batch_size=batch_size
     )
@@ -150,9 +153,9 @@ def add_model_views(
     for kind, result in inputs.bases.items():
         names = list(result.bases)
         late = list(logit_sites) if logit_sites is not None else names[-max(1, len(names) // 3) :]
-        if has_unembed:
+        if readout is not None:
             effects[kind] = feature_logit_effects(
-                model, result, decode, late, n_features, unembed=unembed
+                model, result, decode, late, n_features, readout=readout
             )
     source = inputs.bases.get("pca") or next(iter(inputs.bases.values()))
     diagnostic = dominant_directions(
