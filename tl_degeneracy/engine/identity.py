@@ -14,7 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.compat import api_of, hooked_state_dict, is_transformer, model_cfg
+from tl_degeneracy.engine.compat import (
+    api_of,
+    has_hooked_weights,
+    hooked_state_dict,
+    is_transformer,
+    model_cfg,
+)
 
 
 def weight_processing(model: nn.Module) -> dict[str, Any]:
@@ -118,7 +124,8 @@ def _weight_sums(model: nn.Module) -> dict[str, tuple[float, float, float, float
 
 
 def _read_weight_sums(model: nn.Module) -> dict[str, tuple[float, float, float, float, int]]:
-    state = hooked_state_dict(model) if is_transformer(model) else model.state_dict()
+    readable = is_transformer(model) and has_hooked_weights(model)
+    state = hooked_state_dict(model) if readable else model.state_dict()
     keys = [k for k in sorted(state) if state[k].is_floating_point()]
     per_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
     for key in keys:

@@ -12,6 +12,7 @@ from the caller's `decode(token_id)`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
@@ -144,7 +145,8 @@ def add_model_views(
     """
     try:  # one readout for every kind and site; none for a model without an unembedding
         readout: Tensor | None = logit_readout(model, unembed)
-    except ValueError:
+    except ValueError as error:
+        warnings.warn(f"the report has no logit effects: {error}", stacklevel=2)
         readout = None
     examples = all_feature_examples(
         model, inputs.bases, tokens, decode, n_features, k, batch_size=batch_size

@@ -6,6 +6,11 @@ TransformerLens 3.9 builds a `HookedTransformerConfig` for a *local* folder only
 name-keyed table (a folder whose path contains "llama" or "gemma" is mistaken for a hub model,
 and Gemma has no config-driven entry at all), so the configs are built here from the folder's
 own `config.json`. Adding an architecture touches this table and nothing else.
+
+On the TransformerBridge `load_local` also loads any other causal language model the installed
+TransformerLens has a Bridge adapter for (`bridge_architecture`): such a model runs through its
+hooks only (`compat.has_hooked_weights`), which is all that fits, edges, ablation and
+attribution need.
 """
 
 from __future__ import annotations
@@ -39,20 +44,27 @@ class Architecture:
     """The `transformers` model class named in `config.json`'s `architectures`."""
     shape: str
     """What the blocks look like, in a line."""
-    hooked_config: Callable[[Any], dict[str, Any]]
-    """HF config -> `HookedTransformerConfig` fields (raises for what TL cannot express)."""
-    converter: str
+    hooked_config: Callable[[Any], dict[str, Any]] | None
+    """HF config -> `HookedTransformerConfig` fields (raises for what TL cannot express);
+    None for an architecture only the Bridge loads."""
+    converter: str | None
     """Name of the TransformerLens weight converter in
-    `transformer_lens.pretrained.weight_conversions`."""
+    `transformer_lens.pretrained.weight_conversions` (None: Bridge only)."""
     uses_rms: bool = True
     """RMSNorm (no mean subtraction, so `center_writing_weights` does nothing) or LayerNorm."""
     fix_weights: Callable[[dict[str, Any], Any, Any], None] | None = None
     """Corrects the converter's output in place, `(weights, hf_model, cfg)`."""
 
+    @property
+    def hooked(self) -> bool:
+        """Whether `load_local` can build a `HookedTransformer` of it (else: Bridge only)."""
+        return self.hooked_config is not None
+
     def convert(self, hf_model: Any, cfg: Any) -> dict[str, Any]:
         """HookedTransformer-named weights of `hf_model`, via TransformerLens's converter."""
         from transformer_lens.pretrained import weight_conversions
 
+        assert self.converter is not None, f"{self.hf_class} has no HookedTransformer converter"
         weights: dict[str, Any] = getattr(weight_conversions, self.converter)(hf_model, cfg)
         if self.fix_weights is not None:
             self.fix_weights(weights, hf_model, cfg)
@@ -280,18 +292,59 @@ ARCHITECTURES: dict[str, Architecture] = {
 """Supported architectures, keyed by the `transformers` class name in `config.json`."""
 
 
-def architecture_of(config: dict[str, Any]) -> Architecture:
-    """The supported architecture a `config.json` names, or a clear error listing them."""
+def architecture_of(config: dict[str, Any], api: str = "hooked") -> Architecture:
+    """The supported architecture a `config.json` names, or a clear error listing them. With
+    `api="bridge"` any causal LM with a Bridge adapter is supported (`bridge_architecture`)."""
     names = config.get("architectures") or []
     model_type = config.get("model_type")
     for arch in ARCHITECTURES.values():
         if arch.hf_class in names or (not names and arch.name == _MODEL_TYPES.get(str(model_type))):
             return arch
+    generic = next((a for n in names if (a := bridge_architecture(n, config)) is not None), None)
+    if generic is not None and api == "bridge":
+        return generic
+    named = ", ".join(map(str, names or [f"model_type={model_type!r}"]))
     supported = ", ".join(f"{a.hf_class} ({a.name})" for a in ARCHITECTURES.values())
-    named = names or [f"model_type={model_type!r}"]
+    if generic is not None:
+        raise UnsupportedArchitectureError(
+            f"{named} has no HookedTransformer conversion here (those are: {supported}); "
+            "TransformerLens's Bridge supports it: load it with api='bridge' (or api='auto')."
+        )
     raise UnsupportedArchitectureError(
-        f"architecture {', '.join(map(str, named))} is not supported by load_local; supported: "
-        f"{supported}."
+        f"architecture {named} is not supported by load_local: with api='hooked' it loads "
+        f"{supported}; with api='bridge' also any causal language model the installed "
+        f"TransformerLens Bridge has an adapter for ({len(bridge_causal_lms())} here, e.g. "
+        f"{', '.join(sorted(bridge_causal_lms())[:6])}, ...)."
+    )
+
+
+def bridge_causal_lms() -> frozenset[str]:
+    """The causal language-model classes the installed TransformerLens Bridge has an adapter
+    for (empty where it has none)."""
+    try:
+        from transformer_lens.factories.architecture_adapter_factory import (
+            SUPPORTED_ARCHITECTURES,
+        )
+    except ImportError:  # pragma: no cover - every supported TransformerLens has it
+        return frozenset()
+    return frozenset(n for n in SUPPORTED_ARCHITECTURES if n.endswith(_CAUSAL_LM_SUFFIXES))
+
+
+_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def bridge_architecture(hf_class: str, config: dict[str, Any]) -> Architecture | None:
+    """An architecture outside `ARCHITECTURES` that only the Bridge loads, run by
+    TransformerLens's own adapter through its hooks; None when the Bridge has no adapter."""
+    if hf_class not in bridge_causal_lms():
+        return None
+    return Architecture(
+        name=str(config.get("model_type") or hf_class),
+        hf_class=hf_class,
+        shape="run by TransformerLens's Bridge adapter, through its hooks",
+        hooked_config=None,
+        converter=None,
+        uses_rms="rms_norm_eps" in config,
     )
 
 

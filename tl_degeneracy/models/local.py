@@ -100,7 +100,7 @@ def load_hf(
     read from local files only. `n_ctx` overrides a rotary model's context length."""
     folder = Path(folder).expanduser()
     config = check_folder(folder, tokenizer=tokenizer is None)
-    arch = architecture_of(config)
+    arch = architecture_of(config, api="bridge")
     _offline()
     import transformers
 
@@ -147,6 +147,8 @@ def _context_override(arch: Architecture, config: dict[str, Any], n_ctx: int | N
                 f"at {config['n_positions']}; leave n_ctx unset"
             )
         return {}
+    if not arch.hooked:  # the Bridge allocates nothing per position: keep the folder's own
+        return {} if n_ctx is None else {"max_position_embeddings": n_ctx}
     limit = config.get("max_position_embeddings", DEFAULT_MAX_CTX)
     return {"max_position_embeddings": n_ctx or min(limit, DEFAULT_MAX_CTX)}
 
@@ -166,16 +168,16 @@ def load_local(
 ) -> nn.Module:
     """A Hugging Face-format folder as a TransformerLens model, without the hub.
 
-    `api="auto"` gives a `HookedTransformer` where TransformerLens still has one (3.x), else a
-    `TransformerBridge`. By default no weight processing is applied, so activations are those
-    of the stored weights; `fold_ln=True, center_writing_weights=True, center_unembed=True,
-    fold_value_biases=True` is TransformerLens's `from_pretrained` default. Rotary models get
-    `n_ctx = min(max_position_embeddings, 2048)` unless `n_ctx` says otherwise. Supported
-    architectures: `architectures.ARCHITECTURES` (an unsupported one is named in the error).
+    `api="auto"` gives a `HookedTransformer` where TransformerLens still has one (3.x) and the
+    architecture is one of `architectures.ARCHITECTURES`, else a `TransformerBridge`, which
+    also loads any other causal LM TransformerLens has a Bridge adapter for (run through its
+    hooks only; docs/models.md). By default no weight processing is applied, so activations
+    are those of the stored weights; `fold_ln=True, center_writing_weights=True,
+    center_unembed=True, fold_value_biases=True` is TransformerLens's `from_pretrained`
+    default. Rotary models of the table get `n_ctx = min(max_position_embeddings, 2048)`
+    unless `n_ctx` says otherwise. An unsupported architecture is named in the error.
     """
-    if api == "auto":
-        api = available_apis()[0]
-    if api not in ("hooked", "bridge"):
+    if api not in ("auto", "hooked", "bridge"):
         raise ValueError(f"api must be 'auto', 'hooked' or 'bridge', got {api!r}")
     if api == "hooked" and not has_hooked_transformer():
         raise RuntimeError(
@@ -183,7 +185,9 @@ def load_local(
         )
     folder = Path(folder).expanduser()
     config = check_folder(folder, tokenizer=tokenizer is None)
-    arch = architecture_of(config)
+    arch = architecture_of(config, api="hooked" if api == "hooked" else "bridge")
+    if api == "auto":
+        api = available_apis()[0] if arch.hooked else "bridge"
     if center_writing_weights and arch.uses_rms:
         warnings.warn(
             "center_writing_weights does nothing for RMSNorm models (RMSNorm does not subtract "
@@ -258,6 +262,7 @@ def _hooked_from_hf(
     its architecture, with Hugging Face's rotary tables and RMSNorm rounding."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    assert arch.hooked_config is not None, f"{arch.hf_class} loads on the Bridge only"
     hf_config: Any = hf_model.config
     cfg = HookedTransformerConfig(
         **arch.hooked_config(hf_config),

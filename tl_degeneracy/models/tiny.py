@@ -13,6 +13,12 @@ gated MLP, grouped-query attention), `mistral`, `qwen2` (query/key/value biases)
 `attn_only` (no MLPs; built with `compat.build_model`, as no Hugging Face architecture is
 attention-only) and `processed` (the GPT-2 checkpoint loaded with TransformerLens's default
 weight processing: folded LayerNorm, `LNPre`, centred writing weights and unembedding).
+
+Bridge only (`TINY_BRIDGE_ONLY`, architectures outside the HookedTransformer table that the
+Bridge runs through its hooks): `qwen3` (query/key RMSNorm), `gemma2` (norms after attention
+and MLP, score and logit soft-capping, a 4-token sliding window every other layer), `olmo2`
+(norms after attention and MLP only), `phi3` (fused query/key/value and gate/up projections)
+and `gptj` (parallel attention and MLP, partial rotary, LayerNorm).
 """
 
 from __future__ import annotations
@@ -38,7 +44,15 @@ TINY_ARCHITECTURES = (
     "attn_only",
     "processed",
 )
-"""Every tiny shape `tiny_model` builds."""
+"""Every tiny shape `tiny_model` builds on both APIs."""
+TINY_BRIDGE_ONLY = {
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gptj": "GPTJForCausalLM",
+}
+"""Tiny shapes only the TransformerBridge loads, and their `transformers` classes."""
 D_VOCAB = 50
 N_CTX = 16
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:()\n"
@@ -95,6 +109,18 @@ def tiny_hf_config(arch: str) -> Any:
         return transformers.MistralConfig(**common, **gqa, sliding_window=None)
     if arch == "qwen2":
         return transformers.Qwen2Config(**common, num_key_value_heads=kv)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**common, **gqa)
+    if arch == "gemma2":
+        return transformers.Gemma2Config(**common, **gqa, sliding_window=4)
+    if arch == "olmo2":
+        return transformers.Olmo2Config(**common, num_key_value_heads=kv)
+    if arch == "phi3":
+        return transformers.Phi3Config(**common, num_key_value_heads=kv)
+    if arch == "gptj":
+        return transformers.GPTJConfig(
+            n_positions=N_CTX, n_embd=d, n_layer=n, n_head=h, n_inner=mlp, rotary_dim=2, **ids
+        )
     raise ValueError(_unknown(arch))
 
 
@@ -104,7 +130,10 @@ def _unknown(arch: str) -> str:
             "attn_only has no Hugging Face architecture (no checkpoint to write); build it with "
             "tiny_model('attn_only', api)"
         )
-    return f"unknown tiny architecture {arch!r}; choose one of {TINY_ARCHITECTURES}"
+    return (
+        f"unknown tiny architecture {arch!r}; choose one of {TINY_ARCHITECTURES} or (Bridge "
+        f"only) {tuple(TINY_BRIDGE_ONLY)}"
+    )
 
 
 def tiny_checkpoint(arch: str, folder: str | os.PathLike[str], seed: int = 0) -> Path:
@@ -116,7 +145,9 @@ def tiny_checkpoint(arch: str, folder: str | os.PathLike[str], seed: int = 0) ->
 
     config = tiny_hf_config(arch)
     base = "gpt2" if arch == "processed" else arch
-    hf_class = next(a.hf_class for a in ARCHITECTURES.values() if a.name == base)
+    hf_class = TINY_BRIDGE_ONLY.get(base) or next(
+        a.hf_class for a in ARCHITECTURES.values() if a.name == base
+    )
     with torch.random.fork_rng():  # transformers initialises from the global RNG
         model = getattr(transformers, hf_class)(config)
     randomize(model, seed)
@@ -137,7 +168,7 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
         kind = type(owner).__name__
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
         if "Norm" in kind:
-            offset = 0.0 if kind == "GemmaRMSNorm" or name.endswith("bias") else 1.0
+            offset = 0.0 if kind.startswith("Gemma") or name.endswith("bias") else 1.0
             value = offset + 0.1 * noise
         elif p.ndim == 1:
             value = 0.1 * noise
@@ -163,7 +194,7 @@ def tiny_model(
     from tl_degeneracy.models.local import load_local
 
     if api == "auto":
-        api = available_apis()[0]
+        api = "bridge" if arch in TINY_BRIDGE_ONLY else available_apis()[0]
     if arch == "attn_only":
         return _attn_only(api, dtype, seed)
     processing = arch == "processed"

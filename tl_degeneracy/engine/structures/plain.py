@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.compat import hooked_state_dict
+from tl_degeneracy.engine.compat import has_hooked_weights, hooked_state_dict
 from tl_degeneracy.engine.sites import LOGITS
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -45,11 +45,12 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 def is_plain(model: nn.Module) -> bool:
     """True when every block can be written out: no normalisation, standard positional
     embeddings, causal attention with one key/value head per query head, no score capping
-    or local windows, an elementwise MLP."""
+    or local windows, an elementwise MLP, and weights a HookedTransformer would hold."""
     cfg = model.cfg
     act = getattr(cfg, "act_fn", None)
     return (
-        getattr(cfg, "normalization_type", None) is None
+        has_hooked_weights(model)
+        and getattr(cfg, "normalization_type", None) is None
         and getattr(cfg, "positional_embedding_type", "standard") == "standard"
         and not getattr(cfg, "n_key_value_heads", None)
         and float(getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) <= 0

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.compat import hooked_state_dict, model_cfg
+from tl_degeneracy.engine.compat import has_hooked_weights, hooked_state_dict, model_cfg
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import LOGITS
 from tl_degeneracy.engine.structures.forms import Affine, AffineRelu, Form
@@ -37,7 +37,10 @@ def _next_stream(hook: str, layer: int) -> set[str]:
 
 
 def transformer_form(model: nn.Module, section: Section) -> Form | None:
-    """The closed form of a position-wise transformer section, or None."""
+    """The closed form of a position-wise transformer section, or None (always None for a
+    Bridge whose blocks are not HookedTransformer blocks: `compat.has_hooked_weights`)."""
+    if not has_hooked_weights(model):
+        return None
     cfg = model_cfg(model)
     inp, out = section.inp.hook, section.out.hook
     plain = getattr(cfg, "normalization_type", None) is None
