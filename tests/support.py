@@ -155,3 +155,23 @@ class Float64Throughout(TorchFunctionMode):
             if func in SOFTMAX and kwargs.get("dtype") == torch.float32:
                 kwargs.pop("dtype")
         return func(*args, **kwargs)
+
+
+def post_norm_model(seed: int = 0):
+    """A one-block float64 HookedTransformer with RMSNorm before and after attention and the
+    MLP (`use_normalization_before_and_after`, as Gemma 2), weights far from linear. Needs
+    TransformerLens < 4."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        d_model=8, d_head=4, n_heads=2, d_mlp=16, n_layers=1, n_ctx=4, d_vocab=11,
+        act_fn="gelu", normalization_type="RMS", use_normalization_before_and_after=True,
+        dtype=torch.float64, seed=seed,
+    )  # fmt: skip
+    model = HookedTransformer(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            p.copy_(noise * 0.5 + (0.0 if p.ndim > 1 else 1.0))
+    return model

@@ -305,3 +305,36 @@ def test_positions_and_bad_input(api):
         prompt_graph(model, result, tokens[:1], "logit 5")
     with pytest.raises(ValueError, match="one value per sequence"):
         prompt_graph(model, result, tokens[:1], Target.from_metric(lambda logits: logits.sum()))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_rotary_models_on_the_bridge(arch):
+    """A Bridge lists `hook_pos_embed` on a rotary model but runs nothing through it: the
+    graph's embedding nodes are the token embeddings alone, node attributions add up to
+    gradient × activation, and the graph builds (Llama: in the HookedTransformer table; Gemma
+    2: on the Bridge only)."""
+    from tl_degeneracy.engine.compat import hook_names
+    from tl_degeneracy.engine.prompt_graph.nodes import embedding_sites
+    from tl_degeneracy.engine.sites import residual_sites
+    from tl_degeneracy.models.tiny import tiny_model as checkpoint_model
+
+    model = checkpoint_model(arch, "bridge")
+    assert "hook_pos_embed" in hook_names(model)
+    assert [s.hook for s in embedding_sites(model)] == ["hook_embed"]
+    tokens = torch.randint(3, 50, (24, 8), generator=torch.Generator().manual_seed(0))
+    sites = (*residual_sites(model), Site("logits", "last"))
+    trunc = Truncation(1e-15, 0.05)
+    result = fit_basis(model, tokens, LIBConfig(sites, truncation=trunc, progress=False))
+    prompt, target = tokens[:1], Target.logit_difference(*TARGET_PAIR)
+    chain = site_chain(model, result)
+    attrs = node_attributions(model, chain, prompt, target, freeze_final_norm=False)
+    acts, grads, value = site_gradients(
+        model, [c.site for c in chain], prompt, lambda logits, t: target(logits)
+    )
+    assert attrs.value == pytest.approx(value, abs=1e-12)
+    for layer, c in enumerate(chain):
+        identity = (acts[c.site.name][0] * grads[c.site.name][0]).sum(-1)
+        nodes = attrs.attributions[layer].sum(-1) + attrs.rest[layer]
+        assert torch.allclose(nodes, identity, rtol=0, atol=1e-10), c.name
+    graph = full_graph(model, result, prompt)
+    assert graph.kept_nodes.any() and "tld-pg" in graph._repr_html_()

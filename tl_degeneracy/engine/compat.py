@@ -231,6 +231,21 @@ def has_hooked_weights(model: nn.Module) -> bool:
     return not is_bridge(model) or wrapped_model_name(model) in HOOKED_FORM_MODELS
 
 
+def normalises_block_outputs(model: nn.Module) -> bool:
+    """True when a block normalises what attention or the MLP writes before adding it to the
+    stream (HookedTransformer's `use_normalization_before_and_after`, Gemma 2/3, and its
+    post-norm architectures, OLMo 2/3): the stream then changes nonlinearly in the heads' and
+    neurons' outputs, so `W_O` and `W_out` alone do not say what they write."""
+    cfg = model_cfg(model)
+    if getattr(cfg, "use_normalization_before_and_after", False):
+        return True
+    try:
+        from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
+    except ImportError:  # TransformerLens 4: no HookedTransformer blocks
+        return False
+    return getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES
+
+
 def hooked_state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
     """HookedTransformer-named weights of either API (inverse of the Bridge conversion).
 

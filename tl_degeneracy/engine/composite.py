@@ -11,7 +11,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.bases import SiteBasis
-from tl_degeneracy.engine.compat import hooked_state_dict, model_cfg
+from tl_degeneracy.engine.compat import hooked_state_dict, model_cfg, normalises_block_outputs
 from tl_degeneracy.engine.sites import site_parts
 
 
@@ -49,6 +49,12 @@ def stream_directions(
     widths = part_widths(model, basis)
     if len(widths) == 1:
         return rows
+    if normalises_block_outputs(model):
+        raise ValueError(
+            "this model normalises what attention and the MLP write before adding it to the "
+            "stream (norms after them, as Gemma 2 and OLMo 2), so what a composite feature "
+            "writes into the stream is not a fixed direction; part_shares still applies"
+        )
     component, width = next(iter(widths.items()))  # e.g. blocks.3.mlp.hook_post, d_mlp
     layer = component.split(".")[1]
     key = f"blocks.{layer}.mlp.W_out" if ".mlp." in component else f"blocks.{layer}.attn.W_O"

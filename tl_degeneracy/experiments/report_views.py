@@ -114,13 +114,18 @@ def feature_logit_effects(
 ) -> dict[str, LogitEffects]:
     """The `k` tokens each of the first `n_features` features of `sites` raises and lowers
     most, by its direct effect on the logits (`engine.logit_effects`; residual, MLP and
-    attention sites alike); `readout` defaults to `logit_readout(model)`."""
+    attention sites alike, except composite sites of blocks that normalise their outputs,
+    left out with a warning); `readout` defaults to `logit_readout(model)`."""
     bases = _bases(result)
     readout = readout if readout is not None else logit_readout(model)
     out = {}
     for name in sites:
         b = bases[name]
-        effects = direct_logit_effects(model, b, range(min(n_features, b.k)), readout)
+        try:
+            effects = direct_logit_effects(model, b, range(min(n_features, b.k)), readout)
+        except ValueError as error:  # a composite site whose writes go through a norm
+            warnings.warn(f"no logit effects at {name}: {error}", stacklevel=2)
+            continue
         out[name] = LogitEffects.from_effects(effects, decode, k)
     return out
 

@@ -337,4 +337,10 @@ def _bridge_from_hf(
     )
     if any(processing.values()):
         bridge.enable_compatibility_mode(disable_warnings=True, **processing)
+        # TransformerLens processes in float32 and leaves some of those weights so (GPT-J's);
+        # a float64 forward would then fail on mixed dtypes
+        with torch.no_grad():
+            for param in bridge.parameters():
+                if param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
     return bridge

@@ -74,9 +74,22 @@ def site_chain(
 
 
 def embedding_sites(model: nn.Module) -> list[Site]:
-    """The embedding hooks the model has, at every position."""
+    """The embedding hooks the model runs, at every position. A Bridge lists `hook_pos_embed`
+    on a rotary model too, where nothing passes through it; one forward of one token tells."""
     names = set(hook_names(model))
-    return [Site(h) for h in EMBEDDING_HOOKS if h in names]
+    present = [h for h in EMBEDDING_HOOKS if h in names]
+    if len(present) < 2:
+        return [Site(h) for h in present]
+    fired: set[str] = set()
+
+    def seen(name: str):
+        return lambda act, hook=None: fired.add(name)
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        one = torch.zeros(1, 1, dtype=torch.long, device=device)
+        run_with_hooks(model, one, [(h, seen(h)) for h in present])
+    return [Site(h) for h in present if h in fired]
 
 
 @dataclass

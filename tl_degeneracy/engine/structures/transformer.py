@@ -3,7 +3,7 @@
 
 - `resid_post` of the last block → logits without a final norm: affine (`W_U`);
 - an MLP site `[hook_post, hook_resid_mid]` → `hook_resid_post`: affine (`[W_out; I]`), any
-  normalisation (it acts before the MLP);
+  normalisation before the MLP (none after it: `compat.normalises_block_outputs`);
 - per-head outputs `[hook_z, hook_resid_pre]` → the next residual site: affine (`[W_O; I]`);
 - `hook_resid_mid` → `hook_resid_post` (or the MLP site) of a ReLU MLP without normalisation:
   `AffineRelu`;
@@ -18,7 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.compat import has_hooked_weights, hooked_state_dict, model_cfg
+from tl_degeneracy.engine.compat import (
+    has_hooked_weights,
+    hooked_state_dict,
+    model_cfg,
+    normalises_block_outputs,
+)
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import LOGITS
 from tl_degeneracy.engine.structures.forms import Affine, AffineRelu, Form
@@ -38,8 +43,9 @@ def _next_stream(hook: str, layer: int) -> set[str]:
 
 def transformer_form(model: nn.Module, section: Section) -> Form | None:
     """The closed form of a position-wise transformer section, or None (always None for a
-    Bridge whose blocks are not HookedTransformer blocks: `compat.has_hooked_weights`)."""
-    if not has_hooked_weights(model):
+    Bridge whose blocks are not HookedTransformer blocks, `compat.has_hooked_weights`, and for
+    blocks that normalise their outputs, `compat.normalises_block_outputs`)."""
+    if not has_hooked_weights(model) or normalises_block_outputs(model):
         return None
     cfg = model_cfg(model)
     inp, out = section.inp.hook, section.out.hook
