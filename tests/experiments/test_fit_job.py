@@ -56,7 +56,7 @@ def test_fit_on_a_folder_with_tokens_and_chosen_sites(folder, tmp_path):
     assert list(lib.bases) == [s.replace("@", "[") + "]" for s in sites]
 
 
-def test_fit_on_a_bridge_only_folder(tmp_path):
+def test_fit_on_a_bridge_only_folder(tmp_path, capsys):
     """A Gemma 2 folder (norms after attention and MLP: no HookedTransformer conversion) runs
     the same command on the TransformerBridge, MLP sites included; the report says it has no
     logit effects, and why, instead of failing."""
@@ -67,6 +67,7 @@ def test_fit_on_a_bridge_only_folder(tmp_path):
     args = ["fit", "--model", str(folder), "--text", str(text), "--mlp-sites", "1"]
     with pytest.warns(UserWarning, match="no logit effects: Gemma2ForCausalLM"):
         assert main([*args, *SMALL, "--out", str(out)]) == 0
+    assert "TransformerBridge (through its hooks only) on cpu" in capsys.readouterr().out
     model = load_local(folder)
     assert type(model).__name__ == "TransformerBridge"
     lib = BasisResult.load(out / "bases" / "lib", model=model)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from tl_degeneracy.engine.bases import Truncation
+from tl_degeneracy.engine.compat import has_hooked_weights
 from tl_degeneracy.engine.distributed import DistContext
 from tl_degeneracy.engine.edges import EdgeConfig
 from tl_degeneracy.engine.jacobians import JacobianConfig
@@ -154,8 +155,9 @@ def run_fit_job(job: FitJob, ctx: DistContext | None = None, log: Log = print) -
     tokens, heldout = job_data(job, preset)
     sites = job_sites(job, preset)
     config = job.config(preset)
+    hooks_only = "" if has_hooked_weights(preset.model) else " (through its hooks only)"
     log(
-        f"{preset.name}: {type(preset.model).__name__} on {device or 'cpu'}, "
+        f"{preset.name}: {type(preset.model).__name__}{hooks_only} on {device or 'cpu'}, "
         f"{len(sites)} sites, {tokens.numel()} training tokens, rank {ctx.rank}/{ctx.world_size}"
     )
     study = run_study(

@@ -13,6 +13,7 @@ rest node holds only the truncated part of `f − f'`): the attribution-patching
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -75,21 +76,28 @@ def site_chain(
 
 def embedding_sites(model: nn.Module) -> list[Site]:
     """The embedding hooks the model runs, at every position. A Bridge lists `hook_pos_embed`
-    on a rotary model too, where nothing passes through it; one forward of one token tells."""
+    on a rotary model too, where nothing passes through it; one forward of one token tells
+    (once per model)."""
     names = set(hook_names(model))
-    present = [h for h in EMBEDDING_HOOKS if h in names]
+    present = tuple(h for h in EMBEDDING_HOOKS if h in names)
     if len(present) < 2:
         return [Site(h) for h in present]
-    fired: set[str] = set()
+    if model not in _EMBEDDINGS_RUN:
+        fired: set[str] = set()
 
-    def seen(name: str):
-        return lambda act, hook=None: fired.add(name)
+        def seen(name: str):
+            return lambda act, hook=None: fired.add(name)
 
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        one = torch.zeros(1, 1, dtype=torch.long, device=device)
-        run_with_hooks(model, one, [(h, seen(h)) for h in present])
-    return [Site(h) for h in present if h in fired]
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            one = torch.zeros(1, 1, dtype=torch.long, device=device)
+            run_with_hooks(model, one, [(h, seen(h)) for h in present])
+        _EMBEDDINGS_RUN[model] = tuple(h for h in present if h in fired)
+    return [Site(h) for h in _EMBEDDINGS_RUN[model]]
+
+
+_EMBEDDINGS_RUN: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()
+"""Per model, the embedding hooks a forward runs through (a property of its structure)."""
 
 
 @dataclass
