@@ -50,6 +50,7 @@ from tl_degeneracy.engine.sites import (
 from tl_degeneracy.engine.statistics import (
     GramStatistics,
     SiteStatistics,
+    StatisticsMemoryError,
     StatisticsMismatchError,
     collect_statistics,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "SiteBasis",
     "SiteError",
     "SiteStatistics",
+    "StatisticsMemoryError",
     "StatisticsMismatchError",
     "TokenError",
     "Truncation",

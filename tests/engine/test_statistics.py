@@ -187,3 +187,24 @@ def test_batched_update_refuses_non_finite_batch_and_stays_unchanged():
     for k, (count, mean, m2) in before.items():
         assert stats[k].count == count
         assert torch.equal(stats[k].mean, mean) and torch.equal(stats[k].m2, m2)
+
+
+def test_sites_too_wide_for_memory_are_refused_before_allocating(monkeypatch, api, tiny):
+    """A site set whose float64 Gram sums (plus one batch's product) exceed the free memory is
+    refused up front, naming the widest sites and the way out; nothing was allocated."""
+    import tl_degeneracy.engine.statistics as statistics
+    from tl_degeneracy import LIBConfig, StatisticsMemoryError, fit_basis
+
+    free = statistics._available_bytes("cpu")
+    assert free is not None and free > 0  # Linux: MemAvailable
+    model = tiny(api, "mlp")
+    sites = (Site("blocks.0.hook_resid_pre"), Site("logits"))
+    d, v = model.cfg.d_model, model.cfg.d_vocab
+    need = 8 * (d * d + v * v + max(d, v) ** 2)
+    monkeypatch.setattr(statistics, "_available_bytes", lambda device: need - 1)
+    toks = torch.randint(0, v, (4, model.cfg.n_ctx))
+    with pytest.raises(StatisticsMemoryError, match=f"logits: {v} units") as error:
+        fit_basis(model, toks, LIBConfig(sites, progress=False))
+    assert "residual_sites(model)" in str(error.value)
+    monkeypatch.setattr(statistics, "_available_bytes", lambda device: need)
+    fit_basis(model, toks, LIBConfig(sites, progress=False))  # exactly enough: runs

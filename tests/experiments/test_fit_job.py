@@ -74,3 +74,17 @@ def test_fit_on_a_bridge_only_folder(tmp_path, capsys):
     assert lib.bases["blocks.1.mlp.hook_post[1:]"].k > 0
     assert not (out / "logit_effects_lib.json").exists()
     assert "tld-graph" in (out / "report.html").read_text()
+
+
+def test_sites_too_wide_for_memory_end_in_one_line(folder, tmp_path, monkeypatch, capsys):
+    """A logits site too wide for the free memory (made small here) ends the command with one
+    line naming the site and exit status 2, before any statistics are allocated."""
+    import tl_degeneracy.engine.statistics as statistics
+
+    monkeypatch.setattr(statistics, "_available_bytes", lambda device: 10_000)
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    args = ["fit", "--model", str(folder), "--text", str(text), "--out", str(tmp_path / "out")]
+    assert main([*args, "--sites", "blocks.1.hook_resid_pre", "logits@-1", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "StatisticsMemoryError" in err and "logits[-1]: 50 units" in err

@@ -28,8 +28,10 @@ __all__ = [
     "GramStatistics",
     "NonFiniteActivationError",
     "SiteStatistics",
+    "StatisticsMemoryError",
     "StatisticsMismatchError",
     "add_to_statistics",
+    "check_gram_memory",
     "capture_sites",
     "check_finite",
     "collect_statistics",
@@ -38,6 +40,46 @@ __all__ = [
 
 class StatisticsMismatchError(ValueError):
     """Statistics that cannot be combined (different sites, widths or settings)."""
+
+
+class StatisticsMemoryError(ValueError):
+    """Sites whose float64 Gram statistics would not fit in the memory of their device."""
+
+
+def _available_bytes(device: torch.device | str) -> int | None:
+    """Memory free for new tensors on `device` (Linux hosts and CUDA), else None."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_gram_memory(widths: dict[str, int], device: torch.device | str) -> None:
+    """Refuse, before allocating, sites whose statistics (a float64 d × d sum per site, and
+    one batch's d × d product at a time) exceed the free memory of `device`: a logits site
+    of a language model is as wide as its vocabulary (49,152 units: 19 GB)."""
+    need = 8 * (sum(d * d for d in widths.values()) + max(d * d for d in widths.values()))
+    free = _available_bytes(device)
+    if free is None or need <= free:
+        return
+    widest = sorted(widths.items(), key=lambda kv: -kv[1])[:3]
+    named = ", ".join(f"{name}: {d} units, {8 * d * d / 1e9:.1f} GB" for name, d in widest)
+    raise StatisticsMemoryError(
+        f"the Gram statistics of these sites need {need / 1e9:.1f} GB of float64 on "
+        f"{torch.device(device)} ({named}), more than the {free / 1e9:.1f} GB free. A site as "
+        "wide as the vocabulary (the logits) is rarely the final site a language model "
+        "wants: end the sites at the last residual-stream site (residual_sites(model)), or "
+        "keep the statistics on a device with more memory (stats_device=...)."
+    )
 
 
 @dataclass
@@ -214,6 +256,9 @@ def add_to_statistics(
     freed before the next (faster on a CPU, and one site's memory at a time:
     `benchmarks/bench_lm.py`).
     """
+    new = {s.name: a.shape[-1] for s, a in zip(sites, acts) if s.name not in stats.per_site}
+    if new:
+        check_gram_memory(new, device)
     if batched is None:
         batched = torch.device(device).type != "cpu"
     if batched:

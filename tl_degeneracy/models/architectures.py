@@ -320,14 +320,20 @@ def architecture_of(config: dict[str, Any], api: str = "hooked") -> Architecture
 
 def bridge_causal_lms() -> frozenset[str]:
     """The causal language-model classes the installed TransformerLens Bridge has an adapter
-    for (empty where it has none)."""
+    for and the installed `transformers` defines (a folder is read without remote code)."""
+    import transformers
+
     try:
         from transformer_lens.factories.architecture_adapter_factory import (
             SUPPORTED_ARCHITECTURES,
         )
     except ImportError:  # pragma: no cover - every supported TransformerLens has it
         return frozenset()
-    return frozenset(n for n in SUPPORTED_ARCHITECTURES if n.endswith(_CAUSAL_LM_SUFFIXES))
+    return frozenset(
+        n
+        for n in SUPPORTED_ARCHITECTURES
+        if n.endswith(_CAUSAL_LM_SUFFIXES) and hasattr(transformers, n)
+    )
 
 
 _CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
