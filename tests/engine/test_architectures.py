@@ -374,3 +374,27 @@ def composite_brute_force(model, tokens, section: Section):
         total = total + torch.einsum("tksi,tksj->ij", jac, jac)
         count += jac.shape[2]
     return total / count
+
+
+def test_a_listed_hook_that_never_runs_is_named(tmp_path):
+    """TransformerLens's Bridge adapter for OpenAI GPT (LayerNorm after the residual add)
+    lists `hook_resid_post` but runs nothing through it: a fit there says so, naming the
+    hook, instead of failing on a missing activation."""
+    import transformers
+
+    from tl_degeneracy.models.local import load_local
+    from tl_degeneracy.models.tiny import randomize, tiny_tokenizer
+
+    config = transformers.OpenAIGPTConfig(vocab_size=50, n_embd=16, n_layer=2, n_head=4)
+    config.n_positions, config.architectures = 16, ["OpenAIGPTLMHeadModel"]
+    with torch.random.fork_rng():
+        hf = transformers.OpenAIGPTLMHeadModel(config)
+    randomize(hf, 0).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    model = load_local(tmp_path, dtype=torch.float64)
+    assert "blocks.1.hook_resid_post" in hook_names(model)
+    tokens = torch.randint(3, 50, (4, 8), generator=torch.Generator().manual_seed(0))
+    sites = (Site("blocks.1.hook_resid_pre"), Site("blocks.1.hook_resid_post"), Site("logits"))
+    with pytest.raises(SiteError, match="blocks.1.hook_resid_post.*does not run it"):
+        fit_basis(model, tokens, LIBConfig(sites, progress=False))
+    fit_basis(model, tokens, LIBConfig((sites[0], sites[2]), progress=False))  # hooks that run

@@ -280,3 +280,29 @@ def test_bridge_only_weight_processing_keeps_log_probs(bridge_only, tokens, arch
     with torch.no_grad():
         a, b = processed(tokens).log_softmax(-1), plain(tokens).log_softmax(-1)
     assert float((a - b).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_model_that_does_not_reproduce_transformers_is_refused(checkpoints, monkeypatch, api):
+    """`load_local` compares the loaded model's log-probabilities with `transformers`' on a
+    probe batch taken before conversion. A conversion that computes another function (here a
+    final-norm gain doubled after conversion; TransformerLens's Bridge adapter for StableLM
+    was off by 0.45 in log-probability) is refused with the gap; `verify=False` loads it."""
+    import tl_degeneracy.models.local as local
+
+    build = local._hooked_from_hf if api == "hooked" else local._bridge_from_hf
+
+    def corrupted(*args, **kwargs):
+        model = build(*args, **kwargs)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.startswith(("ln_final.w", "model.norm.")):  # hooked / Bridge name
+                    p.mul_(2)
+        return model
+
+    monkeypatch.setattr(
+        local, "_hooked_from_hf" if api == "hooked" else "_bridge_from_hf", corrupted
+    )
+    with pytest.raises(UnsupportedArchitectureError, match="does not compute what transformers"):
+        load_local(checkpoints["llama"], api=api, dtype=torch.float64)
+    assert load_local(checkpoints["llama"], api=api, dtype=torch.float64, verify=False)

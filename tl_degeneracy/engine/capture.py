@@ -97,6 +97,15 @@ def capture_sites(
 
     with frozen_parameters(model):
         out = run_with_hooks(model, inputs, [(n, make_hook(n)) for n in needed], stop_early=True)
+    silent = [n for n in needed if n not in store]
+    if silent:
+        raise SiteError(
+            f"no activation passed through {silent} in a forward: the model lists "
+            f"{'these hooks' if len(silent) > 1 else 'this hook'} but does not run "
+            f"{'them' if len(silent) > 1 else 'it'} (a TransformerBridge adapter may list "
+            "hooks its architecture has no place for). Choose sites whose hooks run, e.g. "
+            "those `model.run_with_cache(tokens)` returns."
+        )
     if check_order:
         _check_order(sites, parts, fired)
     result = []

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from tl_degeneracy.engine.compat import (
     available_apis,
@@ -29,7 +29,11 @@ from tl_degeneracy.engine.compat import (
     tl_version,
 )
 from tl_degeneracy.engine.identity import set_weight_processing
-from tl_degeneracy.models.architectures import Architecture, architecture_of
+from tl_degeneracy.models.architectures import (
+    Architecture,
+    UnsupportedArchitectureError,
+    architecture_of,
+)
 from tl_degeneracy.models.rmsnorm import round_rmsnorm_like_hugging_face
 from tl_degeneracy.models.weight_layout import store_weights_transposed
 
@@ -165,6 +169,7 @@ def load_local(
     n_ctx: int | None = None,
     model_name: str | None = None,
     tokenizer: Any | None = None,
+    verify: bool = True,
 ) -> nn.Module:
     """A Hugging Face-format folder as a TransformerLens model, without the hub.
 
@@ -176,6 +181,8 @@ def load_local(
     center_unembed=True, fold_value_biases=True` is TransformerLens's `from_pretrained`
     default. Rotary models of the table get `n_ctx = min(max_position_embeddings, 2048)`
     unless `n_ctx` says otherwise. An unsupported architecture is named in the error.
+    With `verify` the loaded model must give `transformers`' log-probabilities on a probe
+    batch to rounding (`check_reproduces`), else the load is refused.
     """
     if api not in ("auto", "hooked", "bridge"):
         raise ValueError(f"api must be 'auto', 'hooked' or 'bridge', got {api!r}")
@@ -204,6 +211,7 @@ def load_local(
         "fold_value_biases": fold_value_biases,
     }
     record = _record(hf_model, arch, api, processing, folder)  # before the Bridge wraps it
+    probe, reference = _reference_log_probs(hf_model) if verify else (None, None)
     with _tokenizer_in_a_folder(tokenizer) as tokenizer:
         if api == "hooked":
             model = _hooked_from_hf(hf_model, arch, tokenizer, name, dtype, device, processing)
@@ -211,7 +219,61 @@ def load_local(
             model = _bridge_from_hf(hf_model, tokenizer, dtype, device, processing)
             model_cfg(model).model_name = name
     set_weight_processing(model, record)
+    if probe is not None and reference is not None:
+        check_reproduces(model.eval(), probe, reference, arch.hf_class, api)
     return model.eval()
+
+
+PROBE_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-3}
+"""Largest |Δ log-probability| `load_local` accepts between the loaded model and
+`transformers` on its probe batch. Faithful loads differ by rounding (at most 2e-7 in float64
+on the tested shapes; ~2e-6 with weight processing); an adapter that computes another
+function differs by far more (0.45 measured). 16-bit dtypes are not checked: their rounding
+of rare tokens' log-probabilities is of that size; load in float32 to check."""
+
+
+@torch.no_grad()
+def _reference_log_probs(hf_model: nn.Module) -> tuple[Tensor, Tensor]:
+    """A fixed probe batch (2 rows of up to 8 tokens) and `transformers`' log-probabilities
+    on it, taken before TransformerLens converts or wraps the model."""
+    hf: Any = hf_model
+    vocab = int(hf.config.vocab_size)
+    limit: Any = getattr(hf.config, "max_position_embeddings", None)
+    n = max(2, min(8, int(limit or getattr(hf.config, "n_positions", 8))))
+    row = (torch.arange(n) * 7 + 3) % vocab
+    probe = torch.stack([row, row.flip(0)])
+    logits = hf(probe.to(hf.device)).logits
+    return probe, logits.double().log_softmax(-1).cpu()
+
+
+@torch.no_grad()
+def check_reproduces(
+    model: nn.Module, probe: Tensor, reference: Tensor, hf_class: str, api: str
+) -> None:
+    """Raise `UnsupportedArchitectureError` when `model` does not compute what `transformers`
+    computed on `probe` (`reference` log-probabilities), beyond `PROBE_TOLERANCE`."""
+    dtype = next(model.parameters()).dtype
+    tolerance = PROBE_TOLERANCE.get(dtype)
+    if tolerance is None:
+        return
+    try:
+        logits = model(probe.to(next(model.parameters()).device))
+    except Exception as error:  # TransformerLens's conversion cannot even run a forward
+        raise UnsupportedArchitectureError(
+            f"the {api} model TransformerLens built for {hf_class} fails on a probe batch "
+            f"that transformers runs: {type(error).__name__}: {error}"
+        ) from error
+    got = logits.double().log_softmax(-1).cpu()
+    gap = float((got - reference).abs().max())
+    if not gap <= tolerance:
+        raise UnsupportedArchitectureError(
+            f"the {api} model TransformerLens built for {hf_class} does not compute what "
+            f"transformers computes: log-probabilities differ by up to {gap:.2g} on a probe "
+            f"batch (rounding allows {tolerance:g} in {dtype}), so results on it would "
+            "describe another function. This is TransformerLens's conversion of the "
+            "architecture; try the other api, or load_local(..., verify=False) to proceed "
+            "at your own risk."
+        )
 
 
 @contextmanager
