@@ -218,6 +218,8 @@ def load_local(
         else:
             model = _bridge_from_hf(hf_model, tokenizer, dtype, device, processing)
             model_cfg(model).model_name = name
+    if record["fold_ln"] and not processing["fold_ln"]:  # the Bridge's adapter could not fold
+        record.update(fold_ln=False, normalization_type=record["normalization_type"][:-3])
     set_weight_processing(model, record)
     if probe is not None and reference is not None:
         check_reproduces(model.eval(), probe, reference, arch.hf_class, api)
@@ -399,7 +401,21 @@ def _bridge_from_hf(
         device=device,
     )
     if any(processing.values()):
-        bridge.enable_compatibility_mode(disable_warnings=True, **processing)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            bridge.enable_compatibility_mode(disable_warnings=True, **processing)
+        for warning in caught:  # e.g. "Olmo2ArchitectureAdapter does not support fold_ln"
+            if "does not support fold_ln" in str(warning.message):
+                processing["fold_ln"] = False
+                warnings.warn(
+                    f"TransformerLens does not fold the norms of {type(hf_model).__name__}: "
+                    "its norm weights stay unfolded; recorded as fold_ln=False.",
+                    stacklevel=3,
+                )
+            else:
+                warnings.warn_explicit(
+                    warning.message, warning.category, warning.filename, warning.lineno
+                )
         # TransformerLens processes in float32 and leaves some of those weights so (GPT-J's);
         # a float64 forward would then fail on mixed dtypes
         with torch.no_grad():
