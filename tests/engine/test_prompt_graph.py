@@ -64,9 +64,17 @@ def test_node_attributions_add_up_to_gradient_times_activation(api, kind):
     assert any(b.k < b.d for b in result.bases.values() if b.kind == "lib"), "needs truncation"
     tokens = random_tokens(model, 1, seed=7)
     target = Target.logit_difference(*TARGET_PAIR)
+    attrs = check_nodes_add_up(model, result, tokens, target)
+    for rest in attrs.rest:
+        assert rest.abs().max() > 1e-3  # the rest node is not trivially zero
+
+
+def check_nodes_add_up(model, result, tokens, target):
+    """Node attributions (features + rest) at every site equal gradient × activation there,
+    `g_s · f_s`, computed on the independent path of engine.attribution (zero leaves at every
+    site, one backward); returns the attributions."""
     chain = site_chain(model, result)
     attrs = node_attributions(model, chain, tokens, target, freeze_final_norm=False)
-    # the independent path of engine.attribution: zero leaves at every site, one backward
     acts, grads, value = site_gradients(
         model, [c.site for c in chain], tokens, lambda logits, t: target(logits)
     )
@@ -75,7 +83,7 @@ def test_node_attributions_add_up_to_gradient_times_activation(api, kind):
         identity = (acts[c.site.name][0] * grads[c.site.name][0]).sum(-1)  # g_s · f_s
         nodes = attrs.attributions[layer].sum(-1) + attrs.rest[layer]
         assert torch.allclose(nodes, identity, rtol=0, atol=1e-10), c.name
-        assert attrs.rest[layer].abs().max() > 1e-3  # the rest node is not trivially zero
+    return attrs
 
 
 def test_frozen_final_norm_makes_the_last_site_add_up_to_the_target(api):
@@ -325,16 +333,7 @@ def test_rotary_models_on_the_bridge(arch):
     sites = (*residual_sites(model), Site("logits", "last"))
     trunc = Truncation(1e-15, 0.05)
     result = fit_basis(model, tokens, LIBConfig(sites, truncation=trunc, progress=False))
-    prompt, target = tokens[:1], Target.logit_difference(*TARGET_PAIR)
-    chain = site_chain(model, result)
-    attrs = node_attributions(model, chain, prompt, target, freeze_final_norm=False)
-    acts, grads, value = site_gradients(
-        model, [c.site for c in chain], prompt, lambda logits, t: target(logits)
-    )
-    assert attrs.value == pytest.approx(value, abs=1e-12)
-    for layer, c in enumerate(chain):
-        identity = (acts[c.site.name][0] * grads[c.site.name][0]).sum(-1)
-        nodes = attrs.attributions[layer].sum(-1) + attrs.rest[layer]
-        assert torch.allclose(nodes, identity, rtol=0, atol=1e-10), c.name
+    prompt = tokens[:1]
+    check_nodes_add_up(model, result, prompt, Target.logit_difference(*TARGET_PAIR))
     graph = full_graph(model, result, prompt)
     assert graph.kept_nodes.any() and "tld-pg" in graph._repr_html_()

@@ -210,7 +210,7 @@ def load_local(
         "center_unembed": center_unembed,
         "fold_value_biases": fold_value_biases,
     }
-    record = _record(hf_model, arch, api, processing, folder)  # before the Bridge wraps it
+    rotary = getattr(hf_model.base_model, "rotary_emb", None)  # before the Bridge wraps it
     probe, reference = _reference_log_probs(hf_model) if verify else (None, None)
     with _tokenizer_in_a_folder(tokenizer) as tokenizer:
         if api == "hooked":
@@ -218,9 +218,8 @@ def load_local(
         else:
             model = _bridge_from_hf(hf_model, tokenizer, dtype, device, processing)
             model_cfg(model).model_name = name
-    if record["fold_ln"] and not processing["fold_ln"]:  # the Bridge's adapter could not fold
-        record.update(fold_ln=False, normalization_type=record["normalization_type"][:-3])
-    set_weight_processing(model, record)
+    # after building: the Bridge's adapter may have declined to fold (`processing` says so)
+    set_weight_processing(model, _record(rotary, arch, api, processing, folder))
     if probe is not None and reference is not None:
         check_reproduces(model.eval(), probe, reference, arch.hf_class, api)
     return model.eval()
@@ -292,9 +291,14 @@ def _tokenizer_in_a_folder(tokenizer: Any) -> Iterator[Any]:
 
 
 def _record(
-    hf_model: nn.Module, arch: Architecture, api: str, processing: dict[str, bool], folder: Any
+    rotary: nn.Module | None,
+    arch: Architecture,
+    api: str,
+    processing: dict[str, bool],
+    folder: Any,
 ) -> dict[str, Any]:
-    """What `identity.weight_processing` reports for a loaded folder."""
+    """What `identity.weight_processing` reports for a loaded folder (`rotary`: the Hugging
+    Face model's rotary embedding, if it has one)."""
     norm = "RMS" if arch.uses_rms else "LN"
     flags: dict[str, Any] = {
         **processing,
@@ -302,7 +306,6 @@ def _record(
         "source": str(Path(folder).resolve()),
         "architecture": arch.hf_class,
     }
-    rotary = getattr(hf_model.base_model, "rotary_emb", None)
     if rotary is not None:
         flags["rotary_tables"] = f"Hugging Face {type(rotary).__name__} (float32 angles)"
     if arch.uses_rms:
