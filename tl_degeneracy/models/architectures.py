@@ -311,7 +311,7 @@ def architecture_of(config: dict[str, Any], api: str = "hooked") -> Architecture
             "TransformerLens's Bridge supports it: load it with api='bridge' (or api='auto')."
         )
     raise UnsupportedArchitectureError(
-        f"architecture {named} is not supported by load_local: with api='hooked' it loads "
+        f"architecture {named} is not supported: with api='hooked' it loads "
         f"{supported}; with api='bridge' also any causal language model the installed "
         f"TransformerLens Bridge has an adapter for ({len(bridge_causal_lms())} here, e.g. "
         f"{', '.join(sorted(bridge_causal_lms())[:6])}, ...)."

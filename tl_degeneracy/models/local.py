@@ -5,11 +5,13 @@ A folder holds `config.json`, the weights as `*.safetensors` (one file, or shard
 read with `transformers` (`local_files_only`, never the hub) and wrapped as a
 `HookedTransformer` (TransformerLens 3.x: the config is built from the folder's own
 `config.json`, see `architectures`) or a `TransformerBridge` (3.x and 4.x: Hugging Face's modules
-behind TransformerLens hooks).
+behind TransformerLens hooks). A `transformers` model already in memory takes the same way
+from there (`from_hf`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -195,31 +197,169 @@ def load_local(
     arch = architecture_of(config, api="hooked" if api == "hooked" else "bridge")
     if api == "auto":
         api = available_apis()[0] if arch.hooked else "bridge"
-    if center_writing_weights and arch.uses_rms:
-        warnings.warn(
-            "center_writing_weights does nothing for RMSNorm models (RMSNorm does not subtract "
-            "the mean, so TransformerLens skips it); recorded as False.",
-            stacklevel=2,
-        )
-        center_writing_weights = False
     hf_model, tokenizer = load_hf(folder, dtype=dtype, n_ctx=n_ctx, tokenizer=tokenizer)
-    name = model_name or Path(folder).resolve().name
     processing = {
         "fold_ln": fold_ln,
         "center_writing_weights": center_writing_weights,
         "center_unembed": center_unembed,
         "fold_value_biases": fold_value_biases,
     }
+    name = model_name or folder.resolve().name
+    return _to_transformer_lens(
+        hf_model,
+        tokenizer,
+        arch,
+        api,
+        dtype,
+        device,
+        processing,
+        name,
+        str(folder.resolve()),
+        verify,
+    )
+
+
+def from_hf(
+    hf_model: nn.Module,
+    tokenizer: Any | None = None,
+    api: Literal["auto", "hooked", "bridge"] = "auto",
+    device: str | torch.device | None = None,
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    center_unembed: bool = False,
+    fold_value_biases: bool = False,
+    n_ctx: int | None = None,
+    model_name: str | None = None,
+    verify: bool = True,
+    in_place: bool = False,
+) -> nn.Module:
+    """A `transformers` causal LM already in memory (fine-tuned, adapters merged, edited) as a
+    TransformerLens model, as `load_local` would load it from its folder.
+
+    The model keeps its dtype (convert it with `hf_model.to(dtype)` first) and, unless `device`
+    says otherwise, its device; it is left as it was. A `HookedTransformer` gets converted
+    copies of its weights. The Bridge rebuilds the model it wraps in place (its layers become
+    Bridge modules, and `save_pretrained` fails), so it wraps a copy, in eval mode with eager
+    attention; `in_place=True` wraps `hf_model` itself (no second copy in memory; use it
+    through the returned model only). `tokenizer` defaults
+    to the one saved in the model's own folder (`name_or_path`), if any. `n_ctx` caps a
+    `HookedTransformer`'s context, which defaults to `min(max_position_embeddings, 2048)` for
+    rotary models, as in `load_local`.
+    """
+    if api not in ("auto", "hooked", "bridge"):
+        raise ValueError(f"api must be 'auto', 'hooked' or 'bridge', got {api!r}")
+    config: Any = getattr(hf_model, "config", None)
+    if not isinstance(hf_model, nn.Module) or not hasattr(config, "to_dict"):
+        raise TypeError(
+            f"from_hf needs a transformers model (an nn.Module with a .config), got "
+            f"{type(hf_model).__name__}; for a checkpoint folder use load_local(folder)"
+        )
+    if hasattr(hf_model, "merge_and_unload"):
+        raise TypeError(
+            f"from_hf got a {type(hf_model).__name__} with adapters; merge them into the "
+            "model first: from_hf(peft_model.merge_and_unload(), tokenizer)"
+        )
+    if api == "hooked" and not has_hooked_transformer():
+        raise RuntimeError(
+            f"TransformerLens {tl_version()} has no HookedTransformer; use api='bridge'."
+        )
+    hf_class = type(hf_model).__name__
+    arch = architecture_of(
+        {**config.to_dict(), "architectures": [hf_class]},  # the class, whatever the config says
+        api="hooked" if api == "hooked" else "bridge",
+    )
+    if api == "auto":
+        api = available_apis()[0] if arch.hooked else "bridge"
+    source = str(getattr(hf_model, "name_or_path", "") or "")
+    if tokenizer is None:
+        folder = Path(source).expanduser()
+        if not (folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)):
+            raise ValueError(
+                f"from_hf: no tokenizer given, and the model's name_or_path ({source!r}) is not "
+                "a folder with tokenizer files; pass tokenizer=AutoTokenizer.from_pretrained(...)"
+            )
+        _offline()
+        tokenizer = _read_tokenizer(folder)
+    overrides = _context_override(arch, config.to_dict(), n_ctx) if api == "hooked" else {}
+    if overrides:  # the HookedTransformer's context; the user's model stays as it is
+        config = copy.deepcopy(config)
+        config.__dict__.update(overrides)
+    was_training = hf_model.training
+    if api == "bridge":
+        hf: Any = hf_model if in_place else copy.deepcopy(hf_model)
+        if hasattr(hf, "set_attn_implementation"):  # hooks see the attention pattern
+            hf.set_attn_implementation("eager")
+        hf_model, was_training = hf, False
+    processing = {
+        "fold_ln": fold_ln,
+        "center_writing_weights": center_writing_weights,
+        "center_unembed": center_unembed,
+        "fold_value_biases": fold_value_biases,
+    }
+    device = device if device is not None else next(hf_model.parameters()).device
+    name = model_name or (Path(source).name if source else hf_class)
+    try:
+        return _to_transformer_lens(
+            hf_model.eval(),
+            tokenizer,
+            arch,
+            api,
+            next(hf_model.parameters()).dtype,
+            device,
+            processing,
+            name,
+            source or f"a {hf_class} in memory",
+            verify,
+            config,
+            n_ctx if api == "bridge" else None,
+        )
+    finally:
+        hf_model.train(was_training)
+
+
+def _to_transformer_lens(
+    hf_model: nn.Module,
+    tokenizer: Any,
+    arch: Architecture,
+    api: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    processing: dict[str, bool],
+    name: str,
+    source: str,
+    verify: bool,
+    hf_config: Any = None,
+    n_ctx: int | None = None,
+) -> nn.Module:
+    """The one conversion behind `load_local` and `from_hf`: wrap or convert an eval-mode
+    `transformers` model, record what was done, and check that it computes what `transformers`
+    computes (`verify`). `hf_config` is the config to convert (default: the model's)."""
+    if processing["center_writing_weights"] and arch.uses_rms:
+        warnings.warn(
+            "center_writing_weights does nothing for RMSNorm models (RMSNorm does not subtract "
+            "the mean, so TransformerLens skips it); recorded as False.",
+            stacklevel=3,
+        )
+        processing = {**processing, "center_writing_weights": False}
     rotary = getattr(hf_model.base_model, "rotary_emb", None)  # before the Bridge wraps it
     probe, reference = _reference_log_probs(hf_model) if verify else (None, None)
     with _tokenizer_in_a_folder(tokenizer) as tokenizer:
         if api == "hooked":
-            model = _hooked_from_hf(hf_model, arch, tokenizer, name, dtype, device, processing)
+            model = _hooked_from_hf(
+                hf_model,
+                hf_config or hf_model.config,
+                arch,
+                tokenizer,
+                name,
+                dtype,
+                device,
+                processing,
+            )
         else:
-            model = _bridge_from_hf(hf_model, tokenizer, dtype, device, processing)
+            model = _bridge_from_hf(hf_model, tokenizer, dtype, device, processing, n_ctx)
             model_cfg(model).model_name = name
     # after building: the Bridge's adapter may have declined to fold (`processing` says so)
-    set_weight_processing(model, _record(rotary, arch, api, processing, folder))
+    set_weight_processing(model, _record(rotary, arch, api, processing, source))
     if probe is not None and reference is not None:
         check_reproduces(model.eval(), probe, reference, arch.hf_class, api)
     return model.eval()
@@ -295,15 +435,15 @@ def _record(
     arch: Architecture,
     api: str,
     processing: dict[str, bool],
-    folder: Any,
+    source: str,
 ) -> dict[str, Any]:
-    """What `identity.weight_processing` reports for a loaded folder (`rotary`: the Hugging
-    Face model's rotary embedding, if it has one)."""
+    """What `identity.weight_processing` reports for a loaded model (`rotary`: the Hugging
+    Face model's rotary embedding, if it has one; `source`: its folder)."""
     norm = "RMS" if arch.uses_rms else "LN"
     flags: dict[str, Any] = {
         **processing,
         "normalization_type": norm + ("Pre" if processing["fold_ln"] else ""),
-        "source": str(Path(folder).resolve()),
+        "source": source,
         "architecture": arch.hf_class,
     }
     if rotary is not None:
@@ -319,6 +459,7 @@ def _record(
 
 def _hooked_from_hf(
     hf_model: nn.Module,
+    hf_config: Any,
     arch: Architecture,
     tokenizer: Any,
     name: str,
@@ -327,11 +468,11 @@ def _hooked_from_hf(
     processing: dict[str, bool],
 ) -> nn.Module:
     """A `HookedTransformer` from a `transformers` model, via TransformerLens's converter for
-    its architecture, with Hugging Face's rotary tables and RMSNorm rounding."""
+    its architecture (from `hf_config`), with Hugging Face's rotary tables and RMSNorm
+    rounding."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     assert arch.hooked_config is not None, f"{arch.hf_class} loads on the Bridge only"
-    hf_config: Any = hf_model.config
     cfg = HookedTransformerConfig(
         **arch.hooked_config(hf_config),
         model_name=name,
@@ -389,6 +530,7 @@ def _bridge_from_hf(
     dtype: torch.dtype,
     device: str | torch.device,
     processing: dict[str, bool],
+    n_ctx: int | None = None,
 ) -> nn.Module:
     """A `TransformerBridge` around a `transformers` model, processed only if asked to.
 
@@ -402,6 +544,7 @@ def _bridge_from_hf(
         tokenizer=tokenizer,
         dtype=dtype,
         device=device,
+        n_ctx=n_ctx,
     )
     if any(processing.values()):
         with warnings.catch_warnings(record=True) as caught:
