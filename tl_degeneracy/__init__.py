@@ -56,7 +56,7 @@ from tl_degeneracy.engine.statistics import (
 )
 from tl_degeneracy.engine.streaming import Checkpointing, EmptyDataError
 from tl_degeneracy.engine.structures import autograd_only, structure_of
-from tl_degeneracy.engine.tokens import TokenError, validate_tokens
+from tl_degeneracy.engine.tokens import PaddingWarning, TokenError, validate_tokens
 
 __all__ = [
     "LOGITS",
@@ -78,6 +78,7 @@ __all__ = [
     "LIBConfig",
     "Modules",
     "NonFiniteActivationError",
+    "PaddingWarning",
     "Result",
     "Section",
     "SectionEdges",

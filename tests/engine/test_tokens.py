@@ -1,11 +1,13 @@
 """`validate_tokens`: every bad batch is refused with the problem and the fix named, on both
 APIs; good batches come back as int64 on the model's device."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from tl_degeneracy.engine.tokens import TokenError, validate_tokens
+from tl_degeneracy.engine.tokens import PaddingWarning, TokenError, validate_tokens
 
 
 @pytest.fixture
@@ -66,3 +68,24 @@ def test_wrong_rank_says_what_shape_is_needed(model):
 def test_sequences_longer_than_the_context_name_length_and_limit(model):
     with pytest.raises(TokenError, match=r"5 positions .* n_ctx = 4.*tokens\[:, :4\]"):
         validate_tokens(model, torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_a_padded_batch_of_prompts_is_warned_about(api):
+    """TransformerLens pads a list of prompts to its longest with the pad id (here EOS): the
+    pad positions would be fitted as text. Right and left padding warn; batches by length
+    (`prompt_batches`) and a packed row that ends in one end-of-text token do not."""
+    from tl_degeneracy.models import prompt_batches, tiny_model
+
+    model = tiny_model("llama", api)
+    pad = model.tokenizer.pad_token_id
+    prompts = ["hello there", "hi", "good morning"]
+    with pytest.warns(PaddingWarning, match=rf"2 of 3 rows end in .*id {pad}.*prompt_batches"):
+        validate_tokens(model, model.to_tokens(prompts))
+    left = torch.tensor([[pad, pad, 1, 5, 6], [1, 7, 8, 9, 10]])
+    with pytest.warns(PaddingWarning, match="1 of 2 rows start in"):
+        validate_tokens(model, left)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for batch in prompt_batches(prompts, model.tokenizer):
+            validate_tokens(model, batch)
+        validate_tokens(model, torch.tensor([[1, 5, 6, pad], [1, 7, 8, 9]]))

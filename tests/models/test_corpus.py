@@ -138,3 +138,39 @@ def test_corpus_is_deterministic_split_and_cached(tmp_cache):
         assert tok.decode(row[1:]) not in train_text
     with pytest.raises((ValueError, TypeError), match="split"):  # TypeError: runtime type checks
         corpus.load_corpus(tok, split="test")
+
+
+def test_prompt_batches_group_prompts_by_length_without_padding():
+    tok = byte_tokenizer()
+    prompts = ["abc", "de", "fgh", "ij", "klm", "n"]
+    batches = corpus.prompt_batches(prompts, tok, batch_size=2)
+    bos = tok.bos_token_id
+    rows = [[tok.decode(r[1:]) for r in b] for b in batches]
+    assert rows == [["n"], ["de", "ij"], ["abc", "fgh"], ["klm"]]
+    assert all(b.dtype == torch.long and (b[:, 0] == bos).all() for b in batches)
+    bare = corpus.prompt_batches(["abc"], tok, prepend_bos=False)
+    assert [tok.decode(r) for r in bare[0]] == ["abc"]
+    with pytest.raises(TypeError, match=r"\[prompt\]"):
+        corpus.prompt_batches("abc", tok)
+    with pytest.raises(ValueError, match="batch_size"):
+        corpus.prompt_batches(prompts, tok, batch_size=0)
+
+
+def test_statistics_over_prompt_batches_are_those_of_each_prompt_alone():
+    """Fitting on `prompt_batches` sees exactly each prompt's own positions: the Gram equals
+    the one of the prompts run one at a time; the padded batch's does not (its pad positions
+    count as text)."""
+    from tl_degeneracy import Site, collect_statistics
+    from tl_degeneracy.models import tiny_model
+
+    model = tiny_model("llama", "auto")
+    prompts = ["hello there", "hi", "good morning", "ok", "yes"]
+    sites = [Site("blocks.1.hook_resid_pre")]
+    one_by_one = collect_statistics(model, sites, [model.to_tokens(p) for p in prompts], 1)
+    batched = collect_statistics(model, sites, corpus.prompt_batches(prompts, model.tokenizer), 8)
+    with pytest.warns(UserWarning, match="padded"):
+        padded = collect_statistics(model, sites, model.to_tokens(prompts), 8)
+    name = sites[0].name
+    assert batched.count == one_by_one.count < padded.count
+    torch.testing.assert_close(batched[name].gram, one_by_one[name].gram, rtol=1e-12, atol=0)
+    assert not torch.allclose(padded[name].gram, one_by_one[name].gram, rtol=1e-3)

@@ -7,6 +7,7 @@ in self` for an id ≥ d_vocab, a dtype error for floats) and does not check the
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -21,14 +22,19 @@ class TokenError(ValueError):
     or sequences longer than the context."""
 
 
+class PaddingWarning(UserWarning):
+    """A token batch that looks padded: its pad positions would be fitted as if they were text."""
+
+
 def validate_tokens(model: nn.Module, tokens: Any) -> Int[Tensor, "batch pos"]:
     """`tokens` as an int64 `[batch, pos]` tensor on the model's device, after checking that
     every id is in `[0, d_vocab)` and that no sequence is longer than `n_ctx`.
 
     Accepts a tensor, a NumPy array or nested lists of ints. Raises `TokenError` naming the
     problem (the offending row, position and id; the dtype; the shape; the length) and the fix.
-    A model that is not a transformer (an MLP on images, say) takes its inputs as they are,
-    moved to its device.
+    Warns (`PaddingWarning`) when rows end, or start, in runs of the tokenizer's pad id of
+    different lengths, as a padded batch of prompts does. A model that is not a transformer
+    (an MLP on images, say) takes its inputs as they are, moved to its device.
     """
     tokens = _as_tensor(tokens)
     if not is_transformer(model):
@@ -59,7 +65,33 @@ def validate_tokens(model: nn.Module, tokens: Any) -> Int[Tensor, "batch pos"]:
             f"sequences have {n_pos} positions but the model's context is n_ctx = {n_ctx}; cut "
             f"them (tokens[:, :{n_ctx}]) or split them into rows of at most {n_ctx} tokens"
         )
+    _warn_if_padded(model, tokens)
     return tokens.to(device=_device(model), dtype=torch.int64)
+
+
+def _warn_if_padded(model: nn.Module, tokens: Tensor) -> None:
+    """`PaddingWarning` when the rows' trailing (or leading) runs of the pad id differ in length
+    and one is at least 2 long: a ragged batch padded to its longest row. Single pads are let
+    through: a packed text row may end in an end-of-text token that is also the pad token."""
+    pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+    if pad is None or tokens.shape[0] < 2:
+        return
+    is_pad = (tokens == int(pad)).int()
+    for side, flags in (("end", is_pad.flip(1)), ("start", is_pad)):
+        runs = flags.cumprod(1).sum(1)
+        longest = int(runs.max())
+        if longest >= 2 and int(runs.min()) < longest:
+            padded = int((runs > int(runs.min())).sum())
+            warnings.warn(
+                f"{padded} of {tokens.shape[0]} rows {side} in a longer run of the pad token "
+                f"(id {int(pad)}, up to {longest} positions) than the others: this looks like "
+                "a padded batch, and every pad position would be fitted as if it were text. "
+                "Batch prompts by length instead: tl_degeneracy.models.prompt_batches(prompts, "
+                "model.tokenizer). If the pad id is meant as text here, ignore this warning.",
+                PaddingWarning,
+                stacklevel=3,
+            )
+            return
 
 
 def _as_tensor(tokens: Any) -> Tensor:

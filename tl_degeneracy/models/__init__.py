@@ -36,6 +36,7 @@ _EXPORTS = {
     "LlamaSpec": "smollm2.gguf",
     "load_corpus": "corpus",
     "tokens_from_text_files": "corpus",
+    "prompt_batches": "corpus",
     "wiki_articles": "corpus",
     "clean_wikitext": "corpus",
 }

@@ -2,7 +2,7 @@
 `gensim` wheel as test data, cleaned to plain text and packed into token sequences.
 
 A fixed, offline corpus makes fitted bases reproducible; `tokens_from_text_files` packs a
-user's own text the same way.
+user's own text the same way, and `prompt_batches` batches a user's prompts without padding.
 """
 
 from __future__ import annotations
@@ -193,6 +193,38 @@ def tokens_from_text_files(
     texts = [Path(p).read_text(encoding="utf-8") for p in paths]
     bos = tokenizer.bos_token_id if prepend_bos else None
     return pack(tokenize_documents(texts, tokenizer), seq_len, bos)
+
+
+def prompt_batches(
+    prompts: Sequence[str],
+    tokenizer: Any,
+    batch_size: int = 64,
+    prepend_bos: bool = True,
+) -> list[Int[Tensor, "batch pos"]]:
+    """Prompts of different lengths as token batches without padding: grouped by token count
+    (shortest first, prompt order kept within a length), at most `batch_size` rows each.
+
+    Padding would put pad positions into the statistics as if they were text; every fitting
+    function takes such a list of batches in place of one token tensor."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string: pass [prompt]")
+    if not prompts:
+        raise ValueError("no prompts")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    encoded = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if prepend_bos and tokenizer.bos_token_id is not None else []
+    by_length: dict[int, list[list[int]]] = {}
+    for ids in encoded:
+        row = bos + list(ids)
+        if not row:
+            raise ValueError("a prompt has no tokens (an empty string?) and no BOS to stand in")
+        by_length.setdefault(len(row), []).append(row)
+    return [
+        torch.tensor(rows[i : i + batch_size], dtype=torch.long)
+        for _, rows in sorted(by_length.items())
+        for i in range(0, len(rows), batch_size)
+    ]
 
 
 def load_corpus(
