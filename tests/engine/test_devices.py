@@ -180,3 +180,91 @@ def test_sgld_on_device(device):
     assert longer.llc == pytest.approx(a.llc, rel=1e-7)
     scaled = SGLDConfig(**{**cfg.__dict__, "step_scales": ((r"^blocks\.", 0.5),)})
     assert torch.isfinite(estimate_llc(problem, scaled, warn=False).loss_traces).all()
+
+
+COMPOSITE_SITES = (
+    Site("blocks.0.hook_resid_pre"),
+    Site("blocks.0.attn.hook_z"),
+    Site("blocks.0.hook_resid_mid"),
+    Site("blocks.0.mlp.hook_post"),
+    Site("blocks.0.hook_resid_post"),
+    Site("logits", "last"),
+)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_and_mlp_sites_on_device(device):
+    """A plain ReLU model with its heads and MLP neurons as sites: the closed forms into and
+    out of the composite sites (`[W_O; I]`, `[W_out; I]`, the ReLU MLP into `[hidden,
+    stream]`) are built on the device, and give the CPU's bases and edges."""
+    cpu, dev = _pair("mlp", device)
+    toks = random_tokens(cpu, 40, seed=1)
+    config = LIBConfig(COMPOSITE_SITES, progress=False)
+    ref, got = fit_basis(cpu, toks, config), fit_basis(dev, toks, config)
+    methods = got.metadata["jacobian_methods"]  # by the section's input site
+    assert methods["blocks.0.hook_resid_mid"] == "closed_form:relu_mlp"  # into [hidden, stream]
+    assert (
+        methods["blocks.0.mlp.hook_post"]
+        == methods["blocks.0.attn.hook_z"]
+        == ("closed_form:affine")
+    )
+    _same_bases(ref, got)
+    g_ref = interaction_graph(cpu, toks, ref, progress=False)
+    g_dev = interaction_graph(dev, toks, ref, progress=False)
+    for name, se in g_ref.sections.items():
+        torch.testing.assert_close(g_dev[name].edges.cpu(), se.edges, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prompt_graphs_on_device(device):
+    """A prompt graph, its interventions, the features over a corpus and the comparison with
+    attribution patching of a model on the device (prompts given on the CPU) give the CPU's
+    numbers; everything they return is on the CPU."""
+    from tl_degeneracy.engine.prompt_graph import (
+        Target,
+        compare_with_patching,
+        intervene,
+        prompt_graph,
+    )
+    from tl_degeneracy.engine.prompt_graph.details import corpus_features
+
+    cpu, dev = _pair("mlp", device, n_layers=2)
+    sites = (
+        *(Site(f"blocks.{b}.hook_resid_{s}") for b in range(2) for s in ("pre", "mid")),
+        Site("blocks.1.hook_resid_post"),
+        Site("logits", "last"),
+    )
+    basis = fit_basis(cpu, random_tokens(cpu, 60, seed=1), LIBConfig(sites, progress=False))
+    prompt, other = random_tokens(cpu, 1, seed=7), random_tokens(cpu, 1, seed=8)
+    target = Target.logit_difference(3, 4)
+    kw = dict(candidate_share=1.0, max_candidates=10**6)
+    a, b = (
+        prompt_graph(cpu, basis, prompt, target, **kw),
+        prompt_graph(dev, basis, prompt, target, **kw),
+    )
+    assert b.candidates.weight.device.type == "cpu"
+    assert b.value == pytest.approx(a.value, rel=1e-10)
+    for x, y in zip(a.attributions, b.attributions):
+        torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(b.candidates.weight, a.candidates.weight, rtol=1e-9, atol=1e-12)
+    nodes = [("blocks.1.hook_resid_pre", 2, 0), ("blocks.0.hook_resid_mid", 1, 1)]
+    for mode in ("mean", "zero"):
+        ia, ib = (
+            intervene(cpu, basis, prompt, target, nodes, mode),
+            intervene(dev, basis, prompt, target, nodes, mode),
+        )
+        assert ib.after == pytest.approx(ia.after, rel=1e-10, abs=1e-12)
+    wanted = {"blocks.1.hook_resid_pre": [0, 2]}
+    corpus = random_tokens(cpu, 6, seed=9)
+    fa, fb = (
+        corpus_features(cpu, basis, corpus, wanted),
+        corpus_features(dev, basis, corpus, wanted),
+    )
+    assert fb["blocks.1.hook_resid_pre"].device.type == "cpu"
+    torch.testing.assert_close(fb["blocks.1.hook_resid_pre"], fa["blocks.1.hook_resid_pre"])
+    ca = compare_with_patching(cpu, basis, prompt, other, target, top=3)
+    cb = compare_with_patching(dev, basis, prompt, other, target, top=3)
+    for ra, rb in zip(ca.sites + ca.nodes, cb.sites + cb.nodes):
+        for key, value in ra.items():
+            if isinstance(value, float):
+                assert rb[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key

@@ -15,6 +15,7 @@ from tl_degeneracy.engine.compat import StopForward, frozen_parameters, run_with
 from tl_degeneracy.engine.logit_effects import direct_logit_effects, logit_readout
 from tl_degeneracy.engine.prompt_graph.site_io import _read_site
 from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.engine.tokens import validate_tokens
 
 
 def _by_hook(basis: BasisResult | Mapping[str, SiteBasis]) -> dict[str, SiteBasis]:
@@ -41,14 +42,15 @@ def corpus_features(
         return {}
     last = hooks[-1]
     for lo in range(0, tokens.shape[0], batch_size):
-        batch = tokens[lo : lo + batch_size]
+        batch = validate_tokens(model, tokens[lo : lo + batch_size])
         fns = []
         for h in hooks:
             b = by_hook[h]
             cols = torch.tensor(list(wanted[h]), dtype=torch.long)
 
             def keep(act: Tensor, h: str = h, b: SiteBasis = b, cols: Tensor = cols) -> None:
-                out[h].append(((act.to(torch.float64) - b.mean) @ b.C[:, cols]).float())
+                here = b.to(act.device)
+                out[h].append(((act.to(torch.float64) - here.mean) @ here.C[:, cols]).float().cpu())
                 if h == last:
                     raise StopForward
 

@@ -165,7 +165,7 @@ def prompt_edges(
         k = attrs.features[lay].shape[1]
         p_local, j = flat // k, flat % k
         y = arrivals[c.name]
-        readout = c.basis.C.T.to(y.dtype)  # [k, d]
+        readout = c.basis.C.T.to(y.device, y.dtype)  # [k, d]
         inputs = [leaves[h] for h in emb_hooks] if lay == 0 else [leaves[attrs.chain[lay - 1].name]]
         for lo in range(0, flat.numel(), chunk_size):
             rows = torch.arange(lo, min(lo + chunk_size, flat.numel()))
@@ -211,7 +211,7 @@ def _embedding_rows(
     w = torch.zeros(rows, attrs.embedding.numel(), dtype=torch.float64)
     for g, value in zip(grads, attrs.embedding_values):
         if g is not None:
-            w += (g[:, 0].to(torch.float64) * value).sum(-1)
+            w += (g[:, 0].to("cpu", torch.float64) * value).sum(-1)
     return w
 
 
@@ -226,7 +226,7 @@ def _section_rows(
     if grad is None:  # the next site does not depend on this one at these positions
         n = cand.numel() + feats.shape[0]
         return torch.zeros(rows, n, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64)
-    g = grad[:, 0].to(torch.float64)  # [r, p, d]
+    g = grad[:, 0].to("cpu", torch.float64)  # [r, p, d], beside the node values
     every = (g @ basis.C_pinv.T) * feats  # [r, p, k]
     from_rest = (g * rest).sum(-1)  # [r, p]
     total = every.abs().sum((1, 2)) + from_rest.abs().sum(-1)

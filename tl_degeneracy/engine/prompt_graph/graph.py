@@ -33,7 +33,7 @@ from tl_degeneracy.engine.prompt_graph.edges import (
     CandidateGraph,
     prompt_edges,
 )
-from tl_degeneracy.engine.prompt_graph.nodes import node_attributions, site_chain
+from tl_degeneracy.engine.prompt_graph.nodes import _check_prompt, node_attributions, site_chain
 from tl_degeneracy.engine.prompt_graph.prune import (
     completeness,
     influence,
@@ -43,6 +43,7 @@ from tl_degeneracy.engine.prompt_graph.prune import (
 )
 from tl_degeneracy.engine.prompt_graph.target import Target, TargetLike, as_target
 from tl_degeneracy.engine.sites import Positions
+from tl_degeneracy.engine.tokens import validate_tokens
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,8 @@ def prompt_graph(
     `PromptGraphConfig` may be passed as keywords)."""
     config = replace(config or PromptGraphConfig(), **overrides)
     tgt: Target = as_target(target)
+    _check_prompt(tokens)
+    tokens = validate_tokens(model, tokens)
     start = time.process_time()
     chain = site_chain(model, basis, config.sites, config.positions)
     attrs = node_attributions(model, chain, tokens, tgt, None, config.freeze_final_norm)

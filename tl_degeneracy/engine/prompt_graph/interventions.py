@@ -26,6 +26,7 @@ from tl_degeneracy.engine.prompt_graph.graph import NodeRef, PromptGraph
 from tl_degeneracy.engine.prompt_graph.site_io import _write_site
 from tl_degeneracy.engine.prompt_graph.target import Target, TargetLike, as_target
 from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.engine.tokens import validate_tokens
 
 Mode = Literal["mean", "zero", "value"]
 
@@ -71,6 +72,7 @@ def intervene_many(
     tgt: Target = as_target(target)
     if tokens.ndim != 2 or tokens.shape[0] != 1:
         raise ValueError(f"tokens must be one prompt [1, pos], got {tuple(tokens.shape)}")
+    tokens = validate_tokens(model, tokens)
     if mode not in ("mean", "zero", "value"):
         raise ValueError(f"mode must be 'mean', 'zero' or 'value', got {mode!r}")
     if mode == "value" and (values is None or len(values) != len(groups)):
@@ -127,9 +129,10 @@ def _site_edit(
         return None
 
     def edit(act: Tensor) -> Tensor:
-        feats = basis.features(act)  # [rows, pos, k]
+        here = basis.to(act.device)
+        feats = here.features(act)  # [rows, pos, k]
         change = torch.where(mask.to(act.device), new.to(act.device) - feats, 0.0)
-        return act + (change @ basis.C_pinv).to(act.dtype)
+        return act + (change @ here.C_pinv).to(act.dtype)
 
     return edit
 

@@ -27,6 +27,7 @@ from tl_degeneracy.engine.compat import frozen_parameters, hook_names, run_with_
 from tl_degeneracy.engine.prompt_graph.site_io import _read_site, _write_site
 from tl_degeneracy.engine.prompt_graph.target import Target
 from tl_degeneracy.engine.sites import Positions, Site, SiteError, validate_sites
+from tl_degeneracy.engine.tokens import validate_tokens
 
 EMBEDDING_HOOKS = ("hook_embed", "hook_pos_embed")
 """Where the token (and, where the model has one, position) embeddings are read."""
@@ -172,6 +173,7 @@ def node_attributions(
     the last site adds up to the target's value (up to biases).
     """
     _check_prompt(tokens)
+    tokens = validate_tokens(model, tokens)
     embeds = embedding_sites(model)
     all_sites = [c.site for c in chain] + embeds
     acts: dict[str, Tensor] = {}
@@ -180,7 +182,7 @@ def node_attributions(
     for site in all_sites:
 
         def add_leaf(sel: Tensor, name: str = site.hook) -> Tensor:
-            acts[name] = sel.detach()[0].to(torch.float64)
+            acts[name] = sel.detach()[0].to("cpu", torch.float64)
             leaves[name] = torch.zeros_like(sel, requires_grad=True)
             return sel + leaves[name]
 
@@ -196,16 +198,17 @@ def node_attributions(
         logits = run_with_hooks(model, tokens, hooks)
         value = target(logits)[0]
         got = torch.autograd.grad(value, [leaves[n] for n in names], allow_unused=True)
-    grads = {
-        n: torch.zeros_like(acts[n]) if g is None else g[0].to(torch.float64)
+    grads = {  # one prompt's worth: the rest of the graph is computed on the CPU
+        n: torch.zeros_like(acts[n]) if g is None else g[0].to("cpu", torch.float64)
         for n, g in zip(names, got)
     }
     if baseline_tokens is not None:
         _check_prompt(baseline_tokens)
+        baseline_tokens = validate_tokens(model, baseline_tokens)
         if baseline_tokens.shape != tokens.shape:
             raise ValueError("the baseline prompt must have as many tokens as the prompt")
         base = capture(model, all_sites, baseline_tokens)
-        acts = {n: a - base[n][0] for n, a in acts.items()}
+        acts = {n: a - base[n][0].cpu() for n, a in acts.items()}
     out = NodeAttributions(
         chain=chain,
         positions=[],

@@ -108,9 +108,11 @@ def transformer_form(model: nn.Module, section: Section) -> Form | None:
             return AffineRelu(w_in, b_in, w_out, eye, b_out)
         if out == f"blocks.{layer}.mlp.hook_post":  # into the composite [hidden, stream]
             d_model, d_mlp = w_in.shape
-            q = torch.cat([torch.eye(d_mlp, dtype=w_in.dtype), w_in.new_zeros(d_mlp, d_model)], 1)
-            direct = torch.cat([w_in.new_zeros(d_model, d_mlp), torch.eye(d_model).to(w_in)], 1)
-            return AffineRelu(w_in, b_in, q.to(w_in), direct, w_in.new_zeros(d_mlp + d_model))
+            eye_mlp = torch.eye(d_mlp, dtype=w_in.dtype, device=w_in.device)
+            eye_model = torch.eye(d_model, dtype=w_in.dtype, device=w_in.device)
+            q = torch.cat([eye_mlp, w_in.new_zeros(d_mlp, d_model)], 1)
+            direct = torch.cat([w_in.new_zeros(d_model, d_mlp), eye_model], 1)
+            return AffineRelu(w_in, b_in, q, direct, w_in.new_zeros(d_mlp + d_model))
     return None
 
 
