@@ -72,3 +72,28 @@ def test_bisection_returns_the_boundary():
     assert req == 1 or result.scores[req - 1] - clean > tol  # the next smaller n fails
     again = top_output_edges_required(ablator, edges, tol, clean, "pca", scores=result.scores)
     assert again.edges_required == req
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+            ],
+        ),
+    ],
+)
+def test_a_model_on_a_device_gives_the_cpu_loss(device):
+    """Bases and masks on the CPU, the model and its activations on `device`."""
+    from tl_degeneracy.engine.compat import move_model
+
+    model, tokens, b_in, b_out = setup("mlp")
+    mask = torch.rand(N_TOP, b_in.k, generator=torch.Generator().manual_seed(4)) < 0.5
+    expected = TopOutputAblator(model, tokens, b_in, b_out, N_TOP).loss(mask)
+    moved = move_model(model, device)
+    ablator = TopOutputAblator(moved, tokens.to(device), b_in, b_out, N_TOP)
+    assert ablator.loss(mask) == pytest.approx(expected, rel=1e-9)

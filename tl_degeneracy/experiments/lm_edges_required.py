@@ -87,9 +87,10 @@ class TopOutputAblator:
         self.section = Section(basis_in.site, basis_out.site)
         self.structure = structure_of(model, self.section)
         self.model, self.tokens, self.metric = model, tokens, metric
-        self.basis_in, self.basis_out = basis_in, basis_out
         self.n_outputs = min(n_outputs, basis_out.k)
         (full,) = capture_sites(model, tokens, [self.section.inp], all_positions=True)
+        self.basis_in, self.basis_out = basis_in.to(full.device), basis_out.to(full.device)
+        basis_in = self.basis_in
         self.full_in = full if self.structure.needs_activation else None
         (act_out,) = capture_sites(model, tokens, [self.section.out])
         act_in = self.section.inp.select(full)
@@ -104,7 +105,8 @@ class TopOutputAblator:
         """The section's output activation with each top output feature recomputed under its
         row of `mask` (float64)."""
         n_top, (n, pos, _) = self.n_outputs, self.features_in.shape
-        masked = self.features_in[None] * mask.to(torch.float64)[:, None, None, :]
+        mask = mask.to(self.features_in.device, torch.float64)
+        masked = self.features_in[None] * mask[:, None, None, :]
         x = self.basis_in.reconstruct(masked).reshape(n_top * n, pos, -1)
         full = None if self.full_in is None else self.full_in.repeat(n_top, 1, 1)
         with frozen_parameters(self.model):
