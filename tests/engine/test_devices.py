@@ -268,3 +268,43 @@ def test_prompt_graphs_on_device(device):
         for key, value in ra.items():
             if isinstance(value, float):
                 assert rb[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_bridge_on_a_device_takes_tokens_on_the_cpu(device):
+    """A TransformerBridge, unlike a HookedTransformer, runs on its inputs where they are;
+    every entry point that takes tokens moves them to the model's device: fitting, attribution
+    and patching, prompt graphs and the behavioural loss of the degeneracy measures."""
+    from tl_degeneracy.engine.attribution import (
+        feature_patching_effects,
+        site_gradients,
+        site_patching_effect,
+        tl_site_attribution,
+    )
+    from tl_degeneracy.engine.degeneracy import ModelProblem
+    from tl_degeneracy.engine.prompt_graph import Target, prompt_graph
+
+    cpu = tiny_model("bridge", "mlp", seed=3)
+    dev = move_model(tiny_model("bridge", "mlp", seed=3), device)
+    toks = random_tokens(cpu, 30, seed=1)  # on the CPU
+    ref = fit_basis(cpu, toks, LIBConfig(PLAIN_SITES, progress=False))
+    _same_bases(ref, fit_basis(dev, toks, LIBConfig(PLAIN_SITES, progress=False)))
+    clean, corrupted = random_tokens(cpu, 6, seed=5), random_tokens(cpu, 6, seed=6)
+
+    def metric(logits, tokens):
+        return logits[:, -1, 0].to(torch.float64) - logits[:, -1, 1].to(torch.float64)
+
+    site, basis = PLAIN_SITES[1], ref[PLAIN_SITES[1].name]
+    for fn, args in (
+        (feature_patching_effects, (basis, clean, corrupted, metric)),
+        (site_patching_effect, (site, clean, corrupted, metric)),
+        (tl_site_attribution, (site, clean, corrupted, metric)),
+    ):
+        expected, got = fn(cpu, *args), fn(dev, *args)
+        torch.testing.assert_close(torch.as_tensor(got).cpu(), torch.as_tensor(expected))
+    _, grads, value = site_gradients(dev, [site], clean, metric)
+    assert value == pytest.approx(site_gradients(cpu, [site], clean, metric)[2], rel=1e-10)
+    graph = prompt_graph(dev, ref, clean[:1], Target.logit(0))
+    assert graph.value == pytest.approx(prompt_graph(cpu, ref, clean[:1], Target.logit(0)).value)
+    problem = ModelProblem(dev, toks)
+    assert problem.tokens.device == next(dev.parameters()).device

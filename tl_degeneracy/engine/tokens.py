@@ -69,6 +69,21 @@ def validate_tokens(model: nn.Module, tokens: Any) -> Int[Tensor, "batch pos"]:
     return tokens.to(device=_device(model), dtype=torch.int64)
 
 
+def validate_pair(
+    model: nn.Module, clean: Any, corrupted: Any
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """A clean and a corrupted batch for patching: `validate_tokens` of each (on the model's
+    device: a TransformerBridge, unlike a HookedTransformer, does not move its inputs), after
+    checking they have one shape."""
+    clean, corrupted = validate_tokens(model, clean), validate_tokens(model, corrupted)
+    if clean.shape != corrupted.shape:
+        raise ValueError(
+            "clean and corrupted tokens must be [batch, pos] of the same shape, got "
+            f"{tuple(clean.shape)} and {tuple(corrupted.shape)}"
+        )
+    return clean, corrupted
+
+
 def _warn_if_padded(model: nn.Module, tokens: Tensor) -> None:
     """`PaddingWarning` when the rows' trailing (or leading) runs of the pad id differ in length
     and one is at least 2 long: a ragged batch padded to its longest row. Single pads are let

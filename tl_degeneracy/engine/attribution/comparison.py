@@ -37,7 +37,7 @@ from tl_degeneracy.engine.attribution.gradients import (
     site_gradients,
     tl_site_attribution,
 )
-from tl_degeneracy.engine.attribution.patching import check_pair, feature_patching, site_patching
+from tl_degeneracy.engine.attribution.patching import feature_patching, site_patching
 from tl_degeneracy.engine.attribution.site_scores import SiteAttribution
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
@@ -45,7 +45,7 @@ from tl_degeneracy.engine.capture import capture_sites
 from tl_degeneracy.engine.compat import model_cfg
 from tl_degeneracy.engine.identity import model_identity
 from tl_degeneracy.engine.sites import SiteLike, as_site, site_parts
-from tl_degeneracy.engine.streaming import iter_batches
+from tl_degeneracy.engine.tokens import validate_pair
 
 
 def _bases(result: BasisResult | Mapping[str, SiteBasis]) -> Mapping[str, SiteBasis]:
@@ -252,9 +252,7 @@ def compare_attribution(
     One forward + backward on the corrupted tokens serves all sites' gradients; patching runs
     `k` groups per site, `max_rows` sequences per forward.
     """
-    check_pair(clean_tokens, corrupted_tokens)
-    clean_tokens = iter_batches(clean_tokens, clean_tokens.shape[0], model)[0]
-    corrupted_tokens = iter_batches(corrupted_tokens, corrupted_tokens.shape[0], model)[0]
+    clean_tokens, corrupted_tokens = validate_pair(model, clean_tokens, corrupted_tokens)
     bases = _bases(basis_result)
     if sites is None:
         chosen = [b for b in bases.values() if not b.site.is_logits and b.kind != "raw"]

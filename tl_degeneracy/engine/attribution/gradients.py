@@ -26,6 +26,7 @@ from tl_degeneracy.engine.compat import (
     run_with_hooks,
 )
 from tl_degeneracy.engine.sites import Site, site_parts
+from tl_degeneracy.engine.tokens import validate_pair, validate_tokens
 
 AttributionMetric = Callable[
     [Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]],
@@ -69,6 +70,7 @@ def site_gradients(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
     """Activations and the batch-mean metric's gradient at every site: `(activations,
     gradients, metric value)`, tensors `[batch, site_pos, d]` float64."""
+    tokens = validate_tokens(model, tokens)
     acts = {s.name: a.to(torch.float64) for s, a in zip(sites, capture_sites(model, tokens, sites))}
     grads: dict[str, Tensor] = {}
     value = float("nan")
@@ -156,6 +158,7 @@ def tl_site_attribution(
     On the Bridge `hook_resid_mid` is an alias of the MLP's input, whose gradient misses the
     residual path; there the gradient at `hook_resid_post` (that path) is added.
     """
+    clean_tokens, corrupted_tokens = validate_pair(model, clean_tokens, corrupted_tokens)
     cache = _tl_gradient_cache()
     hook = tl_hook(model, site)
     names = [hook]

@@ -18,17 +18,10 @@ from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.capture import capture_sites, injection_hooks
 from tl_degeneracy.engine.compat import model_cfg, run_with_hooks
 from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.engine.tokens import validate_pair
 
 LOGIT_BUDGET = 1 << 27
 """Most logits (batch · pos · vocab) one patching forward may produce (1 GiB in float64)."""
-
-
-def check_pair(clean: Tensor, corrupted: Tensor) -> None:
-    if clean.ndim != 2 or clean.shape != corrupted.shape:
-        raise ValueError(
-            "clean and corrupted tokens must be [batch, pos] of the same shape, got "
-            f"{tuple(clean.shape)} and {tuple(corrupted.shape)}"
-        )
 
 
 @torch.no_grad()
@@ -82,7 +75,7 @@ def feature_patching_effects(
     batched by repeating the corrupted batch up to `max_rows` sequences per forward (a metric
     that returns one scalar for the whole batch runs one group per forward).
     """
-    check_pair(clean_tokens, corrupted_tokens)
+    clean_tokens, corrupted_tokens = validate_pair(model, clean_tokens, corrupted_tokens)
     site = basis.site
     (clean,) = capture_sites(model, clean_tokens, [site])
     (corrupt,) = capture_sites(model, corrupted_tokens, [site])
@@ -137,7 +130,7 @@ def site_patching_effect(
 ) -> float:
     """Change of the batch-mean metric when the site's whole activation (at its positions) is
     patched from corrupted to clean."""
-    check_pair(clean_tokens, corrupted_tokens)
+    clean_tokens, corrupted_tokens = validate_pair(model, clean_tokens, corrupted_tokens)
     (clean,) = capture_sites(model, clean_tokens, [site])
     (corrupt,) = capture_sites(model, corrupted_tokens, [site])
     return site_patching(model, site, corrupted_tokens, metric, clean, corrupt)

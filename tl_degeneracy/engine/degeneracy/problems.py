@@ -35,6 +35,7 @@ from tl_degeneracy.engine.streaming import chunks
 from tl_degeneracy.engine.structures import INPUTS, structure_of
 from tl_degeneracy.engine.structures.plain import PlainModel
 from tl_degeneracy.engine.structures.written_out import PlainForward
+from tl_degeneracy.engine.tokens import validate_tokens
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Divergence = Literal["kl", "mse"]
@@ -160,7 +161,7 @@ class ModelProblem(LLCProblem):
         if divergence not in ("kl", "mse"):
             raise ValueError(f"divergence must be 'kl' or 'mse', got {divergence!r}")
         self.model: Any = model  # a HookedTransformer or TransformerBridge
-        self.tokens = tokens
+        self.tokens = tokens = validate_tokens(model, tokens)  # on its device (for the Bridge)
         self.divergence = divergence
         named = state_dict_parameters(model)
         self.param_names = tuple(select_parameters(model, params))

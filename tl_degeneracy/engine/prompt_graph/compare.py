@@ -31,9 +31,10 @@ from tl_degeneracy.engine.attribution import (
 )
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
-from tl_degeneracy.engine.prompt_graph.nodes import node_attributions, site_chain
+from tl_degeneracy.engine.prompt_graph.nodes import _check_prompt, node_attributions, site_chain
 from tl_degeneracy.engine.prompt_graph.target import TargetLike, as_target
 from tl_degeneracy.engine.sites import Positions, Site
+from tl_degeneracy.engine.tokens import validate_pair
 
 
 @dataclass
@@ -148,6 +149,9 @@ def compare_with_patching(
     true patching of that feature at that position (`feature_patching_effects`)."""
     tgt = as_target(target)
     metric = tgt.metric()
+    for prompt in (clean_tokens, corrupted_tokens):
+        _check_prompt(prompt)
+    clean_tokens, corrupted_tokens = validate_pair(model, clean_tokens, corrupted_tokens)
     chain = site_chain(model, basis, sites, positions)
     # gradient at the corrupted prompt, values relative to the clean one: minus attribution
     # patching

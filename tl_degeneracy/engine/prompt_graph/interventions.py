@@ -96,7 +96,7 @@ def intervene_many(
                 if edit is not None:
                     hooks += _write_site(model, Site(hook), edit)
             logits = run_with_hooks(model, tokens.expand(len(part), -1), hooks)
-            after[lo : lo + len(part)] = tgt(logits)
+            after[lo : lo + len(part)] = tgt(logits).cpu()
     return before, after
 
 
