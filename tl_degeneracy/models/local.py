@@ -186,17 +186,9 @@ def load_local(
     With `verify` the loaded model must give `transformers`' log-probabilities on a probe
     batch to rounding (`check_reproduces`), else the load is refused.
     """
-    if api not in ("auto", "hooked", "bridge"):
-        raise ValueError(f"api must be 'auto', 'hooked' or 'bridge', got {api!r}")
-    if api == "hooked" and not has_hooked_transformer():
-        raise RuntimeError(
-            f"TransformerLens {tl_version()} has no HookedTransformer; use api='bridge'."
-        )
     folder = Path(folder).expanduser()
-    config = check_folder(folder, tokenizer=tokenizer is None)
-    arch = architecture_of(config, api="hooked" if api == "hooked" else "bridge")
-    if api == "auto":
-        api = available_apis()[0] if arch.hooked else "bridge"
+    _check_api(api)
+    arch, api = _resolve_api(check_folder(folder, tokenizer=tokenizer is None), api)
     hf_model, tokenizer = load_hf(folder, dtype=dtype, n_ctx=n_ctx, tokenizer=tokenizer)
     processing = {
         "fold_ln": fold_ln,
@@ -246,8 +238,7 @@ def from_hf(
     `HookedTransformer`'s context, which defaults to `min(max_position_embeddings, 2048)` for
     rotary models, as in `load_local`.
     """
-    if api not in ("auto", "hooked", "bridge"):
-        raise ValueError(f"api must be 'auto', 'hooked' or 'bridge', got {api!r}")
+    _check_api(api)
     config: Any = getattr(hf_model, "config", None)
     if not isinstance(hf_model, nn.Module) or not hasattr(config, "to_dict"):
         raise TypeError(
@@ -259,17 +250,9 @@ def from_hf(
             f"from_hf got a {type(hf_model).__name__} with adapters; merge them into the "
             "model first: from_hf(peft_model.merge_and_unload(), tokenizer)"
         )
-    if api == "hooked" and not has_hooked_transformer():
-        raise RuntimeError(
-            f"TransformerLens {tl_version()} has no HookedTransformer; use api='bridge'."
-        )
     hf_class = type(hf_model).__name__
-    arch = architecture_of(
-        {**config.to_dict(), "architectures": [hf_class]},  # the class, whatever the config says
-        api="hooked" if api == "hooked" else "bridge",
-    )
-    if api == "auto":
-        api = available_apis()[0] if arch.hooked else "bridge"
+    # the class names the architecture, whatever the config says
+    arch, api = _resolve_api({**config.to_dict(), "architectures": [hf_class]}, api)
     source = str(getattr(hf_model, "name_or_path", "") or "")
     if tokenizer is None:
         folder = Path(source).expanduser()
@@ -315,6 +298,26 @@ def from_hf(
         )
     finally:
         hf_model.train(was_training)
+
+
+def _check_api(api: str) -> None:
+    if api not in ("auto", "hooked", "bridge"):
+        raise ValueError(f"api must be 'auto', 'hooked' or 'bridge', got {api!r}")
+    if api == "hooked" and not has_hooked_transformer():
+        raise RuntimeError(
+            f"TransformerLens {tl_version()} has no HookedTransformer; use api='bridge'."
+        )
+
+
+def _resolve_api(
+    config: dict[str, Any], api: str
+) -> tuple[Architecture, Literal["hooked", "bridge"]]:
+    """The architecture a config names and the API to load it on (`"auto"`: a
+    `HookedTransformer` where there is one and the architecture has a conversion)."""
+    arch = architecture_of(config, api="hooked" if api == "hooked" else "bridge")
+    if api == "auto":
+        api = available_apis()[0] if arch.hooked else "bridge"
+    return arch, "hooked" if api == "hooked" else "bridge"
 
 
 def _to_transformer_lens(
