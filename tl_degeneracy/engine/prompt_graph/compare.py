@@ -31,7 +31,7 @@ from tl_degeneracy.engine.attribution import (
 )
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
-from tl_degeneracy.engine.prompt_graph.nodes import _check_prompt, node_attributions, site_chain
+from tl_degeneracy.engine.prompt_graph.nodes import check_prompt, node_attributions, site_chain
 from tl_degeneracy.engine.prompt_graph.target import TargetLike, as_target
 from tl_degeneracy.engine.sites import Positions, Site
 from tl_degeneracy.engine.tokens import validate_pair
@@ -150,7 +150,7 @@ def compare_with_patching(
     tgt = as_target(target)
     metric = tgt.metric()
     for prompt in (clean_tokens, corrupted_tokens):
-        _check_prompt(prompt)
+        check_prompt(prompt)
     clean_tokens, corrupted_tokens = validate_pair(model, clean_tokens, corrupted_tokens)
     chain = site_chain(model, basis, sites, positions)
     # gradient at the corrupted prompt, values relative to the clean one: minus attribution

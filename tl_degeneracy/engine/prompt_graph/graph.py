@@ -33,7 +33,7 @@ from tl_degeneracy.engine.prompt_graph.edges import (
     CandidateGraph,
     prompt_edges,
 )
-from tl_degeneracy.engine.prompt_graph.nodes import _check_prompt, node_attributions, site_chain
+from tl_degeneracy.engine.prompt_graph.nodes import check_prompt, node_attributions, site_chain
 from tl_degeneracy.engine.prompt_graph.prune import (
     completeness,
     influence,
@@ -303,7 +303,7 @@ def prompt_graph(
     `PromptGraphConfig` may be passed as keywords)."""
     config = replace(config or PromptGraphConfig(), **overrides)
     tgt: Target = as_target(target)
-    _check_prompt(tokens)
+    check_prompt(tokens)
     tokens = validate_tokens(model, tokens)
     start = time.process_time()
     chain = site_chain(model, basis, config.sites, config.positions)

@@ -131,7 +131,8 @@ class NodeAttributions:
         return torch.stack([(g * f).sum() for g, f in zip(self.gradients, self.activations)])
 
 
-def _check_prompt(tokens: Tensor) -> None:
+def check_prompt(tokens: Tensor) -> None:
+    """Refuse anything but one prompt, `[1, pos]` (before `validate_tokens` checks the ids)."""
     if tokens.ndim != 2 or tokens.shape[0] != 1:
         raise ValueError(
             f"a prompt graph explains one prompt: tokens must be [1, pos], got "
@@ -172,7 +173,7 @@ def node_attributions(
     does): the target is then linear in the last residual stream, and gradient × activation at
     the last site adds up to the target's value (up to biases).
     """
-    _check_prompt(tokens)
+    check_prompt(tokens)
     tokens = validate_tokens(model, tokens)
     embeds = embedding_sites(model)
     all_sites = [c.site for c in chain] + embeds
@@ -203,7 +204,7 @@ def node_attributions(
         for n, g in zip(names, got)
     }
     if baseline_tokens is not None:
-        _check_prompt(baseline_tokens)
+        check_prompt(baseline_tokens)
         baseline_tokens = validate_tokens(model, baseline_tokens)
         if baseline_tokens.shape != tokens.shape:
             raise ValueError("the baseline prompt must have as many tokens as the prompt")
