@@ -89,7 +89,7 @@ def _work_around_quirks() -> None:
 
 
 def run_module(name: str) -> list[bool]:
-    from tl_degeneracy.engine.structures import autograd_only
+    from tl_degeneracy.engine.compat import available_apis
 
     module = importlib.import_module(name.rsplit(".", 1)[-1])
     passed = []
@@ -97,27 +97,36 @@ def run_module(name: str) -> list[bool]:
         params = inspect.signature(fn).parameters
         if not test_name.startswith("test_") or "device" not in params:
             continue
-        kwargs: dict = {"device": "lazy"}
-        if "tmp_path" in params:
-            kwargs["tmp_path"] = Path(tempfile.mkdtemp())
-        if "dtype" in params:
-            kwargs["dtype"] = torch.float32
-        start = time.perf_counter()
-        try:
-            with autograd_only():
-                fn(**kwargs)
-        except Exception as error:
-            frames = traceback.extract_tb(error.__traceback__)
-            where = [f"{Path(f.filename).name}:{f.lineno}" for f in frames][-3:]
-            note = NOT_EMULATED.get(test_name, "")
-            print(f"FAIL {name}.{test_name}: {type(error).__name__}: {str(error)[:100]} {where}")
-            if note:
-                print(f"     (expected here: {note})")
-            passed.append(bool(note))
-            continue
-        print(f"PASS {name}.{test_name} ({time.perf_counter() - start:.1f} s)")
-        passed.append(True)
+        for api in available_apis() if "api" in params else [None]:
+            kwargs: dict = {"device": "lazy"}
+            if api is not None:
+                kwargs["api"] = api
+            if "tmp_path" in params:
+                kwargs["tmp_path"] = Path(tempfile.mkdtemp())
+            if "dtype" in params:
+                kwargs["dtype"] = torch.float32
+            label = f"{name}.{test_name}" + (f"[{api}]" if api else "")
+            passed.append(run_one(label, fn, kwargs, NOT_EMULATED.get(test_name, "")))
     return passed
+
+
+def run_one(label: str, fn, kwargs: dict, expected_failure: str) -> bool:
+    """Run one test with the closed forms off; True when it passes or fails as expected."""
+    from tl_degeneracy.engine.structures import autograd_only
+
+    start = time.perf_counter()
+    try:
+        with autograd_only():
+            fn(**kwargs)
+    except Exception as error:
+        frames = traceback.extract_tb(error.__traceback__)
+        where = [f"{Path(f.filename).name}:{f.lineno}" for f in frames][-3:]
+        print(f"FAIL {label}: {type(error).__name__}: {str(error)[:100]} {where}")
+        if expected_failure:
+            print(f"     (expected here: {expected_failure})")
+        return bool(expected_failure)
+    print(f"PASS {label} ({time.perf_counter() - start:.1f} s)")
+    return True
 
 
 def main() -> int:

@@ -308,3 +308,50 @@ def test_a_bridge_on_a_device_takes_tokens_on_the_cpu(device):
     assert graph.value == pytest.approx(prompt_graph(cpu, ref, clean[:1], Target.logit(0)).value)
     problem = ModelProblem(dev, toks)
     assert problem.tokens.device == next(dev.parameters()).device
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("api", available_apis())
+def test_report_views_and_composite_ablation_on_device(device, api):
+    """What the report reads from a model on the device, with bases and tokens on the CPU:
+    the dominant-direction diagnostic traced to its tokens (from a PCA fit and from the
+    statistics), feature examples and logit effects; node ablation and `ablate_nodes` at
+    attention and MLP sites."""
+    from tl_degeneracy.engine.ablation import next_token_loss
+    from tl_degeneracy.engine.attach import ablate_nodes
+    from tl_degeneracy.engine.diagnostics import dominant_directions
+    from tl_degeneracy.engine.statistics import collect_statistics
+    from tl_degeneracy.experiments.report_views import all_feature_examples, feature_logit_effects
+
+    sites = COMPOSITE_SITES[:-1]
+    cpu = tiny_model(api, "ln", seed=3, n_layers=1, n_ctx=6)
+    dev = move_model(tiny_model(api, "ln", seed=3, n_layers=1, n_ctx=6), device)
+    toks = random_tokens(cpu, 16, seed=1)
+    lib = fit_basis(cpu, toks, LIBConfig(sites, final_basis="pca", progress=False))
+    pca = fit_basis(cpu, toks, LIBConfig(sites, kind="pca", progress=False))
+    stats = collect_statistics(dev, sites, toks, progress=False)
+    for source in (pca, stats):
+        a = dominant_directions(source, cpu, toks, str, threshold=0.0)
+        b = dominant_directions(source, dev, toks, str, threshold=0.0)
+        assert [d.hits[0].projection for d in b.directions] == pytest.approx(
+            [d.hits[0].projection for d in a.directions], rel=1e-9
+        )
+    ex_a = all_feature_examples(cpu, {"lib": lib}, toks, str)["lib"]
+    ex_b = all_feature_examples(dev, {"lib": lib}, toks, str)["lib"]
+    for name, e in ex_a.items():
+        torch.testing.assert_close(ex_b[name].values, e.values)
+    names = [s.name for s in sites]
+    effects = feature_logit_effects(dev, lib, str, names)
+    for name, e in feature_logit_effects(cpu, lib, str, names).items():
+        assert [[t for t, _ in row] for row in effects[name].promoted] == [
+            [t for t, _ in row] for row in e.promoted
+        ]
+    for site in (sites[1], sites[3]):  # the heads, the MLP neurons
+        a = node_ablation_curve(cpu, lib, site.name, toks, next_token_loss, ks=[0, 3])
+        b = node_ablation_curve(dev, lib, site.name, toks, next_token_loss, ks=[0, 3])
+        assert b.scores == pytest.approx(a.scores, rel=1e-9)
+        with torch.no_grad(), ablate_nodes(cpu, lib, site.name, k=3):
+            expected = cpu(toks)
+        with torch.no_grad(), ablate_nodes(dev, lib, site.name, k=3):
+            got = dev(toks.to(device))
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-9, atol=1e-9)

@@ -228,7 +228,8 @@ def direction_sources(
 ) -> tuple[list[TokenHit], Float[Tensor, " pos"], dict[int, float]]:
     """Projections `(act − mean) · direction` of a batch: the `top` hits by |projection|, the
     squared projection summed per position of `positions`, and per token id."""
-    proj = (acts.to(torch.float64) - mean.to(torch.float64)) @ direction.to(torch.float64)
+    acts = acts.to(torch.float64)
+    proj = (acts - mean.to(acts)) @ direction.to(acts)  # on the activations' device
     sq = proj.pow(2)
     per_pos = sq.sum(0)
     per_token: dict[int, float] = {}
@@ -287,7 +288,7 @@ def dominant_directions(
         per_pos: dict[str, Counter] = {n: Counter() for n in traced}
         per_tok: dict[str, Counter] = {n: Counter() for n in traced}
         first = 0
-        for batch in iter_batches(tokens, batch_size):
+        for batch in iter_batches(tokens, batch_size, model):
             acts = capture_sites(model, batch, sites)
             for site, act in zip(sites, acts):
                 _, vec, mean = _spectrum(source, site.name)
