@@ -33,6 +33,9 @@ MODULES = ("engine.test_devices", "experiments.test_lm_edges_required")
 NOT_EMULATED = {
     "test_sgld_on_device": "needs a generator on the device",
     "test_attention_and_mlp_sites_on_device": "asserts the closed forms, switched off here",
+    "test_sources_of_degeneracy_on_device": (
+        "its last check counts parameters by data_ptr, which lazy tensors lack"
+    ),
 }
 
 

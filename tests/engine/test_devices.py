@@ -355,3 +355,26 @@ def test_report_views_and_composite_ablation_on_device(device, api):
         with torch.no_grad(), ablate_nodes(dev, lib, site.name, k=3):
             got = dev(toks.to(device))
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sources_of_degeneracy_on_device(device):
+    """The three sources (activation and gradient spectra, neuron and head groups) of a model
+    on the device, tokens on the CPU: the CPU's spectra, groups and bound, results on the CPU."""
+    from tl_degeneracy.engine.degeneracy import SourcesConfig, measure_sources
+
+    cpu, dev = _pair("mlp", device)
+    toks = random_tokens(cpu, 64, seed=2)
+    a = measure_sources(cpu, toks, SourcesConfig(batch_size=32))
+    b = measure_sources(dev, toks, SourcesConfig(batch_size=32))
+    for x, y in zip(a.maps, b.maps):
+        for got, expected in (
+            (y.gram_spectrum, x.gram_spectrum),
+            (y.grad_spectrum, x.grad_spectrum),
+        ):
+            assert got.device.type == "cpu"
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    for name, groups in a.neurons.items():
+        assert torch.equal(b.neurons[name].labels, groups.labels)
+        assert torch.equal(b.neurons[name].dead, groups.dead)
+    assert b.upper_bound() == a.upper_bound()

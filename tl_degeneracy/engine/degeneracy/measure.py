@@ -102,13 +102,16 @@ class _Collector:
                 self.grams[name] = SiteStatistics.empty(Site(name), flat.shape[-1])
             self.grams[name].add(flat.reshape(-1, flat.shape[-1]))
         self.n_tokens += tokens.numel()
-        self.token_counts += torch.bincount(tokens.flatten(), minlength=len(self.token_counts))
+        counts = torch.bincount(tokens.flatten(), minlength=len(self.token_counts))
+        self.token_counts += counts.cpu()
         self.position_counts[: tokens.shape[1]] += tokens.shape[0]
         self._add_jacobians(batch_index, tokens, logits, probes)
 
     def _add_pattern(self, name: str, pre: Tensor) -> None:
         flat = pre.reshape(-1, pre.shape[-1])
-        on, switch = switch_pattern(flat, self.act_fn, self.config.sync_tolerance)
+        on, switch = (
+            t.cpu() for t in switch_pattern(flat, self.act_fn, self.config.sync_tolerance)
+        )
         self.pattern_bits.setdefault(name, []).append(np.packbits(on.numpy(), axis=0))
         if name not in self.eligible:
             self.eligible[name], self.any_on[name], self.all_on[name] = switch, on.any(0), on.all(0)
@@ -119,7 +122,7 @@ class _Collector:
 
     def _add_heads(self, name: str, pattern: Float[Tensor, "batch head q k"]) -> None:
         p = pattern.to(torch.float64).transpose(0, 1).reshape(pattern.shape[1], -1)
-        diff = torch.stack([(p - p[i]).abs().amax(1) for i in range(p.shape[0])])
+        diff = torch.stack([(p - p[i]).abs().amax(1) for i in range(p.shape[0])]).cpu()
         prev = self.head_diff.get(name)
         self.head_diff[name] = diff if prev is None else torch.maximum(prev, diff)
 
@@ -149,14 +152,14 @@ class _Collector:
             return
         batch, t_out, v = out.shape
         if t_out * v <= cfg.max_exact_outputs:
-            readout = torch.eye(v, dtype=out.dtype)
+            readout = torch.eye(v, dtype=out.dtype, device=out.device)
             cots = exact_cotangents(readout, batch, t_out, cfg.chunk_size)
         else:
             # Rademacher signs over (position, unit): what `stochastic_cotangents` gives with an
             # identity readout, without the v × v identity (9.7 GB for a 49k vocabulary)
             gen = batch_generator(cfg.seed, "sources", batch_index)
             signs = torch.randint(0, 2, (cfg.n_probes, batch, t_out, v), generator=gen)
-            signs = (signs * 2 - 1).to(out.dtype)
+            signs = (signs * 2 - 1).to(out.device, out.dtype)
             cots = ((signs[sl], 1.0 / cfg.n_probes) for sl in chunks(cfg.n_probes, cfg.chunk_size))
         for cot, weight in cots:
             if cot.shape[0] == 1:  # one backward per cotangent: the fastest on a small CPU
@@ -194,7 +197,7 @@ class _Collector:
         k = self.k_sums.get(m.output_site)
         if k is None:
             return torch.zeros(m.d_out, dtype=torch.float64)
-        return spectrum(k / n_seq)
+        return spectrum(k.cpu() / n_seq)
 
 
 def measure_sources(
@@ -228,7 +231,7 @@ def measure_sources(
             raise ValueError(f"unknown sections {unknown}; the model has {known}")
         maps = [m for m in maps if m.section in sections]
     col = _Collector(model, maps, config)
-    for i, batch in enumerate(iter_batches(tokens, config.batch_size)):
+    for i, batch in enumerate(iter_batches(tokens, config.batch_size, model)):
         col.update(i, batch)
     n_seq = int(tokens.shape[0])
     map_sources = [MapSources(m, col.gram_spectrum(m), col.grad_spectrum(m, n_seq)) for m in maps]
