@@ -76,7 +76,7 @@ def _save_checkpoint(path: Path, key: str, done: int, state: dict[str, Tensor]) 
     # (the JSON beside it is for people; a kill between the two replaces used to resume with
     # the new state and the old count, folding the last batches in twice).
     meta = {"batches_done": str(done)}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path / f"{key}.safetensors")
     meta_path = path / f"{key}.json"
     tmp_meta = path / f"{key}.json.tmp"
