@@ -233,10 +233,9 @@ def from_hf(
     copies of its weights. The Bridge rebuilds the model it wraps in place (its layers become
     Bridge modules, and `save_pretrained` fails), so it wraps a copy, in eval mode with eager
     attention; `in_place=True` wraps `hf_model` itself (no second copy in memory; use it
-    through the returned model only). `tokenizer` defaults
-    to the one saved in the model's own folder (`name_or_path`), if any. `n_ctx` caps a
-    `HookedTransformer`'s context, which defaults to `min(max_position_embeddings, 2048)` for
-    rotary models, as in `load_local`.
+    through the returned model only). `tokenizer` defaults to the one saved in the model's
+    own folder (`name_or_path`), if any. `n_ctx` caps a `HookedTransformer`'s context, which
+    defaults to `min(max_position_embeddings, 2048)` for rotary models, as in `load_local`.
     """
     _check_api(api)
     config: Any = getattr(hf_model, "config", None)
