@@ -9,6 +9,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -20,6 +21,18 @@ SHARED = Path(
 REFERENCE = SHARED / "reference" / "modadd"
 
 APIS = available_apis()
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ],
+    ),
+]
+"""Devices for `@pytest.mark.parametrize("device", DEVICES)`: the CPU in the fast suite, CUDA
+(marker `gpu`) where there is one."""
 
 
 def tiny_config(kind: str = "mlp", **overrides) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import random_tokens, tiny_model
+from support import DEVICES, random_tokens, tiny_model
 
 from tl_degeneracy.engine.ablation import last_position_accuracy, node_ablation_curve
 from tl_degeneracy.engine.attach import attach
@@ -22,16 +22,6 @@ from tl_degeneracy.engine.jacobians import JacobianConfig
 from tl_degeneracy.engine.sites import Site
 
 API = available_apis()[0]
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        ],
-    ),
-]
 PLAIN_SITES = (
     Site("blocks.0.hook_resid_pre"),
     Site("blocks.0.hook_resid_mid", "last"),

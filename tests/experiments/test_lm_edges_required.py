@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import random_tokens, tiny_model
+from support import DEVICES, random_tokens, tiny_model
 
 from tl_degeneracy.engine.ablation import evaluate, next_token_loss
 from tl_degeneracy.engine.bases import pca_basis
@@ -74,19 +74,7 @@ def test_bisection_returns_the_boundary():
     assert again.edges_required == req
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[
-                pytest.mark.gpu,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-            ],
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_model_on_a_device_gives_the_cpu_loss(device):
     """Bases and masks on the CPU, the model and its activations on `device`."""
     from tl_degeneracy.engine.compat import move_model

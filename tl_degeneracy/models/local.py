@@ -190,12 +190,7 @@ def load_local(
     _check_api(api)
     arch, api = _resolve_api(check_folder(folder, tokenizer=tokenizer is None), api)
     hf_model, tokenizer = load_hf(folder, dtype=dtype, n_ctx=n_ctx, tokenizer=tokenizer)
-    processing = {
-        "fold_ln": fold_ln,
-        "center_writing_weights": center_writing_weights,
-        "center_unembed": center_unembed,
-        "fold_value_biases": fold_value_biases,
-    }
+    processing = _processing(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
     name = model_name or folder.resolve().name
     return _to_transformer_lens(
         hf_model,
@@ -266,18 +261,13 @@ def from_hf(
     if overrides:  # the HookedTransformer's context; the user's model stays as it is
         config = copy.deepcopy(config)
         config.__dict__.update(overrides)
-    was_training = hf_model.training
+    was_training = hf_model.training  # restored after a conversion (the Bridge keeps eval)
     if api == "bridge":
         hf: Any = hf_model if in_place else copy.deepcopy(hf_model)
         if hasattr(hf, "set_attn_implementation"):  # hooks see the attention pattern
             hf.set_attn_implementation("eager")
-        hf_model, was_training = hf, False
-    processing = {
-        "fold_ln": fold_ln,
-        "center_writing_weights": center_writing_weights,
-        "center_unembed": center_unembed,
-        "fold_value_biases": fold_value_biases,
-    }
+        hf_model = hf
+    processing = _processing(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
     device = device if device is not None else next(hf_model.parameters()).device
     name = model_name or (Path(source).name if source else hf_class)
     try:
@@ -296,7 +286,20 @@ def from_hf(
             n_ctx if api == "bridge" else None,
         )
     finally:
-        hf_model.train(was_training)
+        if api == "hooked":
+            hf_model.train(was_training)
+
+
+def _processing(
+    fold_ln: bool, center_writing_weights: bool, center_unembed: bool, fold_value_biases: bool
+) -> dict[str, bool]:
+    """TransformerLens's weight-processing flags, as its loaders take them by name."""
+    return {
+        "fold_ln": fold_ln,
+        "center_writing_weights": center_writing_weights,
+        "center_unembed": center_unembed,
+        "fold_value_biases": fold_value_biases,
+    }
 
 
 def _check_api(api: str) -> None:
