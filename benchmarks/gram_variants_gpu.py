@@ -9,8 +9,10 @@ pass. Float32 and bfloat16.
     python benchmarks/gram_variants_gpu.py [--device cpu --rows 8 --batches 2]
 
 Written to find why the Gram pass cost 1.38× the forward in float32 on an H200 (target 1.3×,
-docs/devices.md). `--device cpu` is a smoke test (and a proxy for the copies saved; the CPU's
-own Gram pass uses one BLAS product per site).
+docs/devices.md). The pass is also timed as it ran before its update stopped waiting for its
+own products, and on CUDA the synchronisations of a forward and of a Gram batch are counted.
+`--device cpu` is a smoke test (and a proxy for the copies saved; the CPU's own Gram pass uses
+one BLAS product per site).
 """
 
 import argparse
@@ -24,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import SMOLLM2_SHAPE  # noqa: E402
 
+from tl_degeneracy.engine import statistics as stats_module  # noqa: E402
 from tl_degeneracy.engine.capture import capture_sites  # noqa: E402
 from tl_degeneracy.engine.compat import build_model, move_model  # noqa: E402
 from tl_degeneracy.engine.sites import residual_sites  # noqa: E402
@@ -33,6 +36,7 @@ from tl_degeneracy.engine.statistics import (  # noqa: E402
     add_to_statistics,
     collect_statistics,
 )
+from tl_degeneracy.engine.synchronisation import count_synchronisations  # noqa: E402
 
 
 def sync():
@@ -54,6 +58,21 @@ def update_before(stats, sites, acts, device):
         if site.name not in stats.per_site:
             stats.per_site[site.name] = SiteStatistics.empty(site, x.shape[-1], device)
         stats.per_site[site.name]._merge(x.shape[1], mean[j], m2[j])
+
+
+def syncs_per_batch(model, sites, batches) -> str:
+    """Synchronisations of one plain forward and of one batch of the Gram pass."""
+    from tl_degeneracy.engine.statistics import GramAccumulator
+
+    acc = GramAccumulator(model, sites)
+    acc.update(0, batches[0])  # creates the sums
+
+    @torch.no_grad()
+    def forward():
+        model(batches[1])
+
+    gram = count_synchronisations(lambda: acc.update(1, batches[1]), "cuda")
+    return f"plain forward {count_synchronisations(forward, 'cuda')}, Gram batch {gram}"
 
 
 def timed(fn, repeats=3):
@@ -101,14 +120,33 @@ def profile_dtype(name: str, args: argparse.Namespace) -> None:
     def gram():
         collect_statistics(model, sites, tokens, args.rows, progress=False, device=device)
 
+    def gram_waiting():
+        """The pass as before this round: each update waited for its own products (its
+        NaN/Inf check came after them and its merge weights were copied from the host)."""
+        merge = stats_module._merge_group
+
+        def waiting(*a):
+            merge(*a)
+            sync()
+
+        stats_module._merge_group = waiting
+        try:
+            gram()
+        finally:
+            stats_module._merge_group = merge
+
     forward()
     t_f = timed(forward)
     t_c = timed(capture_all)
     t_g = timed(gram)
+    t_w = timed(gram_waiting)
     print(
         f"{name}: forward {t_f:.3f} s, capture 61 sites {t_c:.3f} s ({t_c / t_f:.2f}x), "
-        f"gram {t_g:.3f} s ({t_g / t_f:.2f}x), {n} tokens"
+        f"gram {t_g:.3f} s ({t_g / t_f:.2f}x), gram waiting for its products (before) "
+        f"{t_w:.3f} s ({t_w / t_f:.2f}x), {n} tokens"
     )
+    if device == "cuda":
+        print(f"  synchronisations: {syncs_per_batch(model, sites, batches)}")
     with torch.no_grad():
         acts = capture_sites(model, batches[0], sites, 0)
 

@@ -6,10 +6,13 @@ available (marker `gpu`; `pytest -m gpu`)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from support import DEVICES, random_tokens, tiny_model
 
+from tl_degeneracy.engine import statistics
 from tl_degeneracy.engine.ablation import last_position_accuracy, node_ablation_curve
 from tl_degeneracy.engine.attach import attach
 from tl_degeneracy.engine.attribution import compare_attribution
@@ -19,7 +22,9 @@ from tl_degeneracy.engine.edge_ablation import edges_required
 from tl_degeneracy.engine.edges import EdgeConfig, interaction_graph
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.jacobians import JacobianConfig
-from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.engine.sites import Site, validate_sites
+from tl_degeneracy.engine.statistics import GramAccumulator
+from tl_degeneracy.engine.synchronisation import count_synchronisations
 
 API = available_apis()[0]
 PLAIN_SITES = (
@@ -365,3 +370,21 @@ def test_sources_of_degeneracy_on_device(device):
         assert torch.equal(b.neurons[name].labels, groups.labels)
         assert torch.equal(b.neurons[name].dead, groups.dead)
     assert b.upper_bound() == a.upper_bound()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gram_batch_synchronises_once_more_than_the_forward(device):
+    """A batch of the Gram pass (float32 model, float64 sums on the device, residual, MLP and
+    last-position sites) waits on the device once more than the model's own forward: for the
+    NaN/Inf check, before its products, which then overlap the next batch's forward."""
+    _, model = _pair("ln", device, torch.float32, n_layers=2, n_ctx=6)
+    sites = validate_sites(model, [*LN_SITES[:-1], ("blocks.1.hook_resid_post", "last")])
+    toks = random_tokens(model, 8).to(device)
+    acc = GramAccumulator(model, sites, device)
+    acc.update(0, toks)  # creates the sums
+    batched = partial(statistics.add_to_statistics, batched=True)  # as on a GPU
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(statistics, "add_to_statistics", batched)
+        forward = count_synchronisations(lambda: model(toks), device)
+        gram = count_synchronisations(lambda: acc.update(1, toks), device)
+    assert 1 <= gram <= forward + 1, (gram, forward)

@@ -10,6 +10,7 @@ from tl_degeneracy.engine.sites import (
     site_parts,
     validate_sites,
 )
+from tl_degeneracy.engine.synchronisation import HostTransfers
 
 
 def test_short_forms_and_positions(api, tiny):
@@ -100,3 +101,23 @@ def test_select_all_is_the_activation_itself_and_others_index():
     assert Site("blocks.0.hook_resid_pre").select(act) is act  # no copy (read-only)
     assert torch.equal(Site("blocks.0.hook_resid_pre", "last").select(act), act[:, 3:])
     assert torch.equal(Site("blocks.0.hook_resid_pre", [0, -1]).select(act), act[:, [0, 3]])
+
+
+@pytest.mark.parametrize(
+    "positions, expected",
+    [("last", [3]), ("1:", [1, 2, 3]), ("1:3", [1, 2]), ("-2:", [2, 3]), ((0, -1), [0, 3])],
+)
+def test_select_reads_nothing_from_the_device(positions, expected):
+    """Selecting positions never waits on the device (on a GPU, a sync per site and batch):
+    consecutive positions are a view, listed ones index with a tensor made once per device."""
+    act = torch.arange(2 * 4 * 3, dtype=torch.float64).reshape(2, 4, 3)
+    site = Site("blocks.0.hook_resid_pre", positions)
+    site.select(act)  # a listed selection makes its index tensor here
+    with HostTransfers() as seen:
+        got = site.select(act)
+        index = site.index(4, act.device)
+    assert seen.calls == []
+    assert torch.equal(got, act[:, expected]) and index.tolist() == expected
+    assert site.n_positions(4) == len(expected)
+    shares = got.untyped_storage().data_ptr() == act.untyped_storage().data_ptr()
+    assert shares == isinstance(positions, str)  # a view, no copy

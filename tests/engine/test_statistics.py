@@ -1,8 +1,12 @@
+from functools import partial
+
 import pytest
 import torch
 
-from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.engine import statistics
+from tl_degeneracy.engine.sites import Site, validate_sites
 from tl_degeneracy.engine.statistics import (
+    GramAccumulator,
     GramStatistics,
     NonFiniteActivationError,
     SiteStatistics,
@@ -12,6 +16,7 @@ from tl_degeneracy.engine.statistics import (
     collect_statistics,
 )
 from tl_degeneracy.engine.streaming import Checkpointing, EmptyDataError
+from tl_degeneracy.engine.synchronisation import HostTransfers
 
 SITES = [
     Site("blocks.0.hook_resid_pre"),
@@ -187,6 +192,56 @@ def test_batched_update_refuses_non_finite_batch_and_stays_unchanged():
     for k, (count, mean, m2) in before.items():
         assert stats[k].count == count
         assert torch.equal(stats[k].mean, mean) and torch.equal(stats[k].m2, m2)
+
+
+def test_gram_pass_reads_the_device_once_per_batch_before_its_products(
+    monkeypatch, api, tiny, tokens_for
+):
+    """On a GPU every read of a value into Python waits for all queued work. A batch of the
+    Gram pass (forward, position selection, batched update) reads once, for the NaN/Inf check
+    of the batch means, before it queues its products, and makes no tensor from host data
+    (a blocking copy): the products overlap the host's work on the next batch. The sums are
+    those of the per-site update."""
+    model = tiny(api, "ln")
+    sites = validate_sites(
+        model,
+        [
+            "blocks.0.hook_resid_pre",
+            ("blocks.0.mlp.hook_post", "1:"),
+            ("blocks.0.hook_resid_post", "last"),
+        ],
+    )
+    toks = tokens_for(model, 8)
+    together, per_site = GramAccumulator(model, sites, "cpu"), GramAccumulator(model, sites, "cpu")
+    for i, batch in enumerate(toks.split(4)):
+        with monkeypatch.context() as patch, HostTransfers() as seen:  # a GPU's update
+            patch.setattr(statistics, "add_to_statistics", partial(add_to_statistics, batched=True))
+            together.update(i, batch)
+        per_site.update(i, batch)
+        assert seen.reads == ["__bool__"] and "tensor" not in seen.calls
+        assert seen.calls.index("__bool__") < seen.calls.index("bmm")
+    for s in sites:
+        torch.testing.assert_close(together.stats[s].m2, per_site.stats[s].m2, rtol=1e-13, atol=0)
+
+
+def test_batched_update_of_sites_with_different_counts():
+    """Sites of one width whose counts differ (statistics put together from elsewhere) are
+    merged with their own weights: the same sums as the per-site update."""
+    sites = [Site("a"), Site("b")]
+    gen = torch.Generator().manual_seed(3)
+    rows = [
+        [torch.randn(n, 2, 4, generator=gen, dtype=torch.float64) for _ in sites] for n in (2, 5, 3)
+    ]
+    uneven = [GramStatistics(list(sites)) for _ in range(2)]
+    for stats, batched in zip(uneven, (True, False)):
+        add_to_statistics(stats, sites[:1], rows[0][:1], 0, "cpu", batched=batched)
+        add_to_statistics(stats, sites, rows[1], 1, "cpu", batched=batched)
+        assert (stats["a"].count, stats["b"].count) == (14, 10)
+        add_to_statistics(stats, sites, rows[2], 2, "cpu", batched=batched)
+    for s in sites:
+        assert uneven[0][s].count == uneven[1][s].count
+        torch.testing.assert_close(uneven[0][s].mean, uneven[1][s].mean, rtol=1e-15, atol=0)
+        torch.testing.assert_close(uneven[0][s].m2, uneven[1][s].m2, rtol=1e-13, atol=0)
 
 
 def test_sites_too_wide_for_memory_are_refused_before_allocating(monkeypatch, api, tiny):

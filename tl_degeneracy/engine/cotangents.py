@@ -103,24 +103,22 @@ def edge_cotangents(
     positions per feature, so `E[(Σ_t r_t A_t)²] = Σ_t A_t²` (one position makes it exact)."""
     k_out, d_out = readout.shape
     dev = readout.device
+    # unit u reads output feature u % k_out at output position (exact) or source (stochastic)
+    # u // k_out; indices made on the device (one made on the host would sync a GPU per chunk)
     if method == "exact":
-        units = [(t, i) for t in range(n_pos) for i in range(k_out)]
-        weight = 1.0
+        n_units, weight = n_pos * k_out, 1.0
     elif method == "stochastic":
         signs = _signs(gen, dev, readout.dtype, n_sources, k_out, batch, n_pos)
-        units = [(r, i) for r in range(n_sources) for i in range(k_out)]
-        weight = 1.0 / n_sources
+        n_units, weight = n_sources * k_out, 1.0 / n_sources
     else:
         raise ValueError(f"edge method must be 'exact' or 'stochastic', got {method!r}")
-    for sl in chunks(len(units), chunk):
-        part = units[sl]
-        out_idx = torch.tensor([i for _, i in part], device=dev)
+    for sl in chunks(n_units, chunk):
+        units = torch.arange(sl.start, sl.stop, device=dev)
+        out_idx, outer = units % k_out, units // k_out
         if method == "exact":
-            v = readout.new_zeros(len(part), batch, n_pos, d_out)
-            rows = torch.arange(len(part), device=dev)
-            ts = torch.tensor([t for t, _ in part], device=dev)
-            v[rows, :, ts] = readout[out_idx][:, None, :]
+            v = readout.new_zeros(len(units), batch, n_pos, d_out)
+            rows = torch.arange(len(units), device=dev)
+            v[rows, :, outer] = readout[out_idx][:, None, :]
         else:
-            rs = torch.tensor([r for r, _ in part], device=dev)
-            v = signs[rs, out_idx][..., None] * readout[out_idx][:, None, None, :]
+            v = signs[outer, out_idx][..., None] * readout[out_idx][:, None, None, :]
         yield out_idx, v, weight

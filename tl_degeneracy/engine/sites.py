@@ -20,6 +20,7 @@ final site `logits` is the model's output.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,13 @@ _SHORT_NAMES = {
     "pattern": "attn.hook_pattern",
     "z": "attn.hook_z",
 }
+
+
+@functools.lru_cache(maxsize=256)
+def _index_tensor(indices: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Position indices on `device`, made once: copying them from the host every batch would
+    synchronise a GPU each time. Read-only (shared between callers)."""
+    return torch.tensor(indices, dtype=torch.long, device=device)
 
 
 class SiteError(ValueError):
@@ -112,40 +120,50 @@ class Site:
         """An MLP or attention site of a transformer, paired with its bypassing stream."""
         return _COMPOSITE.match(self.hook) is not None
 
-    def index(self, n_pos: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """The selected positions as an index tensor for a sequence of length `n_pos`."""
+    def window(self, n_pos: int) -> range | tuple[int, ...]:
+        """The selected positions of a sequence of length `n_pos`: a range where they are
+        consecutive, else the indices (negative ones resolved). Worked out in Python, so that
+        selecting positions never waits on the device (a GPU sync per site and batch)."""
+        if isinstance(self.positions, tuple):
+            idx = tuple(p + n_pos if p < 0 else p for p in self.positions)
+            if any(not 0 <= p < n_pos for p in idx):
+                raise SiteError(
+                    f"site {self.name}: positions {self.positions} out of range for length {n_pos}"
+                )
+            return idx
         if self.positions == "all":
-            return torch.arange(n_pos, device=device)
-        if self.positions == "last":
-            return torch.tensor([n_pos - 1], device=device)
-        if isinstance(self.positions, str):
+            return range(n_pos)
+        bounds: tuple[int | None, ...] = (-1, None)  # "last"
+        if self.positions != "last":
             m = _SLICE.match(self.positions)
             assert m is not None  # checked in __post_init__
-            start, stop = (int(g) if g else None for g in m.groups())
-            idx = torch.arange(n_pos, device=device)[slice(start, stop)]
-            if idx.numel() == 0:
-                raise SiteError(f"site {self.name}: no positions in a sequence of {n_pos}")
-            return idx
-        idx = torch.tensor(self.positions, device=device)
-        idx = torch.where(idx < 0, idx + n_pos, idx)
-        if (idx < 0).any() or (idx >= n_pos).any():
-            raise SiteError(
-                f"site {self.name}: positions {self.positions} out of range for length {n_pos}"
-            )
-        return idx
+            bounds = tuple(int(g) if g else None for g in m.groups())
+        window = range(n_pos)[slice(*bounds)]
+        if len(window) == 0:
+            raise SiteError(f"site {self.name}: no positions in a sequence of {n_pos}")
+        return window
+
+    def index(self, n_pos: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """The selected positions as an index tensor for a sequence of length `n_pos`."""
+        window = self.window(n_pos)
+        if isinstance(window, range):
+            return torch.arange(window.start, window.stop, device=device)
+        return _index_tensor(window, torch.device(device or "cpu"))
 
     def n_positions(self, n_pos: int) -> int:
-        return int(self.index(n_pos).numel())
+        return len(self.window(n_pos))
 
     def select(self, act: torch.Tensor) -> torch.Tensor:
         """Select this site's positions from `[batch, pos, d]`, keeping the pos axis.
 
-        For `positions="all"` this is `act` itself, not a copy (reading 61 sites of a language
-        model costs a fifth of a forward in copies): treat the result as read-only.
+        Consecutive positions ("all", "last", slices) give a view of `act`, not a copy (reading
+        61 sites of a language model costs a fifth of a forward in copies): treat the result
+        as read-only.
         """
-        if self.positions == "all":
-            return act
-        return act[:, self.index(act.shape[1], act.device)]
+        window = self.window(act.shape[1])
+        if isinstance(window, range):
+            return act if len(window) == act.shape[1] else act[:, window.start : window.stop]
+        return act[:, _index_tensor(window, act.device)]
 
     def with_positions(self, positions: Positions) -> Site:
         return Site(self.hook, positions)

@@ -286,24 +286,30 @@ def _add_batched(
 ) -> None:
     """`add_to_statistics` for groups of sites of one shape: each activation is copied once,
     selected and converted, into one float64 buffer `[S, n, d]`, centred in place, multiplied
-    in one `bmm` and merged into all S sites' sums at once (`_merge_group`)."""
+    in one `bmm` and merged into all S sites' sums at once (`_merge_group`).
+
+    The update reads the device once, for the NaN/Inf check of the means, and before the
+    products are queued: on a GPU the check then waits for the forward and the copies only,
+    and the products run while the host queues the next batch's forward."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, act in enumerate(acts):
         n = act.numel() // act.shape[-1] if act.shape[-1] else 0
         groups.setdefault((n, int(act.shape[-1])), []).append(i)
-    parts = []
+    buffers = []
     for (n, d), idx in groups.items():
         if n == 0:
             continue
         x = torch.empty(len(idx), n, d, dtype=torch.float64, device=device)
         for j, i in enumerate(idx):
             x[j].view(acts[i].shape).copy_(acts[i])
-        mean = x.mean(1)
+        buffers.append((idx, x, x.mean(1)))
+    _check_means(sites, acts, [mean.flatten() for _, _, mean in buffers], batch_index)
+    while buffers:
+        idx, x, mean = buffers.pop(0)
         x.sub_(mean[:, None])
-        parts.append((idx, n, mean, torch.bmm(x.transpose(1, 2), x)))
-        del x  # before the next group's buffer
-    _check_means(sites, acts, [mean.flatten() for _, _, mean, _ in parts], batch_index)
-    for idx, n, mean, m2 in parts:
+        m2 = torch.bmm(x.transpose(1, 2), x)
+        n = x.shape[1]
+        del x  # before the next group's product
         group = [_site_statistics(stats, sites[i], mean.shape[-1], device) for i in idx]
         _merge_group(group, n, mean, m2)
 
@@ -317,14 +323,20 @@ def _merge_group(
     """`SiteStatistics._merge` of S sites at once (the same update, to rounding): the
     between-means term folded into the batch's sums by one batched product, then one
     multi-tensor add into every site's sums; a few launches instead of several per site.
-    `m2_b` is overwritten."""
-    # the merge weights of every site, as `_merge` computes them (Python floats), in one copy
-    weights = [(st.count * n_b / (st.count + n_b), n_b / (st.count + n_b)) for st in group]
-    c, share = torch.tensor(weights, dtype=torch.float64).to(mean_b.device).unbind(1)
+    Sites with different counts (a rare case: statistics merged from elsewhere) are merged
+    one by one, since their weights differ. `m2_b` is overwritten."""
+    n_a = group[0].count
+    if any(st.count != n_a for st in group):
+        for st, mean, m2 in zip(group, mean_b, m2_b):
+            st._merge(n_b, mean, m2)
+        return
+    # the weights as `_merge` computes them, Python numbers: a tensor of them would be a
+    # copy from the host, which synchronises a GPU
+    c, share = n_a * n_b / (n_a + n_b), n_b / (n_a + n_b)
     delta = mean_b - torch.stack([st.mean for st in group])
-    m2_b.baddbmm_((delta * c[:, None])[:, :, None], delta[:, None, :])
+    m2_b.baddbmm_((delta * c)[:, :, None], delta[:, None, :])
     torch._foreach_add_([st.m2 for st in group], list(m2_b.unbind(0)))
-    torch._foreach_add_([st.mean for st in group], list((delta * share[:, None]).unbind(0)))
+    torch._foreach_add_([st.mean for st in group], list((delta * share).unbind(0)))
     for st in group:
         st.count += n_b
 

@@ -263,10 +263,8 @@ class AutogradEdges(EdgeSums):
         for out_idx, v, weight in edge_cotangents(
             readout, batch, t_out, cfg.method, cfg.n_sources, gen, cfg.chunk_size
         ):
-            attr = torch.zeros(len(out_idx), batch, self.basis_in.k, dtype=torch.float64)
-            attr = attr.to(self.edges.device)
-            attr_mean = torch.zeros(len(out_idx), batch, dtype=torch.float64)
-            attr_mean = attr_mean.to(self.edges.device)
+            attr = self.edges.new_zeros(len(out_idx), batch, self.basis_in.k)
+            attr_mean = self.edges.new_zeros(len(out_idx), batch)
             for (leaves, y), w in zip(graphs, weights):
                 g = _grads(y, leaves, v).to(self.edges.device, torch.float64)  # [c, B, P, d]
                 attr += w * ((g @ c_pinv_t) * feats).sum(2)
