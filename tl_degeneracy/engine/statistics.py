@@ -286,32 +286,34 @@ def _add_batched(
 ) -> None:
     """`add_to_statistics` for groups of sites of one shape: each activation is copied once,
     selected and converted, into one float64 buffer `[S, n, d]`, centred in place, multiplied
-    in one `bmm` and merged into all S sites' sums at once (`_merge_group`).
+    in one `bmm` and merged into all S sites' sums at once (`_merge_group`), one group's
+    buffer at a time.
 
-    The update reads the device once, for the NaN/Inf check of the means, and before the
-    products are queued: on a GPU the check then waits for the forward and the copies only,
-    and the products run while the host queues the next batch's forward."""
+    The update reads the device once, for the NaN/Inf check of the batch means, before any
+    product is queued: on a GPU the check then waits for the forward only, and the products
+    run while the host queues the next batch's forward."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, act in enumerate(acts):
         n = act.numel() // act.shape[-1] if act.shape[-1] else 0
-        groups.setdefault((n, int(act.shape[-1])), []).append(i)
-    buffers = []
+        if n:
+            groups.setdefault((n, int(act.shape[-1])), []).append(i)
+    # the means as the per-site update computes them (so both give the same sums)
+    means = {
+        (n, d): torch.stack([acts[i].reshape(n, d).mean(0, dtype=torch.float64) for i in idx]).to(
+            device
+        )
+        for (n, d), idx in groups.items()
+    }
+    _check_means(sites, acts, [mean.flatten() for mean in means.values()], batch_index)
     for (n, d), idx in groups.items():
-        if n == 0:
-            continue
         x = torch.empty(len(idx), n, d, dtype=torch.float64, device=device)
         for j, i in enumerate(idx):
             x[j].view(acts[i].shape).copy_(acts[i])
-        buffers.append((idx, x, x.mean(1)))
-    _check_means(sites, acts, [mean.flatten() for _, _, mean in buffers], batch_index)
-    while buffers:
-        idx, x, mean = buffers.pop(0)
-        x.sub_(mean[:, None])
+        x.sub_(means[n, d][:, None])
         m2 = torch.bmm(x.transpose(1, 2), x)
-        n = x.shape[1]
-        del x  # before the next group's product
-        group = [_site_statistics(stats, sites[i], mean.shape[-1], device) for i in idx]
-        _merge_group(group, n, mean, m2)
+        del x  # before the next group's buffer
+        group = [_site_statistics(stats, sites[i], d, device) for i in idx]
+        _merge_group(group, n, means[n, d], m2)
 
 
 def _merge_group(
