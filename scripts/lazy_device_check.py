@@ -9,11 +9,11 @@ script runs every test that takes a `device` argument in the device test modules
     python scripts/lazy_device_check.py
 
 It is a proxy, not a GPU: the backend has quirks of its own, worked around here (`unbind`
-views, random generators) or avoided (the closed forms are switched off with
-`autograd_only`, because index ops inside them trip the backend; their device handling is
-checked on CUDA only). SGLD draws noise with a device generator the backend lacks, so its
-test is expected to fail here. `torch._lazy` is private API: if a torch release drops it,
-this script says so and stops. docs/devices.md lists what it found.
+views; random generators, which the backend lacks: draws are made on the CPU and copied
+over) or avoided (the closed forms are switched off with `autograd_only`, because index ops
+inside them trip the backend; their device handling is checked on CUDA only).
+`torch._lazy` is private API: if a torch release drops it, this script says so and stops.
+docs/devices.md lists what it found.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ("engine.test_devices", "experiments.test_lm_edges_required")
 NOT_EMULATED = {
-    "test_sgld_on_device": "needs a generator on the device",
     "test_attention_and_mlp_sites_on_device": "asserts the closed forms, switched off here",
     "test_sources_of_degeneracy_on_device": (
         "its last check counts parameters by data_ptr, which lazy tensors lack"
@@ -74,6 +73,12 @@ def _work_around_quirks() -> None:
             self.cpu.manual_seed(seed)
             return self
 
+        def get_state(self) -> torch.Tensor:
+            return self.cpu.get_state()
+
+        def set_state(self, state: torch.Tensor) -> None:
+            self.cpu.set_state(state)
+
     class Generator:
         def __new__(cls, device: str | torch.device = "cpu"):  # type: ignore[misc]
             if torch.device(device).type == "lazy":
@@ -87,8 +92,17 @@ def _work_around_quirks() -> None:
             kwargs["device"] = device
         return randint(*args, generator=generator, **kwargs)
 
+    normal_ = torch.Tensor.normal_
+
+    def lazy_normal_(self: torch.Tensor, mean=0.0, std=1.0, *, generator=None):
+        if isinstance(generator, LazyGenerator):
+            cpu = torch.empty(self.shape, dtype=self.dtype)
+            return self.copy_(normal_(cpu, mean, std, generator=generator.cpu))
+        return normal_(self, mean, std, generator=generator)
+
     torch.Generator = Generator  # type: ignore[misc,assignment]
     torch.randint = lazy_randint  # type: ignore[assignment]
+    torch.Tensor.normal_ = lazy_normal_  # type: ignore[method-assign,assignment]
 
 
 def run_module(name: str) -> list[bool]:

@@ -20,7 +20,6 @@ final site `logits` is the model's output.
 from __future__ import annotations
 
 import difflib
-import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from tl_degeneracy.engine.compat import hook_names, is_transformer, model_cfg
+from tl_degeneracy.engine.synchronisation import device_index
 
 LOGITS = "logits"
 """Name of the final, non-hook site: the model's output (the logits of a language model)."""
@@ -62,13 +62,6 @@ _SHORT_NAMES = {
     "pattern": "attn.hook_pattern",
     "z": "attn.hook_z",
 }
-
-
-@functools.lru_cache(maxsize=256)
-def _index_tensor(indices: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Position indices on `device`, made once: copying them from the host every batch would
-    synchronise a GPU each time. Read-only (shared between callers)."""
-    return torch.tensor(indices, dtype=torch.long, device=device)
 
 
 class SiteError(ValueError):
@@ -148,7 +141,7 @@ class Site:
         window = self.window(n_pos)
         if isinstance(window, range):
             return torch.arange(window.start, window.stop, device=device)
-        return _index_tensor(window, torch.device(device or "cpu"))
+        return device_index(window, device or "cpu")
 
     def n_positions(self, n_pos: int) -> int:
         return len(self.window(n_pos))
@@ -163,7 +156,7 @@ class Site:
         window = self.window(act.shape[1])
         if isinstance(window, range):
             return act if len(window) == act.shape[1] else act[:, window.start : window.stop]
-        return act[:, _index_tensor(window, act.device)]
+        return act[:, device_index(window, act.device)]
 
     def with_positions(self, positions: Positions) -> Site:
         return Site(self.hook, positions)

@@ -9,14 +9,27 @@ counts them, on CUDA with torch's sync debug mode and on any device by recording
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["HostTransfers", "count_synchronisations"]
+__all__ = ["HostTransfers", "count_synchronisations", "device_index"]
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_index(indices: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(indices, dtype=torch.long, device=device)
+
+
+def device_index(indices: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """Positions as an index tensor on `device`, made once per device and kept: copying them
+    from the host at every batch or step would synchronise a GPU each time. Shared between
+    callers: read it, never write to it."""
+    return _cached_index(tuple(int(i) for i in indices), torch.device(device))
 
 
 class HostTransfers(TorchFunctionMode):

@@ -230,3 +230,61 @@ def test_progress_bar_counts_every_step_and_leaves_the_result_unchanged(
     err = capsys.readouterr().err
     assert "SGLD ε=0.0001" in err and "60/60" in err
     assert torch.equal(quiet.loss_traces, loud.loss_traces)
+
+
+def _steps_of(problem, cfg, noise_seed=None):
+    """Traces of `_sample` from w*, with the noise drawn from its own streams (as for weights
+    on a GPU) when `noise_seed` is given."""
+    from tl_degeneracy.engine.degeneracy.sgld import ChainState, _sample
+
+    c = cfg.n_chains
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(c)]
+    noise = (
+        None
+        if noise_seed is None
+        else [torch.Generator().manual_seed(noise_seed + i) for i in range(c)]
+    )
+    w0 = [problem.w_star.detach().clone() for _ in range(c)]
+    state = ChainState(w0, gens, torch.ones(c, dtype=torch.bool), noise)
+    return _sample(problem, cfg, state, None, cfg.n_steps, False, False)
+
+
+def test_minibatches_drawn_in_blocks_are_those_drawn_step_by_step(
+    monkeypatch, api, tiny, tokens_for
+):
+    """With the noise in its own stream (weights on a GPU) the minibatch indices of 16 steps
+    are drawn and moved in one go: the same traces, bit for bit, as one draw per step, across
+    block boundaries and when a run is continued."""
+    from tl_degeneracy.engine.degeneracy import sgld
+
+    model = tiny(api)
+    problem = ModelProblem(model, tokens_for(model, 64))
+    cfg = SGLDConfig(step_size=1e-4, n_chains=2, n_steps=37, n_burnin=5, batch_size=8)
+    blocks = _steps_of(problem, cfg, noise_seed=99)
+    longer = sgld.continue_llc(problem, blocks, 20, warn=False)
+    monkeypatch.setattr(sgld, "MINIBATCH_BLOCK", 1)
+    steps = _steps_of(problem, cfg, noise_seed=99)
+    assert torch.equal(blocks.loss_traces, steps.loss_traces)
+    assert torch.equal(
+        longer.loss_traces, sgld.continue_llc(problem, steps, 20, warn=False).loss_traces
+    )
+    assert not torch.equal(steps.loss_traces, _steps_of(problem, cfg).loss_traces)  # own noise
+
+
+def test_sgld_steps_wait_on_the_device_only_at_the_divergence_checks(api, tiny, tokens_for):
+    """A step of the written-out forward (a masked parameter, one query position) reads no
+    value into Python and makes no tensor from host data; a GPU waits only at the divergence
+    check every 16 steps (two reads per chain)."""
+    from tl_degeneracy.engine.synchronisation import count_synchronisations
+
+    model = tiny(api)
+    name, w_q = next((n, p) for n, p in state_dict_parameters(model).items() if ".attn." in n)
+    mask = torch.rand(w_q.shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    problem = ModelProblem(model, tokens_for(model, 64), params={name: mask})
+    assert problem.plain
+
+    def waits(n_steps: int) -> int:
+        cfg = SGLDConfig(step_size=1e-5, n_chains=2, n_steps=n_steps, n_burnin=5, batch_size=8)
+        return count_synchronisations(lambda: estimate_llc(problem, cfg, warn=False), "cpu")
+
+    assert waits(64) - waits(32) == 2 * 2 * 2  # two more checks, two reads each, two chains

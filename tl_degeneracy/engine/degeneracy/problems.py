@@ -35,6 +35,7 @@ from tl_degeneracy.engine.streaming import chunks
 from tl_degeneracy.engine.structures import INPUTS, structure_of
 from tl_degeneracy.engine.structures.plain import PlainModel
 from tl_degeneracy.engine.structures.written_out import PlainForward
+from tl_degeneracy.engine.synchronisation import device_index
 from tl_degeneracy.engine.tokens import validate_tokens
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -55,6 +56,9 @@ class LLCProblem:
     param_names: tuple[str, ...] = ()
     batched: bool = False
     """True when `value_and_grad` takes all chains at once: w [chain, p], idx [chain, batch]."""
+    index_device: torch.device = torch.device("cpu")
+    """Where `value_and_grad` wants its data indices `idx` (the CPU unless the data lives on
+    the model's device)."""
 
     @property
     def n_params(self) -> int:
@@ -184,11 +188,15 @@ class ModelProblem(LLCProblem):
         self.loss_at_star = 0.0
         n_pos = tokens.shape[1]
         if positions == "last":
-            self.pos = torch.tensor([n_pos - 1])
+            self.query_positions: tuple[int, ...] = (n_pos - 1,)
         elif positions == "all":
-            self.pos = torch.arange(n_pos)
+            self.query_positions = tuple(range(n_pos))
         else:
-            self.pos = torch.tensor([p % n_pos for p in positions])
+            self.query_positions = tuple(p % n_pos for p in positions)
+        # on the tokens' device, made once: an index copied from the host at every step would
+        # make a GPU wait for the step before
+        self.pos = device_index(self.query_positions, tokens.device)
+        self.index_device = tokens.device
         self.chunk_size = chunk_size
         self.written_out = written_out_forward(model)
         self.hooks: list[tuple[str, Callable]] = []
@@ -244,8 +252,8 @@ class ModelProblem(LLCProblem):
         if self.written_out is not None:
             plain = self.written_out()
             if idx is not None and prefix is not None:
-                return plain.logits(None, self.pos, prefix[idx], self.start_layer)
-            return plain.logits(tokens, self.pos)
+                return plain.logits(None, self.query_positions, prefix[idx], self.start_layer)
+            return plain.logits(tokens, self.query_positions)
         if idx is not None and prefix is not None:
             with self.model.hooks(fwd_hooks=self.hooks):
                 out = self.model(prefix[idx], start_at_layer=self.start_layer)
@@ -309,7 +317,10 @@ class ModelProblem(LLCProblem):
                 else:
                     assert full is not None
                     p.data, p.grad = full.clone(), torch.zeros_like(full)
-                    self._masked.append((p, mask, slice(offset, offset + k)))
+                    # the chosen entries as flat indices, found once: a boolean mask would
+                    # make a GPU wait at every step to count them
+                    entries = mask.reshape(-1).nonzero().squeeze(1)
+                    self._masked.append((p, entries, slice(offset, offset + k)))
                 p.requires_grad_(True)
                 offset += k
             for p, _ in frozen:
@@ -324,14 +335,14 @@ class ModelProblem(LLCProblem):
 
     def value_and_grad(self, w: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         self._grad.zero_()
-        for p, mask, at in self._masked:
-            p.data[mask] = w[at]
+        for p, entries, at in self._masked:
+            p.data.view(-1)[entries] = w[at]
             assert p.grad is not None
             p.grad.zero_()
         with torch.enable_grad():
             loss = self.loss(idx)
             loss.backward()
-        for p, mask, at in self._masked:
+        for p, entries, at in self._masked:
             assert p.grad is not None
-            self._grad[at] = p.grad[mask]
+            self._grad[at] = p.grad.view(-1)[entries]
         return loss.detach(), self._grad

@@ -166,6 +166,10 @@ def _keep_heap_memory() -> None:
     torch.empty(1 << 21, dtype=torch.float32)
 
 
+MINIBATCH_BLOCK = 16
+"""Steps whose minibatch indices are drawn and moved to the problem's device together."""
+
+
 def _chain_generator(seed: int, chain: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A chain's random stream on `device`."""
     return torch.Generator(device=device).manual_seed(1_000_003 * seed + chain)
@@ -194,8 +198,8 @@ def _run_chain(
     n_steps: int,
     bar: tqdm,
 ) -> tuple[Tensor, bool]:
-    """`n_steps` steps of one chain from `w` (updated in place); minibatches from `gen` (CPU),
-    noise from `noise_gen` (on `w`'s device)."""
+    """`n_steps` steps of one chain from `w` (updated in place); minibatches from `gen` (CPU,
+    on `problem.index_device` when used), noise from `noise_gen` (on `w`'s device)."""
     w_star = problem.w_star.detach()
     noise = torch.empty_like(w)
     pull, drift, scale = _step_coefficients(cfg, nbeta)
@@ -206,10 +210,19 @@ def _run_chain(
     values = torch.empty(n_steps, dtype=w.dtype, device=w.device)
     diverged = False
     done = 0
+    # minibatches drawn for several steps at once and moved to the problem's device in one
+    # copy (each copy makes a GPU wait); the same draws as one per step, unless the noise comes
+    # from the same stream (CPU weights), which then needs its draws in between
+    per_copy = MINIBATCH_BLOCK if noise_gen is not gen else 1
     with problem.bind(w):
-        all_idx = torch.arange(problem.n)
+        all_idx = torch.arange(problem.n, device=problem.index_device)
+        block = all_idx[None]
         for t in range(n_steps):
-            idx = all_idx if full else torch.randint(0, problem.n, (cfg.batch_size,), generator=gen)
+            if not full and t % per_copy == 0:
+                rows = (min(per_copy, n_steps - t), cfg.batch_size)
+                block = torch.randint(0, problem.n, rows, generator=gen)
+                block = block.to(problem.index_device)
+            idx = all_idx if full else block[t % per_copy]
             loss, grad = problem.value_and_grad(w, idx)
             values[t] = loss
             if t % 16 == 15 or t == n_steps - 1:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from tl_degeneracy.engine.compat import has_hooked_weights, hooked_state_dict
 from tl_degeneracy.engine.sites import LOGITS
+from tl_degeneracy.engine.synchronisation import device_index
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu,
@@ -40,6 +41,20 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
 }
+
+
+def query_index(
+    queries: Sequence[int] | Tensor, n_keys: int, device: torch.device
+) -> tuple[Tensor, bool | None]:
+    """Query positions as an index on `device` (negative ones count from the end), and whether
+    the causal mask matters (a query before the last key). Positions given on the host are
+    worked out there and their index made once per device; positions already on the device
+    are used as they are (the mask is then decided there, `attend_qkv`)."""
+    if isinstance(queries, Tensor) and queries.device.type != "cpu":
+        return queries, None
+    listed = queries.tolist() if isinstance(queries, Tensor) else list(queries)
+    pos = [int(p) % n_keys if p < 0 else int(p) for p in listed]
+    return device_index(pos, device), any(p < n_keys - 1 for p in pos)
 
 
 def is_plain(model: nn.Module) -> bool:
@@ -170,9 +185,9 @@ class PlainBlock:
     ) -> Float[Tensor, "... query d_model"]:
         """Attention output (with `b_O`, without the residual) at the query positions, from
         the projected queries/keys/values of every position (causal mask)."""
-        q_idx = torch.as_tensor(queries, dtype=torch.long, device=qkv.device)
+        q_idx, masked = query_index(queries, qkv.shape[-2], qkv.device)
         q, k, v = qkv.chunk(3, dim=-1)
-        return self.attend_qkv(q[..., q_idx, :], k, v, q_idx)
+        return self.attend_qkv(q[..., q_idx, :], k, v, q_idx, masked)
 
     def attend_qkv(
         self,
@@ -180,11 +195,13 @@ class PlainBlock:
         k: Float[Tensor, "... key hd"],
         v: Float[Tensor, "... key hd"],
         queries: Tensor,
+        masked: bool | None = None,
     ) -> Float[Tensor, "... query d_model"]:
         """Causal attention output (with `b_O`) at the query positions `queries`, from the
         queries there and the keys and values of every position (heads flattened last). Few
         positions (modular addition): broadcast products, faster than batched tiny matrix
-        products; many: einsum."""
+        products; many: einsum. `masked` says whether a query comes before the last key (None:
+        read from `queries`, which waits on a GPU; `query_index` knows it on the host)."""
         h = self.n_heads
         q, k, v = q.unflatten(-1, (h, -1)), k.unflatten(-1, (h, -1)), v.unflatten(-1, (h, -1))
         n_keys = k.shape[-3]
@@ -194,7 +211,9 @@ class PlainBlock:
         else:
             scores = torch.einsum("...thd,...shd->...tsh", q, k)
         scores = scores / self.scale  # [..., query, key, head]
-        if bool((queries < n_keys - 1).any()):
+        if masked is None:
+            masked = bool((queries < n_keys - 1).any())
+        if masked:
             allowed = (
                 torch.arange(n_keys, device=q.device)[None, :] <= queries[:, None]
             )  # [query, key]
@@ -274,9 +293,9 @@ class PlainTail:
         """Logits at the query positions when the stream at `hook` is `act` (all positions
         for 'pre', which attention mixes; any position set otherwise, read at `queries`)."""
         stage = self.stage(hook)
-        q = torch.as_tensor(queries, dtype=torch.long, device=act.device)
+        q, _ = query_index(queries, act.shape[-2], act.device)
         if stage == "pre":
-            mid = act[..., q, :] + self.block.attention(act, q)
+            mid = act[..., q, :] + self.block.attention(act, queries)
             return self.from_mid(mid)
         if stage == "mid":
             return self.from_mid(act[..., q, :])
@@ -340,7 +359,6 @@ class PlainModel:
         queries, keys and values are projected once per (position, token) and looked up.
         Queries, keys and values are kept apart (no slicing of one fused projection), so the
         backward pass scatters into small tables instead of filling batch-sized zeros."""
-        q_pos = torch.as_tensor(queries, dtype=torch.long, device=self.W_E.device)
         last = len(self.blocks) - 1
         table: Tensor | None = None
         rows: Tensor | None = None
@@ -355,10 +373,11 @@ class PlainModel:
         else:
             n_pos = resid.shape[-2]
             x = resid
+        q_pos, q_masked = query_index(queries, n_pos, self.W_E.device)
         everywhere = torch.arange(n_pos, device=self.W_E.device)
         for layer in range(start_layer, last + 1):
             block = self.blocks[layer]
-            at = q_pos if layer == last else everywhere
+            at, masked = (q_pos, q_masked) if layer == last else (everywhere, n_pos > 1)
             w_q, w_k, w_v = (_heads_last(w) for w in (block.W_Q, block.W_K, block.W_V))
             b_q, b_k, b_v = (b.flatten() for b in (block.b_Q, block.b_K, block.b_V))
             if layer == 0 and table is not None and rows is not None:
@@ -371,7 +390,7 @@ class PlainModel:
                 here = x if layer < last else x[..., at, :]
                 q = here @ w_q + b_q
                 k, v = x @ w_k + b_k, x @ w_v + b_v
-            x = here + block.attend_qkv(q, k, v, at)
+            x = here + block.attend_qkv(q, k, v, at, masked)
             if block.has_mlp:
                 x = x + block.mlp(x)
         assert x is not None
