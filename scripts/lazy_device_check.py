@@ -9,8 +9,8 @@ script runs every test that takes a `device` argument in the device test modules
     python scripts/lazy_device_check.py
 
 It is a proxy, not a GPU: the backend has quirks of its own, worked around here (`unbind`
-views; random generators, which the backend lacks: draws are made on the CPU and copied
-over) or avoided (the closed forms are switched off with `autograd_only`, because index ops
+and `split` views; random generators, which the backend lacks: draws are made on the CPU and
+copied over) or avoided (the closed forms are switched off with `autograd_only`, because index ops
 inside them trip the backend; their device handling is checked on CUDA only).
 `torch._lazy` is private API: if a torch release drops it, this script says so and stops.
 docs/devices.md lists what it found.
@@ -49,8 +49,8 @@ def start_lazy_backend() -> None:
 
 
 def _work_around_quirks() -> None:
-    """The backend's own bugs (not the package's): views made by `unbind` read as CPU
-    tensors, and `torch.Generator` has no lazy device."""
+    """The backend's own bugs (not the package's): views made by `unbind` and `split` read as
+    CPU tensors, and `torch.Generator` has no lazy device."""
     unbind = torch.Tensor.unbind
 
     def lazy_unbind(self: torch.Tensor, dim: int = 0):
@@ -60,6 +60,20 @@ def _work_around_quirks() -> None:
 
     torch.Tensor.unbind = lazy_unbind  # type: ignore[method-assign,assignment]
     torch.unbind = lambda t, dim=0: lazy_unbind(t, dim)  # type: ignore[assignment]
+
+    split = torch.Tensor.split
+
+    def lazy_split(self: torch.Tensor, size, dim: int = 0):
+        if self.device.type != "lazy":
+            return split(self, size, dim)
+        n = self.shape[dim]
+        sizes = [size] * -(-n // size) if isinstance(size, int) else list(size)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return tuple(
+            self.narrow(dim, start, min(s, n - start)).clone() for start, s in zip(starts, sizes)
+        )
+
+    torch.Tensor.split = lazy_split  # type: ignore[method-assign,assignment]
 
     generator, randint = torch.Generator, torch.randint
 

@@ -177,6 +177,28 @@ def test_sgld_on_device(device):
     assert torch.isfinite(estimate_llc(problem, scaled, warn=False).loss_traces).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_sgld_on_device(device):
+    """All chains of a function's loss at once, on the device (data, weights, minibatch
+    indices and noise there): finite, reproducible, continued runs equal one longer run, and
+    a diverged chain is stopped by a mask, left at w*, without reading the device per step."""
+    from tl_degeneracy.engine.degeneracy import SGLDConfig, continue_llc, estimate_llc
+    from tl_degeneracy.engine.degeneracy.ground_truth import deep_linear_problem
+
+    problem = deep_linear_problem([4, 3, 2], r=1, n=300, device=device)
+    cfg = SGLDConfig(step_size=1e-3, gamma=1.0, n_chains=3, n_steps=40, n_burnin=5, batch_size=20)
+    a, b = estimate_llc(problem, cfg, warn=False), estimate_llc(problem, cfg, warn=False)
+    assert torch.isfinite(a.loss_traces).all() and a.loss_traces.device.type == "cpu"
+    torch.testing.assert_close(a.loss_traces, b.loss_traces, rtol=1e-12, atol=1e-15)
+    short = estimate_llc(problem, SGLDConfig(**{**cfg.__dict__, "n_steps": 23}), warn=False)
+    longer = continue_llc(problem, short, 17, n_burnin=5, warn=False)
+    torch.testing.assert_close(longer.loss_traces, a.loss_traces, rtol=1e-12, atol=1e-15)
+    wild = estimate_llc(problem, SGLDConfig(**{**cfg.__dict__, "step_size": 2.0}), warn=False)
+    (w,) = wild.state.w
+    assert bool(wild.diverged.all()) and w.device == problem.w_star.device
+    assert torch.equal(w, problem.w_star[None].expand_as(w))
+
+
 COMPOSITE_SITES = (
     Site("blocks.0.hook_resid_pre"),
     Site("blocks.0.attn.hook_z"),

@@ -9,7 +9,11 @@ from tl_degeneracy.engine.compat import available_apis, build_model, hooked_stat
 from tl_degeneracy.engine.degeneracy.calibration import calibrate_step_size
 from tl_degeneracy.engine.degeneracy.config import SGLDConfig, SGLDWarning
 from tl_degeneracy.engine.degeneracy.diagnostics import split_rhat
-from tl_degeneracy.engine.degeneracy.ground_truth import linear_regression_problem, quartic_problem
+from tl_degeneracy.engine.degeneracy.ground_truth import (
+    deep_linear_problem,
+    linear_regression_problem,
+    quartic_problem,
+)
 from tl_degeneracy.engine.degeneracy.parameters import select_parameters, state_dict_parameters
 from tl_degeneracy.engine.degeneracy.problems import ModelProblem
 from tl_degeneracy.engine.degeneracy.sgld import estimate_llc, model_llc
@@ -288,3 +292,73 @@ def test_sgld_steps_wait_on_the_device_only_at_the_divergence_checks(api, tiny, 
         return count_synchronisations(lambda: estimate_llc(problem, cfg, warn=False), "cpu")
 
     assert waits(64) - waits(32) == 2 * 2 * 2  # two more checks, two reads each, two chains
+
+
+def _batched_steps(problem, cfg, noise_seed=None, alive=None):
+    """Traces of `_sample` from w* for a batched problem, with the noise drawn from its own
+    stream (as for weights on a GPU) when `noise_seed` is given."""
+    from tl_degeneracy.engine.degeneracy.sgld import ChainState, _sample
+
+    c = cfg.n_chains
+    noise = None if noise_seed is None else [torch.Generator().manual_seed(noise_seed)]
+    alive = torch.ones(c, dtype=torch.bool) if alive is None else alive
+    w0 = [problem.w_star.detach()[None].repeat(c, 1)]
+    state = ChainState(w0, [torch.Generator().manual_seed(10)], alive, noise)
+    return _sample(problem, cfg, state, None, cfg.n_steps, False, False)
+
+
+def test_batched_minibatches_drawn_in_blocks_are_those_drawn_step_by_step(monkeypatch):
+    """All chains at once: 16 steps' minibatches drawn together when the noise has its own
+    stream give the step-by-step traces bit for bit, across block boundaries and when a run is
+    continued; a chain stopped before the run stays stopped either way."""
+    from tl_degeneracy.engine.degeneracy import sgld
+
+    problem = deep_linear_problem([4, 3, 2], r=1, n=300)
+    cfg = SGLDConfig(step_size=1e-3, gamma=1.0, n_chains=3, n_steps=37, n_burnin=5, batch_size=20)
+    stopped = torch.tensor([True, False, True])
+    blocks = _batched_steps(problem, cfg, noise_seed=99, alive=stopped)
+    longer = sgld.continue_llc(problem, blocks, 20, warn=False)
+    monkeypatch.setattr(sgld, "MINIBATCH_BLOCK", 1)
+    steps = _batched_steps(problem, cfg, noise_seed=99, alive=stopped)
+    same = dict(rtol=0, atol=0, equal_nan=True)  # bit for bit; the stopped chain's are NaN
+    torch.testing.assert_close(blocks.loss_traces, steps.loss_traces, **same)
+    continued = sgld.continue_llc(problem, steps, 20, warn=False)
+    torch.testing.assert_close(longer.loss_traces, continued.loss_traces, **same)
+    assert bool(longer.loss_traces[1].isnan().all()) and not bool(
+        longer.loss_traces[0].isnan().any()
+    )
+
+
+@pytest.mark.parametrize("noise_seed", [None, 99])
+def test_batched_sgld_steps_read_nothing_from_the_device(noise_seed):
+    """All chains at once, with a chain stopped before the run (so masked from the first
+    step, as every chain is off the CPU), with or without the noise in its own stream and with
+    or without another chain diverging: the reads into Python (each a GPU wait) do not grow
+    with the number of steps."""
+    from tl_degeneracy.engine.synchronisation import count_synchronisations
+
+    problem = deep_linear_problem([4, 3, 2], r=1, n=300)
+
+    def waits(n_steps: int, step_size: float) -> int:
+        cfg = SGLDConfig(
+            step_size=step_size, gamma=1.0, n_chains=3, n_steps=n_steps, n_burnin=5, batch_size=20
+        )
+        dead = torch.tensor([True, True, False])  # one chain stopped before: always masked
+        return count_synchronisations(lambda: _batched_steps(problem, cfg, noise_seed, dead), "cpu")
+
+    assert waits(64, 1e-3) == waits(32, 1e-3)
+    assert waits(64, 2.0) == waits(32, 2.0)  # the live chain diverges too
+
+
+def test_a_diverged_chain_of_a_batched_run_stays_at_w_star():
+    """Stopping a chain by a mask (no read per step) leaves it at w*, where a continued run
+    starts it, and cuts its trace at the step it diverged; the other chains go on."""
+    problem = linear_regression_problem(5, n=1000)
+    cfg = SGLDConfig(step_size=0.5, gamma=1.0, n_chains=3, n_steps=30, n_burnin=5, batch_size=10**9)
+    res = estimate_llc(problem, cfg, warn=False)
+    assert bool(res.diverged.all())
+    (w,) = res.state.w
+    assert torch.equal(w, problem.w_star[None].expand_as(w))
+    first_nan = res.loss_traces.isnan().float().argmax(1)
+    assert bool((first_nan > 0).all()) and bool(res.loss_traces[:, -1].isnan().all())
+    assert torch.isfinite(res.loss_traces[torch.arange(3), first_nan - 1]).all()

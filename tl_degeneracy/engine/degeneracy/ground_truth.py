@@ -110,19 +110,27 @@ def deep_linear_network(widths: Sequence[int], r: int) -> LearningCoefficient:
 # ---------------------------------------------------------------------------------------------
 
 
-def linear_regression_problem(d: int, n: int, seed: int = 0) -> FunctionProblem:
+def linear_regression_problem(
+    d: int, n: int, seed: int = 0, device: torch.device | str = "cpu"
+) -> FunctionProblem:
     """L(w) = (1/2n) Σ_x ((w − w*)·x)², x ~ N(0, I_d): regular, λ = d/2."""
-    return deep_linear_problem([d, 1], r=1, n=n, seed=seed)
+    return deep_linear_problem([d, 1], r=1, n=n, seed=seed, device=device)
 
 
 def deep_linear_problem(
-    widths: Sequence[int], r: int, n: int, seed: int = 0, dtype: torch.dtype = torch.float64
+    widths: Sequence[int],
+    r: int,
+    n: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
 ) -> FunctionProblem:
     """Behavioural loss L(w) = (1/2n) Σ_x ‖(P(w) − P(w*)) x‖² of a deep linear network
     `P(w) = W_L ⋯ W_1` at its most singular true parameter of rank r (each factor an r×r
     orthogonal block),
     with n Gaussian inputs. Two widths give a regular model; three give reduced-rank
-    regression (M, H, N)."""
+    regression (M, H, N). Drawn on the CPU (the same problem on every device), then moved
+    to `device` with its data."""
     gen = torch.Generator().manual_seed(seed)
     widths = list(widths)
     shapes = list(zip(widths[1:], widths[:-1]))
@@ -141,6 +149,7 @@ def deep_linear_problem(
     target = _product(w_star[None], shapes, sizes)[0]
 
     cov = x.T @ x / n
+    w_star, x, target, cov = (t.to(device) for t in (w_star, x, target, cov))
 
     def loss(w: Float[Tensor, "chain p"], idx: Tensor) -> Float[Tensor, " chain"]:
         delta = _product(w, shapes, sizes) - target
@@ -149,7 +158,7 @@ def deep_linear_problem(
         out = torch.einsum("cbm,cnm->cbn", x[idx], delta)
         return 0.5 * out.square().sum(-1).mean(-1)
 
-    return FunctionProblem(loss, w_star, n, loss_at_star=0.0, batched=True)
+    return FunctionProblem(loss, w_star, n, loss_at_star=0.0, batched=True, index_device=device)
 
 
 def _product(w: Tensor, shapes: list[tuple[int, int]], sizes: list[int]) -> Tensor:

@@ -94,6 +94,7 @@ class FunctionProblem(LLCProblem):
 
     With `batched=True` the function takes w of shape [chain, p] and idx [chain, batch] and
     returns one loss per chain, so that all chains advance in one call (small models).
+    `index_device`: where the function wants `idx` (where its data lives; the CPU by default).
     """
 
     def __init__(
@@ -104,15 +105,17 @@ class FunctionProblem(LLCProblem):
         loss_at_star: float | None = None,
         batched: bool = False,
         param_names: Sequence[str] = (),
+        index_device: torch.device | str = "cpu",
     ):
         self.loss_fn = loss_fn
+        self.index_device = torch.device(index_device)
         self.w_star = w_star.detach().reshape(-1)
         self.n = int(n)
         self.batched = batched
         self.param_names = tuple(param_names)
         if loss_at_star is None:
             with torch.no_grad():
-                idx = torch.arange(self.n)
+                idx = torch.arange(self.n, device=self.index_device)
                 w = self.w_star[None] if batched else self.w_star
                 loss_at_star = float(loss_fn(w, idx[None] if batched else idx).reshape(-1)[0])
         self.loss_at_star = float(loss_at_star)

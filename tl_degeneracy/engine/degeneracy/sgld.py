@@ -273,21 +273,27 @@ def _run_batched(
     values = torch.empty(n_steps, c, dtype=torch.float64, device=w.device)
     dead_before = ~state.alive
     alive = state.alive.to(w.device, copy=True)
-    all_idx = torch.arange(problem.n).expand(c, problem.n)
+    # as in `_run_chain`: minibatches of several steps drawn and copied together when the noise
+    # has its own stream. A diverged chain is stopped by a mask (it stays at w*; its trace is
+    # cut where it first diverged, below), so that no step reads the device; on the CPU, where
+    # reading a flag waits for nothing, the mask is skipped while every chain is alive
+    per_copy = MINIBATCH_BLOCK if noise_gen is not gen else 1
+    masked = w.device.type != "cpu" or not bool(alive.all())
+    block = torch.arange(problem.n, device=problem.index_device).expand(1, c, problem.n)
     for t in range(n_steps):
-        if full:
-            idx = all_idx
-        else:
-            idx = torch.randint(0, problem.n, (c, cfg.batch_size), generator=gen)
+        if not full and t % per_copy == 0:
+            rows = (min(per_copy, n_steps - t), c, cfg.batch_size)
+            block = torch.randint(0, problem.n, rows, generator=gen).to(problem.index_device)
+        idx = block[0 if full else t % per_copy]
         loss, grad = problem.value_and_grad(w, idx)
         values[t] = loss.to(torch.float64)
-        bad = ~torch.isfinite(loss) | (loss > limit)
-        if bool(bad.any()):
-            alive &= ~bad
-            grad = torch.where(alive[:, None], grad, 0.0)
-            w = torch.where(alive[:, None], w, w_star)
+        ok = torch.isfinite(loss) & (loss <= limit)
         noise.normal_(generator=noise_gen)
         w = w * (1 - pull) + w_star * pull - drift * grad + scale * noise
+        if masked or not bool(ok.all()):
+            masked = True
+            alive &= ok
+            w = torch.where(alive[:, None], w, w_star)
         bar.update(c)
     traces = values.T.contiguous().cpu()
     diverged = (~alive).cpu()
