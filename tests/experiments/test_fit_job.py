@@ -56,6 +56,27 @@ def test_fit_on_a_folder_with_tokens_and_chosen_sites(folder, tmp_path):
     assert list(lib.bases) == [s.replace("@", "[") + "]" for s in sites]
 
 
+def test_a_checkpoint_without_tokenizer_files_takes_another_folders(folder, tmp_path, capsys):
+    """`--tokenizer FOLDER` for a checkpoint saved without tokenizer files: the fit runs on
+    the text tokenised by it; without it, or on a preset, the command ends in one line that
+    says what to do."""
+    import shutil
+
+    bare = tmp_path / "fine-tune"
+    shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("tokenizer*", "vocab*"))
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    args = ["fit", "--model", str(bare), "--text", str(text), *SMALL]
+    assert main([*args, "--out", str(tmp_path / "o1")]) == 2
+    assert "--tokenizer FOLDER" in capsys.readouterr().err
+    out = tmp_path / "o2"
+    assert main([*args, "--tokenizer", str(folder), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sites"]["blocks.1.hook_resid_pre[1:]"]["lib"]["kept"] > 0
+    assert main(["fit", "--model", "modadd", "--tokenizer", str(folder), *SMALL]) == 2
+    assert "leave --tokenizer out" in capsys.readouterr().err
+
+
 def test_fit_on_a_bridge_only_folder(tmp_path, capsys):
     """A Gemma 2 folder (norms after attention and MLP: no HookedTransformer conversion) runs
     the same command on the TransformerBridge, MLP sites included; the report says it has no

@@ -18,7 +18,7 @@ from tl_degeneracy.models.architectures import (
     UnsupportedArchitectureError,
     bridge_causal_lms,
 )
-from tl_degeneracy.models.local import from_hf, load_hf, load_local
+from tl_degeneracy.models.local import from_hf, load_hf, load_local, load_tokenizer
 from tl_degeneracy.models.tiny import (
     D_VOCAB,
     TINY_ARCHITECTURES,
@@ -202,6 +202,19 @@ def test_a_tokenizer_can_be_passed_instead(checkpoints, tmp_path, api):
     folder = copy_without(checkpoints["gpt2"], tmp_path / "bare", "tokenizer*")
     model = load_local(folder, api=api, tokenizer=tiny_tokenizer())
     assert model.to_str_tokens("ok") == ["<s>", "o", "k"]
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_tokenizer_can_come_from_another_folder(checkpoints, tmp_path, api):
+    """A fine-tune saved without tokenizer files takes its base model's (a folder path); a
+    folder without them is named, with how to write them."""
+    folder = copy_without(checkpoints["gpt2"], tmp_path / "bare", "tokenizer*")
+    base = copy_without(checkpoints["gpt2"], tmp_path / "base", "*.safetensors")
+    model = load_local(folder, api=api, tokenizer=str(base))
+    assert model.to_str_tokens("ok") == ["<s>", "o", "k"]
+    assert load_tokenizer(base)("ok")["input_ids"] == tiny_tokenizer()("ok")["input_ids"]
+    with pytest.raises(FileNotFoundError, match="bare is not a folder with tokenizer files"):
+        load_local(folder, api=api, tokenizer=folder)
 
 
 def test_unsupported_architecture_is_named_with_the_supported_ones(checkpoints, tmp_path):

@@ -63,6 +63,12 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
         help="a preset (smollm2, modadd) or a folder: a Hugging Face checkpoint (config.json + "
         "*.safetensors + tokenizer files; loaded offline) or a modular-addition checkpoint",
     )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a folder with tokenizer files, for a checkpoint saved without them (e.g. its "
+        "base model's folder)",
+    )
     p.add_argument("--out", default="out/fit", help="output folder (default: %(default)s)")
     p.add_argument(
         "--sites",

@@ -52,6 +52,8 @@ class FitJob:
     device: str | None = None
     dtype: str | None = None
     api: str = "auto"
+    tokenizer: str | None = None
+    """A folder with the tokenizer of a checkpoint saved without one."""
     study: dict[str, Any] = field(default_factory=dict)
     """Overrides of the preset kind's `StudyConfig` defaults."""
 
@@ -79,6 +81,7 @@ class FitJob:
             device=args.device,
             dtype=args.dtype,
             api=args.api,
+            tokenizer=args.tokenizer,
             study=overrides,
         )
 
@@ -151,7 +154,13 @@ def run_fit_job(job: FitJob, ctx: DistContext | None = None, log: Log = print) -
     device = job.device
     if device is None and ctx.active and torch.cuda.is_available():
         device = f"cuda:{torch.cuda.current_device()}"
-    preset = load_preset(job.model, job.api, _dtype(job.dtype), device)  # type: ignore[arg-type]
+    preset = load_preset(
+        job.model,
+        job.api,  # type: ignore[arg-type]
+        _dtype(job.dtype),
+        device,
+        job.tokenizer,
+    )
     tokens, heldout = job_data(job, preset)
     sites = job_sites(job, preset)
     config = job.config(preset)

@@ -24,6 +24,7 @@ _EXPORTS = {
     "load_local": "local",
     "load_hf": "local",
     "from_hf": "local",
+    "load_tokenizer": "local",
     "ARCHITECTURES": "architectures",
     "UnsupportedArchitectureError": "architectures",
     "tiny_model": "tiny",

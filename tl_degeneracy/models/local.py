@@ -88,12 +88,30 @@ def check_folder(folder: str | os.PathLike[str], tokenizer: bool = True) -> dict
             f"{folder} has no *.safetensors weights{found}; write them with "
             "model.save_pretrained(folder) (transformers saves safetensors by default)"
         )
-    if tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if tokenizer and not _has_tokenizer_files(folder):
         raise FileNotFoundError(
             f"{folder} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); save "
-            "them with tokenizer.save_pretrained(folder), or pass tokenizer=<a tokenizer>"
+            "them with tokenizer.save_pretrained(folder), or give one: tokenizer=<a tokenizer "
+            "or a folder with its files> in Python, --tokenizer FOLDER on the command line"
         )
     return config
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
+    """The tokenizer saved in `folder` (`tokenizer.save_pretrained`), read offline: for a
+    checkpoint saved without one, say its base model's folder."""
+    folder = Path(folder).expanduser()
+    if not _has_tokenizer_files(folder):
+        raise FileNotFoundError(
+            f"{folder} is not a folder with tokenizer files (looked for "
+            f"{', '.join(TOKENIZER_FILES)}); write them with tokenizer.save_pretrained(folder)"
+        )
+    _offline()
+    return _read_tokenizer(folder)
 
 
 def load_hf(
@@ -103,8 +121,11 @@ def load_hf(
     tokenizer: Any | None = None,
 ) -> tuple[nn.Module, Any]:
     """The `transformers` causal LM (eager attention, eval mode) and tokenizer of a folder,
-    read from local files only. `n_ctx` overrides a rotary model's context length."""
+    read from local files only. `n_ctx` overrides a rotary model's context length;
+    `tokenizer` (a tokenizer, or a folder with one) replaces the folder's own."""
     folder = Path(folder).expanduser()
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
     config = check_folder(folder, tokenizer=tokenizer is None)
     arch = architecture_of(config, api="bridge")
     _offline()
@@ -183,11 +204,15 @@ def load_local(
     center_unembed=True, fold_value_biases=True` is TransformerLens's `from_pretrained`
     default. Rotary models of the table get `n_ctx = min(max_position_embeddings, 2048)`
     unless `n_ctx` says otherwise. An unsupported architecture is named in the error.
-    With `verify` the loaded model must give `transformers`' log-probabilities on a probe
-    batch to rounding (`check_reproduces`), else the load is refused.
+    `tokenizer` (a tokenizer, or a folder with its files) replaces the folder's own, e.g. for
+    a fine-tuned checkpoint saved without one. With `verify` the loaded model must give
+    `transformers`' log-probabilities on a probe batch to rounding (`check_reproduces`), else
+    the load is refused.
     """
     folder = Path(folder).expanduser()
     _check_api(api)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
     arch, api = _resolve_api(check_folder(folder, tokenizer=tokenizer is None), api)
     hf_model, tokenizer = load_hf(folder, dtype=dtype, n_ctx=n_ctx, tokenizer=tokenizer)
     processing = _processing(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
@@ -250,7 +275,7 @@ def from_hf(
     source = str(getattr(hf_model, "name_or_path", "") or "")
     if tokenizer is None:
         folder = Path(source).expanduser()
-        if not (folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)):
+        if not _has_tokenizer_files(folder):
             raise ValueError(
                 f"from_hf: no tokenizer given, and the model's name_or_path ({source!r}) is not "
                 "a folder with tokenizer files; pass tokenizer=AutoTokenizer.from_pretrained(...)"

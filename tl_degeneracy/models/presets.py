@@ -85,8 +85,15 @@ def load_preset(
     api: Literal["auto", "hooked", "bridge"] = "auto",
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    tokenizer: str | Path | None = None,
 ) -> Preset:
-    """The preset named `spec` (`smollm2`, `modadd`) or the model in the folder `spec`."""
+    """The preset named `spec` (`smollm2`, `modadd`) or the model in the folder `spec`;
+    `tokenizer`: a folder whose tokenizer replaces a Hugging Face checkpoint's own."""
+    if tokenizer is not None and spec in ("smollm2", "modadd"):
+        raise ValueError(
+            f"a tokenizer folder applies to a Hugging Face checkpoint folder, not to the "
+            f"{spec} preset; leave --tokenizer out"
+        )
     if spec == "smollm2":
         from tl_degeneracy.models.smollm2.loader import load_smollm2
 
@@ -104,11 +111,16 @@ def load_preset(
             )
         config = json.loads((folder / "config.json").read_text())
         if "p" in config or "d_vocab" in config:  # a modular-addition checkpoint
+            if tokenizer is not None:
+                raise ValueError(
+                    f"{spec} is a modular-addition checkpoint, which takes no tokenizer; "
+                    "leave --tokenizer out"
+                )
             preset = _modadd_preset(folder, api, dtype or torch.float64)
         else:
             from tl_degeneracy.models.local import load_local
 
-            model = load_local(folder, api=api, dtype=dtype or torch.float32)
+            model = load_local(folder, api=api, dtype=dtype or torch.float32, tokenizer=tokenizer)
             preset = _lm_preset(folder.name, model)
     if device is not None:
         preset.model.to(device)
