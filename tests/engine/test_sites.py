@@ -121,3 +121,20 @@ def test_select_reads_nothing_from_the_device(positions, expected):
     assert site.n_positions(4) == len(expected)
     shares = got.untyped_storage().data_ptr() == act.untyped_storage().data_ptr()
     assert shares == isinstance(positions, str)  # a view, no copy
+
+
+def test_residual_sites_with_mlp_sites_of_blocks_that_have_them(api, tiny):
+    """MLP sites come after each asked block's `hook_resid_mid`; a block outside the sites'
+    span, or without an MLP, is refused by name rather than left out."""
+    from tl_degeneracy.engine.sites import residual_sites
+
+    model = tiny(api, n_layers=2)
+    hooks = [s.hook for s in residual_sites(model, mlp=(1,))]
+    assert hooks[hooks.index("blocks.1.hook_resid_mid") + 1] == "blocks.1.mlp.hook_post"
+    assert sum(".mlp." in h for h in hooks) == 1
+    with pytest.raises(SiteError, match=r"block\(s\) \[7\].*2 blocks \(0 … 1\)"):
+        residual_sites(model, mlp=(7,))
+    with pytest.raises(SiteError, match=r"block\(s\) \[1\].*the first 1 of its 2 blocks"):
+        residual_sites(model, n_blocks=1, mlp=(1,))
+    with pytest.raises(SiteError, match=r"block\(s\) \[0\] have no MLP"):
+        residual_sites(tiny(api, "linear"), mlp=(0,))

@@ -77,6 +77,19 @@ def test_a_checkpoint_without_tokenizer_files_takes_another_folders(folder, tmp_
     assert "leave --tokenizer out" in capsys.readouterr().err
 
 
+def test_mlp_sites_that_cannot_be_added_end_in_one_line(folder, tmp_path, capsys):
+    """`--mlp-sites` of a block the model lacks, or beside an explicit `--sites` list (which it
+    would not change), ends the command with the reason instead of being left out."""
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    args = ["fit", "--model", str(folder), "--text", str(text), *SMALL, "--out", str(tmp_path)]
+    assert main([*args, "--mlp-sites", "7"]) == 2
+    assert "block(s) [7]" in capsys.readouterr().err
+    sites = ["blocks.0.hook_resid_pre@1:", "blocks.1.hook_resid_post@1:"]
+    assert main([*args, "--sites", *sites, "--mlp-sites", "0"]) == 2
+    assert "list the MLP sites with --sites" in capsys.readouterr().err
+
+
 def test_fit_on_a_bridge_only_folder(tmp_path, capsys):
     """A Gemma 2 folder (norms after attention and MLP: no HookedTransformer conversion) runs
     the same command on the TransformerBridge, MLP sites included; the report says it has no

@@ -304,10 +304,24 @@ def residual_sites(
     """Every residual-stream cut of the first `n_blocks` blocks of a transformer, in forward
     order: `hook_resid_pre` and (where the model has it) `hook_resid_mid` of each block, an MLP
     site (`mlp.hook_post` with its stream) after `hook_resid_mid` of the blocks in `mlp`, and the
-    last block's `hook_resid_post` as the final site."""
+    last block's `hook_resid_post` as the final site. Raises `SiteError` for an MLP block
+    outside those blocks or without an MLP."""
     cfg = model_cfg(model)
     n = cfg.n_layers if n_blocks is None else min(n_blocks, cfg.n_layers)
     valid = set(hook_names(model))
+    outside = [b for b in mlp if not 0 <= b < n]
+    if outside:
+        of = f"the first {n} of its {cfg.n_layers} blocks" if n < cfg.n_layers else f"{n} blocks"
+        raise SiteError(
+            f"MLP sites asked for block(s) {outside}, but the sites span {of} (0 … {n - 1}); "
+            "pick MLP blocks among them"
+        )
+    no_mlp = [b for b in mlp if f"blocks.{b}.mlp.hook_post" not in valid]
+    if no_mlp:
+        raise SiteError(
+            f"block(s) {no_mlp} have no MLP (no blocks.{no_mlp[0]}.mlp.hook_post; an "
+            "attention-only model has none): leave out the MLP sites"
+        )
     hooks: list[str] = []
     for b in range(n):
         hooks.append(f"blocks.{b}.hook_resid_pre")

@@ -20,7 +20,7 @@ from tl_degeneracy.engine.distributed import DistContext
 from tl_degeneracy.engine.edges import EdgeConfig
 from tl_degeneracy.engine.jacobians import JacobianConfig
 from tl_degeneracy.engine.progress import Log
-from tl_degeneracy.engine.sites import Site, residual_sites
+from tl_degeneracy.engine.sites import Site, SiteError, residual_sites
 from tl_degeneracy.experiments.study import Study, StudyConfig, finish_timings, run_study
 from tl_degeneracy.experiments.study_output import write_language_model_study, write_study
 from tl_degeneracy.models.presets import Preset, load_preset
@@ -116,6 +116,14 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 
 def job_sites(job: FitJob, preset: Preset) -> list[Site]:
+    if job.mlp_sites and (job.sites is not None or not preset.language_model):
+        given = (
+            "--sites lists the sites" if job.sites is not None else f"{preset.name} has fixed sites"
+        )
+        raise SiteError(
+            f"--mlp-sites adds MLP sites to a language model's default sites, but {given}; "
+            "list the MLP sites with --sites instead (e.g. blocks.3.mlp.hook_post@1:)"
+        )
     if job.sites is not None:
         return [parse_site(s) for s in job.sites]
     if preset.language_model:
