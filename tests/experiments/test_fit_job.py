@@ -90,6 +90,19 @@ def test_mlp_sites_that_cannot_be_added_end_in_one_line(folder, tmp_path, capsys
     assert "list the MLP sites with --sites" in capsys.readouterr().err
 
 
+def test_a_token_file_with_fewer_tokens_than_asked(folder, tmp_path, capsys):
+    """Token ids under Hugging Face's key `input_ids`; asking for more tokens than the file
+    has says how many it gives and fits on those."""
+    model = load_local(folder)
+    gen = torch.Generator().manual_seed(0)
+    ids = validate_tokens(model, torch.randint(0, model.cfg.d_vocab, (20, 16), generator=gen))
+    save_file({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
+    args = ["fit", "--model", str(folder), "--tokens", str(tmp_path / "ids.safetensors")]
+    assert main([*args, *SMALL, "--n-tokens", "10000", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "(the data gives 288 training tokens, fewer than --n-tokens 10000;" in out
+
+
 def test_fit_on_a_bridge_only_folder(tmp_path, capsys):
     """A Gemma 2 folder (norms after attention and MLP: no HookedTransformer conversion) runs
     the same command on the TransformerBridge, MLP sites included; the report says it has no

@@ -97,6 +97,32 @@ def test_tokens_from_text_files(tmp_path):
     assert joined == "First document.\n\nSecond, longer document text.\n\n"[: len(joined)]
 
 
+def test_a_text_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text \(byte 3.*iconv"):
+        corpus.tokens_from_text_files([path], byte_tokenizer())
+
+
+def test_token_files_are_read_by_key_and_never_unpickled(tmp_path):
+    """`tokens` (ours) or `input_ids` (Hugging Face's) in a safetensors file; another key, a
+    pickle written by `torch.save` (not opened as one) or a missing file is named."""
+    from safetensors.torch import save_file
+
+    ids = torch.arange(12).reshape(3, 4)
+    for key in corpus.TOKEN_KEYS:
+        save_file({key: ids, "other": ids + 1}, str(tmp_path / f"{key}.safetensors"))
+        assert torch.equal(corpus.tokens_from_file(tmp_path / f"{key}.safetensors"), ids)
+    save_file({"x": ids}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match=r"no 'tokens' tensor \(it has \['x'\]\)"):
+        corpus.tokens_from_file(tmp_path / "x.safetensors")
+    torch.save({"tokens": ids}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match="pickled.pt is not a safetensors file"):
+        corpus.tokens_from_file(tmp_path / "pickled.pt")
+    with pytest.raises(FileNotFoundError, match="no token file at"):
+        corpus.tokens_from_file(tmp_path / "absent.safetensors")
+
+
 def test_missing_gensim_names_the_pip_command(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(

@@ -88,7 +88,9 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     data = p.add_mutually_exclusive_group()
     data.add_argument("--text", nargs="+", default=None, help="UTF-8 text files to fit on")
     data.add_argument(
-        "--tokens", default=None, help="a safetensors file with a 'tokens' tensor [rows, pos]"
+        "--tokens",
+        default=None,
+        help="a safetensors file with a 'tokens' (or 'input_ids') tensor [rows, pos]",
     )
     p.add_argument("--n-tokens", type=int, default=2048, help="training tokens (%(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per row (%(default)s)")

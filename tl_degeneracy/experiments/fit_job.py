@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from tl_degeneracy.engine.bases import Truncation
@@ -137,7 +136,9 @@ def job_data(job: FitJob, preset: Preset) -> tuple[Tensor, Tensor | None]:
     else the preset's data."""
     if job.tokens is not None or job.text is not None:
         if job.tokens is not None:
-            rows = load_file(job.tokens)["tokens"]
+            from tl_degeneracy.models.corpus import tokens_from_file
+
+            rows = tokens_from_file(job.tokens)
         else:
             from tl_degeneracy.models.corpus import tokens_from_text_files
 
@@ -169,14 +170,20 @@ def run_fit_job(job: FitJob, ctx: DistContext | None = None, log: Log = print) -
         device,
         job.tokenizer,
     )
-    tokens, heldout = job_data(job, preset)
     sites = job_sites(job, preset)
+    tokens, heldout = job_data(job, preset)
     config = job.config(preset)
     hooks_only = "" if has_hooked_weights(preset.model) else " (through its hooks only)"
     log(
         f"{preset.name}: {type(preset.model).__name__}{hooks_only} on {device or 'cpu'}, "
         f"{len(sites)} sites, {tokens.numel()} training tokens, rank {ctx.rank}/{ctx.world_size}"
     )
+    if preset.language_model and tokens.numel() + tokens.shape[1] <= job.n_tokens:
+        held = "; a tenth of its rows is held out for ablation" if job.text or job.tokens else ""
+        log(
+            f"(the data gives {tokens.numel()} training tokens, fewer than --n-tokens "
+            f"{job.n_tokens}{held})"
+        )
     study = run_study(
         preset.model,
         sites,

@@ -37,6 +37,7 @@ _EXPORTS = {
     "LlamaSpec": "smollm2.gguf",
     "load_corpus": "corpus",
     "tokens_from_text_files": "corpus",
+    "tokens_from_file": "corpus",
     "prompt_batches": "corpus",
     "wiki_articles": "corpus",
     "clean_wikitext": "corpus",

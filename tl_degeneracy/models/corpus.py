@@ -190,9 +190,46 @@ def tokens_from_text_files(
 ) -> Int[Tensor, "n seq"]:
     """Pack the user's own UTF-8 text files (one document each) into token rows, like the
     default corpus."""
-    texts = [Path(p).read_text(encoding="utf-8") for p in paths]
+    texts = []
+    for path in paths:
+        try:
+            texts.append(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); convert it, "
+                f"e.g. iconv -t utf-8 {path}"
+            ) from error
     bos = tokenizer.bos_token_id if prepend_bos else None
     return pack(tokenize_documents(texts, tokenizer), seq_len, bos)
+
+
+TOKEN_KEYS = ("tokens", "input_ids")
+"""The names under which a token file may hold its token ids (ours, then Hugging Face's)."""
+
+
+def tokens_from_file(path: str | os.PathLike[str]) -> Int[Tensor, "n seq"]:
+    """Token rows `[rows, pos]` from a safetensors file, under the key `tokens` (or
+    `input_ids`). Never unpickles: a file that is not safetensors is refused by name."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no token file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            key = next((k for k in TOKEN_KEYS if k in keys), None)
+            if key is None:
+                raise ValueError(
+                    f"{path} holds no 'tokens' tensor (it has {keys or 'none'}); save token "
+                    "ids as safetensors.torch.save_file({'tokens': ids}, path)"
+                )
+            return f.get_tensor(key)
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} is not a safetensors file ({error}); save token ids with "
+            "safetensors.torch.save_file({'tokens': ids}, path)"
+        ) from error
 
 
 def prompt_batches(
