@@ -6,6 +6,7 @@ available (marker `gpu`; `pytest -m gpu`)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -155,25 +156,35 @@ def test_stochastic_estimates_are_reproducible_on_device(device):
         assert torch.equal(x.importance, b.bases[name].importance)
 
 
+def _reproducible_chains(problem, cfg, split: int, rtol: float, atol: float):
+    """Finite traces, on the CPU; the same seed gives the same traces, and a run continued
+    after `split` steps gives those of one run (to `rtol`, `atol`). Returns both runs."""
+    from tl_degeneracy.engine.degeneracy import continue_llc, estimate_llc
+
+    a, b = estimate_llc(problem, cfg, warn=False), estimate_llc(problem, cfg, warn=False)
+    assert torch.isfinite(a.loss_traces).all() and a.loss_traces.device.type == "cpu"
+    torch.testing.assert_close(a.loss_traces, b.loss_traces, rtol=rtol, atol=atol)
+    short = estimate_llc(problem, replace(cfg, n_steps=split), warn=False)
+    rest = cfg.n_steps - split
+    longer = continue_llc(problem, short, rest, n_burnin=cfg.n_burnin, warn=False)
+    torch.testing.assert_close(longer.loss_traces, a.loss_traces, rtol=rtol, atol=atol)
+    return a, longer
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_sgld_on_device(device):
     """Chains on the model's device (noise drawn there): finite, the same seed gives the same
     traces, and continuing a run equals one longer run (to rounding: CUDA's embedding
     backward adds in any order)."""
-    from tl_degeneracy.engine.degeneracy import ModelProblem, SGLDConfig, continue_llc, estimate_llc
+    from tl_degeneracy.engine.degeneracy import ModelProblem, SGLDConfig, estimate_llc
 
     _, dev = _pair("mlp", device)
     toks = random_tokens(dev, 64, seed=1).to(device)
     problem = ModelProblem(dev, toks)
     cfg = SGLDConfig(step_size=1e-5, n_chains=2, n_steps=20, n_burnin=5, batch_size=32)
-    a, b = estimate_llc(problem, cfg, warn=False), estimate_llc(problem, cfg, warn=False)
-    assert torch.isfinite(a.loss_traces).all() and a.loss_traces.device.type == "cpu"
-    torch.testing.assert_close(a.loss_traces, b.loss_traces, rtol=1e-9, atol=1e-12)
-    short = estimate_llc(problem, SGLDConfig(**{**cfg.__dict__, "n_steps": 12}), warn=False)
-    longer = continue_llc(problem, short, 8, n_burnin=5, warn=False)
-    torch.testing.assert_close(longer.loss_traces, a.loss_traces, rtol=1e-9, atol=1e-12)
+    a, longer = _reproducible_chains(problem, cfg, 12, rtol=1e-9, atol=1e-12)
     assert longer.llc == pytest.approx(a.llc, rel=1e-7)
-    scaled = SGLDConfig(**{**cfg.__dict__, "step_scales": ((r"^blocks\.", 0.5),)})
+    scaled = replace(cfg, step_scales=((r"^blocks\.", 0.5),))
     assert torch.isfinite(estimate_llc(problem, scaled, warn=False).loss_traces).all()
 
 
@@ -182,18 +193,13 @@ def test_batched_sgld_on_device(device):
     """All chains of a function's loss at once, on the device (data, weights, minibatch
     indices and noise there): finite, reproducible, continued runs equal one longer run, and
     a diverged chain is stopped by a mask, left at w*, without reading the device per step."""
-    from tl_degeneracy.engine.degeneracy import SGLDConfig, continue_llc, estimate_llc
+    from tl_degeneracy.engine.degeneracy import SGLDConfig, estimate_llc
     from tl_degeneracy.engine.degeneracy.ground_truth import deep_linear_problem
 
     problem = deep_linear_problem([4, 3, 2], r=1, n=300, device=device)
     cfg = SGLDConfig(step_size=1e-3, gamma=1.0, n_chains=3, n_steps=40, n_burnin=5, batch_size=20)
-    a, b = estimate_llc(problem, cfg, warn=False), estimate_llc(problem, cfg, warn=False)
-    assert torch.isfinite(a.loss_traces).all() and a.loss_traces.device.type == "cpu"
-    torch.testing.assert_close(a.loss_traces, b.loss_traces, rtol=1e-12, atol=1e-15)
-    short = estimate_llc(problem, SGLDConfig(**{**cfg.__dict__, "n_steps": 23}), warn=False)
-    longer = continue_llc(problem, short, 17, n_burnin=5, warn=False)
-    torch.testing.assert_close(longer.loss_traces, a.loss_traces, rtol=1e-12, atol=1e-15)
-    wild = estimate_llc(problem, SGLDConfig(**{**cfg.__dict__, "step_size": 2.0}), warn=False)
+    _reproducible_chains(problem, cfg, 23, rtol=1e-12, atol=1e-15)
+    wild = estimate_llc(problem, replace(cfg, step_size=2.0), warn=False)
     (w,) = wild.state.w
     assert bool(wild.diverged.all()) and w.device == problem.w_star.device
     assert torch.equal(w, problem.w_star[None].expand_as(w))
