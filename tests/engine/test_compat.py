@@ -116,3 +116,24 @@ def test_the_bridges_read_in_hooked_form_are_the_loaders_table():
     assert set(ARCHITECTURES) == HOOKED_FORM_MODELS - {"NativeModel"}
     assert has_hooked_weights(tiny_model("attn_only", "bridge"))
     assert not has_hooked_weights(tiny_model("qwen3", "bridge"))
+
+
+def test_a_device_this_machine_lacks_is_named(monkeypatch):
+    """`usable_device` (behind `move_model`, `load_local`, `LIBConfig.stats_device` and the
+    `fit` command) names a misspelt device, a GPU this machine lacks, or one index too many."""
+    from tl_degeneracy.engine.compat import usable_device
+
+    assert usable_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'gpu' is not a device: use cpu, cuda, cuda:N or mps"):
+        usable_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda:0': CUDA is not available here"):
+        usable_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert usable_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="has 2 CUDA device\\(s\\), cuda:0 to cuda:1"):
+        usable_device("cuda:2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'mps': Apple's Metal backend is not available"):
+        usable_device("mps")

@@ -103,6 +103,14 @@ def test_a_token_file_with_fewer_tokens_than_asked(folder, tmp_path, capsys):
     assert "(the data gives 288 training tokens, fewer than --n-tokens 10000;" in out
 
 
+def test_a_device_this_machine_lacks_ends_in_one_line(folder, tmp_path, capsys):
+    args = ["fit", "--model", str(folder), *SMALL, "--out", str(tmp_path)]
+    assert main([*args, "--device", "gpu"]) == 2
+    assert "'gpu' is not a device" in capsys.readouterr().err
+    assert main([*args, "--stats-device", "cuda:64"]) == 2
+    assert "device 'cuda:64'" in capsys.readouterr().err
+
+
 def test_fit_on_a_bridge_only_folder(tmp_path, capsys):
     """A Gemma 2 folder (norms after attention and MLP: no HookedTransformer conversion) runs
     the same command on the TransformerBridge, MLP sites included; the report says it has no

@@ -483,6 +483,27 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def usable_device(device: torch.device | str) -> torch.device:
+    """`device` as a `torch.device`, once this machine is known to have it: an error that
+    names the problem, where torch would fail inside the first copy."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{device!r} is not a device: use cpu, cuda, cuda:N or mps") from error
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"device {str(dev)!r}: CUDA is not available here ({why}); use cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(
+                f"device {str(dev)!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps': Apple's Metal backend is not available here; use cpu")
+    return dev
+
+
 def move_model(
     model: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> nn.Module:
@@ -490,7 +511,8 @@ def move_model(
     positional argument and keeps its config's device and dtype in step)."""
     hooked: Any = model
     if device is not None:
-        hooked.to(torch.device(device)) if is_transformer(model) else model.to(device=device)
+        device = usable_device(device)
+        hooked.to(device) if is_transformer(model) else model.to(device=device)
     if dtype is not None:
         hooked.to(dtype) if is_transformer(model) else model.to(dtype=dtype)
     return model

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Int
@@ -31,7 +31,7 @@ from tl_degeneracy.engine.bases import (
     pca_basis,
 )
 from tl_degeneracy.engine.basis_result import BasisResult
-from tl_degeneracy.engine.compat import model_device
+from tl_degeneracy.engine.compat import model_device, usable_device
 from tl_degeneracy.engine.distributed import (
     DistContext,
     merge_gram_states,
@@ -88,6 +88,29 @@ class LIBConfig:
     (re-run the model to reach each section)."""
     stats_device: str | None = None
     """Where float64 statistics live (the model's device by default; 'cpu' to spare it)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sites, (str, Site)):
+            raise TypeError(
+                f"sites must be a sequence of sites in forward order, got one: {self.sites!r}; "
+                "pass (site, ..., final_site)"
+            )
+        object.__setattr__(self, "sites", tuple(self.sites))
+        for name, value, allowed in (
+            ("kind", self.kind, get_args(Kind)),
+            ("final_basis", self.final_basis, ("raw", "pca")),
+            ("store", self.store, get_args(StoreMode)),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if self.stats_device is not None:
+            usable_device(self.stats_device)
+        for name, number in (
+            ("batch_size", self.batch_size),
+            ("checkpoint_every", self.checkpoint_every),
+        ):
+            if number < 1:
+                raise ValueError(f"{name} must be at least 1, got {number}")
 
 
 def _lib_sections(sites: list[Site], kind: Kind) -> list[Section]:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from tl_degeneracy.engine.bases import Truncation
-from tl_degeneracy.engine.compat import has_hooked_weights
+from tl_degeneracy.engine.compat import has_hooked_weights, usable_device
 from tl_degeneracy.engine.distributed import DistContext
 from tl_degeneracy.engine.edges import EdgeConfig
 from tl_degeneracy.engine.jacobians import JacobianConfig
@@ -161,6 +161,9 @@ def run_fit_job(job: FitJob, ctx: DistContext | None = None, log: Log = print) -
     ctx = ctx or DistContext()
     start = time.perf_counter()
     device = job.device
+    for where in (job.device, job.study.get("stats_device")):
+        if where is not None:
+            usable_device(where)  # before anything is loaded
     if device is None and ctx.active and torch.cuda.is_available():
         device = f"cuda:{torch.cuda.current_device()}"
     preset = load_preset(

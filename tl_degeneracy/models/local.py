@@ -29,6 +29,7 @@ from tl_degeneracy.engine.compat import (
     has_hooked_transformer,
     model_cfg,
     tl_version,
+    usable_device,
 )
 from tl_degeneracy.engine.identity import set_weight_processing
 from tl_degeneracy.models.architectures import (
@@ -211,6 +212,7 @@ def load_local(
     """
     folder = Path(folder).expanduser()
     _check_api(api)
+    device = usable_device(device)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     arch, api = _resolve_api(check_folder(folder, tokenizer=tokenizer is None), api)
@@ -293,7 +295,7 @@ def from_hf(
             hf.set_attn_implementation("eager")
         hf_model = hf
     processing = _processing(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
-    device = device if device is not None else next(hf_model.parameters()).device
+    device = usable_device(device) if device is not None else next(hf_model.parameters()).device
     name = model_name or (Path(source).name if source else hf_class)
     try:
         return _to_transformer_lens(

@@ -22,6 +22,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.ablation import Metric, last_position_accuracy, next_token_loss
+from tl_degeneracy.engine.compat import move_model, usable_device
 from tl_degeneracy.engine.sites import Site, residual_sites
 
 Split = Literal["train", "heldout"]
@@ -89,6 +90,8 @@ def load_preset(
 ) -> Preset:
     """The preset named `spec` (`smollm2`, `modadd`) or the model in the folder `spec`;
     `tokenizer`: a folder whose tokenizer replaces a Hugging Face checkpoint's own."""
+    if device is not None:
+        usable_device(device)  # before anything is loaded
     if tokenizer is not None and spec in ("smollm2", "modadd"):
         raise ValueError(
             f"a tokenizer folder applies to a Hugging Face checkpoint folder, not to the "
@@ -123,5 +126,5 @@ def load_preset(
             model = load_local(folder, api=api, dtype=dtype or torch.float32, tokenizer=tokenizer)
             preset = _lm_preset(folder.name, model)
     if device is not None:
-        preset.model.to(device)
+        move_model(preset.model, device)
     return preset
