@@ -10,6 +10,7 @@ import torch
 from tl_degeneracy import cli
 from tl_degeneracy.engine.compat import available_apis
 from tl_degeneracy.engine.degeneracy import DegeneracyReport, SGLDWarning
+from tl_degeneracy.models import load_local, tiny_checkpoint, tokens_from_text_files
 from tl_degeneracy.models.modadd.checkpoints import save_checkpoint
 from tl_degeneracy.models.modadd.data import ModAddDataset
 
@@ -98,3 +99,33 @@ def test_without_a_step_size_every_estimate_is_calibrated(tiny, tmp_path):
             assert "not converged" in row and f"- {s.name}: not converged — " in md
     job = json.loads((out / "job.json").read_text())
     assert job["config"]["step_size"] is None
+
+
+def test_a_hugging_face_folder_on_its_own_text_or_tokens(tmp_path):
+    """Any model the `fit` command takes: a Hugging Face folder measured on a text file (a
+    language model: KL at every position, eps 1e-6), and on a token file holding the same rows,
+    which gives the same sources."""
+    from safetensors.torch import save_file
+
+    folder = tiny_checkpoint("gpt2", tmp_path / "tiny-gpt2", seed=0)
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    argv = ["degeneracy", str(folder), "--seq-len", "16", "--n-data", "12", "--quiet"]
+    argv += ["--llc", "total", "--step-size", "1e-4", "--chains", "2", "--steps", "10"]
+    argv += ["--burnin", "2", "--batch-size", "4"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SGLDWarning)
+        assert cli.main([*argv, "--text", str(text), "--out", str(tmp_path / "a")]) == 0
+    model = load_local(folder)
+    rows = tokens_from_text_files([text], model.tokenizer, 16)[:12]
+    save_file({"input_ids": rows}, str(tmp_path / "rows.safetensors"))
+    tokens = ["--tokens", str(tmp_path / "rows.safetensors"), "--llc", "none"]
+    assert cli.main([*argv, *tokens, "--out", str(tmp_path / "b")]) == 0
+    a, b = (DegeneracyReport.load(tmp_path / x / "report") for x in "ab")
+    assert a.n_data == b.n_data == 12 and a.eps == 1e-6
+    assert a.total.n_params == sum(p.numel() for p in model.parameters())
+    assert a.total.llc is not None and a.total.llc.loss_traces.shape == (2, 10)
+    assert b.total.llc is None
+    assert [s.name for s in a.sections] == [s.name for s in b.sections]
+    assert "blocks.1.mlp" in [s.name for s in a.sections]
+    assert torch.equal(a.total.bound_curve, b.total.bound_curve)

@@ -101,10 +101,21 @@ def _degeneracy_args(p: argparse.ArgumentParser) -> None:
         "model",
         nargs="?",
         default=None,
-        help="modular-addition checkpoint folder, or 'smollm2' (the embedded language model); "
-        "default: the package's own modular-addition model",
+        help="a preset (modadd, smollm2), a modular-addition checkpoint folder or a Hugging "
+        "Face checkpoint folder (loaded offline); default: the package's own modular-addition "
+        "model",
     )
     p.add_argument("--out", default="out/degeneracy", help="output folder (default: %(default)s)")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument(
+        "--text", nargs="+", default=None, help="UTF-8 text files (default: the model's data)"
+    )
+    data.add_argument(
+        "--tokens", default=None, help="a safetensors file with 'tokens' (or 'input_ids')"
+    )
+    p.add_argument(
+        "--tokenizer", default=None, help="a folder with tokenizer files, for a checkpoint without"
+    )
     p.add_argument("--api", default="auto", choices=["auto", "hooked", "bridge"])
     p.add_argument(
         "--sections",
@@ -118,7 +129,9 @@ def _degeneracy_args(p: argparse.ArgumentParser) -> None:
         choices=["all", "total", "none"],
         help="SGLD per section and total, total only, or none (default: %(default)s)",
     )
-    p.add_argument("--eps", type=float, default=None, help="cutoff (1e-10; 1e-6 for smollm2)")
+    p.add_argument(
+        "--eps", type=float, default=None, help="cutoff (1e-10; 1e-6 for a language model)"
+    )
     p.add_argument("--cutoff", default=d.cutoff, choices=["relative", "absolute"])
     p.add_argument("--n-data", type=int, default=None, help="data points (default: all / 64)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="LM tokens per row")
@@ -185,6 +198,9 @@ def run_degeneracy(args: argparse.Namespace) -> int:
     config = DegeneracyJobConfig(
         model=args.model,
         api=args.api,
+        text=tuple(args.text) if args.text else None,
+        tokens=args.tokens,
+        tokenizer=args.tokenizer,
         sections=tuple(args.sections) if args.sections else None,
         llc=args.llc,
         eps=args.eps,

@@ -2,10 +2,13 @@
 write it (JSON + safetensors + HTML + markdown) with its runtime. What `tl-degeneracy
 degeneracy` runs.
 
-Models: a modular-addition checkpoint folder (the reference's `seed0`, the package's own, or
-any folder with `model.safetensors` + `config.json`; data: its training inputs, KL at the last
-position), or `smollm2` (the embedded SmolLM2-135M on the Wikipedia corpus, KL at every
-position; restrict it to one layer with `sections`, e.g. `("blocks.15.mlp",)`).
+Models: any the `fit` command takes (`models.presets.load_preset`): a modular-addition
+checkpoint folder (the reference's `seed0`, the package's own, or any folder with
+`model.safetensors` + `config.json`; data: its training inputs, KL at the last position),
+`smollm2` (the embedded SmolLM2-135M on the Wikipedia corpus) or a Hugging Face checkpoint
+folder (on the corpus tokenised with its tokenizer), language models with KL at every
+position; or the user's own text or token file. Restrict a language model to one layer with
+`sections`, e.g. `("blocks.15.mlp",)`.
 """
 
 from __future__ import annotations
@@ -29,16 +32,21 @@ from tl_degeneracy.engine.degeneracy import (
     degeneracy_report,
 )
 
-LANGUAGE_MODELS = ("smollm2",)
-
 
 @dataclass(frozen=True)
 class DegeneracyJobConfig:
     """What to measure and how; `None` fields take the model kind's default."""
 
     model: str | None = None
-    """A checkpoint folder, "smollm2", or None for the package's own modular-addition model."""
+    """A preset ("modadd", "smollm2"), a modular-addition or Hugging Face checkpoint folder, or
+    None for the package's own modular-addition model."""
     api: Literal["auto", "hooked", "bridge"] = "auto"
+    text: tuple[str, ...] | None = None
+    """UTF-8 text files to measure a language model on (default: the Wikipedia corpus)."""
+    tokens: str | None = None
+    """A safetensors token file (`tokens` or `input_ids`) instead of the default data."""
+    tokenizer: str | None = None
+    """A folder with the tokenizer of a checkpoint saved without one."""
     sections: tuple[str, ...] | None = None
     llc: Literal["all", "total", "none"] = "all"
     eps: float | None = None
@@ -78,26 +86,20 @@ class DegeneracyJobConfig:
 
 def load_target(
     config: DegeneracyJobConfig,
-) -> tuple[nn.Module, Int[Tensor, "n pos"], Literal["last", "all"]]:
-    """The model (float64 for modular addition, float32 for a language model), its data and
-    the positions the behavioural loss reads."""
-    if config.model in LANGUAGE_MODELS:
-        from tl_degeneracy.models.corpus import load_corpus
-        from tl_degeneracy.models.smollm2.loader import load_smollm2, load_smollm2_tokenizer
+) -> tuple[nn.Module, Int[Tensor, "n pos"], Literal["last", "all"], bool]:
+    """The model (float64 for modular addition, float32 for a language model), its data, the
+    positions the behavioural loss reads, and whether it is a language model."""
+    from tl_degeneracy.models.presets import load_preset
 
-        model = load_smollm2(api=config.api, dtype=torch.float32)
-        rows = load_corpus(load_smollm2_tokenizer())
-        n = config.n_data or 64
-        return model, rows[:n, : config.seq_len].clone(), "all"
-    from tl_degeneracy.models.modadd.checkpoints import ModAddCheckpoint
-
-    ckpt = ModAddCheckpoint.open(config.model)
-    model = ckpt.model(api=config.api, dtype=torch.float64)
-    dataset = ckpt.dataset()
-    tokens = dataset.tokens[dataset.train_indices]
-    if config.n_data is not None:
-        tokens = tokens[: config.n_data]
-    return model, tokens, "last"
+    preset = load_preset(config.model or "modadd", config.api, tokenizer=config.tokenizer)
+    lm = preset.language_model
+    n = (config.n_data or 64) if lm else config.n_data
+    if config.text is not None or config.tokens is not None:
+        rows = preset.rows_from(config.text, config.tokens, config.seq_len)
+    else:  # a language model's corpus in rows of 128, whose first `seq_len` tokens are read
+        rows = preset.data("train", None if n is None else n * 128, 128)
+    rows = rows[:n, : config.seq_len].clone() if lm else rows[:n]
+    return preset.model, rows, "all" if lm else "last", lm
 
 
 def run_degeneracy_job(config: DegeneracyJobConfig, out: str | Path) -> DegeneracyReport:
@@ -106,8 +108,7 @@ def run_degeneracy_job(config: DegeneracyJobConfig, out: str | Path) -> Degenera
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wall, cpu = time.perf_counter(), time.process_time()
-    model, tokens, positions = load_target(config)
-    lm = config.model in LANGUAGE_MODELS
+    model, tokens, positions, lm = load_target(config)
     eps = config.eps if config.eps is not None else (1e-6 if lm else 1e-10)
     sources = SourcesConfig(
         eps=eps,

@@ -135,17 +135,7 @@ def job_data(job: FitJob, preset: Preset) -> tuple[Tensor, Tensor | None]:
     """Training rows and held-out rows: the user's tokens or text (its last tenth held out),
     else the preset's data."""
     if job.tokens is not None or job.text is not None:
-        if job.tokens is not None:
-            from tl_degeneracy.models.corpus import tokens_from_file
-
-            rows = tokens_from_file(job.tokens)
-        else:
-            from tl_degeneracy.models.corpus import tokens_from_text_files
-
-            tokenizer = getattr(preset.model, "tokenizer", None)
-            if tokenizer is None:
-                raise ValueError("--text needs a model with a tokenizer; pass --tokens instead")
-            rows = tokens_from_text_files(list(job.text or ()), tokenizer, job.seq_len)
+        rows = preset.rows_from(job.text, job.tokens, job.seq_len)
         if rows.shape[0] < 2:
             raise ValueError(f"{rows.shape[0]} row(s) of data: need at least two")
         n_held = max(1, rows.shape[0] // 10)

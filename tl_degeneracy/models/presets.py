@@ -12,7 +12,7 @@ judges an ablation. The `fit` command and the experiments take a preset name or 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +42,21 @@ class Preset:
     higher_is_better: bool
     language_model: bool
     """Token rows of text (BOS at position 0, next-token loss) rather than a task's inputs."""
+
+    def rows_from(
+        self, text: Sequence[str] | None, tokens: str | None, seq_len: int
+    ) -> Int[Tensor, "n pos"]:
+        """The user's own data as token rows: a safetensors token file (`tokens` or
+        `input_ids`), or UTF-8 text files packed into rows of `seq_len` with the model's
+        tokenizer."""
+        from tl_degeneracy.models.corpus import tokens_from_file, tokens_from_text_files
+
+        if tokens is not None:
+            return tokens_from_file(tokens)
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(f"{self.name} has no tokenizer to read text with; pass token ids")
+        return tokens_from_text_files(list(text or ()), tokenizer, seq_len)
 
 
 def _lm_preset(name: str, model: nn.Module) -> Preset:
@@ -81,6 +96,12 @@ def _modadd_preset(folder: str | Path | None, api: str, dtype: torch.dtype) -> P
     )
 
 
+def _is_modadd_config(config: dict[str, Any]) -> bool:
+    """A modular-addition checkpoint's `config.json` (a TransformerLens config under "model",
+    as the package and the reference write it), not a Hugging Face one."""
+    return isinstance(config.get("model"), dict) or "p" in config or "d_vocab" in config
+
+
 def load_preset(
     spec: str,
     api: Literal["auto", "hooked", "bridge"] = "auto",
@@ -113,7 +134,7 @@ def load_preset(
                 f"{spec!r} is neither a preset (smollm2, modadd) nor a folder with config.json"
             )
         config = json.loads((folder / "config.json").read_text())
-        if "p" in config or "d_vocab" in config:  # a modular-addition checkpoint
+        if _is_modadd_config(config):
             if tokenizer is not None:
                 raise ValueError(
                     f"{spec} is a modular-addition checkpoint, which takes no tokenizer; "
