@@ -24,7 +24,10 @@ def run_report(args: argparse.Namespace) -> int:
 
     out = Path(args.out_dir)
     if not (out / "summary.json").is_file():
-        print(f"{out} is not a saved study (no summary.json): run fit-lm or demo first")
+        print(
+            f"{out} is not a saved study (no summary.json): write one with "
+            f"tl-degeneracy fit --out {out} (or demo) first"
+        )
         return 2
     page = study_report(load_study_artifacts(out))
     path = page.save(Path(args.page) if args.page else out / "report.html")
