@@ -15,7 +15,7 @@ import json
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +80,28 @@ class StudyConfig:
     checkpoint_every: int = 4
     progress: bool = True
     stats_device: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in (
+            ("batch_rows", self.batch_rows),
+            ("checkpoint_every", self.checkpoint_every),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        for kind in self.kinds:  # LIBConfig names a final basis, store or device out of range
+            if kind not in ("lib", "pca"):
+                raise ValueError(f"kinds must be lib and/or pca; got {kind!r}")
+            replace(self.lib_config((), kind), store=self.store, stats_device=self.stats_device)
+        for name, value in (
+            ("edge_tokens", self.edge_tokens),
+            ("ablation_tokens", self.ablation_tokens),
+        ):
+            if value < 0:
+                raise ValueError(f"{name} must be 0 (skip) or more, got {value}")
+        if self.edge_outputs is not None and self.edge_outputs < 1:
+            raise ValueError(
+                f"edge_outputs must be at least 1 (None: all), got {self.edge_outputs}"
+            )
 
     def lib_config(self, sites: Sequence[Site], kind: str) -> LIBConfig:
         return LIBConfig(
