@@ -10,6 +10,7 @@ import torch
 from tl_degeneracy import cli
 from tl_degeneracy.engine.compat import available_apis
 from tl_degeneracy.engine.degeneracy import DegeneracyReport, SGLDWarning
+from tl_degeneracy.engine.degeneracy.parameters import state_dict_parameters
 from tl_degeneracy.models import load_local, tiny_checkpoint, tokens_from_text_files
 from tl_degeneracy.models.modadd.checkpoints import save_checkpoint
 from tl_degeneracy.models.modadd.data import ModAddDataset
@@ -123,7 +124,8 @@ def test_a_hugging_face_folder_on_its_own_text_or_tokens(tmp_path):
     assert cli.main([*argv, *tokens, "--out", str(tmp_path / "b")]) == 0
     a, b = (DegeneracyReport.load(tmp_path / x / "report") for x in "ab")
     assert a.n_data == b.n_data == 12 and a.eps == 1e-6
-    assert a.total.n_params == sum(p.numel() for p in model.parameters())
+    # every weight once (a Bridge's parameters() also lists GPT-2's fused qkv beside q, k, v)
+    assert a.total.n_params == sum(p.numel() for p in state_dict_parameters(model).values())
     assert a.total.llc is not None and a.total.llc.loss_traces.shape == (2, 10)
     assert b.total.llc is None
     assert [s.name for s in a.sections] == [s.name for s in b.sections]
