@@ -151,9 +151,8 @@ def run_fit_job(job: FitJob, ctx: DistContext | None = None, log: Log = print) -
     ctx = ctx or DistContext()
     start = time.perf_counter()
     device = job.device
-    for where in (job.device, job.study.get("stats_device")):
-        if where is not None:
-            usable_device(where)  # before anything is loaded
+    if job.study.get("stats_device") is not None:  # before anything is loaded (as the device)
+        usable_device(job.study["stats_device"])
     if device is None and ctx.active and torch.cuda.is_available():
         device = f"cuda:{torch.cuda.current_device()}"
     preset = load_preset(
