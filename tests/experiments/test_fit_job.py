@@ -111,6 +111,21 @@ def test_a_device_this_machine_lacks_ends_in_one_line(folder, tmp_path, capsys):
     assert "device 'cuda:64'" in capsys.readouterr().err
 
 
+def test_fit_on_a_modular_addition_folder_in_the_reference_format(api, tiny, tmp_path):
+    """A folder as the reference writes it (its TransformerLens config under "model") runs as
+    a task model with its own sites and data, not as a Hugging Face checkpoint."""
+    from tl_degeneracy.models.modadd.checkpoints import save_checkpoint
+    from tl_degeneracy.models.modadd.data import ModAddDataset
+
+    p = 7
+    model = tiny(api, "mlp", d_vocab=p + 1, n_ctx=3)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, {}, ModAddDataset.random(p, 0.5, 0))
+    out = tmp_path / "out"
+    assert main(["fit", "--model", str(ckpt), "--api", api, "--quiet", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "blocks.0.hook_resid_mid[-1]" in summary["sites"]
+
+
 def test_fit_on_a_bridge_only_folder(tmp_path, capsys):
     """A Gemma 2 folder (norms after attention and MLP: no HookedTransformer conversion) runs
     the same command on the TransformerBridge, MLP sites included; the report says it has no
