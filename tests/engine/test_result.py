@@ -92,3 +92,19 @@ def test_every_weight_is_checked_and_dtype_or_device_changes_are_accepted(fitted
 def _a_block_weight(model) -> str:
     """The first MLP weight matrix, by its name on either API."""
     return next(n for n, p in model.named_parameters() if "mlp" in n and p.ndim >= 2)
+
+
+def test_moving_results_to_a_device_this_machine_lacks_names_it(fitted, monkeypatch):
+    """`BasisResult.to`, `SiteBasis.to` and `GramStatistics.to` name a misspelt device or a
+    GPU that is not there, where torch would fail inside the first copy."""
+    from tl_degeneracy.engine.statistics import collect_statistics
+
+    model, result = fitted
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    stats = collect_statistics(model, SITES, torch.zeros(2, model.cfg.n_ctx, dtype=torch.long))
+    for movable in (result, next(iter(result.bases.values())), stats):
+        with pytest.raises(ValueError, match="'gpu' is not a device"):
+            movable.to("gpu")
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            movable.to("cuda")
+        assert movable.to("cpu") is not None

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_degeneracy.engine.compat import usable_device
 from tl_degeneracy.engine.linalg import symmetric_eigh
 from tl_degeneracy.engine.sites import Site
 
@@ -79,7 +80,7 @@ class SiteBasis:
 
     def to(self, device: torch.device | str) -> SiteBasis:
         """This basis with its tensors on `device` (itself when they are there already)."""
-        device = torch.device(device)
+        device = usable_device(device)
         if self.C.device == device:
             return self
         return replace(

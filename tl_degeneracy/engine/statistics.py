@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from tl_degeneracy.engine.artifacts import Result, build_metadata
 from tl_degeneracy.engine.capture import NonFiniteActivationError, capture_sites, check_finite
-from tl_degeneracy.engine.compat import is_transformer, model_device
+from tl_degeneracy.engine.compat import is_transformer, model_device, usable_device
 from tl_degeneracy.engine.linalg import symmetric_eigh
 from tl_degeneracy.engine.sites import Site, SiteLike, validate_sites
 from tl_degeneracy.engine.store import ActivationStore
@@ -184,6 +184,7 @@ class GramStatistics(Result):
         return GramStatistics(list(self.sites), merged, self.metadata)
 
     def to(self, device: torch.device | str) -> GramStatistics:
+        device = usable_device(device)
         per_site = {k: v.to(device) for k, v in self.per_site.items()}
         return GramStatistics(list(self.sites), per_site, self.metadata)
 
