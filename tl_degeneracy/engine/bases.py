@@ -80,6 +80,8 @@ class SiteBasis:
 
     def to(self, device: torch.device | str) -> SiteBasis:
         """This basis with its tensors on `device` (itself when they are there already)."""
+        if self.C.device == device:  # every hook call: the activations' own device, unchecked
+            return self
         device = usable_device(device)
         if self.C.device == device:
             return self
