@@ -133,3 +133,29 @@ def test_ablation_curve_html(api, tiny, tokens_for, tmp_path):
     )
     page = curve.save_html(tmp_path / "curve.html").read_text()
     assert "node ablation" in page and "data:image/png;base64" in page
+
+
+def test_counts_of_kept_features_are_checked(api, tiny, tokens_for):
+    """A negative count would slice as 'all but the last |k|'; it is refused by name. A count
+    above the basis's width keeps every feature (one schedule serves sites of any width)."""
+    import numpy as np
+    import pytest
+
+    model = tiny(api)
+    toks = tokens_for(model, 30)
+    result = fit_basis(model, toks, LIBConfig(SITES, progress=False))
+    k = result[SITES[1]].k
+    metric = next_token_loss
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="features to keep at blocks.0.hook_resid_mid"):
+            with ablate_nodes(model, result, SITES[1], bad):
+                pass
+        with pytest.raises(ValueError, match="whole number from 0"):
+            node_ablation_curve(model, result, SITES[1].name, toks, metric, ks=[0, bad])
+    with torch.no_grad():
+        base = model(toks)
+        with ablate_nodes(model, result, SITES[1], np.int64(k + 50)):
+            above = model(toks)
+    torch.testing.assert_close(above, base, rtol=0, atol=1e-10)
+    curve = node_ablation_curve(model, result, SITES[1].name, toks, metric, ks=[k, k + 50])
+    assert curve.scores[k + 50] == curve.scores[k]

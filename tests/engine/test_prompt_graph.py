@@ -15,7 +15,7 @@ from support import random_tokens, tiny_model
 from tl_degeneracy.engine.artifacts import ArtifactError
 from tl_degeneracy.engine.attribution import site_gradients
 from tl_degeneracy.engine.bases import Truncation
-from tl_degeneracy.engine.compat import hooked_state_dict
+from tl_degeneracy.engine.compat import has_hooked_transformer, hooked_state_dict
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.prompt_graph import (
     PromptGraph,
@@ -28,6 +28,7 @@ from tl_degeneracy.engine.prompt_graph.edges import FEATURE, REST, TARGET, Candi
 from tl_degeneracy.engine.prompt_graph.prune import influence, prune_edges, prune_nodes
 from tl_degeneracy.engine.sections import Section, run_section
 from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.models.rmsnorm import round_rmsnorm_like_hugging_face
 
 TARGET_PAIR = (3, 4)
 
@@ -99,6 +100,28 @@ def test_frozen_final_norm_makes_the_last_site_add_up_to_the_target(api):
     offset = float(bias[TARGET_PAIR[0]] - bias[TARGET_PAIR[1]])
     last = attrs.attributions[-1].sum() + attrs.rest[-1].sum()
     assert float(last) == pytest.approx(attrs.value - offset, abs=1e-10)
+
+
+@pytest.mark.skipif(not has_hooked_transformer(), reason="HookedTransformer needs TL < 4")
+def test_frozen_final_rmsnorm_adds_up_with_hugging_face_rounding():
+    """The same on a Llama-shaped `HookedTransformer` as `load_local` gives it: RMSNorm switched
+    to Hugging Face's rounding, whose scale a detaching hook must still freeze."""
+    model = tiny_model("hooked", "ln", n_layers=2, normalization_type="RMS")
+    assert round_rmsnorm_like_hugging_face(model) == 5
+    trunc = Truncation(1e-15, 0.05)
+    tokens = random_tokens(model, 100)
+    result = fit_basis(model, tokens, LIBConfig(_sites(2), truncation=trunc, progress=False))
+    prompt = random_tokens(model, 1, seed=8)
+    target = Target.logit_difference(*TARGET_PAIR)
+    chain = site_chain(model, result)
+    bias = hooked_state_dict(model)["unembed.b_U"]
+    offset = float(bias[TARGET_PAIR[0]] - bias[TARGET_PAIR[1]])
+    frozen = node_attributions(model, chain, prompt, target, freeze_final_norm=True)
+    last = frozen.attributions[-1].sum() + frozen.rest[-1].sum()
+    assert float(last) == pytest.approx(frozen.value - offset, abs=1e-10)
+    free = node_attributions(model, chain, prompt, target, freeze_final_norm=False)
+    free_last = free.attributions[-1].sum() + free.rest[-1].sum()
+    assert abs(float(free_last) - (free.value - offset)) > 1e-3  # the freeze is what adds up
 
 
 def _brute_force_section(model, tokens, inp: Site, out: Site):

@@ -132,6 +132,14 @@ def test_bad_interventions_say_what_is_wrong(api):
         intervene(model, result, tokens, target, [(LAST, 0, 0)], mode="value")
     with pytest.raises(ValueError, match="feature index"):
         intervene(model, result, tokens, target, [NodeRef(LAST, 0, -1)])
+    n_pos = tokens.shape[1]
+    for position in (n_pos, -n_pos - 1, 99):  # would wrap round to another position
+        with pytest.raises(IndexError, match=f"outside the prompt's {n_pos} tokens"):
+            intervene(model, result, tokens, target, [(LAST, position, 0)])
+    last = intervene(model, result, tokens, target, [(LAST, -1, 0)])  # from the end: allowed
+    assert last.delta == pytest.approx(
+        intervene(model, result, tokens, target, [(LAST, n_pos - 1, 0)]).delta, abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("truncate", [False, True])

@@ -60,6 +60,26 @@ def test_hook_scale_keeps_its_meaning_and_a_patched_scale_is_used():
     ln.hook_scale.remove_hooks()
 
 
+def test_a_detached_scale_is_frozen():
+    """A hook that returns the scale detached (same values, no gradient) linearises the norm: the
+    output's gradient is `w / scale`, as with TransformerLens's own RMSNorm."""
+    model = rms_model()
+    ln = model.blocks[0].ln1
+    x = torch.randn(2, 3, model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for switch in (False, True):
+        if switch:
+            round_rmsnorm_like_hugging_face(model)
+        ln.hook_scale.add_hook(lambda scale, hook: scale.detach())
+        xi = x.clone().requires_grad_(True)
+        ln(xi).sum().backward()
+        ln.hook_scale.remove_hooks()
+        grads.append(xi.grad)
+    scale = (x.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
+    torch.testing.assert_close(grads[1], (ln.w / scale).detach().expand_as(x))
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_gradients_equal_transformer_lens_own():
     plain, switched = rms_model(), rms_model()
     round_rmsnorm_like_hugging_face(switched)

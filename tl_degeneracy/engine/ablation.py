@@ -178,6 +178,8 @@ def node_ablation_curve(
     bases = result.bases if isinstance(result, BasisResult) else result
     basis = bases[site]
     ks = list(ks) if ks is not None else ablation_schedule(basis.k)
+    for k in ks:
+        basis.check_kept(k)
     baseline = evaluate(model, tokens, metric, batch_size)
     meta = dict(result.metadata) if isinstance(result, BasisResult) else {}
     if reads_last_position_only(metric):

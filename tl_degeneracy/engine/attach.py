@@ -74,6 +74,9 @@ def attach(
         raise KeyError(
             f"cannot ablate at {sorted(unknown)}: sites are {[b.site.name for b in bases]}"
         )
+    for b in bases:
+        if b.site.name in keep:
+            b.check_kept(keep[b.site.name])
     names = []
     hooks: list = []
     for b in bases:

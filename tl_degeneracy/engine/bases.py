@@ -7,6 +7,7 @@ centred Gram and `M = D^{1/2} Uᵀ M' U D^{1/2} = V Λ Vᵀ` the whitened Jacobi
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
@@ -94,9 +95,24 @@ class SiteBasis:
             },
         )
 
+    def check_kept(self, k: int) -> int:
+        """`k` as a count of top features to keep: a whole number ≥ 0; one above `self.k` keeps
+        them all (one list of counts serves sites of different widths)."""
+        try:
+            count = operator.index(k)  # int, NumPy or 0-d torch integers; not floats or bools
+        except TypeError:
+            count = -1
+        if isinstance(k, bool) or count < 0:
+            raise ValueError(
+                f"{k!r} features to keep at {self.site.name}: give a whole number from 0 "
+                f"(only the mean) to {self.k} (every feature); a negative count is not "
+                "'all but the last', it is refused"
+            )
+        return min(count, self.k)
+
     def truncated(self, k: int) -> SiteBasis:
         """The basis restricted to its `k` most important features."""
-        k = min(k, self.k)
+        k = self.check_kept(k)
         return replace(
             self, C=self.C[:, :k], C_pinv=self.C_pinv[:k], importance=self.importance[:k]
         )

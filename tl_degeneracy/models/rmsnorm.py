@@ -7,8 +7,9 @@ carries that through 30 blocks to logits 1-3e-4 apart. Attention and MLP already
 bit given the same input, so normalising the Hugging Face way makes the whole forward match.
 
 The hook points keep their meaning: `hook_scale` still sees `sqrt(mean(x²) + ε)`, and a hook
-that changes it (e.g. freezing the scale to linearise the norm) is honoured; only an unchanged
-scale is replaced by the exactly rounded reciprocal.
+that returns another tensor is honoured, values and gradient: freezing the scale with
+`act.detach()` (same values, no gradient) linearises the norm. Only the scale the hook point
+passed through untouched (the very tensor) is replaced by the exactly rounded reciprocal.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _rsqrt_rmsnorm_class() -> type[RMSNorm]:
             variance = x.pow(2).mean(-1, keepdim=True) + self.eps
             exact = variance.sqrt()
             scale = self.hook_scale(exact)
-            inverse = torch.where(scale == exact, torch.rsqrt(variance), scale.reciprocal())
+            # Identity, not equality: a detached scale has the same values but no gradient.
+            inverse = torch.rsqrt(variance) if scale is exact else scale.reciprocal()
             x = self.hook_normalized(x * inverse).to(self.cfg.dtype)
             if x.device != self.w.device:
                 self.to(x.device)

@@ -79,11 +79,16 @@ def intervene_many(
         raise ValueError("mode='value' needs one list of values per group (`values`)")
     by_hook = _bases_by_hook(basis)
     refs = [[_as_ref(n) for n in g] for g in groups]
+    n_pos = tokens.shape[1]
     for g in refs:
         for r in g:
             if r.site not in by_hook:
                 raise KeyError(f"no basis at {r.site!r}; sites: {list(by_hook)}")
-    n_pos = tokens.shape[1]
+            if not -n_pos <= r.position < n_pos:
+                raise IndexError(
+                    f"{tuple(r)}: position {r.position} is outside the prompt's {n_pos} tokens "
+                    f"(0 to {n_pos - 1}, or -{n_pos} to -1 from the end)"
+                )
     with torch.no_grad(), frozen_parameters(model):
         before = float(tgt(model(tokens))[0])
         after = torch.empty(len(refs), dtype=torch.float64)
