@@ -70,6 +70,29 @@ def test_sum_rule_untruncated(api, tiny, tokens_for, kind):
         assert abs(sa.feature_sum - sa.site_attribution) <= 1e-6 * abs(sa.site_attribution)
 
 
+def test_composite_sites_compare_like_for_like_with_transformer_lens(api):
+    """At MLP and attention sites TransformerLens measures the component's hook only: ours over
+    that hook equals its value, and the summary shows both beside the whole site's."""
+    model = tiny_model(api, n_layers=2)
+    sites = (
+        Site("blocks.0.attn.hook_z"),
+        Site("blocks.0.mlp.hook_post"),
+        Site("blocks.1.hook_resid_pre"),
+        Site("logits", "last"),
+    )
+    result = fit_basis(model, random_tokens(model, 200), LIBConfig(sites, progress=False))
+    clean, corrupted = random_tokens(model, 12, seed=5), random_tokens(model, 12, seed=6)
+    comparison = compare_attribution(model, result, None, clean, corrupted, logit_difference)
+    for name in ("blocks.0.attn.hook_z", "blocks.0.mlp.hook_post"):
+        sa = comparison.sites[name]
+        assert sa.tl_comparable == pytest.approx(sa.tl_site_attribution, rel=1e-6)
+        assert abs(sa.site_attribution - sa.tl_comparable) > 1e-3 * abs(sa.site_attribution)
+        row = sa.summary()
+        assert row["ours over TransformerLens's hook"] == sa.tl_comparable
+        assert row["relative difference to TransformerLens"] < 1e-6
+    assert "ours over TransformerLens&#x27;s hook" in comparison._repr_html_()
+
+
 def test_site_level_value_equals_transformer_lens(api, tiny, tokens_for):
     """Ours equals TransformerLens's gradient-cache value at every site, `hook_resid_mid` on the
     Bridge (an alias of the MLP input) included."""

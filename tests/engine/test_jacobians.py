@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from tl_degeneracy.engine.compat import available_apis, rebuild
+from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.jacobians import JacobianConfig, jacobian_gram
 from tl_degeneracy.engine.sections import Section, run_section
 from tl_degeneracy.engine.sites import Site
@@ -154,6 +155,22 @@ def test_stochastic_is_reproducible_per_batch(api, tiny, tokens_for):
     b = jacobian_gram(model, toks, Section(PRE, MID), None, cfg, batch_size=4, progress=False)
     assert torch.equal(a.matrix, b.matrix)
     assert a.split_half_rel_error > 0
+
+
+def test_one_batch_has_no_split_half_error(api, tiny, tokens_for):
+    """All data in one batch leaves one half empty: the error is unknown (None), not 0, which
+    would read as exact; the fit's metadata and the result's page say so."""
+    model = tiny(api)
+    toks = tokens_for(model, 12)
+    cfg = JacobianConfig(method="stochastic", n_sources=2, seed=3)
+    one = jacobian_gram(model, toks, Section(PRE, MID), None, cfg, batch_size=12, progress=False)
+    assert one.split_half_rel_error is None
+    assert "n/a (one batch)" in one._repr_html_()
+    sites = (PRE, MID, Site("logits", "last"))
+    lib = fit_basis(model, toks, LIBConfig(sites, jacobian=cfg, batch_size=64, progress=False))
+    assert lib.metadata["jacobian_errors"] == {PRE.name: None, MID.name: None}
+    two = fit_basis(model, toks, LIBConfig(sites, jacobian=cfg, batch_size=6, progress=False))
+    assert all(e > 0 for e in two.metadata["jacobian_errors"].values())
 
 
 @pytest.mark.skipif(len(available_apis()) < 2, reason="HookedTransformer needs TransformerLens < 4")

@@ -74,12 +74,13 @@ class JacobianGram(Result):
         return self.total / self.count
 
     @property
-    def split_half_rel_error(self) -> float:
+    def split_half_rel_error(self) -> float | None:
         """‖M'_even − M'_odd‖ / ‖M'_even + M'_odd‖ over batches: the relative standard error
-        of `matrix` from data and source sampling (0 for a single batch)."""
+        of `matrix` from data and source sampling. None where it cannot be estimated: all the
+        data came in one batch (a smaller `batch_size` gives the two halves)."""
         a, b = self.halves
         if not bool(a.any()) or not bool(b.any()):  # one batch: nothing to compare
-            return 0.0
+            return None
         denom = float(torch.linalg.norm(a + b))
         return float(torch.linalg.norm(a - b)) / denom if denom > 0 else 0.0
 
@@ -136,7 +137,7 @@ class JacobianGram(Result):
                 "section": self.section.name,
                 "method": self.method,
                 "tokens": self.count,
-                "split-half error": self.split_half_rel_error,
+                "split-half error": describe_error(self.split_half_rel_error),
             }
         ]
         return [
@@ -200,3 +201,8 @@ def checkpoint_key(text: str) -> str:
     if len(text) <= 150:
         return text
     return f"{text[:80]}~{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def describe_error(error: float | None) -> str:
+    """A split-half error for people: 'n/a (one batch)' where there is none."""
+    return "n/a (one batch)" if error is None else f"{error:.3g}"

@@ -87,7 +87,8 @@ def lm_report(fit: Any, summary: dict[str, Any]) -> HtmlPage:
             row[f"{kind} kept"] = v["kept"]
             row[f"{kind} top"] = v["top_importance"]
             if "split_half_error" in v:
-                row["M' split-half error"] = round(v["split_half_error"], 4)
+                err = v["split_half_error"]  # None: one batch, no estimate
+                row["M' split-half error"] = "n/a (one batch)" if err is None else round(err, 4)
         rows.append(row)
     page.add(
         "Bases",

@@ -126,7 +126,8 @@ class Study:
     """{site: {kind: curve}}"""
     timings: dict[str, float]
     n_tokens: int
-    jacobian_errors: dict[str, float]
+    jacobian_errors: dict[str, float | None]
+    """Split-half relative error of each LIB `M'` (None: one batch, no estimate)."""
     used_store: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
 

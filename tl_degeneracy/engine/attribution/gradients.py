@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tl_degeneracy.engine.capture import as_positions, capture_sites, gradient_hooks
 from tl_degeneracy.engine.compat import (
     frozen_parameters,
+    hook_names,
     is_bridge,
     parameters_requiring_grad,
     run_with_hooks,
@@ -165,6 +166,12 @@ def tl_site_attribution(
     alias = is_bridge(model) and hook.endswith("hook_resid_mid")
     if alias:
         names.append(hook.replace("hook_resid_mid", "hook_resid_post"))
+    if "hook_embed" in hook_names(model) and hook != "hook_embed":
+        # The cache drives its backward to the tensors its forward hooks saw. On the Bridge a
+        # converted hook point (`attn.hook_z`) hands its hooks a view the model never uses, so
+        # the backward would stop short of it and its gradient read None (taken as 0). The
+        # embedding, which every path starts from, makes the backward pass through every hook.
+        names.append("hook_embed")
     clean = cache(
         model,
         clean_tokens,
@@ -180,7 +187,7 @@ def tl_site_attribution(
             names_filter=names,
         )
     grad = corrupt.gradients[hook]
-    if grad is None:
+    if grad is None:  # the hook does not reach the metric
         return 0.0
     grad = as_positions(grad.to(torch.float64))
     if alias and corrupt.gradients[names[1]] is not None:

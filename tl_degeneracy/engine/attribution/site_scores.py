@@ -123,7 +123,10 @@ class SiteAttribution:
             "d": self.d,
             "k": self.k,
             "site attribution (ours)": self.site_attribution,
+            # Like for like: at a composite site TransformerLens measures the component only.
+            "ours over TransformerLens's hook": self.tl_comparable,
             "site attribution (TransformerLens)": self.tl_site_attribution,
+            "relative difference to TransformerLens": self.tl_relative_difference,
             "sum of feature scores": self.feature_sum,
             "gap": self.gap,
             "relative gap": self.relative_gap,
