@@ -163,3 +163,49 @@ def test_site_sums_equal_transformer_lens_attribution_patching(api, truncate):
         assert r["attribution patching"] == pytest.approx(r["patching"], abs=1e-10)
     assert -1.0 <= comparison.correlation() <= 1.0
     assert "TransformerLens" in comparison.sites_table()
+
+
+def test_a_basis_with_mlp_and_attention_sites_and_how_a_graph_is_asked_for(api):
+    """A basis with MLP and attention sites (as `residual_sites(model, mlp=...)` gives) makes a
+    graph of its residual sites (composite sites left out); sites by short form; a prompt as
+    a list; text, a batch, a bad `sign` and a custom metric without its function are refused
+    by name."""
+    from tl_degeneracy.engine.sites import SiteError
+
+    model = tiny_model(api, "mlp", n_layers=2)
+    sites = (
+        Site("blocks.0.hook_resid_pre"),
+        Site("blocks.0.hook_resid_mid"),
+        Site("blocks.0.mlp.hook_post"),
+        Site("blocks.1.hook_resid_pre"),
+        Site("blocks.1.attn.hook_z"),
+        Site("blocks.1.hook_resid_post"),
+        Site("logits", "last"),
+    )
+    result = fit_basis(model, random_tokens(model, 100), LIBConfig(sites, progress=False))
+    tokens = random_tokens(model, 1, seed=8)
+    target = Target.logit_difference(GOOD, BAD)
+    graph = prompt_graph(model, result, tokens, target)
+    assert graph.sites == [
+        "blocks.0.hook_resid_pre",
+        "blocks.0.hook_resid_mid",
+        "blocks.1.hook_resid_pre",
+        "blocks.1.hook_resid_post",
+    ]
+    short = prompt_graph(model, result, tokens.tolist(), target, sites=(("resid_post", 1),))
+    assert short.sites == ["blocks.1.hook_resid_post"]
+    with pytest.raises(SiteError, match="leave `sites` out"):
+        prompt_graph(model, result, tokens, target, sites=("blocks.0.mlp.hook_post",))
+    with pytest.raises(TypeError, match="not text"):
+        prompt_graph(model, result, "a prompt", target)
+    with pytest.raises(ValueError, match=r"\[1, pos\]"):
+        prompt_graph(model, result, random_tokens(model, 2), target)
+    with pytest.raises(ValueError, match="sign must be"):
+        graph.top_nodes(3, sign="bogus")
+    metric = Target.from_metric(lambda logits: logits[:, -1, GOOD] - logits[:, -1, BAD], "diff")
+    custom = prompt_graph(model, result, tokens, metric)
+    with pytest.raises(ValueError, match="pass it again as `target`"):
+        rank_by_effect(model, custom)
+    by_metric = rank_by_effect(model, custom, target=metric)
+    by_logits = rank_by_effect(model, graph)
+    assert by_metric.effect.tolist() == pytest.approx(by_logits.effect.tolist(), abs=1e-12)

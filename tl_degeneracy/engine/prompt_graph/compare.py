@@ -33,7 +33,7 @@ from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.prompt_graph.nodes import check_prompt, node_attributions, site_chain
 from tl_degeneracy.engine.prompt_graph.target import TargetLike, as_target
-from tl_degeneracy.engine.sites import Positions, Site
+from tl_degeneracy.engine.sites import Positions, Site, SiteLike
 from tl_degeneracy.engine.tokens import validate_pair
 
 
@@ -139,7 +139,7 @@ def compare_with_patching(
     clean_tokens: Int[Tensor, "1 pos"],
     corrupted_tokens: Int[Tensor, "1 pos"],
     target: TargetLike,
-    sites: Sequence[str] | None = None,
+    sites: Sequence[SiteLike] | None = None,
     positions: Positions = "all",
     top: int = 10,
     tl_check: bool = True,

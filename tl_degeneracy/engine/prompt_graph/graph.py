@@ -42,7 +42,7 @@ from tl_degeneracy.engine.prompt_graph.prune import (
     select_candidates,
 )
 from tl_degeneracy.engine.prompt_graph.target import Target, TargetLike, as_target
-from tl_degeneracy.engine.sites import Positions
+from tl_degeneracy.engine.sites import Positions, SiteLike
 from tl_degeneracy.engine.tokens import validate_tokens
 
 
@@ -53,9 +53,10 @@ class PromptGraphConfig:
     positions: Positions = "all"
     """Positions of the prompt that carry nodes at every site ("all", "last" or indices); the
     others keep their value (say, leave out position 0, the BOS token)."""
-    sites: tuple[str, ...] | None = None
-    """Sites of the basis to use (keys or hook names), in forward order; None: all but the
-    logits."""
+    sites: tuple[SiteLike, ...] | None = None
+    """Sites of the basis to use (keys, hook names, short forms like `("resid_post", 0)`), in
+    forward order; None: every residual-stream site of the basis (not the logits, nor MLP or
+    attention sites)."""
     candidate_share: float = 0.9
     """Each site's candidate features hold this share of its |attribution| ..."""
     max_candidates: int = 100
@@ -153,6 +154,10 @@ class PromptGraph(Result):
         """The `n` kept (or candidate) feature nodes of largest influence or |attribution|;
         with `sign`, only those whose attribution has the target's sign ("supporting": they
         push the target the way it goes on this prompt) or the opposite sign."""
+        if sign not in ("any", "supporting", "opposing"):
+            raise ValueError(f"sign must be 'any', 'supporting' or 'opposing', got {sign!r}")
+        if by not in ("influence", "attribution"):
+            raise ValueError(f"by must be 'influence' or 'attribution', got {by!r}")
         c = self.candidates
         mask = c.kind == FEATURE
         if kept:

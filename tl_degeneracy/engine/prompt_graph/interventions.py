@@ -23,6 +23,7 @@ from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.compat import frozen_parameters, run_with_hooks
 from tl_degeneracy.engine.prompt_graph.graph import NodeRef, PromptGraph
+from tl_degeneracy.engine.prompt_graph.nodes import check_prompt
 from tl_degeneracy.engine.prompt_graph.site_io import _write_site
 from tl_degeneracy.engine.prompt_graph.target import Target, TargetLike, as_target
 from tl_degeneracy.engine.sites import Site
@@ -70,8 +71,7 @@ def intervene_many(
     """The target on the prompt and after each group's intervention (one row per group,
     `max_rows` rows per forward): `(before, after)`."""
     tgt: Target = as_target(target)
-    if tokens.ndim != 2 or tokens.shape[0] != 1:
-        raise ValueError(f"tokens must be one prompt [1, pos], got {tuple(tokens.shape)}")
+    check_prompt(tokens)
     tokens = validate_tokens(model, tokens)
     if mode not in ("mean", "zero", "value"):
         raise ValueError(f"mode must be 'mean', 'zero' or 'value', got {mode!r}")
@@ -193,14 +193,17 @@ def rank_by_effect(
     nodes: Sequence[NodeRef] | None = None,
     mode: Mode = "mean",
     max_rows: int = 64,
+    target: TargetLike | None = None,
 ) -> NodeEffects:
     """Set each of the graph's kept feature nodes (or `nodes`) alone, measure the change of
-    the target, and return them by decreasing |effect| with the graph's estimates."""
+    the target, and return them by decreasing |effect| with the graph's estimates. `target`
+    is needed only for a graph of a custom metric (`Target.from_metric`), which a graph keeps
+    by name alone."""
     basis = basis if basis is not None else graph.basis
     if basis is None:
         raise ValueError("pass the basis the graph was built in (a loaded graph does not hold it)")
     refs = list(nodes) if nodes is not None else graph.top_nodes(n=graph.n_kept)
-    target = graph_target(graph)
+    target = graph_target(graph) if target is None else as_target(target)
     tokens = graph.tokens[None]
     before, after = intervene_many(model, basis, tokens, target, [[r] for r in refs], mode,
                                    max_rows=max_rows)  # fmt: skip
@@ -225,6 +228,6 @@ def graph_target(graph: PromptGraph) -> Target:
     if spec.get("kind") == "logit_difference":
         return Target.logit_difference(spec["good"], spec["bad"], spec["position"])
     raise ValueError(
-        f"the graph's target {spec.get('name')!r} is a custom metric: pass it as `target` to "
-        "`intervene` instead"
+        f"the graph's target {spec.get('name')!r} is a custom metric, which a graph keeps by "
+        "name only: pass it again as `target` (to `rank_by_effect` or `intervene`)"
     )

@@ -26,7 +26,15 @@ from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.compat import frozen_parameters, hook_names, run_with_hooks
 from tl_degeneracy.engine.prompt_graph.site_io import _read_site, _write_site
 from tl_degeneracy.engine.prompt_graph.target import Target
-from tl_degeneracy.engine.sites import Positions, Site, SiteError, validate_sites
+from tl_degeneracy.engine.sites import (
+    Positions,
+    Site,
+    SiteError,
+    SiteLike,
+    as_site,
+    site_parts,
+    validate_sites,
+)
 from tl_degeneracy.engine.tokens import validate_tokens
 
 EMBEDDING_HOOKS = ("hook_embed", "hook_pos_embed")
@@ -51,24 +59,34 @@ class ChainSite:
 def site_chain(
     model: nn.Module,
     basis: BasisResult | Mapping[str, SiteBasis],
-    sites: Sequence[str] | None = None,
+    sites: Sequence[SiteLike] | None = None,
     positions: Positions = "all",
 ) -> list[ChainSite]:
-    """The graph's sites in forward order: every site of `basis` but the logits (or those named
-    in `sites`, by basis key or hook name), each read at `positions` of the prompt."""
+    """The graph's sites in forward order: every residual-stream site of `basis` (MLP and
+    attention sites, composites with the stream, are left out; so are the logits), or those
+    named in `sites` (basis key, hook name, short form like `("resid_post", 0)` or `Site`),
+    each read at `positions` of the prompt."""
     bases = basis.bases if isinstance(basis, BasisResult) else dict(basis)
     by_hook = {b.site.hook: b for b in bases.values()}
     if sites is None:
-        chosen = [b for b in bases.values() if not b.site.is_logits]
+        chosen = [
+            b
+            for b in bases.values()
+            if not b.site.is_logits and len(site_parts(model, b.site)) == 1
+        ]
     else:
         chosen = []
         for name in sites:
-            found = bases.get(name) or by_hook.get(name)
+            key = name if isinstance(name, str) else as_site(name).hook
+            found = bases.get(key) or by_hook.get(key)
             if found is None:
                 raise KeyError(f"no basis at site {name!r}; sites: {list(bases)}")
             chosen.append(found)
     if not chosen:
-        raise SiteError("a prompt graph needs at least one site with a basis (not the logits)")
+        raise SiteError(
+            "a prompt graph needs at least one residual-stream site with a basis (not the "
+            f"logits, nor an MLP or attention site); the basis has {list(bases)}"
+        )
     if any(b.site.is_logits for b in chosen):
         raise SiteError("the logits are the target's input, not a site of the graph")
     graph_sites = validate_sites(model, [Site(b.site.hook, positions) for b in chosen])
@@ -131,12 +149,22 @@ class NodeAttributions:
         return torch.stack([(g * f).sum() for g, f in zip(self.gradients, self.activations)])
 
 
-def check_prompt(tokens: Tensor) -> None:
-    """Refuse anything but one prompt, `[1, pos]` (before `validate_tokens` checks the ids)."""
-    if tokens.ndim != 2 or tokens.shape[0] != 1:
+def check_prompt(tokens: Tensor | Sequence) -> None:
+    """Refuse anything but one prompt, `[1, pos]` (a tensor, array or nested lists; before
+    `validate_tokens` checks the ids)."""
+    if isinstance(tokens, str):
+        raise TypeError(
+            "a prompt graph takes token ids, not text: tokens = model.to_tokens(text) "
+            "(or tokenizer(text, return_tensors='pt').input_ids)"
+        )
+    try:
+        shape = tuple(torch.as_tensor(tokens).shape)
+    except (TypeError, ValueError):  # ragged lists: `validate_tokens` names the problem
+        return
+    if len(shape) != 2 or shape[0] != 1:
         raise ValueError(
-            f"a prompt graph explains one prompt: tokens must be [1, pos], got "
-            f"{tuple(tokens.shape)} (index a batch with tokens[i : i + 1])"
+            f"a prompt graph explains one prompt: tokens must be [1, pos], got {shape} "
+            "(index a batch with tokens[i : i + 1]; one list of ids: [ids])"
         )
 
 

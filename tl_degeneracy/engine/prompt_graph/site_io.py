@@ -27,8 +27,8 @@ def _single_part(model: nn.Module, site: Site) -> None:
     if len(site_parts(model, site)) > 1:
         raise SiteError(
             f"{site.name}: prompt graphs take residual-stream sites (a composite MLP or "
-            "attention site would need its stream part cut too); fit the basis at "
-            "hook_resid_* sites for prompt graphs"
+            "attention site would need its stream part cut too); leave `sites` out to use "
+            "the basis's residual-stream sites, or name hook_resid_* sites in it"
         )
 
 
