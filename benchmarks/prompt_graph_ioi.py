@@ -2,7 +2,7 @@
 (the table of docs/prompt_graphs.md), and the side-by-side with attribution patching on one
 pair.
 
-    python benchmarks/prompt_graph_ioi.py --pairs 16 --threads 1
+    python benchmarks/prompt_graph_ioi.py --pairs 16 --threads 1   # final norm frozen and not
     python benchmarks/prompt_graph_ioi.py --pairs 0 --compare 5     # the comparison only
 
 The bases come from the cache that `experiments.prompt_graph_ioi.ioi_bases` fills (fitted on
@@ -29,6 +29,13 @@ def main() -> None:
     parser.add_argument(
         "--compare", type=int, default=5, help="nodes per site against patching (0: skip)"
     )
+    parser.add_argument(
+        "--freeze-final-norm",
+        choices=["on", "off", "both"],
+        default="both",
+        help="hold the final norm's scale in the graphs (on), use the model's own gradient "
+        "(off), or run both side by side",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -40,8 +47,13 @@ def main() -> None:
 
     model = load_smollm2()
     bases = ioi_bases(model)
-    if args.pairs:
-        result = ioi_faithfulness(model, n_pairs=args.pairs, bases=bases, n_random=args.random)
+    freezes = {"on": [True], "off": [False], "both": [True, False]}[args.freeze_final_norm]
+    for freeze in freezes if args.pairs else []:
+        print(f"\nfreeze_final_norm={freeze}")
+        result = ioi_faithfulness(
+            model, n_pairs=args.pairs, bases=bases, n_random=args.random,
+            freeze_final_norm=freeze,
+        )  # fmt: skip
         print(result.table())
         print(json.dumps(result.summary(), indent=1))
     if args.compare:

@@ -65,8 +65,10 @@ class PromptGraphConfig:
     """Kept nodes hold this share of the total influence on the target."""
     edge_share: float = 0.9
     """Each kept node keeps the edges holding this share of its |input| from the graph."""
-    freeze_final_norm: bool = True
-    """Hold the final normalisation's scale at its value on the prompt (see `node_attributions`)."""
+    freeze_final_norm: bool = False
+    """Hold the final normalisation's scale at its value on the prompt, as direct logit
+    attribution does (see `node_attributions`). Off by default: the model's own gradient
+    found the nodes that carry a prediction better (docs/prompt_graphs.md, "Faithfulness")."""
     chunk_size: int = 64
     """Cotangents per batched vector-Jacobian product."""
 

@@ -191,7 +191,7 @@ def node_attributions(
     tokens: Int[Tensor, "1 pos"],
     target: Target,
     baseline_tokens: Int[Tensor, "1 pos"] | None = None,
-    freeze_final_norm: bool = True,
+    freeze_final_norm: bool = False,
 ) -> NodeAttributions:
     """Gradient × activation of every node on the target, from one forward and one backward.
 
@@ -199,7 +199,8 @@ def node_attributions(
     is the total gradient through every later path. With `freeze_final_norm` the final
     normalisation's scale is held at its value on the prompt (as direct logit attribution
     does): the target is then linear in the last residual stream, and gradient × activation at
-    the last site adds up to the target's value (up to biases).
+    the last site adds up to the target's value (up to biases). Without it (the default) the
+    gradient is the model's own, which predicts interventions better.
     """
     check_prompt(tokens)
     tokens = validate_tokens(model, tokens)
