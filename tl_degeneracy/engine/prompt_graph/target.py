@@ -62,6 +62,7 @@ class Target:
         return cls(label, fn, position, {"kind": "metric", "name": label})
 
     def __call__(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
+        self._check_reads(logits)
         value = self.fn(logits)
         if not isinstance(value, Tensor) or value.shape != (logits.shape[0],):
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -70,6 +71,23 @@ class Target:
                 f"({logits.shape[0]},); got {got}"
             )
         return value.to(torch.float64)
+
+    def _check_reads(self, logits: Tensor) -> None:
+        """Name a position or token id outside the logits (indexing would raise a bare
+        IndexError, or read another position from the end)."""
+        n_pos, d_vocab = logits.shape[-2], logits.shape[-1]
+        if not -n_pos <= self.position < n_pos:
+            raise IndexError(
+                f"target {self.name!r} reads position {self.position}, outside the prompt's "
+                f"{n_pos} tokens (0 to {n_pos - 1}, or -{n_pos} to -1 from the end)"
+            )
+        ids = [v for k, v in self.spec.items() if k in ("token", "good", "bad")]
+        bad = [i for i in ids if not 0 <= i < d_vocab]
+        if bad:
+            raise IndexError(
+                f"target {self.name!r} reads token id {bad[0]}, outside this model's "
+                f"vocabulary [0, {d_vocab}): take ids from this model's tokenizer"
+            )
 
     def metric(self) -> Callable[[Tensor, Tensor], Tensor]:
         """The target as a `(logits, tokens)` metric of `engine.attribution`."""
