@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,14 @@ import torch
 from safetensors.torch import save_file
 from support import random_tokens, tiny_config, tiny_model
 
+from tl_degeneracy.engine import store as store_module
 from tl_degeneracy.engine import streaming
+from tl_degeneracy.engine.bases import Truncation
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.compat import available_apis
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.jacobians import JacobianConfig
+from tl_degeneracy.engine.sites import Site
 from tl_degeneracy.models.files import load_model_file, save_model_file
 
 API = available_apis()[0]
@@ -34,6 +39,18 @@ SITES = (
     "blocks.1.hook_resid_post",
 )
 JAC = JacobianConfig(method="stochastic", n_sources=3, seed=11)
+STORE_SITES = (  # on both APIs, every section but 0.resid_post -> 1.attn.hook_z reads the store
+    "blocks.0.hook_resid_pre",
+    "blocks.0.hook_resid_mid",
+    "blocks.0.mlp.hook_post",
+    "blocks.0.hook_resid_post",
+    "blocks.1.attn.hook_z",
+    "blocks.1.hook_resid_mid",
+    "blocks.1.hook_resid_post",
+    "logits",
+)
+STORED = 6 * 12
+"""Store files of a full Gram pass over STORE_SITES: six section inputs, 12 batches."""
 
 FIT = (
     textwrap.dedent(
@@ -61,10 +78,10 @@ FIT = (
 )
 
 
-def _config(ckpt: Path | None, **kw) -> LIBConfig:
+def _config(ckpt: Path | None, sites: tuple[str, ...] = SITES, **kw) -> LIBConfig:
     jac = kw.pop("jacobian", JAC)
     return LIBConfig(
-        SITES,
+        sites,
         kind="lib",
         final_basis="pca",
         jacobian=jac,
@@ -164,3 +181,177 @@ def test_stale_checkpoint_of_other_settings_is_refused(tmp_path):
     other = JacobianConfig(method="stochastic", n_sources=5, seed=11)
     with pytest.raises(Exception, match="(?i)checkpoint"):
         fit_basis(model, tokens, _config(ckpt, jacobian=other))
+
+
+class _Interrupt(Exception):
+    """Stands for a crash at a chosen forward."""
+
+
+def _interrupt_at(n: int, exc: Callable[[], None]) -> Callable:
+    """A hook that calls `exc` (which raises) at the `n`-th forward through it."""
+    calls = {"n": 0}
+
+    def hook(act, hook):
+        calls["n"] += 1
+        if calls["n"] == n:
+            exc()
+
+    return hook
+
+
+def _crash() -> None:
+    raise _Interrupt()
+
+
+def _interrupted_fit(model, tokens, config: LIBConfig, at: int, exc=_crash) -> None:
+    """Run `config` until the `at`-th forward at the first site, where it is interrupted."""
+    model.add_hook(SITES[0], _interrupt_at(at, exc))
+    try:
+        with pytest.raises((_Interrupt, KeyboardInterrupt)):
+            fit_basis(model, tokens, config)
+    finally:
+        model.reset_hooks()
+
+
+def test_same_bytes_in_other_shapes_or_batches_are_refused(tmp_path):
+    """The data digest covers every batch's shape: a [24, 4] run interrupted in the Gram pass
+    is not resumed on the same token stream as [48, 2] (it would count 112 tokens of 96), nor
+    on the same rows split into other batches (the M' passes would skip rows)."""
+    model = tiny_model(API, "ln", seed=5, n_layers=2)
+    tokens = random_tokens(model, 24, seed=6)
+    ckpt = tmp_path / "ckpt"
+    _interrupted_fit(model, tokens, _config(ckpt), at=6)
+    with pytest.raises(ValueError, match=r"data\.batches: \"12 x \[2, 4\] int64\" -> \"24 x"):
+        fit_basis(model, tokens.reshape(48, 2), _config(ckpt))
+
+    batches = [tokens[:3], tokens[3:10], tokens[10:]]
+    ckpt = tmp_path / "ckpt_batches"
+    _interrupted_fit(model, batches, _config(ckpt), at=2)
+    moved = [tokens[:10], tokens[10:17], tokens[17:]]
+    with pytest.raises(ValueError, match=r"1 x \[3, 4\] int64, 1 x \[7, 4\] int64"):
+        fit_basis(model, moved, _config(ckpt))
+    assert streaming.data_digest(batches) != streaming.data_digest(moved)
+    assert streaming.data_digest(tokens.split(2)) != streaming.data_digest(tokens.int().split(2))
+
+
+def _old_format_stamp(model, tokens: torch.Tensor, config: LIBConfig) -> dict:
+    """`fingerprint.json` as tl_degeneracy wrote it before the digest covered batch shapes
+    (no "format"; `data_sha256` hashed the concatenated bytes)."""
+    import hashlib
+
+    from tl_degeneracy.engine.artifacts import jsonable
+    from tl_degeneracy.engine.identity import model_identity
+    from tl_degeneracy.engine.sites import validate_sites
+
+    skip = ("checkpoint_dir", "progress", "store")
+    settings = {k: v for k, v in vars(config).items() if k not in skip}
+    data = hashlib.sha256()
+    for batch in tokens.split(config.batch_size):
+        data.update(batch.contiguous().numpy().tobytes())
+    record = {
+        "settings": jsonable(settings),
+        "sites": [s.to_json() for s in validate_sites(model, config.sites)],
+        "model": {k: v for k, v in model_identity(model).items() if k != "api"},
+        "data_sha256": data.hexdigest(),
+    }
+    text = json.dumps(record, sort_keys=True, default=str)
+    return {"fingerprint": hashlib.sha256(text.encode()).hexdigest()[:20], "settings": record}
+
+
+def test_folder_of_the_old_data_digest_is_refused(tmp_path):
+    """A folder stamped before the digest covered shapes cannot be checked against the data
+    (the same bytes in other shapes matched it): refused, saying why and what to do."""
+    model = tiny_model(API, "ln", seed=5, n_layers=2)
+    tokens = random_tokens(model, 24, seed=6)
+    ckpt = tmp_path / "ckpt"
+    _interrupted_fit(model, tokens, _config(ckpt), at=6)
+    (ckpt / "fingerprint.json").write_text(
+        json.dumps(_old_format_stamp(model, tokens, _config(ckpt)))
+    )
+    with pytest.raises(ValueError, match=r"older tl_degeneracy.*new checkpoint folder"):
+        fit_basis(model, tokens.reshape(48, 2), _config(ckpt))
+
+
+def test_refusal_names_what_differs_and_checkpoint_every_may_change(tmp_path):
+    """A refused resume names each differing setting with both values and the way out; how
+    often a run checkpoints does not change its result, so a resume may change it and still
+    ends with the uninterrupted run's bases."""
+    model = tiny_model(API, "ln", seed=5, n_layers=2)
+    tokens = random_tokens(model, 24, seed=6)
+    ckpt = tmp_path / "ckpt"
+    _interrupted_fit(model, tokens, _config(ckpt), at=16)  # in the first Generic M' pass
+    other = JacobianConfig(method="stochastic", n_sources=5, seed=11)
+    with pytest.raises(ValueError) as refused:
+        fit_basis(model, tokens, _config(ckpt, jacobian=other, truncation=Truncation(1e-9, 1e-12)))
+    text = str(refused.value)
+    assert "settings.jacobian.n_sources: 3 -> 5" in text
+    assert "settings.truncation.absolute: 1e-15 -> 1e-09" in text
+    assert "pass a new checkpoint folder" in text and "that run's settings" in text
+    assert "data." not in text and "model." not in text  # only what differs
+
+    resumed = fit_basis(model, tokens, replace(_config(ckpt), checkpoint_every=5))
+    _assert_same(resumed, fit_basis(model, tokens, _config(None)), exact=True)
+    assert resumed.metadata["n_tokens"] == tokens.numel()
+
+
+def _store_files(ckpt: Path) -> list[Path]:
+    return sorted((ckpt / "activations").rglob("*.safetensors"))
+
+
+def test_ctrl_c_keeps_the_disk_store_for_the_resumed_run(tmp_path, monkeypatch):
+    """SIGINT (Ctrl-C) during an M' pass leaves the disk store in the checkpoint folder; the
+    resumed run reads every section input back from it (no forward to reach a section) and
+    ends with the uninterrupted result; a completed run removes the store."""
+    model = tiny_model(API, "mlp", seed=5, n_layers=2)
+    tokens = random_tokens(model, 24, seed=6)
+    ckpt = tmp_path / "ckpt"
+    config = _config(ckpt, STORE_SITES, store="disk")
+
+    def ctrl_c() -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    # 12 forwards fill the Gram pass (and the store); the 16th is in the M' pass of the one
+    # section that runs from the tokens, after three that read the store
+    _interrupted_fit(model, tokens, config, at=16, exc=ctrl_c)
+    assert (ckpt / "gram.safetensors").exists() and not (
+        ckpt / "jacobian.blocks.0.mlp.hook_post->blocks.0.hook_resid_post.json"
+    ).exists()
+    kept = _store_files(ckpt)
+    assert len(kept) == STORED, "Ctrl-C deleted the activation store of the checkpoint folder"
+
+    forwards = {"n": 0}
+    real_capture = store_module.capture_sites
+
+    def counting_capture(*args, **kwargs):
+        forwards["n"] += 1
+        return real_capture(*args, **kwargs)
+
+    monkeypatch.setattr(store_module, "capture_sites", counting_capture)
+    resumed = fit_basis(model, tokens, config)
+    assert forwards["n"] == 0, f"{forwards['n']} section inputs recomputed, not read back"
+    assert _store_files(ckpt) == [], "a completed run leaves its store behind"
+    monkeypatch.undo()
+    uninterrupted = fit_basis(model, tokens, _config(None, STORE_SITES, store="disk"))
+    _assert_same(resumed, uninterrupted, exact=False)
+
+
+def test_partial_or_short_store_is_never_used_wrongly(tmp_path):
+    """An interruption in the Gram pass leaves a store of the first batches only: the resumed
+    run fills in the rest and is right. A stored entry with fewer rows than the batch asked
+    for (left by other data) is recomputed, not returned short."""
+    model = tiny_model(API, "mlp", seed=5, n_layers=2)
+    tokens = random_tokens(model, 24, seed=6)
+    ckpt = tmp_path / "ckpt"
+    config = _config(ckpt, STORE_SITES, store="disk")
+    _interrupted_fit(model, tokens, config, at=6, exc=lambda: signal.raise_signal(signal.SIGINT))
+    assert 0 < len(_store_files(ckpt)) < STORED
+    resumed = fit_basis(model, tokens, config)
+    _assert_same(resumed, fit_basis(model, tokens, _config(None, STORE_SITES)), exact=False)
+
+    site = Site(SITES[1])
+    store = store_module.ActivationStore(tmp_path / "store", batch_rows=2)
+    source = store_module.ActivationSource(model, store)
+    (full,) = store_module.capture_sites(model, tokens[:2], [site], 0, all_positions=True)
+    store.write(site, 0, full[:1])
+    act = source.activation(site, 0, tokens[:2])
+    torch.testing.assert_close(act, full, rtol=0, atol=0)

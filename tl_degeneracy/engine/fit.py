@@ -12,6 +12,7 @@ resumes (`checkpoint_dir`), and shards over `torch.distributed` ranks (`ctx`).
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -43,6 +44,7 @@ from tl_degeneracy.engine.jacobians import (
     JacobianConfig,
     JacobianGram,
     checkpoint_key,
+    describe_error,
     finish_jacobian_gram,
 )
 from tl_degeneracy.engine.progress import JobClock, Log, quiet
@@ -54,12 +56,16 @@ from tl_degeneracy.engine.streaming import (
     Checkpointing,
     EmptyDataError,
     claim_checkpoint_folder,
-    data_digest,
+    data_fingerprint,
     iter_batches,
 )
 
 Kind = Literal["lib", "ib", "pca", "neuron"]
 StoreMode = Literal["auto", "memory", "disk", "off"]
+
+RESULT_NEUTRAL = frozenset({"checkpoint_dir", "checkpoint_every", "progress"})
+"""Settings that change how a run saves or shows its progress, not its result: a checkpoint
+folder's fingerprint leaves them out, so a resume may change them."""
 
 MEMORY_STORE_BYTES = 2 * 2**30
 """`store="auto"` keeps activations in host memory below this size, on disk above it (on a GPU
@@ -79,8 +85,10 @@ class LIBConfig:
     jacobian: JacobianConfig = field(default_factory=JacobianConfig)
     batch_size: int = 256
     checkpoint_dir: str | None = None
-    """Save progress here every `checkpoint_every` batches and resume from it."""
+    """Save progress here every `checkpoint_every` batches and resume from it (a folder of
+    other settings, model or data is refused, naming what differs)."""
     checkpoint_every: int = 10
+    """How often to save; it does not change the result, so a resume may change it."""
     progress: bool = True
     store: StoreMode = "auto"
     """Where section inputs are kept between passes: in memory, on disk (under
@@ -180,12 +188,23 @@ class FitState:
     progress: bool
     stats_device: torch.device
     temp_store: Path | None = None
+    """A disk store's temporary folder (no checkpoint folder): removed however the run ends."""
+    checkpoint_store: Path | None = None
+    """Where this process's disk store lives in the checkpoint folder (whether or not this run
+    uses one): kept when the run is interrupted, removed when it completes."""
 
-    def close(self) -> None:
-        """Drop the store (a disk store in a checkpoint folder stays for a resumed run until
-        the run completes)."""
-        if self.source.store is not None:
-            self.source.store.clear()
+    def close(self, completed: bool | None = None) -> None:
+        """Drop the store once the run has `completed`. An interrupted run (an exception,
+        Ctrl-C) keeps a disk store in a checkpoint folder, so that the resumed run reads the
+        activations back instead of re-running the model; a temporary or in-memory store
+        goes either way. `None` asks whether an exception is propagating (for a `finally`)."""
+        if completed is None:
+            completed = sys.exc_info()[0] is None
+        store = self.source.store
+        if store is not None and (completed or store.root != self.checkpoint_store):
+            store.clear()
+        if completed and self.checkpoint_store is not None:
+            shutil.rmtree(self.checkpoint_store, ignore_errors=True)
         if self.temp_store is not None:
             shutil.rmtree(self.temp_store, ignore_errors=True)
 
@@ -205,20 +224,22 @@ def open_fit(
     ctx: DistContext | None = None,
     log: Log = quiet,
 ) -> FitState:
-    """Validate the data, claim the checkpoint folder (refusing one of another run) and set up
-    the activation store for `sections`."""
+    """Validate the data, claim the checkpoint folder (refusing one of another run, naming what
+    differs) and set up the activation store for `sections`. Settings that do not change the
+    result (`RESULT_NEUTRAL`) are left out of the folder's fingerprint."""
     ctx = ctx or DistContext()
     batches = iter_batches(tokens, batch_size, model)
     ckpt = None
     if checkpoint_dir is not None:
         identity = {k: v for k, v in model_identity(model).items() if k != "api"}
+        kept = {k: v for k, v in settings.items() if k not in RESULT_NEUTRAL}
         claim_checkpoint_folder(
             checkpoint_dir,
             {
-                "settings": jsonable(settings),
+                "settings": jsonable(kept),
                 "sites": [s.to_json() for s in sites],
                 "model": identity,
-                "data_sha256": data_digest(batches),
+                "data": data_fingerprint(batches),
             },
             ctx.barrier if ctx.active else None,
         )
@@ -249,6 +270,7 @@ def open_fit(
         progress and ctx.is_main,
         device,
         temp,
+        folder,
     )
 
 
@@ -344,7 +366,7 @@ def bases_pass(
             done,
             len(sections),
             f"{section.name}: kept {bases[site.name].k}, split-half error "
-            f"{jg.split_half_rel_error:.3f}",
+            f"{describe_error(jg.split_half_rel_error)}",
         )
     if sections:
         state.clock.end("M'")
@@ -406,9 +428,12 @@ def fit_basis(
         if statistics is None:
             needed = store_sites(model, sections)
             statistics = gram_pass(state, sites, needed)
-        return bases_pass(state, sites, statistics.to(state.stats_device), config)
-    finally:
-        state.close()
+        result = bases_pass(state, sites, statistics.to(state.stats_device), config)
+    except BaseException:  # Ctrl-C included: a disk store in the checkpoint folder stays
+        state.close(completed=False)
+        raise
+    state.close(completed=True)
+    return result
 
 
 def fit_lib(

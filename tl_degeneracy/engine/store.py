@@ -22,7 +22,10 @@ from tl_degeneracy.engine.sites import Site
 
 class ActivationStore:
     """Site activations (every position, the model's dtype) per batch index, kept in memory
-    (`root=None`) or on disk (one safetensors file per site and batch)."""
+    (`root=None`) or on disk (one safetensors file per site and batch, each written to a
+    temporary name and renamed, so a kill never leaves a partial file under a batch's name).
+    A disk store in a checkpoint folder outlives an interrupted run (`FitState.close`); the
+    folder's fingerprint guarantees that the resumed run has the same model and data."""
 
     def __init__(self, root: str | Path | None = None, batch_rows: int | None = None):
         self.root = None if root is None else Path(root)
@@ -73,11 +76,13 @@ class ActivationSource:
 
     def activation(self, site: Site, batch_index: int, inputs: Tensor) -> Tensor:
         """`[batch, pos, d]` at every position (all parts of a composite site). `inputs` may
-        be the first rows of a stored batch (edges on a slice of the data)."""
+        be the first rows of a stored batch (edges on a slice of the data). A stored entry
+        with fewer rows than `inputs` is not this batch's (a store left by other data) and is
+        recomputed rather than returned short."""
         if self.store is not None:
             device = inputs.device
             act = self.store.get(site, batch_index, device)
-            if act is not None:
+            if act is not None and act.shape[0] >= inputs.shape[0]:
                 return act if act.shape[0] == inputs.shape[0] else act[: inputs.shape[0]]
         (act,) = capture_sites(self.model, inputs, [site], batch_index, all_positions=True)
         if self.store is not None and inputs.shape[0] == self.store.batch_rows:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -154,42 +154,89 @@ def chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
+STAMP_FORMAT = 2
+"""Version of `fingerprint.json`. 2: the data digest covers every batch's shape and dtype, not
+only the bytes of the data (format 1 took a reshaped tensor or moved batch boundaries for the
+same data)."""
+
+
 def claim_checkpoint_folder(
     folder: str | os.PathLike, settings: dict, barrier: Callable[[], None] | None = None
 ) -> Path:
     """Stamp `folder` with a fingerprint of `settings` (JSON data: config, model identity,
-    sites, a digest of the data), or check the stamp a previous run left: a folder written by
-    a run of other settings, model or data is refused rather than resumed silently. With
-    several processes, rank 0 writes the stamp between two `barrier()` calls."""
+    sites, `data_fingerprint` of the data), or check the stamp a previous run left: a folder
+    written by a run of other settings, model or data is refused, naming what differs, rather
+    than resumed silently; so is a folder stamped by an older format, whose data digest cannot
+    be checked. With several processes, rank 0 writes the stamp between two `barrier()` calls."""
     import hashlib
 
     folder = Path(folder)
-    text = json.dumps(settings, sort_keys=True, default=str)
+    plain = jsonable_roundtrip(settings)  # tuples become lists, as they will be read back
+    text = json.dumps(plain, sort_keys=True)
     fingerprint = hashlib.sha256(text.encode()).hexdigest()[:20]
     stamp = folder / "fingerprint.json"
     if stamp.exists():
         saved = json.loads(stamp.read_text())
+        if saved.get("format") != STAMP_FORMAT:
+            raise ValueError(
+                f"checkpoint folder {folder} was written by an older tl_degeneracy (checkpoint "
+                f"format {saved.get('format', 1)}, this one writes {STAMP_FORMAT}) whose data "
+                "digest ignored the shape and boundaries of the batches, so it cannot be checked "
+                "against this run's data; pass a new checkpoint folder, or delete this one to "
+                "start over"
+            )
         if saved.get("fingerprint") != fingerprint:
-            differs = [
-                k
-                for k in settings
-                if saved.get("settings", {}).get(k) != jsonable_roundtrip(settings[k])
+            lines = [
+                f"  {path}: {_show(old, path)} -> {_show(new, path)}"
+                for path, old, new in _differences(saved.get("settings", {}), plain)
             ]
             raise ValueError(
-                f"checkpoint folder {folder} was written by a run with other settings "
-                f"({', '.join(differs) or 'fingerprint'} differ); use a new folder or delete it"
+                f"checkpoint folder {folder} was written by a run with other settings, model or "
+                "data, so it cannot be resumed (setting: that run -> this run):\n"
+                + "\n".join(lines or ["  (the stamp's fingerprint does not match its settings)"])
+                + "\nto resume it, run again with that run's settings, model and data; to start "
+                "over, pass a new checkpoint folder (or delete this one)"
             )
         return folder
     if barrier is not None:
         barrier()
     if barrier is None or int(os.environ.get("RANK", "0")) == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(
-            json.dumps({"fingerprint": fingerprint, "settings": settings}, default=str)
-        )
+        tmp = folder / "fingerprint.json.tmp"  # a kill mid-write leaves no half stamp
+        record = {"format": STAMP_FORMAT, "fingerprint": fingerprint, "settings": plain}
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, stamp)
     if barrier is not None:
         barrier()
     return folder
+
+
+_MISSING = object()
+
+
+def _differences(old: object, new: object, path: str = "") -> list[tuple[str, object, object]]:
+    """(dotted path, old value, new value) of every leaf where two JSON values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[tuple[str, object, object]] = []
+        for key in [*old, *(k for k in new if k not in old)]:
+            sub = f"{path}.{key}" if path else str(key)
+            out += _differences(old.get(key, _MISSING), new.get(key, _MISSING), sub)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [
+            d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{path}[{i}]")
+        ]
+    return [] if old == new else [(path, old, new)]
+
+
+def _show(value: object, path: str = "", limit: int = 80) -> str:
+    """A value for a refusal message: JSON, digests cut to 12 characters, long values cut."""
+    if value is _MISSING:
+        return "(absent)"
+    if path.endswith("sha256") and isinstance(value, str):
+        return value[:12] + "…"
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def jsonable_roundtrip(value: object) -> object:
@@ -197,10 +244,36 @@ def jsonable_roundtrip(value: object) -> object:
 
 
 def data_digest(batches: Iterable[Tensor]) -> str:
-    """A digest of the data (token ids or inputs), for checkpoint fingerprints."""
+    """A digest of the data (token ids or inputs) as the passes see it, for checkpoint
+    fingerprints: every batch's dtype, shape and bytes in order, so reshaped data or moved
+    batch boundaries with the same bytes digest differently (a resume on them would count
+    other tokens and skip or repeat rows). One pass of SHA-256 over the data, no copy of it
+    beyond a move to the CPU."""
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(b"tl_degeneracy data digest v2")
     for batch in batches:
-        h.update(batch.detach().cpu().contiguous().numpy().tobytes())
+        flat = batch.detach().cpu().contiguous().reshape(-1)
+        h.update(f"|{flat.dtype}{list(batch.shape)}|".encode())
+        h.update(flat.view(torch.uint8).numpy().data)
     return h.hexdigest()
+
+
+def describe_batches(batches: Sequence[Tensor], limit: int = 4) -> str:
+    """The batches' shapes and dtypes for people, runs of equal ones counted:
+    '11 x [2, 4] int64, 1 x [1, 4] int64'."""
+    runs: list[list] = []
+    for b in batches:
+        key = f"{list(b.shape)} {str(b.dtype).removeprefix('torch.')}"
+        if runs and runs[-1][0] == key:
+            runs[-1][1] += 1
+        else:
+            runs.append([key, 1])
+    text = ", ".join(f"{n} x {key}" for key, n in runs[:limit])
+    return text + (f", ... ({len(runs) - limit} more runs)" if len(runs) > limit else "")
+
+
+def data_fingerprint(batches: Sequence[Tensor]) -> dict[str, str]:
+    """What a checkpoint folder records of its data: the digest, and the batches' shapes so
+    that a refusal can say how the data differs."""
+    return {"batches": describe_batches(batches), "sha256": data_digest(batches)}
