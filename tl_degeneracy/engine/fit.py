@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -117,8 +118,8 @@ class LIBConfig:
             ("batch_size", self.batch_size),
             ("checkpoint_every", self.checkpoint_every),
         ):
-            if number < 1:
-                raise ValueError(f"{name} must be at least 1, got {number}")
+            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1, got {number!r}")
 
 
 def _lib_sections(sites: list[Site], kind: Kind) -> list[Section]:
@@ -377,6 +378,15 @@ def bases_pass(
         elif config.kind == "neuron":
             bases[site.name] = neuron_basis(site, st.mean, st.gram)
     ordered = {s.name: bases[s.name].to("cpu") for s in sites}
+    empty = [name for name, b in ordered.items() if b.k == 0]
+    if empty:
+        warnings.warn(
+            f"no feature kept at {empty}: the activations there do not vary over the data "
+            "fitted (one row, or rows all alike), or nothing downstream reads them; fit on "
+            "more varied data, or ablation there keeps only the mean",
+            UserWarning,
+            stacklevel=3,
+        )
     metadata = build_metadata(
         state.model,
         sites,

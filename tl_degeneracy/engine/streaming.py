@@ -51,6 +51,13 @@ def iter_batches(
         batches = list(tokens.split(batch_size))
     else:
         batches = list(tokens)
+        first = batches[0] if batches else None
+        if isinstance(first, (list, tuple)) and first and isinstance(first[0], int):
+            raise TypeError(
+                "data that is not a tensor is read as a sequence of batches, and its first "
+                "item is one row of ids, not a batch [batch, pos]: for rows of token ids in "
+                "lists, pass one tensor, torch.tensor(rows)"
+            )
     if not batches:
         raise EmptyDataError("no data: the batch iterable is empty")
     if model is None:
