@@ -159,3 +159,62 @@ def test_counts_of_kept_features_are_checked(api, tiny, tokens_for):
     torch.testing.assert_close(above, base, rtol=0, atol=1e-10)
     curve = node_ablation_curve(model, result, SITES[1].name, toks, metric, ks=[k, k + 50])
     assert curve.scores[k + 50] == curve.scores[k]
+
+
+def test_a_basis_that_does_not_fit_the_model_is_refused_by_name(api, tiny, tokens_for):
+    """A wider model (residual width known from its config), a model with other MLP widths
+    (a composite site's width, known at its first activation) and a shallower model each
+    raise `ArtifactError` naming the site and the widths or the missing hook, where torch
+    raised a shape error inside a hook or a bare KeyError."""
+    import pytest
+
+    from tl_degeneracy.engine.artifacts import ArtifactError
+
+    sites = (Site("blocks.0.mlp.hook_post"), Site("blocks.1.hook_resid_pre"), Site("logits"))
+    model = tiny(api, "ln", n_layers=2)
+    toks = tokens_for(model, 20)
+    result = fit_basis(model, toks, LIBConfig(sites, progress=False))
+    wide = tiny(api, "ln", n_layers=2, d_model=12, d_head=6)
+    other_mlp = tiny(api, "ln", n_layers=2, d_mlp=20)
+    short = tiny(api, "ln", n_layers=1)
+    with pytest.raises(ArtifactError, match="blocks.1.hook_resid_pre the basis is 8 wide.*12 wide"):
+        with attach(wide, result):
+            pass
+    with pytest.raises(ArtifactError, match="mlp.hook_post the basis is 24 wide.* is 28 wide"):
+        with torch.no_grad(), ablate_nodes(other_mlp, result, sites[0], 2, check_weights=False):
+            other_mlp(toks[:2])
+    with pytest.raises(ArtifactError, match="needs the hook 'blocks.1.hook_resid_pre'.*1 layers"):
+        with ablate_nodes(short, result, sites[0], 2):
+            pass
+    assert not [n for n in short.hook_dict if "features" in n]  # nothing left registered
+
+
+def test_attaching_to_a_model_with_other_weights_warns_once(api, tiny, tokens_for):
+    """A basis applied to a model whose weights differ from the ones it was fitted on (a
+    fine-tuned variant is a legitimate use) warns once per model and difference, never on
+    its own model, and not with check_weights=False."""
+    import copy
+    import warnings
+
+    import pytest
+
+    model = tiny(api)
+    toks = tokens_for(model, 30)
+    result = fit_basis(model, toks, LIBConfig(SITES, progress=False))
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        next(p for n, p in tuned.named_parameters() if "mlp" in n and p.ndim >= 2).mul_(1.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with attach(model, result), ablate_nodes(model, result, SITES[1], 2):
+            pass
+        with attach(tuned, result, check_weights=False):
+            pass
+    with pytest.warns(UserWarning, match="other weights.*fine-tuned.*check_weights=False"):
+        with attach(tuned, result):
+            pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", UserWarning)
+        with attach(tuned, result), ablate_nodes(tuned, result, SITES[1], 2):
+            pass

@@ -1,5 +1,6 @@
 """The model identity saved with results: read once per state of the weights, and any change
-to any weight (in place, through `.data`, by loading a state dict) shows."""
+to any weight (in place, through `.data`, by loading a state dict; a rescaling, a sign flip, a
+permutation) shows, while the same weights in another dtype agree within its rounding."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from tl_degeneracy.engine import identity
+from tl_degeneracy.engine.compat import hooked_state_dict
 from tl_degeneracy.engine.identity import model_identity, weight_digest, weight_fingerprint
 
 
@@ -68,3 +70,87 @@ def test_cached_identity_equals_a_fresh_read(api, tiny):
     twin = copy.deepcopy(model)  # never read before: computed from scratch
     assert weight_digest(model) == weight_digest(twin)
     assert weight_fingerprint(model) == weight_fingerprint(twin)
+
+
+def _edit(model, name: str, how) -> None:
+    """Apply `how` in place to the HookedTransformer-named weight `name` of either API (the
+    Bridge's are views of its own parameters)."""
+    with torch.no_grad():
+        weight = hooked_state_dict(model, keep_vars=True)[name]
+        weight.copy_(how(weight.detach().clone()))
+
+
+def _flip_neurons(w):
+    w[:, :3] *= -1  # the input weights of three MLP neurons change sign
+    return w
+
+
+EDITS = {
+    "sign flip of 3 neurons": ("blocks.0.mlp.W_in", _flip_neurons),
+    "query weights permuted": ("blocks.0.attn.W_Q", lambda w: w.flip(-1)),
+    "output rows permuted": ("blocks.0.mlp.W_out", lambda w: w.roll(1, 0)),
+    "heads swapped": ("blocks.0.attn.W_V", lambda w: w.flip(0)),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_sign_flips_and_permutations_change_the_fingerprint(api, tiny, tokens_for, edit):
+    """Mean |w| and rms are blind to them, although the model computes another function;
+    the signed and position-weighted means see them, far beyond the float64 tolerance."""
+    model = tiny(api, "ln", n_layers=1)
+    tokens = tokens_for(model, 4)
+    with torch.no_grad():
+        before_out = model(tokens)
+    before = weight_fingerprint(model)
+    name, how = EDITS[edit]
+    _edit(model, name, how)
+    with torch.no_grad():
+        assert not torch.allclose(model(tokens), before_out)  # another function
+    after = weight_fingerprint(model)
+    assert after[name][:2] == pytest.approx(before[name][:2], rel=1e-9)  # scale unchanged
+    tolerance = identity.rounding_tolerance(torch.float64, torch.float64)
+    difference = identity.fingerprint_difference(before[name], after[name], 100 * tolerance)
+    assert difference is not None and difference[0] in identity.FINGERPRINT_FIELDS[2:]
+    assert [k for k in after if after[k] != before[k]] == [name]
+
+
+def test_the_same_weights_in_another_dtype_agree_within_its_rounding(api, tiny):
+    """Rounding every weight to float32 or bfloat16 moves each field by less than the
+    tolerance of the coarser dtype; a sign flip of one neuron in float32 stays visible."""
+    model = tiny(api, "ln", n_layers=2)
+    exact = weight_fingerprint(model)
+    for dtype in (torch.float32, torch.bfloat16):
+        rounded = weight_fingerprint(copy.deepcopy(model).to(dtype))
+        rtol = identity.rounding_tolerance(torch.float64, dtype)
+        assert all(
+            identity.fingerprint_difference(exact[k], rounded[k], rtol) is None for k in exact
+        ), dtype
+    flipped = copy.deepcopy(model).to(torch.float32)
+    _edit(flipped, "blocks.1.mlp.W_in", lambda w: torch.cat([-w[:, :1], w[:, 1:]], 1))
+    name = "blocks.1.mlp.W_in"
+    rtol = identity.rounding_tolerance(torch.float64, torch.float32)
+    assert identity.fingerprint_difference(exact[name], weight_fingerprint(flipped)[name], rtol)
+
+
+def test_tolerances_follow_the_coarser_dtype():
+    tol = identity.rounding_tolerance
+    assert tol(torch.float64, torch.float64) == 1e-9
+    assert tol("torch.float64", torch.float32) == pytest.approx(16 * 2**-23)
+    assert tol(torch.float32, torch.bfloat16) == 1e-2
+    assert tol("torch.banana", torch.float64) == 1e-2 and tol(None) == 1e-2
+
+
+def test_grouped_query_weights_compare_under_the_names_both_apis_share():
+    """A HookedTransformer keeps grouped-query key and value weights as `attn._W_K`; the
+    Bridge's HookedTransformer-form weights call them `attn.W_K`; rotary tables are derived."""
+    fp = {
+        "blocks.0.attn._W_K": [1.0] * 5,
+        "blocks.0.attn._b_V": [0.0] * 5,
+        "blocks.0.attn.W_Q": [2.0] * 5,
+        "blocks.0.attn.rotary_sin": [0.5] * 5,
+    }
+    assert identity.comparable_fingerprint(fp) == {
+        "blocks.0.attn.W_K": [1.0] * 5,
+        "blocks.0.attn.b_V": [0.0] * 5,
+        "blocks.0.attn.W_Q": [2.0] * 5,
+    }

@@ -1,10 +1,15 @@
 import copy
+import hashlib
 import json
+import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from support import APIS, tiny_config
 
 from tl_degeneracy.engine.basis_result import ArtifactError, BasisResult
+from tl_degeneracy.engine.compat import build_model, hooked_state_dict
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.sites import Site
 
@@ -108,3 +113,212 @@ def test_moving_results_to_a_device_this_machine_lacks_names_it(fitted, monkeypa
         with pytest.raises(ValueError, match="CUDA is not available here"):
             movable.to("cuda")
         assert movable.to("cpu") is not None
+
+
+def _flip_three_neurons(model) -> None:
+    """The input weights of three MLP neurons change sign: mean |w| and rms stay, the function
+    changes."""
+    with torch.no_grad():
+        hooked_state_dict(model, keep_vars=True)["blocks.0.mlp.W_in"][:, :3] *= -1
+
+
+def _permute_queries(model) -> None:
+    with torch.no_grad():
+        w_q = hooked_state_dict(model, keep_vars=True)["blocks.0.attn.W_Q"]
+        w_q.copy_(w_q.flip(-1))
+
+
+@pytest.mark.parametrize("edit", [_flip_three_neurons, _permute_queries])
+def test_sign_flips_and_permutations_of_weights_are_refused(fitted, tmp_path, edit):
+    model, result = fitted
+    result.save(tmp_path / "lib")
+    changed = copy.deepcopy(model)
+    edit(changed)
+    with pytest.raises(ArtifactError, match="other weights: blocks.0"):
+        BasisResult.load(tmp_path / "lib", changed)
+    with pytest.raises(ArtifactError, match="other weights: blocks.0"):
+        result.check_model(changed)
+
+
+def _rewrite(folder, meta_fn=None, tensors_fn=None):
+    """Edit a saved basis's metadata and tensors, keeping the checksum valid (as someone who
+    edits both files would)."""
+    meta = json.loads((folder / "metadata.json").read_text())
+    if tensors_fn is not None:
+        tensors = load_file(str(folder / "tensors.safetensors"))
+        tensors_fn(tensors)
+        save_file(tensors, str(folder / "tensors.safetensors"))
+        meta["tensors_sha256"] = hashlib.sha256(
+            (folder / "tensors.safetensors").read_bytes()
+        ).hexdigest()
+    if meta_fn is not None:
+        meta_fn(meta)
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_fingerprints_of_earlier_versions_still_load(fitted, tmp_path):
+    """A fingerprint of mean |w| and rms only (6 digits) is completed by the weight digest:
+    silent on the same model; a warning that says so on a sign-flipped one, whose digest
+    differs."""
+    model, result = fitted
+
+    def earlier(meta):
+        meta["weight_fingerprint"] = {
+            k: [float(f"{x:.6g}") for x in v[:2]] for k, v in meta["weight_fingerprint"].items()
+        }
+
+    folder = _rewrite(result.save(tmp_path / "lib"), earlier)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BasisResult.load(folder, model)
+    changed = copy.deepcopy(model)
+    _flip_three_neurons(changed)
+    with pytest.warns(UserWarning, match="earlier tl_degeneracy.*Save the basis again"):
+        BasisResult.load(folder, changed)
+
+
+def test_metadata_without_a_model_says_it_cannot_check(fitted, tmp_path):
+    model, result = fitted
+    folder = _rewrite(
+        result.save(tmp_path / "lib"),
+        lambda m: (m.pop("model"), m.pop("weight_fingerprint")),
+    )
+    with pytest.warns(UserWarning, match="records no model.*cannot be checked"):
+        BasisResult.load(folder, model)
+
+
+def _first(meta):
+    return meta["bases"][0]["name"]
+
+
+def _replace(field, fn):
+    """A tensors_fn replacing `field` of the first site by `fn(tensor)`."""
+
+    def edit(tensors):
+        name = next(k for k in tensors if k.endswith("/C")).rsplit("/", 1)[0]
+        tensors[f"{name}/{field}"] = fn(tensors[f"{name}/{field}"]).contiguous()
+
+    return edit
+
+
+def _nan(t):
+    t = t.clone()
+    t[0, 0] = float("nan")
+    return t
+
+
+TAMPERED = {
+    "site hook edited": (
+        lambda m: m["bases"][0]["site"].update(hook="blocks.0.hook_resid_pre"),
+        None,
+        "metadata.json: bases\\[0\\]: the entry is named .* but its site is",
+    ),
+    "site kind unknown": (
+        lambda m: m["bases"][0].update(kind="banana"),
+        None,
+        "metadata.json: bases\\[0\\] .*kind 'banana' is not a kind of basis",
+    ),
+    "fit kind unknown": (
+        lambda m: m.update(kind="banana"),
+        None,
+        "metadata.json: kind 'banana' is not a kind of basis",
+    ),
+    "newer format": (
+        lambda m: m.update(format_version=99),
+        None,
+        "metadata.json is in format 99.*reads formats up to 2: upgrade it",
+    ),
+    "no format": (
+        lambda m: m.update(format_version="two"),
+        None,
+        "format_version 'two' is not a format",
+    ),
+    "no bases": (lambda m: m.pop("bases"), None, "metadata.json lists no bases"),
+    "C narrower than C_pinv": (
+        None,
+        _replace("C", lambda t: t[:, :1]),
+        "tensors.safetensors: .*/C_pinv has shape .* so it should be",
+    ),
+    "C transposed": (
+        None,
+        _replace("C", lambda t: t.T),  # square here: only C⁺C ≠ I shows it
+        "tensors.safetensors: .*/C_pinv is not a left inverse of .*/C",
+    ),
+    "mean too short": (
+        None,
+        _replace("mean", lambda t: t[:3]),
+        "tensors.safetensors: .*/mean has shape \\[3\\]",
+    ),
+    "C in float32": (
+        None,
+        _replace("C", lambda t: t.float()),
+        "tensors.safetensors: .*/C is torch.float32, but bases are saved in float64",
+    ),
+    "NaN in C": (None, _replace("C", _nan), "tensors.safetensors: .*/C holds NaN"),
+    "tensor of no site": (
+        None,
+        lambda t: t.update({"blocks.9.hook_resid_pre/C": torch.zeros(2, 2, dtype=torch.float64)}),
+        "holds tensors of no listed site",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERED))
+def test_edited_artifacts_are_refused_naming_file_entry_and_problem(fitted, tmp_path, case):
+    """What the checksum cannot catch (both files edited): each is refused at load, where it
+    would otherwise load and act at another hook or fail with a raw torch error when used."""
+    model, result = fitted
+    meta_fn, tensors_fn, message = TAMPERED[case]
+    folder = _rewrite(result.save(tmp_path / "lib"), meta_fn, tensors_fn)
+    with pytest.raises(ArtifactError, match=message):
+        BasisResult.load(folder)
+    with pytest.raises(ArtifactError, match=message):
+        BasisResult.load(folder, model)
+
+
+def test_another_weight_layout_is_named_as_such(fitted, tmp_path):
+    """A non-zero weight on one side only means another API or other weight processing, not
+    other weights; a zero one (a bias the other layout leaves out) is no difference."""
+    model, result = fitted
+
+    def extra(value):
+        def edit(meta):
+            meta["weight_fingerprint"]["blocks.0.attn.b_extra"] = [value] * 5
+
+        return edit
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BasisResult.load(_rewrite(result.save(tmp_path / "zero"), extra(0.0)), model)
+    with pytest.raises(ArtifactError, match="laid out differently.*TransformerLens API"):
+        BasisResult.load(_rewrite(result.save(tmp_path / "nonzero"), extra(0.5)), model)
+
+
+@pytest.mark.skipif("hooked" not in APIS, reason="needs both TransformerLens APIs")
+def test_a_basis_fitted_on_one_api_loads_for_the_other(tiny, tokens_for, tmp_path):
+    """Grouped-query attention: the HookedTransformer holds `attn._W_K`, the Bridge of the same
+    weights `attn.W_K`; the same weights are recognised across the two layouts."""
+    hooked = tiny("hooked", "ln", n_key_value_heads=1)
+    bridge = build_model(
+        tiny_config("ln", n_key_value_heads=1), hooked.state_dict(), "bridge", torch.float64
+    )
+    config = LIBConfig(SITES, progress=False)
+    fit_basis(hooked, tokens_for(hooked, 30), config).save(tmp_path / "hooked")
+    fit_basis(bridge, tokens_for(bridge, 30), config).save(tmp_path / "bridge")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BasisResult.load(tmp_path / "hooked", bridge)
+        BasisResult.load(tmp_path / "bridge", hooked)
+
+
+def test_other_weights_with_other_processing_say_so(fitted, tmp_path):
+    """Weights changed by other weight processing (centring, folding) are named as such."""
+    model, result = fitted
+    folder = _rewrite(
+        result.save(tmp_path / "lib"), lambda m: m.update(weight_processing={"fold_ln": True})
+    )
+    changed = copy.deepcopy(model)
+    _flip_three_neurons(changed)
+    with pytest.raises(ArtifactError, match="weight processing differs too .*fold_ln"):
+        BasisResult.load(folder, changed)

@@ -6,9 +6,12 @@ Every result type (`BasisResult`, `GramStatistics`, `JacobianGram`, `Interaction
 - `save(path) -> Path` writes a folder: `tensors.safetensors` (float tensors, device-
   independent: always written from the CPU) and `metadata.json` (what the result was computed
   from, built by `build_metadata`, plus a checksum of the tensor file). Nothing is pickled.
-- `load(path, model=None)` reads it back and, given a model, refuses one the result was not
-  computed on (every weight is fingerprinted, so a changed block shows). A model in another
-  dtype or on another device is accepted: results are float64 and move where they are used.
+- `load(path, model=None)` reads it back, checks its format (and, per result type, its
+  entries: `Result._check_artifact`) and, given a model, refuses one the result was not
+  computed on (every weight is fingerprinted, so a rescaled, sign-flipped or permuted block
+  shows). The same weights in another dtype, on another device or through the other
+  TransformerLens API are accepted within the coarser dtype's rounding: results are float64
+  and move where they are used.
 - `_repr_html_()` and `save_html(path)` render it (the views are imported only then).
 """
 
@@ -20,6 +23,7 @@ import importlib.metadata
 import json
 import math
 import platform
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -29,8 +33,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.compat import model_dtype, tl_version
-from tl_degeneracy.engine.identity import identity_and_fingerprint, weight_processing
+from tl_degeneracy.engine.compat import api_of, is_transformer, model_dtype, tl_version
+from tl_degeneracy.engine.identity import (
+    FINGERPRINT_FIELDS,
+    comparable_fingerprint,
+    fingerprint_difference,
+    identity_and_fingerprint,
+    rounding_tolerance,
+    weight_processing,
+)
 
 FORMAT_VERSION = 2
 TENSORS_FILE = "tensors.safetensors"
@@ -88,40 +99,163 @@ def build_metadata(model: nn.Module, sites: Sequence[Any] = (), **fields: Any) -
 
 
 def check_model(metadata: dict[str, Any], model: nn.Module, what: str = "result") -> None:
-    """Raise `ArtifactError` naming how `model` differs from the one `metadata` describes.
+    """Raise `ArtifactError` naming how `model` differs from the one `metadata` describes;
+    warn (`UserWarning`) where the metadata cannot tell (`compare_model`)."""
+    problem, caveat = compare_model(metadata, model, what)
+    if problem is not None:
+        raise ArtifactError(problem)
+    if caveat is not None:
+        warnings.warn(caveat, UserWarning, stacklevel=3)
 
-    The configuration must match, and every weight tensor's fingerprint within rounding
-    (1e-5 relative in the same dtype, 1e-2 across dtypes such as float32 → bfloat16)."""
-    saved = metadata.get("model", {})
-    current, here = identity_and_fingerprint(model)
+
+def compare_model(
+    metadata: dict[str, Any], model: nn.Module, what: str = "result"
+) -> tuple[str | None, str | None]:
+    """How `model` differs from the one `metadata` describes, and what could not be checked:
+    (problem or None, caveat or None).
+
+    The configuration must match, and every weight tensor's fingerprint
+    (`identity.FINGERPRINT_FIELDS`: scale, sign and order of its entries) within the rounding
+    of the coarser of the two dtypes (`identity.rounding_tolerance`: 1e-9 relative between
+    float64 copies, 2e-6 with float32, 1e-2 with bfloat16). Weights are compared under the
+    names both TransformerLens APIs share; a weight only one side has is allowed when it is
+    zero (an absent bias), and otherwise means another weight layout. A fingerprint saved by an
+    earlier version (mean |w| and rms only) is completed by the weight digest. Metadata of
+    `build_metadata` without the model's identity (an edited file) cannot be checked and the
+    caveat says so; a result that never records a model (an `AblationCurve` of bases given
+    as a mapping) has nothing to check."""
     fix = f"Compute the {what} for this model, or load the model it was computed on."
-    for key, value in saved.items():
-        if key in ("api", "weight_digest"):
-            continue
-        if current.get(key) != value:
-            raise ArtifactError(
-                f"this {what} was computed on a different model: {key} is {value!r} in the "
-                f"saved {what} but {current.get(key)!r} on this model. {fix}"
-            )
+    saved = metadata.get("model")
     saved_fp = metadata.get("weight_fingerprint")
-    if saved_fp is None:  # written before fingerprints: the digest is all there is
-        if saved.get("weight_digest") not in (None, current.get("weight_digest")):
-            raise ArtifactError(f"this {what} was computed on a model with other weights. {fix}")
-        return
-    same_dtype = metadata.get("model_dtype") == str(model_dtype(model))
-    rtol = 1e-5 if same_dtype else 1e-2
-    for name in sorted(set(saved_fp) | set(here)):
-        if name not in saved_fp or name not in here:
-            raise ArtifactError(
-                f"this {what} was computed on a model with other weights: {name!r} is "
-                f"{'missing in' if name not in here else 'new on'} this model. {fix}"
+    if not isinstance(saved, dict) and not isinstance(saved_fp, dict):
+        if not {"versions", "model_dtype"} & set(metadata):
+            return None, None  # a result that records no model (e.g. from bases without one)
+        return None, (  # written by `build_metadata`, then edited
+            f"this {what} records no model ('model' and 'weight_fingerprint' are missing from "
+            "its metadata), so it cannot be checked against this model: make sure it was "
+            f"computed on this model, or compute it again (a new {what} records it)"
+        )
+    current, here = identity_and_fingerprint(model)
+    caveats = []
+    if isinstance(saved, dict):
+        for key, value in saved.items():
+            if key in ("api", "weight_digest"):
+                continue
+            if current.get(key) != value:
+                return (
+                    f"this {what} was computed on a different model: {key} is {value!r} in the "
+                    f"saved {what} but {current.get(key)!r} on this model. {fix}"
+                ), None
+    else:
+        saved = {}
+        caveats.append(
+            f"this {what} records no model configuration ('model' is missing from its "
+            "metadata): only its weights were checked against this model"
+        )
+    digest = saved.get("weight_digest")
+    digest_differs = digest not in (None, current.get("weight_digest"))
+    if not isinstance(saved_fp, dict):  # written before fingerprints: the digest is all there is
+        if digest_differs:
+            return f"this {what} was computed on a model with other weights. {fix}", None
+        if digest is None:
+            caveats.append(
+                f"this {what} records no weight fingerprint or digest ('weight_fingerprint' is "
+                "missing from its metadata), so this model's weights cannot be checked against "
+                "the ones it was computed on; only the configuration was checked"
             )
-        for a, b in zip(saved_fp[name], here[name]):
-            if abs(a - b) > rtol * max(abs(a), abs(b)) + 1e-12:
-                raise ArtifactError(
-                    f"this {what} was computed on a model with other weights: {name} differs "
-                    f"(mean |w|, rms: {saved_fp[name]} saved vs {here[name]} here). {fix}"
-                )
+        return None, "; ".join(caveats) or None
+    problem = _compare_fingerprints(metadata, saved_fp, here, model, what, fix)
+    if problem is not None:
+        return problem, None
+    earlier = any(len(v) < len(FINGERPRINT_FIELDS) for v in saved_fp.values())
+    if earlier and (digest is None or digest_differs):
+        why = (
+            "it records no weight digest either"
+            if digest is None
+            else "its weight digest differs from this model's (as it also does for the same "
+            "weights in another dtype, on another device or API)"
+        )
+        caveats.append(
+            f"this {what} was saved by an earlier tl_degeneracy, whose weight fingerprint "
+            "(mean |w| and rms per tensor) does not show sign flips or permutations of "
+            f"weights, and {why}: this model may compute another function. Save the {what} "
+            "again with this version to check it fully"
+        )
+    return None, "; ".join(caveats) or None
+
+
+def _compare_fingerprints(
+    metadata: dict[str, Any],
+    saved_fp: dict[str, Any],
+    here_fp: dict[str, list[float]],
+    model: nn.Module,
+    what: str,
+    fix: str,
+) -> str | None:
+    saved, here = comparable_fingerprint(saved_fp), comparable_fingerprint(here_fp)
+    for name, values in saved.items():
+        if not (
+            isinstance(values, list)
+            and 2 <= len(values) <= len(FINGERPRINT_FIELDS)
+            and all(isinstance(v, (int, float)) for v in values)
+        ):
+            return (
+                f"the saved {what}'s metadata is damaged: its weight_fingerprint entry for "
+                f"{name!r} is {values!r}, not a list of 2 to {len(FINGERPRINT_FIELDS)} numbers; "
+                f"restore metadata.json or compute the {what} again"
+            )
+    old = any(len(v) < len(FINGERPRINT_FIELDS) for v in saved.values())
+    rtol = rounding_tolerance(metadata.get("model_dtype"), model_dtype(model))
+    rtol = max(rtol, 1e-5) if old else rtol  # earlier fingerprints: 6 significant digits
+    for name in sorted(set(saved) | set(here)):
+        a, b = saved.get(name), here.get(name)
+        if a is None or b is None:
+            if (a if a is not None else b)[0] == 0:  # type: ignore[index]
+                continue  # a zero tensor (an unused bias) is as good as none
+            return _layout_problem(metadata, model, name, a is not None, what)
+        diff = fingerprint_difference(a, b, rtol)
+        if diff is not None:
+            field, x, y = diff
+            saved_wp, here_wp = metadata.get("weight_processing"), weight_processing(model)
+            processing = (
+                f" The weight processing differs too ({saved_wp} there, {here_wp} here): load "
+                f"the model with the processing used for the {what}."
+                if saved_wp is not None and jsonable(saved_wp) != jsonable(here_wp)
+                else ""
+            )
+            return (
+                f"this {what} was computed on a model with other weights: {name} differs "
+                f"({field} {x:.8g} saved vs {y:.8g} here, beyond the tolerance {rtol:.1g} of "
+                f"its dtypes).{processing} {fix}"
+            )
+    return None
+
+
+def _layout_problem(
+    metadata: dict[str, Any], model: nn.Module, name: str, saved_only: bool, what: str
+) -> str:
+    """Why a non-zero weight on one side only means another weight layout, and what to do."""
+    api_names = {"hooked": "HookedTransformer", "bridge": "TransformerBridge"}
+    saved_api = (
+        metadata.get("model", {}).get("api") if isinstance(metadata.get("model"), dict) else None
+    )
+    here_api = api_of(model) if is_transformer(model) else "module"
+    saved_wp, here_wp = metadata.get("weight_processing"), weight_processing(model)
+    where = f"only in the saved {what}" if saved_only else "only on this model"
+    origin = (
+        f"It was computed on a {api_names.get(str(saved_api), saved_api or 'model')}; this "
+        f"model is a {api_names.get(here_api, here_api)}"
+    )
+    if saved_wp is not None and jsonable(saved_wp) != jsonable(here_wp):
+        origin += f"; weight processing {saved_wp} there, {here_wp} here"
+    return (
+        f"this {what} was computed on a model whose weights are laid out differently: "
+        f"{name!r} is {where}. {origin}. Another TransformerLens API (HookedTransformer or "
+        "TransformerBridge) or other weight processing (fold_ln, centring, folded value "
+        "biases) names and shapes the weights differently, so they cannot be compared; the "
+        "weights themselves may be the same. Load the model the way it was loaded for the "
+        f"{what} (same API, same processing), or compute the {what} for this model."
+    )
 
 
 def write_artifact(
@@ -151,6 +285,11 @@ def read_artifact(path: str | Path, kind: str) -> tuple[dict[str, Tensor], dict[
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{meta_path} is corrupted (invalid JSON: {e}); recompute it") from e
+    if not isinstance(meta, dict):
+        raise ArtifactError(
+            f"{meta_path} is corrupted (a JSON {type(meta).__name__}, not an object); recompute it"
+        )
+    _check_format(meta, meta_path)
     found = meta.get("artifact", kind)
     if found != kind:
         raise ArtifactError(f"{folder} holds a saved {found}, not a {kind}")
@@ -165,6 +304,29 @@ def read_artifact(path: str | Path, kind: str) -> tuple[dict[str, Tensor], dict[
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{tensor_path} is corrupted ({e}); recompute it") from e
     return tensors, meta
+
+
+def _check_format(meta: dict[str, Any], meta_path: Path) -> None:
+    """A format this version reads (1 to `FORMAT_VERSION`); a newer one asks for an upgrade."""
+    version = meta.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ArtifactError(
+            f"{meta_path}: format_version {version!r} is not a format of tl_degeneracy (whole "
+            f"numbers from 1; this version writes {FORMAT_VERSION}); the file was edited or "
+            "damaged: restore it or recompute the result"
+        )
+    if version > FORMAT_VERSION:
+        by = (
+            meta.get("versions", {}).get("tl_degeneracy")
+            if isinstance(meta.get("versions"), dict)
+            else None
+        )
+        raise ArtifactError(
+            f"{meta_path} is in format {version}"
+            + (f", written by tl_degeneracy {by}" if by else "")
+            + f"; this tl_degeneracy ({package_version()}) reads formats up to "
+            f"{FORMAT_VERSION}: upgrade it (pip install -U tl_degeneracy)"
+        )
 
 
 class Rendered:
@@ -206,6 +368,14 @@ class Result(Rendered):
     def _from_artifact(cls: type[R], tensors: dict[str, Tensor], meta: dict[str, Any]) -> R:
         raise NotImplementedError
 
+    @classmethod
+    def _check_artifact(
+        cls, tensors: dict[str, Tensor], meta: dict[str, Any], folder: Path
+    ) -> None:
+        """Raise `ArtifactError` naming the file, the entry and the problem when the saved
+        tensors and metadata do not form a valid result (an edited or damaged file that the
+        checksum does not catch). Subclasses check what they read; the default checks nothing."""
+
     def save(self, path: str | Path) -> Path:
         """Write the result to the folder `path` (created); returns the folder."""
         return write_artifact(path, self.ARTIFACT, self._tensors(), self._metadata())
@@ -215,6 +385,7 @@ class Result(Rendered):
         """Read a result saved with `save`; with `model`, check it is the model it was
         computed on (`ArtifactError` says how it differs)."""
         tensors, meta = read_artifact(path, cls.ARTIFACT)
+        cls._check_artifact(tensors, meta, Path(path))
         if model is not None:
             check_model(meta, model, cls.ARTIFACT)
         return cls._from_artifact(tensors, meta)

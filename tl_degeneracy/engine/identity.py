@@ -1,12 +1,14 @@
 """What identifies a model in saved results: its configuration, its weight processing, and a
 fingerprint of every weight (so that a result refuses a model it was not computed on, and a
-change of any block's weights shows)."""
+change of any block's weights shows: a rescaling, a sign flip or a permutation of its
+entries). Reading every weight costs one pass over it, once per state of the weights."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
 import math
+import re
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -97,46 +99,133 @@ def weight_digest(model: nn.Module) -> str:
 
 def _digest(sums: dict[str, tuple]) -> str:
     h = hashlib.sha256()
-    for key, (total, l1, l2sq, head, _) in sums.items():
+    for key, (total, l1, l2sq, head, *_) in sums.items():
         h.update(key.encode())
         h.update(" ".join(f"{x:.5g}" for x in (total, l1, l2sq, head)).encode())
     return h.hexdigest()[:16]
 
 
 def weight_fingerprint(model: nn.Module) -> dict[str, list[float]]:
-    """Per weight tensor (HookedTransformer names on either API): mean |w| and root mean
-    square, 6 significant digits. Stable across APIs, devices and dtypes up to their rounding."""
+    """Per weight tensor (HookedTransformer names on either API), `FINGERPRINT_FIELDS`: mean
+    |w| and root mean square (what a rescaling changes), mean w (a sign flip), and the means of
+    w weighted by its row's and its column's relative position (a permutation of rows or
+    columns, e.g. of neurons or heads), to 12 significant digits. Stable across APIs,
+    devices and dtypes up to the dtypes' rounding (`fingerprint_difference`)."""
     return _fingerprint(_weight_sums(model))
+
+
+FINGERPRINT_FIELDS = ("mean |w|", "rms", "mean w", "row-weighted mean", "column-weighted mean")
+"""What `weight_fingerprint` records per tensor, in order. Fingerprints saved by earlier
+versions hold only the first two (to 6 significant digits), which a sign flip or a
+permutation leaves unchanged (`artifacts.check_model` then also compares the digest)."""
 
 
 def _fingerprint(sums: dict[str, tuple]) -> dict[str, list[float]]:
     return {
-        key: [float(f"{l1 / n:.6g}"), float(f"{math.sqrt(l2sq / n):.6g}")]
-        for key, (_, l1, l2sq, _, n) in sums.items()
+        key: [
+            float(f"{x:.12g}")
+            for x in (l1 / n, math.sqrt(l2sq / n), total / n, by_row / n, by_col / n)
+        ]
+        for key, (total, l1, l2sq, _, by_row, by_col, n) in sums.items()
         if n
     }
 
 
-def _weight_sums(model: nn.Module) -> dict[str, tuple[float, float, float, float, int]]:
+def _weight_sums(model: nn.Module) -> dict[str, tuple[float, ...]]:
     """Per floating-point weight tensor, sorted by name: Σw, Σ|w|, Σw², the sum of its first
-    64 entries and its size, in float64; read once per state of the weights (`_cached`)."""
+    64 entries, Σ (r/R) w and Σ (c/C) w for the entry's row r of R and column c of C (the
+    tensor viewed as rows along its last dimension), and its size; in float64, read once per
+    state of the weights (`_cached`)."""
     return _cached(model, "sums", _read_weight_sums)
 
 
-def _read_weight_sums(model: nn.Module) -> dict[str, tuple[float, float, float, float, int]]:
+def _read_weight_sums(model: nn.Module) -> dict[str, tuple[float, ...]]:
     readable = is_transformer(model) and has_hooked_weights(model)
     state = hooked_state_dict(model) if readable else model.state_dict()
     keys = [k for k in sorted(state) if state[k].is_floating_point()]
     per_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
     for key in keys:
-        t = state[key].detach().flatten().to(torch.float64)
-        sums = torch.stack([t.sum(), t.abs().sum(), t.dot(t), t[:64].sum()])
-        per_device.setdefault(t.device, []).append((key, sums))
+        per_device.setdefault(state[key].device, []).append((key, _sums(state[key])))
     read = {}  # one transfer (one synchronisation) per device, not one per tensor
     for pairs in per_device.values():
         values = torch.stack([s for _, s in pairs]).tolist()
         read.update({key: v for (key, _), v in zip(pairs, values)})
     return {key: (*read[key], state[key].numel()) for key in keys}
+
+
+def _sums(weight: Tensor) -> Tensor:
+    """The six float64 sums of `_weight_sums` for one tensor, on its device. The position-
+    weighted sums take one pass: the tensor's rows times [1, c/C] give each row's sum and its
+    column-weighted sum (a position-weighted sum over the flattened tensor would need a
+    vector as long as it)."""
+    t = weight.detach().flatten().to(torch.float64)
+    if t.numel() == 0:
+        return t.new_zeros(6)
+    width = weight.shape[-1] if weight.ndim else 1
+    matrix = t.view(-1, width)
+    rows = matrix.shape[0]
+    ones_and_ramp = torch.stack(
+        [t.new_ones(width), torch.arange(width, dtype=torch.float64, device=t.device) / width], 1
+    )
+    per_row = matrix @ ones_and_ramp  # [rows, 2]: Σ_c w_rc and Σ_c (c/C) w_rc
+    row_ramp = torch.arange(rows, dtype=torch.float64, device=t.device) / rows
+    return torch.stack(
+        [
+            t.sum(),  # these four as before: the digest of results saved earlier stays valid
+            t.abs().sum(),
+            t.dot(t),
+            t[:64].sum(),
+            per_row[:, 0].dot(row_ramp),
+            per_row[:, 1].sum(),
+        ]
+    )
+
+
+_GROUPED = re.compile(r"\.attn\._([Wb]_[KV])$")
+_DERIVED_BUFFERS = ("rotary_sin", "rotary_cos")
+"""Floating buffers a HookedTransformer computes from its config, which a Bridge lacks."""
+
+
+def comparable_fingerprint(fingerprint: dict[str, list[float]]) -> dict[str, list[float]]:
+    """A fingerprint under names both APIs share: grouped-query attention's key and value
+    weights `attn._W_K` (HookedTransformer) are `attn.W_K` (Bridge); rotary tables computed
+    from the config are left out."""
+    out = {}
+    for name, values in fingerprint.items():
+        if name.endswith(_DERIVED_BUFFERS):
+            continue
+        out[_GROUPED.sub(r".attn.\1", name) if ".attn._" in name else name] = values
+    return out
+
+
+def rounding_tolerance(*dtypes: torch.dtype | str | None) -> float:
+    """Relative tolerance of fingerprint fields between copies of the same weights held in
+    `dtypes`: each entry is rounded at most once to the coarsest of them (relative error ≤
+    eps/2), a loader's processing in that dtype may add a few roundings, and float64 sums
+    differ by their order; so 16 eps of the coarsest dtype, within [1e-9, 1e-2]. An unknown
+    dtype counts as the coarsest (1e-2)."""
+    eps = 0.0
+    for dtype in dtypes:
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            return 1e-2
+        eps = max(eps, torch.finfo(dtype).eps)
+    return min(1e-2, max(1e-9, 16 * eps))
+
+
+def fingerprint_difference(
+    saved: list[float], here: list[float], rtol: float
+) -> tuple[str, float, float] | None:
+    """The first field (of `FINGERPRINT_FIELDS`) in which two fingerprints of one tensor
+    differ beyond `rtol`, as (field, saved, here); None when they agree. Every field is
+    compared on the scale of the tensor's mean |w|: each is a mean of entries weighted by at
+    most 1, so rounding each entry by a relative ε moves it by at most ε·mean |w|."""
+    scale = max(abs(saved[0]), abs(here[0]))
+    for field, a, b in zip(FINGERPRINT_FIELDS, saved, here):
+        if abs(a - b) > rtol * max(scale, abs(a), abs(b)) + 1e-300:
+            return field, a, b
+    return None
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[str, Any]]] = (
