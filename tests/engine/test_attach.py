@@ -218,3 +218,51 @@ def test_attaching_to_a_model_with_other_weights_warns_once(api, tiny, tokens_fo
         warnings.simplefilter("error", UserWarning)
         with attach(tuned, result), ablate_nodes(tuned, result, SITES[1], 2):
             pass
+
+
+def test_every_entry_point_that_applies_a_basis_checks_the_model(api, tiny, tokens_for):
+    """Prompt graphs, interventions, attribution comparisons and node-ablation curves refuse a
+    basis that cannot act on the model and warn (once) for one fitted on other weights, as
+    attach does."""
+    import warnings
+
+    import pytest
+
+    from tl_degeneracy.engine.artifacts import ArtifactError
+    from tl_degeneracy.engine.attribution import compare_attribution
+    from tl_degeneracy.engine.prompt_graph import Target, prompt_graph
+    from tl_degeneracy.engine.prompt_graph.compare import compare_with_patching
+    from tl_degeneracy.engine.prompt_graph.interventions import intervene
+
+    model = tiny(api)
+    toks = tokens_for(model, 30)
+    result = fit_basis(model, toks, LIBConfig(SITES, progress=False))
+    wider = tiny(api, d_model=12, seed=5)
+    prompt, corrupted = toks[:1], toks[1:2]
+    target = Target.logit_difference(3, 4)
+
+    def metric(logits, tokens):
+        return logits[:, -1, 3] - logits[:, -1, 4]
+
+    calls = {
+        "prompt_graph": lambda m: prompt_graph(m, result, prompt, target),
+        "compare_with_patching": lambda m: compare_with_patching(
+            m, result, prompt, corrupted, target, top=2
+        ),
+        "compare_attribution": lambda m: compare_attribution(
+            m, result, None, toks[:4], toks[4:8], metric
+        ),
+        "node_ablation_curve": lambda m: node_ablation_curve(
+            m, result, SITES[1].name, toks, metric, ks=[1]
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ArtifactError, match="the basis does not fit this model"):
+            call(wider)
+        with pytest.warns(UserWarning, match="other weights"):
+            call(tiny(api, seed=5 + len(name)))  # a fresh model: the warning is once per model
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            call(model)  # the model it was fitted on: silent
+    with pytest.raises(ArtifactError, match="the basis does not fit this model"):
+        intervene(wider, result, prompt, target, [(SITES[1].hook, -1, 0)])

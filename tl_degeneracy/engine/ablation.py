@@ -23,6 +23,7 @@ from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.capture import capture_sites, injection_hooks
 from tl_degeneracy.engine.compat import run_with_hooks
+from tl_degeneracy.engine.model_match import check_fits, warn_if_fitted_elsewhere
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import LOGITS, Site
 from tl_degeneracy.engine.streaming import iter_batches
@@ -180,6 +181,8 @@ def node_ablation_curve(
     ks = list(ks) if ks is not None else ablation_schedule(basis.k)
     for k in ks:
         basis.check_kept(k)
+    check_fits(model, [basis])
+    warn_if_fitted_elsewhere(model, result)
     baseline = evaluate(model, tokens, metric, batch_size)
     meta = dict(result.metadata) if isinstance(result, BasisResult) else {}
     if reads_last_position_only(metric):

@@ -10,9 +10,6 @@ keeps the top k features: `f ← μ + f̂_{:k} C⁺_{:k}`. Sites are read and wr
 
 from __future__ import annotations
 
-import re
-import warnings
-import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -22,18 +19,15 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from tl_degeneracy.engine.artifacts import ArtifactError, compare_model
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.capture import capture_sites, transform_hooks
 from tl_degeneracy.engine.compat import (
-    hook_names,
-    is_transformer,
-    model_cfg,
     register_hook_point,
     unregister_hook_point,
 )
-from tl_degeneracy.engine.sites import Site, site_parts
+from tl_degeneracy.engine.model_match import check_fits, warn_if_fitted_elsewhere, width_error
+from tl_degeneracy.engine.sites import Site
 
 
 def feature_hook_name(basis: SiteBasis) -> str:
@@ -52,7 +46,7 @@ def _site_hooks(
 ) -> list:
     def transform(f: Tensor) -> Tensor | None:
         if f.shape[-1] != basis.d:
-            raise _width_error(model, basis, int(f.shape[-1]))
+            raise width_error(model, basis, int(f.shape[-1]))
         b = basis.to(f.device)
         feats = b.features(f)
         if keep is not None:
@@ -63,79 +57,6 @@ def _site_hooks(
         return f.to(torch.float64) + (edited - feats) @ b.C_pinv
 
     return transform_hooks(model, basis.site, transform)
-
-
-_FIX = "Use a basis fitted on this model (BasisResult.load(path, model=model) checks one)."
-
-
-def _width_error(model: nn.Module, basis: SiteBasis, width: int) -> ArtifactError:
-    parts = site_parts(model, basis.site)
-    what = f"{parts[0]} with the stream at {parts[1]}" if len(parts) > 1 else parts[0]
-    return ArtifactError(
-        f"the basis does not fit this model: at site {basis.site.name} the basis is {basis.d} "
-        f"wide, but this model's activation there ({what}) is {width} wide. {_FIX}"
-    )
-
-
-def check_fits(model: nn.Module, bases: list[SiteBasis]) -> None:
-    """Raise `ArtifactError` naming the site when a basis cannot act on `model`: a hook the
-    model lacks (a site of a deeper model), or a residual-stream site whose width is not the
-    model's `d_model`. Other widths are checked at the site's first activation (a composite
-    site's width is known only then)."""
-    valid = set(hook_names(model))
-    transformer = is_transformer(model)
-    for b in bases:
-        missing = [h for h in site_parts(model, b.site) if h not in valid]
-        if missing:
-            layers = model_cfg(model).n_layers if transformer else None
-            depth = f" (it has {layers} layers)" if layers is not None else ""
-            raise ArtifactError(
-                f"the basis does not fit this model: its site {b.site.name} needs the hook "
-                f"{missing[0]!r}, which this model does not have{depth}. {_FIX}"
-            )
-        if transformer and _RESIDUAL.match(b.site.hook):
-            width = int(model_cfg(model).d_model)
-            if width != b.d:
-                raise _width_error(model, b, width)
-
-
-_RESIDUAL = re.compile(r"^blocks\.\d+\.hook_resid_(pre|mid|post)$")
-
-_WARNED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
-"""Per model, the mismatches already reported by `warn_if_fitted_elsewhere`."""
-
-
-def warn_if_fitted_elsewhere(
-    model: nn.Module, result: BasisResult | Mapping[str, SiteBasis]
-) -> None:
-    """Warn once (per model and difference) when `result` records a model other than `model`:
-    weights that differ from its fingerprint, or another configuration of the same widths.
-
-    Not an error: a basis applied to a fine-tuned variant of the model it was fitted on is a
-    legitimate experiment. Bases without a recorded model (a mapping of `SiteBasis`) are not
-    checked. Costs a cached fingerprint comparison (milliseconds) per call; the first call
-    after the weights change reads every weight once."""
-    if not isinstance(result, BasisResult):
-        return
-    meta = result.metadata
-    if not isinstance(meta.get("model"), dict) and not isinstance(
-        meta.get("weight_fingerprint"), dict
-    ):
-        return
-    problem, _ = compare_model(meta, model, "basis")
-    if problem is None:
-        return
-    warned = _WARNED.setdefault(model, set())
-    if problem in warned:
-        return
-    warned.add(problem)
-    warnings.warn(
-        f"{problem.replace('computed', 'fitted')} Applying a basis to a fine-tuned variant of "
-        "the model it was fitted on is fine; pass check_weights=False to attach or "
-        "ablate_nodes to silence this warning.",
-        UserWarning,
-        stacklevel=6,  # the caller of attach or ablate_nodes (through two context managers)
-    )
 
 
 @contextmanager
@@ -157,7 +78,8 @@ def _attached(
             b.check_kept(keep[b.site.name])
     check_fits(model, bases)
     if check_weights:
-        warn_if_fitted_elsewhere(model, result)
+        # the caller of attach or ablate_nodes, through two context managers
+        warn_if_fitted_elsewhere(model, result, stacklevel=6)
     names = []
     hooks: list = []
     for b in bases:

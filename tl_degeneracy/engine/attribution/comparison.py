@@ -44,6 +44,7 @@ from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.capture import capture_sites
 from tl_degeneracy.engine.compat import model_cfg
 from tl_degeneracy.engine.identity import model_identity
+from tl_degeneracy.engine.model_match import check_fits, warn_if_fitted_elsewhere
 from tl_degeneracy.engine.sites import SiteLike, as_site, site_parts
 from tl_degeneracy.engine.tokens import validate_pair
 
@@ -260,6 +261,8 @@ def compare_attribution(
         chosen = [_lookup(bases, s) for s in sites]
     if any(b.site.is_logits for b in chosen):
         raise ValueError("attribution at the logits is not a patching experiment; pick a hook site")
+    check_fits(model, chosen)
+    warn_if_fitted_elsewhere(model, basis_result)
     site_list = [b.site for b in chosen]
     with torch.no_grad():
         clean_value = float(batch_metric(metric, model(clean_tokens), clean_tokens))

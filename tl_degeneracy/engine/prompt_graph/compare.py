@@ -31,6 +31,7 @@ from tl_degeneracy.engine.attribution import (
 )
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
+from tl_degeneracy.engine.model_match import check_fits, warn_if_fitted_elsewhere
 from tl_degeneracy.engine.prompt_graph.nodes import check_prompt, node_attributions, site_chain
 from tl_degeneracy.engine.prompt_graph.target import TargetLike, as_target
 from tl_degeneracy.engine.sites import Positions, Site, SiteLike
@@ -153,6 +154,8 @@ def compare_with_patching(
         check_prompt(prompt)
     clean_tokens, corrupted_tokens = validate_pair(model, clean_tokens, corrupted_tokens)
     chain = site_chain(model, basis, sites, positions)
+    check_fits(model, [c.basis for c in chain])
+    warn_if_fitted_elsewhere(model, basis)
     # gradient at the corrupted prompt, values relative to the clean one: minus attribution
     # patching
     at_corrupted = node_attributions(model, chain, corrupted_tokens, tgt, clean_tokens, False)

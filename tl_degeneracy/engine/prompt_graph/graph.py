@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tl_degeneracy.engine.artifacts import Result, build_metadata
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
+from tl_degeneracy.engine.model_match import check_fits, warn_if_fitted_elsewhere
 from tl_degeneracy.engine.prompt_graph.edges import (
     FEATURE,
     KIND_NAMES,
@@ -314,6 +315,8 @@ def prompt_graph(
     tokens = validate_tokens(model, tokens)
     start = time.process_time()
     chain = site_chain(model, basis, config.sites, config.positions)
+    check_fits(model, [c.basis for c in chain])
+    warn_if_fitted_elsewhere(model, basis)
     attrs = node_attributions(model, chain, tokens, tgt, None, config.freeze_final_norm)
     t_nodes = time.process_time() - start
     candidates = [

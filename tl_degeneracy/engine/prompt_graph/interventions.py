@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.compat import frozen_parameters, run_with_hooks
+from tl_degeneracy.engine.model_match import check_fits
 from tl_degeneracy.engine.prompt_graph.graph import NodeRef, PromptGraph
 from tl_degeneracy.engine.prompt_graph.nodes import check_prompt
 from tl_degeneracy.engine.prompt_graph.site_io import _write_site
@@ -78,6 +79,7 @@ def intervene_many(
     if mode == "value" and (values is None or len(values) != len(groups)):
         raise ValueError("mode='value' needs one list of values per group (`values`)")
     by_hook = _bases_by_hook(basis)
+    check_fits(model, list(by_hook.values()))
     refs = [[_as_ref(n) for n in g] for g in groups]
     n_pos = tokens.shape[1]
     for g in refs:
