@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import warnings
 
+import pytest
 import torch
 
 from tl_degeneracy import cli
 from tl_degeneracy.engine.compat import available_apis
 from tl_degeneracy.engine.degeneracy import DegeneracyReport, SGLDWarning
 from tl_degeneracy.engine.degeneracy.parameters import state_dict_parameters
+from tl_degeneracy.experiments.degeneracy_job import DegeneracyJobConfig
 from tl_degeneracy.models import load_local, tiny_checkpoint, tokens_from_text_files
 from tl_degeneracy.models.modadd.checkpoints import save_checkpoint
 from tl_degeneracy.models.modadd.data import ModAddDataset
@@ -131,3 +133,45 @@ def test_a_hugging_face_folder_on_its_own_text_or_tokens(tmp_path):
     assert [s.name for s in a.sections] == [s.name for s in b.sections]
     assert "blocks.1.mlp" in [s.name for s in a.sections]
     assert torch.equal(a.total.bound_curve, b.total.bound_curve)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--step-size", "0"], "step_size must be a positive finite number, got 0.0"),
+        (["--step-size", "-0.0001"], "step_size must be a positive finite number"),
+        (["--nbeta", "0"], "nbeta must be a positive finite number, got 0.0"),
+        (["--chains", "0"], "chains must be at least 1, got 0"),
+        (["--steps", "50"], "burnin (100) must be less than steps (50)"),
+        (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
+        (["--gamma", "-100"], "gamma must be a non-negative finite number"),
+        (["--eps", "-1"], "eps must be a non-negative finite number"),
+        (["--n-data", "0"], "n_data must be at least 1, got 0"),
+        (["--grid-step-sizes", "0"], "every step size of sensitivity_step_sizes"),
+    ],
+)
+def test_bad_settings_exit_with_one_line_before_loading(tmp_path, capsys, options, message):
+    """Checked before any model is loaded (the default model needs no files here)."""
+    argv = ["degeneracy", "--out", str(tmp_path / "out"), "--quiet", *options]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("tl-degeneracy degeneracy: ValueError: ") and message in err[0]
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_step_size_zero_is_not_the_default():
+    with pytest.raises(ValueError, match="step_size"):
+        DegeneracyJobConfig(step_size=0.0)
+    assert DegeneracyJobConfig(step_size=1e-3).sgld_config(10).step_size == 1e-3
+
+
+def test_one_data_point_exits_with_one_line(api, tiny, tmp_path, capsys):
+    p = 7
+    model = tiny(api, "mlp", d_vocab=p + 1, n_ctx=3)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, {}, ModAddDataset.random(p, 0.5, 0))
+    argv = ["degeneracy", str(ckpt), "--out", str(tmp_path / "out"), "--api", api, "--quiet"]
+    argv += ["--n-data", "1", "--llc", "total", "--step-size", "1e-4", "--steps", "10"]
+    argv += ["--burnin", "2"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()[0]
+    assert "β = 1/log n needs n ≥ 2" in err and "give more data" in err

@@ -31,6 +31,7 @@ from tl_degeneracy.engine.degeneracy import (
     SourcesConfig,
     degeneracy_report,
 )
+from tl_degeneracy.engine.degeneracy.config import count, positive
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,72 @@ class DegeneracyJobConfig:
     progress: bool = True
     """tqdm bars for the SGLD runs."""
 
+    def __post_init__(self) -> None:
+        """Check every setting before a model is loaded: a bad one is a ValueError naming it
+        (the command line shows it as one line and exits with status 2)."""
+        for name, value, allowed in (
+            ("api", self.api, ("auto", "hooked", "bridge")),
+            ("llc", self.llc, ("all", "total", "none")),
+            ("cutoff", self.cutoff, ("relative", "absolute")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        for name in ("n_data", "seq_len", "n_probes", "chains", "steps", "batch_size"):
+            if getattr(self, name) is not None:
+                count(name, getattr(self, name), 1)
+        if not 0 <= count("burnin", self.burnin, 0) < self.steps:
+            raise ValueError(
+                f"burnin ({self.burnin}) must be less than steps ({self.steps}): lower burnin "
+                "or raise steps"
+            )
+        if self.nbeta is not None:
+            positive("nbeta", self.nbeta, "e.g. 100, or None for n / log n")
+        for nbeta in self.sensitivity_nbetas:
+            if nbeta is not None:
+                positive("every nβ of sensitivity_nbetas", nbeta)
+        for eps in self.sensitivity_step_sizes:
+            positive("every step size of sensitivity_step_sizes", eps)
+        # the package's own checks of everything else (step size, chains, steps, cutoff, ...)
+        self.sources_config(self.eps if self.eps is not None else 1e-10, "last", False)
+        self.sgld_config(None)
+        self.calibration_config(False)
+
+    def sources_config(
+        self, eps: float, positions: Literal["last", "all"], lm: bool
+    ) -> SourcesConfig:
+        return SourcesConfig(
+            eps=eps,
+            cutoff=self.cutoff,
+            positions=positions,
+            n_probes=self.n_probes,
+            batch_size=8 if lm else 512,
+            seed=self.seed,
+        )
+
+    def sgld_config(self, n: int | None) -> SGLDConfig:
+        """The SGLD settings for n loss terms (`nbeta` / n is β)."""
+        beta = None if self.nbeta is None or n is None else self.nbeta / n
+        return SGLDConfig(
+            step_size=self.step_size if self.step_size is not None else SGLDConfig.step_size,
+            gamma=self.gamma,
+            beta=beta,
+            n_chains=self.chains,
+            n_steps=self.steps,
+            n_burnin=self.burnin,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+
+    def calibration_config(self, lm: bool) -> CalibrationConfig | None:
+        """None when a step size is given (exactly those settings)."""
+        if self.step_size is not None:
+            return None
+        return CalibrationConfig(
+            max_total_steps=self.max_total_steps,
+            max_seconds=self.max_seconds if self.max_seconds or not lm else 1800.0,
+            max_steps=self.max_steps,
+        )
+
 
 def load_target(
     config: DegeneracyJobConfig,
@@ -110,32 +177,10 @@ def run_degeneracy_job(config: DegeneracyJobConfig, out: str | Path) -> Degenera
     wall, cpu = time.perf_counter(), time.process_time()
     model, tokens, positions, lm = load_target(config)
     eps = config.eps if config.eps is not None else (1e-6 if lm else 1e-10)
-    sources = SourcesConfig(
-        eps=eps,
-        cutoff=config.cutoff,
-        positions=positions,
-        n_probes=config.n_probes,
-        batch_size=8 if lm else 512,
-        seed=config.seed,
-    )
-    beta = None if config.nbeta is None else config.nbeta / tokens.shape[0]
-    sgld = SGLDConfig(
-        step_size=config.step_size or SGLDConfig.step_size,
-        gamma=config.gamma,
-        beta=beta,
-        n_chains=config.chains,
-        n_steps=config.steps,
-        n_burnin=config.burnin,
-        batch_size=config.batch_size,
-        seed=config.seed,
-    )
-    calibration = None
-    if config.step_size is None:
-        calibration = CalibrationConfig(
-            max_total_steps=config.max_total_steps,
-            max_seconds=config.max_seconds if config.max_seconds or not lm else 1800.0,
-            max_steps=config.max_steps,
-        )
+    sources = config.sources_config(eps, positions, lm)
+    # nβ counts the loss terms: every position of a language model's rows, one per row else
+    sgld = config.sgld_config(int(tokens.numel() if positions == "all" else tokens.shape[0]))
+    calibration = config.calibration_config(lm)
     loaded = time.perf_counter() - wall
     report = degeneracy_report(
         model,

@@ -16,6 +16,7 @@ The local learning coefficient λ̂ by SGLD, N_eff = 2λ̂:
 - `calibration`: λ̂ over step sizes and temperatures (`calibrate_step_size`,
   `sensitivity_grid`);
 - `calibrated`: `calibrated_llc`, the estimate that chooses its own step size and length;
+- `localisation`: `localisation_check` (does λ̂ depend on the localisation γ?);
 - `temperature`: `temperature_fit` (λ and the multiplicity from several nβ);
 - `additivity`: do modules add their λ̂?
 
@@ -40,6 +41,7 @@ from tl_degeneracy.engine.degeneracy.calibration import (
 from tl_degeneracy.engine.degeneracy.config import CalibrationConfig, SGLDConfig, SGLDWarning
 from tl_degeneracy.engine.degeneracy.diagnostics import LLCResult, split_rhat
 from tl_degeneracy.engine.degeneracy.groups import HeadGroups, NeuronGroups, pattern_groups
+from tl_degeneracy.engine.degeneracy.localisation import LocalisationCheck, localisation_check
 from tl_degeneracy.engine.degeneracy.measure import measure_sources
 from tl_degeneracy.engine.degeneracy.parameters import (
     ParamFilter,
@@ -69,6 +71,7 @@ __all__ = [
     "HeadGroups",
     "LLCProblem",
     "LLCResult",
+    "LocalisationCheck",
     "MapSources",
     "ModelProblem",
     "NeuronGroups",
@@ -88,6 +91,7 @@ __all__ = [
     "degeneracy_report",
     "estimate_llc",
     "joint_free_weights",
+    "localisation_check",
     "measure_sources",
     "model_additivity",
     "model_llc",

@@ -28,7 +28,7 @@ from tl_degeneracy.engine.degeneracy.sgld import estimate_llc
 from tl_degeneracy.engine.degeneracy.weight_maps import section_filter
 
 
-@dataclass
+@dataclass(repr=False)
 class AdditivityResult:
     """λ̂ of the union of modules against the sum of the modules' own λ̂.
 
@@ -60,6 +60,9 @@ class AdditivityResult:
     def ratio(self) -> float:
         """λ̂(whole) / Σ λ̂(module): 1 for independent modules."""
         return self.whole.llc / self.sum_of_modules
+
+    def __repr__(self) -> str:  # the numbers, not every chain's trace
+        return f"AdditivityResult({self.summary()})"
 
     def summary(self) -> str:
         parts = ", ".join(f"{k}: {r.llc:.4g} ± {r.llc_se:.2g}" for k, r in self.modules.items())

@@ -111,7 +111,18 @@ def degeneracy_report(
     `sensitivity_step_sizes` × `sensitivity_nbetas` (None: n / log n) re-estimates the
     total's λ̂ at each other setting (`sensitivity_grid`, around the total's own setting, which
     is skipped). `progress` shows a tqdm bar per SGLD run.
+
+    Every parameter is measured whatever its `requires_grad` (use `sections` to restrict);
+    gradients are switched on inside, so a surrounding `torch.no_grad()` does no harm.
     """
+    if llc not in ("all", "total", "none"):
+        raise ValueError(f"llc must be one of all, total, none; got {llc!r}")
+    if not (
+        calibration is None or calibration == "auto" or isinstance(calibration, CalibrationConfig)
+    ):
+        raise ValueError(
+            f"calibration must be 'auto', a CalibrationConfig or None; got {calibration!r}"
+        )
     sources_config = sources_config or SourcesConfig()
     cal = CalibrationConfig() if calibration == "auto" and sgld_config is None else calibration
     cal = cal if isinstance(cal, CalibrationConfig) else None

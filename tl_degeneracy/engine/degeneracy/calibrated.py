@@ -16,6 +16,11 @@ report runs when no step size is given.
    continued to twice their length while the split R-hat is above `rhat_max`, up to
    `max_steps` per chain and within the budget (`max_total_steps`, `max_seconds`). If its
    chains diverge or disagree, the next smaller stable step size is tried.
+4. The localisation check (`localisation.localisation_check`): `pilot_chains` chains at
+   γ / `localisation_ratio`, with the estimate's step size and steps. If their λ̂ differs from
+   the estimate's by more than `tolerance`, the estimate measures the localisation term rather
+   than the loss (nβ·h not ≫ γ in some directions) and is not a result. Run only for an
+   estimate that passed everything else; the budget keeps its steps in reserve.
 
 The result says whether the estimate is a result and, when it is not, why, with the best
 stable setting found (`CalibratedLLC.reasons`, `CalibratedLLC.result`).
@@ -31,6 +36,7 @@ from typing import Any
 
 from tl_degeneracy.engine.degeneracy.config import CalibrationConfig, SGLDConfig, SGLDWarning
 from tl_degeneracy.engine.degeneracy.diagnostics import LLCResult
+from tl_degeneracy.engine.degeneracy.localisation import LocalisationCheck, localisation_check
 from tl_degeneracy.engine.degeneracy.problems import LLCProblem
 from tl_degeneracy.engine.degeneracy.sgld import continue_llc, estimate_llc
 
@@ -73,6 +79,10 @@ class CalibratedLLC:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     """What happened on the way (step sizes given up, budget reached)."""
+    localisation: LocalisationCheck | None = None
+    """λ̂ at a smaller γ against the estimate's (None: not run)."""
+    check_localisation: bool = False
+    """Whether the estimate must pass the localisation check to be a result."""
 
     @property
     def reasons(self) -> list[str]:
@@ -84,6 +94,11 @@ class CalibratedLLC:
         r = self.result
         if math.isfinite(r.llc) and not r.llc_se <= self.tolerance / 2 * abs(r.llc):
             out.append(f"the chains disagree (se {r.llc_se:.3g} > {self.tolerance / 2:g} × λ̂)")
+        if self.check_localisation and not out:
+            if self.localisation is None:
+                out.append("the localisation check did not run (budget)")
+            elif (why := self.localisation.reason()) is not None:
+                out.append(why)
         return out
 
     @property
@@ -115,6 +130,8 @@ class CalibratedLLC:
             "steps_used": self.steps_used,
             "seconds": self.seconds,
             "notes": list(self.notes),
+            "localisation": None if self.localisation is None else self.localisation.to_json(),
+            "check_localisation": self.check_localisation,
         }
 
     @classmethod
@@ -129,6 +146,10 @@ class CalibratedLLC:
             meta["steps_used"],
             meta["seconds"],
             list(meta["notes"]),
+            None
+            if meta.get("localisation") is None
+            else LocalisationCheck.from_json(meta["localisation"]),
+            bool(meta.get("check_localisation", False)),
         )
 
 
@@ -168,7 +189,8 @@ class _Pilots:
         have = self.runs.get(eps)
         done = have.config.n_steps if have is not None else 0
         if done < n:
-            reserve = self.cfg.n_chains * self.cfg.n_steps  # the estimate's first chains
+            # the estimate's first chains and their localisation check
+            reserve = (self.cfg.n_chains + _check_chains(self.cal)) * self.cfg.n_steps
             if not self.budget.allows(self.cal.pilot_chains * (n - done), reserve):
                 return None
             if have is None:
@@ -254,6 +276,15 @@ def calibrated_llc(
         if not why:
             break
         out.notes.append(f"at ε = {eps:g} {why}: a smaller step size was tried")
+    result = out.result
+    if cal.localisation_ratio is not None and result is not None:
+        passed = not out.reasons  # everything but the check
+        out.check_localisation = True
+        if passed and budget.allows(cal.pilot_chains * result.config.n_steps):
+            out.localisation = localisation_check(
+                problem, result, cal.localisation_ratio, cal.pilot_chains, cal.tolerance
+            )
+            budget.spend(out.localisation.steps, out.localisation.seconds)
     out.steps_used = budget.steps
     out.seconds = time.perf_counter() - budget.start
     if out.reasons:
@@ -288,7 +319,8 @@ def _run_to_convergence(
     progress: bool = False,
 ) -> LLCResult | None:
     """Chains at `cfg`, doubled in length while R-hat asks for it and the budget allows."""
-    if not budget.allows(cfg.n_chains * cfg.n_steps):
+    check = _check_chains(cal)  # the localisation check runs as long as the chains
+    if not budget.allows(cfg.n_chains * cfg.n_steps, check * cfg.n_steps):
         out.notes.append(f"the budget left no room for the estimate at ε = {cfg.step_size:g}")
         return None
     result = estimate_llc(problem, cfg, progress, warn=False)
@@ -299,7 +331,7 @@ def _run_to_convergence(
         if result.config.n_steps + more > cal.max_steps:
             out.notes.append(f"R-hat still above {cfg.rhat_max:g} at {cal.max_steps} steps")
             break
-        if not budget.allows(cfg.n_chains * more):
+        if not budget.allows(cfg.n_chains * more, check * (result.config.n_steps + more)):
             out.notes.append("the budget stopped the chains from running longer")
             break
         before = result.seconds
@@ -307,3 +339,8 @@ def _run_to_convergence(
         budget.spend(cfg.n_chains * more, result.seconds - before)
         out.lengths.append((result.config.n_steps, result.rhat))
     return result
+
+
+def _check_chains(cal: CalibrationConfig) -> int:
+    """Chains of the localisation check (0: no check)."""
+    return cal.pilot_chains if cal.localisation_ratio is not None else 0

@@ -89,16 +89,16 @@ def sensitivity_grid(
     leaves out the pair equal to `config`'s own setting (nβ within 0.1%), already estimated
     by the caller."""
     cfg = config or SGLDConfig()
-    own = cfg.nbeta(problem.n)
+    own = cfg.nbeta(problem.sample_size)
     out = []
     for nbeta in nbetas:
-        beta = None if nbeta is None else nbeta / problem.n
+        beta = None if nbeta is None else nbeta / problem.sample_size
         for eps in step_sizes:
             run = replace(cfg, step_size=eps, beta=beta)
             if (
                 skip_own
                 and eps == cfg.step_size
-                and math.isclose(run.nbeta(problem.n), own, rel_tol=1e-3)
+                and math.isclose(run.nbeta(problem.sample_size), own, rel_tol=1e-3)
             ):
                 continue
             out.append(estimate_llc(problem, run, progress))

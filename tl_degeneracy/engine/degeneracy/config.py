@@ -4,7 +4,10 @@ chosen by pilot chains as part of the run (`CalibrationConfig`)."""
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from dataclasses import dataclass
+from typing import Any
 
 
 class SGLDWarning(UserWarning):
@@ -40,13 +43,42 @@ class SGLDConfig:
     sample the same posterior, each group of parameters at its own pace (the whole model's
     estimate uses each section's calibrated step size)."""
 
-    def __post_init__(self) -> None:  # JSON gives lists: keep the config hashable
-        object.__setattr__(
-            self, "step_scales", tuple((str(p), float(f)) for p, f in self.step_scales)
-        )
+    def __post_init__(self) -> None:
+        positive("step_size", self.step_size, "e.g. 1e-4, or leave it to calibration")
+        non_negative("gamma", self.gamma, "e.g. 100; it pulls the chains back to w*")
+        if self.beta is not None:
+            positive("beta", self.beta, "or None for 1/log n")
+        for name in ("n_chains", "n_steps", "batch_size"):
+            object.__setattr__(self, name, count(name, getattr(self, name), 1))
+        object.__setattr__(self, "n_burnin", count("n_burnin", self.n_burnin, 0))
+        object.__setattr__(self, "seed", count("seed", self.seed, None))
+        if self.n_burnin >= self.n_steps:
+            raise ValueError(
+                f"n_burnin ({self.n_burnin}) must be less than n_steps ({self.n_steps}): the "
+                "estimate averages the steps after the burn-in; lower n_burnin or raise n_steps"
+            )
+        if not self.rhat_max >= 1:  # NaN fails too
+            raise ValueError(f"rhat_max must be at least 1 (R-hat ≥ 1), got {self.rhat_max}")
+        positive("explode_factor", self.explode_factor, "e.g. 10", finite=False)
+        scales = []
+        for entry in self.step_scales:  # JSON gives lists: keep the config hashable
+            pattern, factor = entry
+            try:
+                re.compile(str(pattern))
+            except re.error as error:
+                raise ValueError(f"step_scales: {pattern!r} is not a regex ({error})") from None
+            scales.append((str(pattern), positive(f"step_scales[{pattern!r}]", factor)))
+        object.__setattr__(self, "step_scales", tuple(scales))
 
     def nbeta(self, n: int) -> float:
         """nβ for a data set of n points."""
+        if n < 1:
+            raise ValueError(f"the SGLD estimate needs data, got n = {n} loss terms")
+        if self.beta is None and n < 2:
+            raise ValueError(
+                f"β = 1/log n needs n ≥ 2 loss terms (log 1 = 0), got n = {n}: give more data "
+                "(e.g. more rows), or set beta"
+            )
         beta = self.beta if self.beta is not None else 1.0 / math.log(n)
         return n * beta
 
@@ -61,7 +93,8 @@ class CalibrationConfig:
     before they have converged. The largest ε whose pilot is stable and agrees with the pilot
     at ε' is chosen. The estimate then runs `SGLDConfig.n_chains` chains of
     `SGLDConfig.n_steps` steps, doubling their length (the chains continue) while the split
-    R-hat is above `SGLDConfig.rhat_max` and the budget allows.
+    R-hat is above `SGLDConfig.rhat_max` and the budget allows. Last, chains at a smaller γ
+    check that λ̂ does not depend on the localisation (`localisation_ratio`).
     """
 
     step_sizes: tuple[float, ...] = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6)
@@ -80,3 +113,57 @@ class CalibrationConfig:
     """Wall-clock budget of one calibrated estimate (None: `max_total_steps` only)."""
     max_steps: int = 6400
     """Most steps per chain of the estimate."""
+    localisation_ratio: float | None = 10.0
+    """The localisation check (`localisation.localisation_check`): `pilot_chains` chains at
+    γ / this, with the estimate's step size and steps, must give λ̂ within `tolerance` of the
+    estimate's, else the estimate depends on γ and is not a result. None: no check."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.step_sizes, (int, float)) or not len(self.step_sizes):
+            raise ValueError(
+                f"step_sizes must be a non-empty sequence of step sizes, got {self.step_sizes!r}"
+            )
+        sizes = tuple(
+            positive("every step size in step_sizes", e, "e.g. (1e-3, 1e-4)")
+            for e in self.step_sizes
+        )
+        object.__setattr__(self, "step_sizes", sizes)
+        for name in ("pilot_steps", "pilot_chains", "max_total_steps", "max_steps"):
+            object.__setattr__(self, name, count(name, getattr(self, name), 1))
+        positive("tolerance", self.tolerance, "e.g. 0.2 (relative)")
+        if self.max_seconds is not None:
+            positive("max_seconds", self.max_seconds, "or None for no time limit", finite=False)
+        if self.localisation_ratio is not None and not self.localisation_ratio > 1:
+            raise ValueError(
+                f"localisation_ratio must be above 1 (or None), got {self.localisation_ratio}"
+            )
+
+
+def positive(name: str, value: Any, hint: str = "", finite: bool = True) -> float:
+    """`value` as a float, or a ValueError naming `name` unless it is > 0 (and finite)."""
+    return _number(name, value, hint, finite, lambda x: x > 0, "a positive")
+
+
+def non_negative(name: str, value: Any, hint: str = "", finite: bool = True) -> float:
+    """`value` as a float, or a ValueError naming `name` unless it is ≥ 0 (and finite)."""
+    return _number(name, value, hint, finite, lambda x: x >= 0, "a non-negative")
+
+
+def _number(name: str, value: Any, hint: str, finite: bool, ok: Any, what: str) -> float:
+    kind = f"{what} {'finite ' if finite else ''}number"
+    fix = f" ({hint})" if hint else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {kind}, got {value!r}{fix}")
+    x = float(value)
+    if math.isnan(x) or (finite and math.isinf(x)) or not ok(x):
+        raise ValueError(f"{name} must be {kind}, got {value!r}{fix}")
+    return x
+
+
+def count(name: str, value: Any, minimum: int | None) -> int:
+    """`value` as an int, or a ValueError naming `name` unless it is an integer ≥ `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)

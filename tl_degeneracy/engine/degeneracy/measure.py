@@ -24,7 +24,13 @@ from tl_degeneracy.engine.degeneracy.groups import (
     switch_pattern,
 )
 from tl_degeneracy.engine.degeneracy.parameters import state_dict_parameters
-from tl_degeneracy.engine.degeneracy.sources import MapSources, SourcesConfig, SourcesResult
+from tl_degeneracy.engine.degeneracy.problems import check_model
+from tl_degeneracy.engine.degeneracy.sources import (
+    MapSources,
+    SourcesConfig,
+    SourcesResult,
+    resolve_positions,
+)
 from tl_degeneracy.engine.degeneracy.spectra import spectrum
 from tl_degeneracy.engine.degeneracy.weight_maps import (
     LOGITS,
@@ -130,13 +136,7 @@ class _Collector:
         self, batch_index: int, tokens: Tensor, logits: Tensor, probes: dict[str, Tensor]
     ) -> None:
         cfg = self.config
-        n_pos = tokens.shape[1]
-        if cfg.positions == "last":
-            pos = torch.tensor([n_pos - 1])
-        elif cfg.positions == "all":
-            pos = torch.arange(n_pos)
-        else:
-            pos = torch.tensor([p % n_pos for p in cfg.positions])
+        pos = torch.tensor(resolve_positions(cfg.positions, tokens.shape[1]))
         out = logits[:, pos]
         self.logit_positions = len(pos)
         # K at the logits themselves (the unembedding's gradient source) is t_out · I without a
@@ -221,8 +221,29 @@ def measure_sources(
     neuron's output is the product of two pre-activations, so on tokens where a group's gates
     are on the group computes a quadratic, not a linear, map and the |S|(|S| − 1) mixing
     directions of the ungated case do not exist.
+
+    Every parameter of the model is counted, whatever its `requires_grad` (autograd's
+    bookkeeping, often switched off in interpretability notebooks, not a choice of what to
+    measure; `sections` chooses that); the flags are left as they were. Gradients are switched
+    on inside (the K pass needs them), so a surrounding `torch.no_grad()` does no harm. The
+    model must be float32 or float64 (float64 recommended; half precision cannot resolve the
+    ranks): `measure_sources(copy.deepcopy(model).double(), tokens)`.
     """
+    check_model(model, "measure_sources", "sources")
     config = config or SourcesConfig()
+    if isinstance(tokens, Tensor) and tokens.ndim == 2:  # fail before the first forward
+        resolve_positions(config.positions, tokens.shape[1])
+    with torch.enable_grad():
+        return _measure(model, tokens, config, maps, sections)
+
+
+def _measure(
+    model: nn.Module,
+    tokens: Tensor,
+    config: SourcesConfig,
+    maps: Sequence[WeightMap] | None,
+    sections: Sequence[str] | None,
+) -> SourcesResult:
     maps = list(maps) if maps is not None else weight_maps(model)
     if sections is not None:
         known = list(dict.fromkeys(m.section for m in maps))

@@ -61,13 +61,24 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> list[str]
 
 
 def state_dict_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters keyed by their state-dict name (one entry per tensor, aliases dropped)."""
-    by_ptr = {p.data_ptr(): p for p in model.parameters()}
+    """The model's parameters keyed by their state-dict name, each tensor once: the one place
+    that says which weights the package counts and moves (the sources' N, SGLD, masks).
+
+    A state-dict entry is kept when it *is* one of `model.parameters()` (by identity), and
+    only under its first name: a tied weight (a Bridge's `unembed.weight`, the same tensor as
+    `embed.weight`) appears once, as `embed.weight`. A Bridge around GPT-2 also lists the
+    fused `attn.qkv` weight among its parameters, beside the `attn.q/k/v` views of it that its
+    forward reads and its state dict names; the fused tensor is not in the state dict, so it is
+    neither counted nor moved. (Matching by `data_ptr` would confuse it with the `q` view,
+    which starts at the same address.)
+    """
+    params = {id(p) for p in model.parameters()}
     out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
     for name, t in model.state_dict(keep_vars=True).items():
-        p = by_ptr.pop(t.data_ptr(), None) if isinstance(t, nn.Parameter) else None
-        if p is not None:
-            out[name] = p
+        if isinstance(t, nn.Parameter) and id(t) in params and id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t
     return out
 
 

@@ -29,6 +29,7 @@ from tl_degeneracy.engine.degeneracy.parameters import (
     select_parameters,
     state_dict_parameters,
 )
+from tl_degeneracy.engine.degeneracy.sources import check_positions, resolve_positions
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import LOGITS, Site
 from tl_degeneracy.engine.streaming import chunks
@@ -63,6 +64,12 @@ class LLCProblem:
     @property
     def n_params(self) -> int:
         return int(self.w_star.numel())
+
+    @property
+    def sample_size(self) -> int:
+        """The n of the posterior's `nβ = n β` (default `n / log n`): how many loss terms the
+        mean `L` is over. One per data point unless a data point holds several."""
+        return self.n
 
     def entry_sizes(self) -> list[int]:
         """How many entries of w each of `param_names` has (in order)."""
@@ -128,6 +135,40 @@ class FunctionProblem(LLCProblem):
         return loss.detach(), grad
 
 
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_model(model: nn.Module, what: str, purpose: str) -> None:
+    """A clear error for a model these functions cannot measure: one without a TransformerLens
+    `cfg` (a bare `HookedRootModule` or `nn.Module`), or one in half precision."""
+    if getattr(model, "cfg", None) is None:
+        raise TypeError(
+            f"{what} needs a TransformerLens model (HookedTransformer or TransformerBridge, "
+            f"with a `cfg`); {type(model).__name__} has no `cfg`. measure_sources, model_llc "
+            "and degeneracy_report do not support other models: for the SGLD estimate of any "
+            "other model, write its loss as a function of a flat parameter vector and run "
+            "`estimate_llc(FunctionProblem(loss_fn, w_star, n))`"
+        )
+    half = sorted({str(p.dtype) for p in model.parameters() if p.dtype in HALF_PRECISION})
+    if half:
+        fix = (
+            "measure a float64 copy: `measure_sources(copy.deepcopy(model).double(), tokens)`, "
+            "or `degeneracy_report(copy.deepcopy(model).double(), tokens, "
+            "sgld_dtype=torch.float32)` (sources in float64, SGLD on a float32 copy)"
+            if purpose == "sources"
+            else "sample a float32 copy: `model_llc(copy.deepcopy(model).float(), tokens)`, or "
+            "`degeneracy_report(model, tokens, sgld_dtype=torch.float32)`"
+        )
+        why = (
+            "half precision cannot resolve the ranks the sources count"
+            if purpose == "sources"
+            else "SGLD steps are below half precision's resolution of the weights"
+        )
+        raise ValueError(
+            f"{what} needs a float32 or float64 model, got {', '.join(half)} ({why}): {fix}"
+        )
+
+
 def written_out_forward(model: nn.Module) -> Callable[[], PlainModel] | None:
     """The forward the sampler runs instead of the model's own, or None for the model's own:
     the whole model's structure (`structure_of(model, Section(INPUTS, logits))`) decides. A
@@ -145,7 +186,11 @@ class ModelProblem(LLCProblem):
     `divergence`: "kl" — KL(p(·|x; w*) ‖ p(·|x; w)) of the softmax of the logits, for language
     models and classifiers; "mse" — ½‖f(x; w) − f(x; w*)‖² of the logits. Averaged over the
     selected `positions` ("last", "all" or a tuple of indices) of each sequence; n is the number
-    of sequences. Reference outputs are cached when they hold at most `cache_limit` numbers,
+    of sequences (minibatches draw rows), and the posterior's nβ counts every loss term the mean
+    is over, rows × read positions (`sample_size`): the loss at all positions of 32 rows of 16
+    tokens is a mean over 512 next-token predictions, nβ = 512 / log 512 = 82, not
+    32 / log 32 = 9.2. The last position only (modular addition) is one term per row.
+    Reference outputs are cached when they hold at most `cache_limit` numbers,
     otherwise recomputed at w* for every batch.
 
     Speed: a plain model runs its written-out forward (`written_out_forward`), the last block
@@ -153,6 +198,10 @@ class ModelProblem(LLCProblem):
     instead; tests hold the two equal). Otherwise, when only some positions are read, a
     HookedTransformer runs its last MLP and the unembedding at those positions only (the
     residual stream is cut to them after the last attention layer).
+
+    The parameters sampled are those `params` chooses, whatever their `requires_grad`
+    (autograd's bookkeeping, not a choice of what to measure; the flags are restored after
+    each chain). The model must be a TransformerLens model in float32 or float64.
     """
 
     def __init__(
@@ -165,8 +214,10 @@ class ModelProblem(LLCProblem):
         cache_limit: int = 50_000_000,
         chunk_size: int = 1024,
     ):
+        check_model(model, "ModelProblem (model_llc, degeneracy_report)", "SGLD")
         if divergence not in ("kl", "mse"):
             raise ValueError(f"divergence must be 'kl' or 'mse', got {divergence!r}")
+        check_positions(positions)
         self.model: Any = model  # a HookedTransformer or TransformerBridge
         self.tokens = tokens = validate_tokens(model, tokens)  # on its device (for the Bridge)
         self.divergence = divergence
@@ -190,12 +241,7 @@ class ModelProblem(LLCProblem):
         self.n = int(tokens.shape[0])
         self.loss_at_star = 0.0
         n_pos = tokens.shape[1]
-        if positions == "last":
-            self.query_positions: tuple[int, ...] = (n_pos - 1,)
-        elif positions == "all":
-            self.query_positions = tuple(range(n_pos))
-        else:
-            self.query_positions = tuple(p % n_pos for p in positions)
+        self.query_positions: tuple[int, ...] = resolve_positions(positions, n_pos)
         # on the tokens' device, made once: an index copied from the host at every step would
         # make a GPU wait for the step before
         self.pos = device_index(self.query_positions, tokens.device)
@@ -226,6 +272,11 @@ class ModelProblem(LLCProblem):
     def plain(self) -> bool:
         """True when the sampler runs the written-out forward."""
         return self.written_out is not None
+
+    @property
+    def sample_size(self) -> int:
+        """Loss terms the behavioural loss averages: rows × read positions."""
+        return self.n * len(self.query_positions)
 
     def entry_sizes(self) -> list[int]:
         return [p.numel() if m is None else int(m.sum()) for p, m in zip(self.params, self.masks)]

@@ -94,12 +94,22 @@ class SectionReport:
         text = f"{self.name}: {NOT_CONVERGED} — " + "; ".join(self.reasons)
         if self.llc is not None:
             r = self.llc
-            text += (
-                f". Best stable setting found: ε = {r.config.step_size:g}, γ = "
-                f"{r.config.gamma:g}, nβ = {r.nbeta:.4g}, {r.config.n_chains} chains × "
-                f"{r.config.n_steps} steps: N_eff = {_pm(r.n_eff, r.n_eff_se)}, R-hat "
-                f"{r.rhat:.3f}"
+            setting = (
+                f"ε = {r.config.step_size:g}, γ = {r.config.gamma:g}, nβ = {r.nbeta:.4g}, "
+                f"{r.config.n_chains} chains × {r.config.n_steps} steps"
             )
+            if not math.isfinite(r.n_eff) or bool(r.diverged.any()):
+                text += (
+                    f". No setting was stable ({setting}: {int(r.diverged.sum())} of "
+                    f"{len(r.diverged)} chains diverged, N_eff = {_pm(r.n_eff, r.n_eff_se)})"
+                )
+            else:
+                label = (
+                    "Best stable setting found" if self.calibration is not None else "Setting run"
+                )
+                text += (
+                    f". {label}: {setting}: N_eff = {_pm(r.n_eff, r.n_eff_se)}, R-hat {r.rhat:.3f}"
+                )
         return text
 
 

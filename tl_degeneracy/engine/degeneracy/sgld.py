@@ -125,7 +125,7 @@ def _sample(
     progress: bool,
     warn: bool,
 ) -> LLCResult:
-    nbeta = cfg.nbeta(problem.n)
+    nbeta = cfg.nbeta(problem.sample_size)
     start = time.perf_counter()
     _keep_heap_memory()
     desc = f"SGLD ε={cfg.step_size:g} nβ={nbeta:.4g} ({problem.n_params:,} parameters)"

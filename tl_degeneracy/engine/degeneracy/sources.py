@@ -15,14 +15,16 @@ For a weight map `W: R^{d_in} → R^{d_out}` (with a bias) between an input site
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_degeneracy.engine.degeneracy.config import count, non_negative
 from tl_degeneracy.engine.degeneracy.groups import HeadGroups, NeuronGroups
 from tl_degeneracy.engine.degeneracy.spectra import (
     DEFAULT_EPS_GRID,
@@ -30,6 +32,7 @@ from tl_degeneracy.engine.degeneracy.spectra import (
     joint_free_weights,
     nullity,
     nullity_curve,
+    tied_free_weights,
 )
 from tl_degeneracy.engine.degeneracy.weight_maps import WeightMap
 
@@ -98,6 +101,79 @@ class SourcesConfig:
     batch_size: int = 256
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.cutoff not in get_args(Cutoff):
+            raise ValueError(f"cutoff must be 'relative' or 'absolute', got {self.cutoff!r}")
+        self.eps = _cutoff_eps("eps", self.eps, self.cutoff)
+        self.eps_grid = tuple(_cutoff_eps("eps_grid", e, self.cutoff) for e in self.eps_grid)
+        self.positions = check_positions(self.positions)
+        if self.metric is not None and not callable(self.metric):
+            raise ValueError(
+                f"metric must be a function (logits, tokens) -> [batch] or None, "
+                f"got {self.metric!r}"
+            )
+        for name in ("max_exact_outputs", "n_probes", "chunk_size", "batch_size"):
+            setattr(self, name, count(name, getattr(self, name), 1))
+        self.seed = count("seed", self.seed, None)
+        non_negative("sync_tolerance", self.sync_tolerance, "e.g. 0.01")
+        non_negative("head_tolerance", self.head_tolerance, "e.g. 1e-6")
+
+
+def _cutoff_eps(name: str, eps: Any, cutoff: str) -> float:
+    """A cutoff ε: ≥ 0, and below 1 when relative (ε ≥ 1 would count every direction)."""
+    eps = non_negative(name, eps, "e.g. 1e-10 for float64, 1e-6 for float32 activations")
+    if cutoff == "relative" and eps >= 1:
+        raise ValueError(
+            f"{name} must be below 1 with the relative cutoff (a direction is null when its "
+            f"eigenvalue is ≤ ε × the largest; ε ≥ 1 counts every direction), got {eps:g}"
+        )
+    return eps
+
+
+Positions = Literal["last", "all"] | tuple[int, ...]
+
+
+def check_positions(positions: Any) -> Positions:
+    """Checked positions: "last", "all" or a non-empty tuple of ints (a list becomes a tuple)."""
+    if isinstance(positions, str):
+        if positions in ("last", "all"):
+            return positions  # type: ignore[return-value]
+        raise ValueError(f"positions must be 'last', 'all' or a tuple of ints, got {positions!r}")
+    if isinstance(positions, numbers.Integral):
+        raise ValueError(
+            f"positions must be a tuple of ints, got {positions!r}: write ({positions},)"
+        )
+    try:
+        out = tuple(positions)
+    except TypeError:
+        raise ValueError(
+            f"positions must be 'last', 'all' or a tuple of ints, got {positions!r}"
+        ) from None
+    bad = [p for p in out if isinstance(p, bool) or not isinstance(p, numbers.Integral)]
+    if not out or bad:
+        raise ValueError(
+            f"positions must be 'last', 'all' or a non-empty tuple of ints, got {positions!r}"
+        )
+    return tuple(int(p) for p in out)
+
+
+def resolve_positions(positions: Positions, n_pos: int) -> tuple[int, ...]:
+    """The positions (0 ≤ p < n_pos) that "last", "all" or a tuple of indices (negative ones
+    count from the end, as in Python) pick in sequences of `n_pos` tokens; a ValueError for an
+    index outside the sequence."""
+    positions = check_positions(positions)
+    if positions == "last":
+        return (n_pos - 1,)
+    if positions == "all":
+        return tuple(range(n_pos))
+    bad = [p for p in positions if not -n_pos <= p < n_pos]
+    if bad:
+        raise ValueError(
+            f"positions {bad} are outside sequences of {n_pos} tokens: give positions from "
+            f"0 to {n_pos - 1} (or from -{n_pos} to -1, counted from the end)"
+        )
+    return tuple(p % n_pos for p in positions)
+
 
 @dataclass
 class SourcesResult:
@@ -126,8 +202,13 @@ class SourcesResult:
         cut = self.config.cutoff
         out = {"activations": 0, "gradients": 0, "joint": 0, "synchronised": 0, "dead": 0}
         for m in self.maps:
-            if m.map.section == section:
+            if m.map.section == section and m.map.counted:  # a tied W_U counts with W_E
                 f = m.free(eps, cut)
+                if m.map.tied_to is not None:  # one matrix, two uses (weight_maps.WeightMap)
+                    o = next((o for o in self.maps if o.map.name == m.map.tied_to), None)
+                    ko = (0, 0) if o is None else (o.k(eps, cut), o.k_prime(eps, cut))
+                    uses = (f["k"], f["k_prime"]), ko
+                    f["joint"] = tied_free_weights(*uses, m.map.d_in, m.map.d_out)
                 for key in ("activations", "gradients", "joint"):
                     out[key] += f[key]
         extra = 0

@@ -68,3 +68,29 @@ def joint_free_weights(k: int, k_prime: int, d_in: int, d_out: int) -> int:
     """Weights of a `d_in → d_out` map freed by k null input directions and k' unread output
     directions: `k d_out + k' d_in − k k'` (the k k' weights in both sets counted once)."""
     return k * d_out + k_prime * d_in - k * k_prime
+
+
+def tied_free_weights(
+    embed: tuple[int, int], unembed: tuple[int, int], d_vocab: int, d_model: int
+) -> int:
+    """Weights of one `d_vocab × d_model` matrix used as both the embedding and the
+    unembedding that are free for both uses: a lower bound, so that `N − free` stays an upper
+    bound.
+
+    `embed = (u, k'_E)`: tokens never seen (free rows) and unread directions of the embedding's
+    output; `unembed = (k_U, k'_U)`: null directions of the unembedding's input and unread
+    logit directions. The rows of unseen tokens are free for the unembedding where
+    `Q_out δ Q_in = 0`, which leaves at least `u d − min(u, d_vocab − k'_U)(d − k_U)` of them
+    (exactly `u k_U` when every logit is read); any two subspaces meet in at least the sum of
+    their dimensions less the whole.
+    """
+    u, kp_e = embed
+    k_u, kp_u = unembed
+    rows = u * d_model - min(u, d_vocab - kp_u) * (d_model - k_u)
+    cols = kp_e * d_vocab - (d_vocab - kp_u) * min(kp_e, d_model - k_u)
+    both = (
+        joint_free_weights(u, kp_e, d_vocab, d_model)
+        + joint_free_weights(k_u, kp_u, d_model, d_vocab)
+        - d_vocab * d_model
+    )
+    return max(rows, cols, both, 0)

@@ -1,6 +1,12 @@
 """The weight maps of a TransformerLens model (a weight matrix and its bias between an input
 site and an output site), grouped into sections: `embed`, `blocks.L.attn`, `blocks.L.mlp`,
-`unembed`; and the parameters of each section."""
+`unembed`; and the parameters of each section.
+
+The maps are those of the parameters the model holds (`parameters.state_dict_parameters`): a
+positional map only where there is a learned `W_pos` (none on rotary models, whatever hook
+points the Bridge adds), and an unembedding that is
+the embedding matrix itself (a Bridge around a tied checkpoint) marked `tied_to="W_E"`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from tl_degeneracy.engine.compat import hook_names, model_cfg
+from tl_degeneracy.engine.degeneracy.parameters import state_dict_parameters
 
 TOKENS = "tokens"
 POSITIONS = "positions"
@@ -30,6 +37,13 @@ class WeightMap:
     output_site: str
     d_in: int
     d_out: int
+    tied_to: str | None = None
+    """The other map with the same weight matrix (tied `W_E` and `W_U` on a Bridge): the
+    matrix is counted once, with the map whose `counted` is True (`W_E`, in `embed`, the
+    section whose parameter it is), and its weights are free only where free for both uses."""
+    counted: bool = True
+    """False for the second use of a tied matrix (`W_U`): it adds no weights or free
+    directions to its own section."""
 
 
 def _first_hook(model: nn.Module, *names: str) -> str:
@@ -40,6 +54,16 @@ def _first_hook(model: nn.Module, *names: str) -> str:
     raise KeyError(f"none of the hooks {names} exists on this model")
 
 
+def _tied_unembedding(model: nn.Module, params: dict[str, nn.Parameter]) -> bool:
+    """True when the unembedding is the embedding matrix itself (a Bridge around a checkpoint
+    with tied embeddings; a HookedTransformer unties them when it converts)."""
+    sd = model.state_dict(keep_vars=True)
+    u, e = sd.get("unembed.weight"), sd.get("embed.weight")
+    if u is None or e is None or "unembed.weight" in params:
+        return False
+    return u.untyped_storage().data_ptr() == e.untyped_storage().data_ptr()
+
+
 def weight_maps(model: nn.Module) -> list[WeightMap]:
     """The weight maps of a standard TransformerLens model, grouped into sections
     `embed`, `blocks.L.attn`, `blocks.L.mlp`, `unembed`."""
@@ -48,8 +72,17 @@ def weight_maps(model: nn.Module) -> list[WeightMap]:
     normed = getattr(cfg, "normalization_type", None) is not None
     gated = bool(getattr(cfg, "gated_mlp", False))
     h_kv = getattr(cfg, "n_key_value_heads", None) or h  # grouped-query attention: fewer K, V
-    maps = [WeightMap("W_E", "embed", TOKENS, "hook_embed", cfg.d_vocab, d)]
-    if "hook_pos_embed" in set(hook_names(model)):
+    params = state_dict_parameters(model)
+
+    tied = _tied_unembedding(model, params)
+    maps = [
+        WeightMap(
+            "W_E", "embed", TOKENS, "hook_embed", cfg.d_vocab, d, tied_to="W_U" if tied else None
+        )
+    ]
+    # a learned positional embedding only (rotary models have none, though a Bridge may still
+    # have a hook_pos_embed)
+    if {"pos_embed.W_pos", "pos_embed.weight"} & set(params):
         maps.append(WeightMap("W_pos", "embed", POSITIONS, "hook_pos_embed", cfg.n_ctx, d))
     for layer in range(cfg.n_layers):
         b = f"blocks.{layer}"
@@ -72,7 +105,12 @@ def weight_maps(model: nn.Module) -> list[WeightMap]:
             )
         maps.append(
             WeightMap(
-                f"{b}.attn.W_O", f"{b}.attn", f"{b}.attn.hook_z", f"{b}.hook_attn_out", h * dh, d
+                f"{b}.attn.W_O",
+                f"{b}.attn",
+                f"{b}.attn.hook_z",
+                f"{b}.hook_attn_out",
+                h * dh,
+                d,
             )
         )
         if getattr(cfg, "attn_only", False):
@@ -83,18 +121,38 @@ def weight_maps(model: nn.Module) -> list[WeightMap]:
             else f"{b}.hook_resid_mid"
         )
         dm = cfg.d_mlp
+        mlp = f"{b}.mlp"
         if gated:  # act(x W_gate) * (x W_in): the gate's pre-activation is mlp.hook_pre
             maps.append(
-                WeightMap(f"{b}.mlp.W_gate", f"{b}.mlp", mlp_in, f"{b}.mlp.hook_pre", d, dm)
+                WeightMap(
+                    f"{mlp}.W_gate",
+                    mlp,
+                    mlp_in,
+                    f"{mlp}.hook_pre",
+                    d,
+                    dm,
+                )
             )
             maps.append(
-                WeightMap(f"{b}.mlp.W_in", f"{b}.mlp", mlp_in, f"{b}.mlp.hook_pre_linear", d, dm)
+                WeightMap(
+                    f"{mlp}.W_in",
+                    mlp,
+                    mlp_in,
+                    f"{mlp}.hook_pre_linear",
+                    d,
+                    dm,
+                )
             )
         else:
-            maps.append(WeightMap(f"{b}.mlp.W_in", f"{b}.mlp", mlp_in, f"{b}.mlp.hook_pre", d, dm))
+            maps.append(WeightMap(f"{mlp}.W_in", mlp, mlp_in, f"{mlp}.hook_pre", d, dm))
         maps.append(
             WeightMap(
-                f"{b}.mlp.W_out", f"{b}.mlp", f"{b}.mlp.hook_post", f"{b}.hook_mlp_out", dm, d
+                f"{mlp}.W_out",
+                mlp,
+                f"{mlp}.hook_post",
+                f"{b}.hook_mlp_out",
+                dm,
+                d,
             )
         )
     last = cfg.n_layers - 1
@@ -104,7 +162,18 @@ def weight_maps(model: nn.Module) -> list[WeightMap]:
         else f"blocks.{last}.hook_resid_post"
     )
     d_vocab_out = cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) > 0 else cfg.d_vocab
-    maps.append(WeightMap("W_U", "unembed", unembed_in, LOGITS, d, d_vocab_out))
+    maps.append(
+        WeightMap(
+            "W_U",
+            "unembed",
+            unembed_in,
+            LOGITS,
+            d,
+            d_vocab_out,
+            "W_E" if tied else None,
+            not tied,
+        )
+    )
     return maps
 
 

@@ -1,0 +1,89 @@
+"""The localisation check of a calibrated estimate, and nβ counting every loss term."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+
+from tl_degeneracy.engine.compat import available_apis
+from tl_degeneracy.engine.degeneracy import (
+    CalibratedLLC,
+    CalibrationConfig,
+    ModelProblem,
+    SGLDConfig,
+    SGLDWarning,
+    calibrated_llc,
+    estimate_llc,
+)
+from tl_degeneracy.engine.degeneracy.ground_truth import linear_regression_problem
+from tl_degeneracy.engine.degeneracy.localisation import localisation_check
+
+
+def test_an_estimate_held_by_the_localisation_is_not_a_result():
+    """Linear regression, d = 10, n = 1000 (λ = 5) at the defaults (γ = 100, nβ = 145): each
+    direction gives ½ · 145/245, λ̂ ≈ 3.0, and the chains converge and agree. Only chains at
+    γ / 10 (λ̂ ≈ 4.7) show that the number measures γ."""
+    problem = linear_regression_problem(10, n=1000)
+    with pytest.warns(SGLDWarning, match="depends on the localisation"):
+        found = calibrated_llc(problem)
+    r, check = found.result, found.localisation
+    assert r is not None and check is not None and not found.converged
+    assert r.llc == pytest.approx(5 * 144.8 / 244.8, rel=0.15)  # the localised value
+    assert not r.unconverged_reasons() and r.llc_se <= 0.1 * r.llc  # passes everything else
+    assert check.gamma_low == 10 and check.llc_low > 1.2 * r.llc and not check.passed
+    (reason,) = found.reasons
+    assert f"{r.llc:.4g} at γ = 100" in reason and f"{check.llc_low:.4g}" in reason
+    assert check.n_steps == r.config.n_steps and check.steps == 2 * r.config.n_steps
+    assert found.steps_used >= check.steps
+    back = CalibratedLLC.from_json(found.to_json(), r)
+    assert back.localisation == check and back.reasons == found.reasons
+
+
+def test_an_estimate_the_loss_holds_passes_the_check():
+    """The same problem at γ = 1 (nβ·h = 145 ≫ γ): λ̂ ≈ 5 at γ and γ / 10 alike."""
+    problem = linear_regression_problem(10, n=1000)
+    cfg = SGLDConfig(gamma=1.0, batch_size=10**9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SGLDWarning)
+        found = calibrated_llc(problem, cfg)
+    assert found.converged and found.localisation is not None and found.localisation.passed
+    assert found.result is not None and found.result.llc == pytest.approx(5.0, rel=0.15)
+
+
+def test_the_check_can_be_switched_off_and_is_skipped_for_failed_estimates():
+    problem = linear_regression_problem(10, n=1000)
+    off = calibrated_llc(problem, calibration=CalibrationConfig(localisation_ratio=None))
+    assert off.converged and off.localisation is None  # the old verdict
+    with pytest.warns(SGLDWarning):
+        failed = calibrated_llc(problem, calibration=CalibrationConfig(step_sizes=(1.0,)))
+    assert failed.localisation is None and "localisation" not in " ".join(failed.reasons)
+
+
+def test_localisation_check_of_a_fixed_setting():
+    problem = linear_regression_problem(4, n=1000)
+    cfg = SGLDConfig(step_size=1e-3, gamma=100.0, n_chains=4, n_steps=400, batch_size=10**9)
+    check = localisation_check(problem, estimate_llc(problem, cfg), ratio=10, n_chains=3)
+    assert check.gamma_low == 10 and check.n_chains == 3 and check.n_steps == 400
+    assert check.reason() is not None and "γ = 10" in check.reason()
+
+
+@pytest.mark.parametrize("api", available_apis())
+def test_nbeta_counts_every_position_the_loss_averages(api, tiny, tokens_for):
+    """A loss at all positions of 32 rows is a mean over rows × positions terms, and nβ counts
+    them (before: 32 / log 32 = 9.2 whatever the length); at the last position it stays one
+    term per row."""
+    model = tiny(api, "mlp")
+    tokens = tokens_for(model, 32)
+    rows, pos = tokens.shape
+    every = ModelProblem(model, tokens, params=r"^blocks\.0\.mlp\.", positions="all")
+    last = ModelProblem(model, tokens, params=r"^blocks\.0\.mlp\.", positions="last")
+    assert every.n == last.n == rows  # minibatches still draw rows
+    assert every.sample_size == rows * pos and last.sample_size == rows
+    cfg = SGLDConfig(step_size=1e-4, n_chains=1, n_steps=4, n_burnin=1, batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SGLDWarning)
+        terms = rows * pos
+        assert estimate_llc(every, cfg).nbeta == pytest.approx(terms / math.log(terms))
+        assert estimate_llc(last, cfg).nbeta == pytest.approx(rows / math.log(rows))
