@@ -348,3 +348,30 @@ def test_save_load_refuses_other_weights(fitted, tmp_path):
         BasisResult.load(folder, relu_mlp(seed=5))
     with pytest.raises(ArtifactError, match="weight_shapes.*layers.1.W_in"):
         BasisResult.load(folder, relu_mlp(0, DigitsMLPConfig(d_in=6, hidden=(9, 8), n_classes=8)))
+
+
+class Recurrent(HookedRootModule):
+    """One layer applied three times through the same hook point: not a cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3, dtype=F64)
+        self.hook_in, self.hook_h = HookPoint(), HookPoint()
+        self.setup()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.hook_in(x)
+        for _ in range(3):
+            x = self.hook_h(torch.tanh(self.lin(x)))
+        return x
+
+
+def test_a_hook_that_runs_several_times_is_not_a_site():
+    """It used to be fitted at its last application and fail later on mismatched shapes."""
+    from tl_degeneracy.engine.sites import SiteError
+
+    model = Recurrent()
+    x = torch.randn(20, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    sites = (Site("hook_in"), Site("hook_h"), Site("logits"))
+    with pytest.raises(SiteError, match=r"\['hook_h'\] ran 3 times in one forward"):
+        fit_basis(model, x, LIBConfig(sites, progress=False))

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tl_degeneracy.engine.compat import (
     StopForward,
     frozen_parameters,
+    is_transformer,
     model_cfg,
     replace_hooks,
     run_with_hooks,
@@ -105,6 +106,13 @@ def capture_sites(
             f"{'them' if len(silent) > 1 else 'it'} (a TransformerBridge adapter may list "
             "hooks its architecture has no place for). Choose sites whose hooks run, e.g. "
             "those `model.run_with_cache(tokens)` returns."
+        )
+    repeated = sorted({n for n in fired if fired.count(n) > 1})
+    if repeated and not is_transformer(model):
+        raise SiteError(
+            f"{repeated} ran {fired.count(repeated[0])} times in one forward (a module applied "
+            "in a loop, or shared): a site must be a cut the forward passes once. Give each "
+            "application its own HookPoint, or pick a hook that runs once"
         )
     if check_order:
         _check_order(sites, parts, fired)
