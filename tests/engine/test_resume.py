@@ -298,6 +298,16 @@ def _store_files(ckpt: Path) -> list[Path]:
     return sorted((ckpt / "activations").rglob("*.safetensors"))
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises():
+    """Python's own SIGINT handler (KeyboardInterrupt) for every test here: a process started
+    in the background (CI without a terminal, `nohup`) inherits SIGINT ignored, and a raised
+    SIGINT would then do nothing."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_ctrl_c_keeps_the_disk_store_for_the_resumed_run(tmp_path, monkeypatch):
     """SIGINT (Ctrl-C) during an M' pass leaves the disk store in the checkpoint folder; the
     resumed run reads every section input back from it (no forward to reach a section) and
