@@ -32,9 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULES = ("engine.test_devices", "experiments.test_lm_edges_required")
 NOT_EMULATED = {
     "test_attention_and_mlp_sites_on_device": "asserts the closed forms, switched off here",
-    "test_sources_of_degeneracy_on_device": (
-        "its last check counts parameters by data_ptr, which lazy tensors lack"
-    ),
 }
 
 
