@@ -19,10 +19,12 @@ from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.compat import hook_names, is_transformer, model_cfg
 from tl_degeneracy.engine.sites import site_parts
 
+_RESIDUAL = re.compile(r"^blocks\.\d+\.hook_resid_(pre|mid|post)$")
 _FIX = "Use a basis fitted on this model (BasisResult.load(path, model=model) checks one)."
 
 
 def width_error(model: nn.Module, basis: SiteBasis, width: int) -> ArtifactError:
+    """The error for an activation of `width` units at a site whose basis is `basis.d` wide."""
     parts = site_parts(model, basis.site)
     what = f"{parts[0]} with the stream at {parts[1]}" if len(parts) > 1 else parts[0]
     return ArtifactError(
@@ -55,8 +57,6 @@ def check_fits(model: nn.Module, bases: list[SiteBasis]) -> None:
                 raise width_error(model, b, width)
 
 
-_RESIDUAL = re.compile(r"^blocks\.\d+\.hook_resid_(pre|mid|post)$")
-
 _WARNED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 """Per model, the mismatches already reported by `warn_if_fitted_elsewhere`."""
 
@@ -87,8 +87,8 @@ def warn_if_fitted_elsewhere(
     warned.add(problem)
     warnings.warn(
         f"{problem.replace('computed', 'fitted')} Applying a basis to a fine-tuned variant of "
-        "the model it was fitted on is fine; pass check_weights=False to silence this "
-        "warning.",
+        "the model it was fitted on is fine: silence this warning with check_weights=False "
+        "(attach, ablate_nodes) or warnings.filterwarnings('ignore', 'this basis was fitted').",
         UserWarning,
         stacklevel=stacklevel,  # the line of the user's call that applied the basis
     )
