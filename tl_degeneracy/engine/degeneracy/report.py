@@ -386,10 +386,8 @@ def _settings_text(sgld: dict[str, Any] | None, calibration: dict[str, Any] | No
     if not sgld:
         return "not run"
     beta = sgld.get("beta")
-    common = (
-        f"γ = {sgld['gamma']:g}, β = {'1/log n' if beta is None else f'{beta:g}'}, "
-        f"{sgld['n_chains']} chains"
-    )
+    beta_text = "1/log n (n: loss terms, rows × read positions)" if beta is None else f"{beta:g}"
+    common = f"γ = {sgld['gamma']:g}, β = {beta_text}, {sgld['n_chains']} chains"
     if calibration:
         grid = ", ".join(f"{e:g}" for e in calibration["step_sizes"])
         return (
