@@ -228,6 +228,10 @@ def test_scalar_metric_gives_the_same_scores(api, tiny, tokens_for):
 
 def test_input_errors(api, tiny, tokens_for):
     model, result, clean, corrupted = setting(api, tiny, tokens_for)
+    for cut in (lambda lg, t: float(logit_difference(lg, t).mean()),
+                lambda lg, t: logit_difference(lg, t).detach()):  # fmt: skip
+        with pytest.raises(ValueError, match="the metric's value has no gradient"):
+            compare_attribution(model, result, None, clean, corrupted, cut)
     with pytest.raises(ValueError, match="same shape"):
         compare_attribution(model, result, None, clean, corrupted[:3], logit_difference)
     with pytest.raises(KeyError, match="no basis at site"):

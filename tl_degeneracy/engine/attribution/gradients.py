@@ -83,6 +83,12 @@ def site_gradients(
         with frozen_parameters(model), torch.enable_grad():
             logits = run_with_hooks(model, tokens, hooks)
             metric_value = batch_metric(metric, logits, tokens)
+            if not metric_value.requires_grad:
+                raise ValueError(
+                    "the metric's value has no gradient: compute it from the logits with torch "
+                    "operations, one value per sequence (a Python float, `.item()`, "
+                    "`.detach()` or NumPy cut it from the model)"
+                )
             flat = [leaf for s in group for leaf in leaves[s.name]]
             got = torch.autograd.grad(metric_value, flat, allow_unused=True)
         value = float(metric_value.detach())
