@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tl_degeneracy.engine.degeneracy.config import CalibrationConfig, SGLDConfig, SGLDWarning
-from tl_degeneracy.engine.degeneracy.diagnostics import LLCResult
+from tl_degeneracy.engine.degeneracy.diagnostics import LLCResult, count_text
 from tl_degeneracy.engine.degeneracy.localisation import LocalisationCheck, localisation_check
 from tl_degeneracy.engine.degeneracy.problems import LLCProblem
 from tl_degeneracy.engine.degeneracy.sgld import continue_llc, estimate_llc
@@ -306,7 +306,7 @@ def _unstable(result: LLCResult, cal: CalibrationConfig, bound: float | None) ->
     if not result.llc_se <= cal.tolerance / 2 * abs(result.llc):
         return f"the chains disagreed (λ̂ = {result.llc:.4g} ± {result.llc_se:.2g})"
     if bound is not None and result.n_eff > bound:
-        return f"N_eff {result.n_eff:,.0f} exceeded the bound {bound:,.0f}"
+        return f"N_eff {count_text(result.n_eff)} exceeded the bound {bound:,.0f}"
     return ""
 
 

@@ -78,7 +78,7 @@ class LLCResult:
         if not self.rhat <= self.config.rhat_max:
             out.append(f"R-hat {self.rhat:.3f} > {self.config.rhat_max:g}")
         if bound is not None and math.isfinite(self.llc) and self.n_eff > bound:
-            out.append(f"N_eff {_count_text(self.n_eff)} above the bound N − free = {bound:,.0f}")
+            out.append(f"N_eff {count_text(self.n_eff)} above the bound N − free = {bound:,.0f}")
         return out
 
     def summary(self) -> str:
@@ -127,7 +127,7 @@ class LLCResult:
         )
 
 
-def _count_text(x: float) -> str:
+def count_text(x: float) -> str:
     """A parameter count as text: whole from 100 on (1,234), else 3 significant digits (0.0015)."""
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
