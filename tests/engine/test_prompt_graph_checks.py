@@ -202,6 +202,8 @@ def test_a_basis_with_mlp_and_attention_sites_and_how_a_graph_is_asked_for(api):
         prompt_graph(model, result, random_tokens(model, 2), target)
     with pytest.raises(ValueError, match="sign must be"):
         graph.top_nodes(3, sign="bogus")
+    with pytest.raises(ValueError, match="positions is empty"):
+        prompt_graph(model, result, tokens, target, positions=())
     with pytest.raises(IndexError, match="outside this model's vocabulary"):
         prompt_graph(model, result, tokens, Target.logit_difference(GOOD, model.cfg.d_vocab))
     with pytest.raises(IndexError, match="outside the prompt's"):

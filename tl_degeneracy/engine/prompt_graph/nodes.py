@@ -66,6 +66,11 @@ def site_chain(
     attention sites, composites with the stream, are left out; so are the logits), or those
     named in `sites` (basis key, hook name, short form like `("resid_post", 0)` or `Site`),
     each read at `positions` of the prompt."""
+    if not isinstance(positions, str) and len(positions) == 0:
+        raise ValueError(
+            "positions is empty: a graph needs at least one position with nodes ('all', "
+            "'last', a slice like '1:' that leaves out BOS, or a list of indices)"
+        )
     bases = basis.bases if isinstance(basis, BasisResult) else dict(basis)
     by_hook = {b.site.hook: b for b in bases.values()}
     if sites is None:
