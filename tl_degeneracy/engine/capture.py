@@ -107,8 +107,8 @@ def capture_sites(
             "hooks its architecture has no place for). Choose sites whose hooks run, e.g. "
             "those `model.run_with_cache(tokens)` returns."
         )
-    repeated = sorted({n for n in fired if fired.count(n) > 1})
-    if repeated and not is_transformer(model):
+    if len(fired) > len(store) and not is_transformer(model):  # a hook ran more than once
+        repeated = sorted({n for n in fired if fired.count(n) > 1})
         raise SiteError(
             f"{repeated} ran {fired.count(repeated[0])} times in one forward (a module applied "
             "in a loop, or shared): a site must be a cut the forward passes once. Give each "
