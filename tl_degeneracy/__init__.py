@@ -15,7 +15,11 @@ from tl_degeneracy.engine.ablation import (
 )
 from tl_degeneracy.engine.artifacts import ArtifactError, Result
 from tl_degeneracy.engine.attach import ablate_nodes, attach, feature_hook_name, site_features
-from tl_degeneracy.engine.attribution import AttributionComparison, compare_attribution
+from tl_degeneracy.engine.attribution import (
+    AttributionComparison,
+    AttributionGapWarning,
+    compare_attribution,
+)
 from tl_degeneracy.engine.bases import (
     SiteBasis,
     Truncation,
@@ -65,6 +69,7 @@ __all__ = [
     "AblationCurve",
     "ArtifactError",
     "AttributionComparison",
+    "AttributionGapWarning",
     "BasisResult",
     "Checkpointing",
     "DistContext",

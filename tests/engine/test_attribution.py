@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from support import random_tokens, tiny_model
 
 from tl_degeneracy.engine.attribution import (
     AttributionComparison,
+    AttributionGapWarning,
     compare_attribution,
     feature_patching_effects,
     format_correlation_table,
@@ -62,7 +64,9 @@ def setting(api, tiny, tokens_for, kind="lib", n_layers=1):
 @pytest.mark.parametrize("kind", ["lib", "pca", "neuron"])
 def test_sum_rule_untruncated(api, tiny, tokens_for, kind):
     model, result, clean, corrupted = setting(api, tiny, tokens_for, kind)
-    comparison = compare_attribution(model, result, None, clean, corrupted, logit_difference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AttributionGapWarning)
+        comparison = compare_attribution(model, result, None, clean, corrupted, logit_difference)
     assert list(comparison.sites) == [s.name for s in SITES[:-1]]
     for name, sa in comparison.sites.items():
         assert sa.k == sa.d == result[name].d, "the test needs untruncated bases"
@@ -168,14 +172,39 @@ def test_truncated_basis_reports_the_gap(api, tiny, tokens_for):
     cut = dataclasses.replace(
         full, C=full.C[:, :k], C_pinv=full.C_pinv[:k], importance=full.importance[:k]
     )
-    sa = compare_attribution(
-        model, {cut.site.name: cut}, [cut.site], clean, corrupted, logit_difference
-    )[cut.site.name]
+    with pytest.warns(AttributionGapWarning, match="keeps 3 of the"):
+        sa = compare_attribution(
+            model, {cut.site.name: cut}, [cut.site], clean, corrupted, logit_difference
+        )[cut.site.name]
     assert sa.k == k < sa.d
     assert abs(sa.gap) > 1e-6 * abs(sa.site_attribution)
     assert sa.gap == pytest.approx(sa.site_attribution - float(sa.attribution.sum()))
     assert sa.relative_gap == pytest.approx(abs(sa.gap) / abs(sa.site_attribution))
     assert sa.summary()["gap"] == sa.gap
+
+
+def test_a_large_gap_is_warned_with_its_cause(api, tiny, tokens_for):
+    """A basis fitted on too little data spans only part of the site, and one cut to a few
+    features drops the rest: either way the per-feature scores miss much of the site's
+    attribution, and the warning says which happened and what to do."""
+    model, _, clean, corrupted = setting(api, tiny, tokens_for, "pca")
+    site = SITES[0]
+    with pytest.warns(UserWarning, match="no feature kept"):  # downstream of one row
+        narrow = fit_basis(
+            model, tokens_for(model, 1, seed=9)[:, :4], LIBConfig(SITES, kind="pca", progress=False)
+        )[site.name]
+    assert narrow.k <= 3 < narrow.d
+    with pytest.warns(AttributionGapWarning, match=f"spans only {narrow.k} of the site's"):
+        sa = compare_attribution(
+            model, {site.name: narrow}, [site], clean, corrupted, logit_difference
+        )[site.name]
+    assert sa.relative_gap > 0.1
+    full = setting(api, tiny, tokens_for, "pca")[1][site.name]
+    cut = dataclasses.replace(
+        full, C=full.C[:, :1], C_pinv=full.C_pinv[:1], importance=full.importance[:1]
+    )
+    with pytest.warns(AttributionGapWarning, match=f"keeps 1 of the {full.d} directions"):
+        compare_attribution(model, {site.name: cut}, [site], clean, corrupted, logit_difference)
 
 
 def test_patching_all_features_at_once_is_full_site_patching(api, tiny, tokens_for):

@@ -146,3 +146,15 @@ def test_sum_states_treats_missing_keys_as_zero():
     out = sum_states([a, b])
     assert int(out["count"][0]) == 5
     torch.testing.assert_close(out["total"], torch.ones(2, 2))
+
+
+def test_running_the_module_as_a_command_says_what_to_run():
+    """`python -m tl_degeneracy.engine.distributed ...` (old docs) used to exit 0 having
+    done nothing; it now fails naming the command to run under torchrun."""
+    run = subprocess.run(
+        [sys.executable, "-m", "tl_degeneracy.engine.distributed", "statistics"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1 and "tl-degeneracy) fit" in run.stderr

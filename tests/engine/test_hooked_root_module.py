@@ -269,6 +269,25 @@ def test_node_ablation_equals_hand_written_hooks(fitted):
             assert float(margin(model(x), x).mean()) == pytest.approx(curve.scores[2], rel=1e-12)
 
 
+def test_float32_inputs_of_a_float64_model_are_converted(fitted):
+    """Data loaded as float32 runs a float64 model (converted, as a basis is), and a site
+    is given as a `Site` or by name alike; torch used to fail inside the first layer."""
+    model, x, sites, lib = fitted
+    site = sites[1]
+    by_name = node_ablation_curve(model, lib, site.name, x, margin, ks=(0, 2))
+    by_site = node_ablation_curve(model, lib, site, x.float(), margin, ks=(0, 2))
+    assert by_site.site == site.name
+    for k in (0, 2):  # the inputs were rounded to float32, nothing else changed
+        assert by_site.scores[k] == pytest.approx(by_name.scores[k], rel=1e-5, abs=1e-6)
+    refit = fit_basis(model, x.float(), LIBConfig(tuple(sites), progress=False))
+    assert refit[site.name].C.dtype == F64
+    torch.testing.assert_close(
+        refit[site.name].importance, lib[site.name].importance, rtol=1e-4, atol=1e-8
+    )
+    with pytest.raises(KeyError, match="no basis at site 'hook_nowhere'"):
+        node_ablation_curve(model, dict(lib.bases), "hook_nowhere", x, margin)
+
+
 def test_attach_leaves_logits_unchanged(fitted):
     model, x, sites, lib = fitted
     with torch.no_grad():

@@ -138,3 +138,42 @@ def test_residual_sites_with_mlp_sites_of_blocks_that_have_them(api, tiny):
         residual_sites(model, n_blocks=1, mlp=(1,))
     with pytest.raises(SiteError, match=r"block\(s\) \[0\] have no MLP"):
         residual_sites(tiny(api, "linear"), mlp=(0,))
+
+
+def test_residual_sites_with_attention_sites(api, tiny):
+    """Attention sites come after each asked block's `hook_resid_pre`, before its MLP site;
+    the list validates and every site fits."""
+    from tl_degeneracy.engine.sites import residual_sites
+
+    model = tiny(api, n_layers=2)
+    sites = residual_sites(model, mlp=(0, 1), attn=(1,))
+    hooks = [s.hook for s in sites]
+    assert hooks[hooks.index("blocks.1.hook_resid_pre") + 1 :][:3] == [
+        "blocks.1.attn.hook_z",
+        "blocks.1.hook_resid_mid",
+        "blocks.1.mlp.hook_post",
+    ]
+    assert validate_sites(model, sites) == sites
+    with pytest.raises(SiteError, match=r"attention sites asked for block\(s\) \[2\]"):
+        residual_sites(model, attn=(2,))
+
+
+@pytest.mark.parametrize("api_name", ["hooked", "bridge"])
+def test_parallel_blocks_refuse_an_attention_site_before_their_mlp_site(api_name):
+    """In a parallel block (GPT-NeoX) the MLP site carries `hook_resid_pre`, so an attention
+    site of the same block reaches nothing through it: refused by name, where the Bridge used
+    to fail inside autograd and the HookedTransformer gave every head feature Λ = 0."""
+    from tl_degeneracy.engine.compat import available_apis
+    from tl_degeneracy.engine.sites import residual_sites
+    from tl_degeneracy.models.tiny import tiny_model
+
+    if api_name not in available_apis():
+        pytest.skip(f"{api_name} needs TransformerLens < 4")
+    model = tiny_model("neox", api_name)
+    both = ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.0.mlp.hook_post"]
+    with pytest.raises(SiteError, match="parallel.*Use the attention site or the MLP site"):
+        validate_sites(model, [*both, "blocks.1.hook_resid_post"])
+    with pytest.raises(SiteError, match="of block 1, not both"):
+        residual_sites(model, mlp=(1,), attn=(1,))
+    hooks = [s.hook for s in residual_sites(model, mlp=(0,), attn=(1,))]
+    assert validate_sites(model, hooks)

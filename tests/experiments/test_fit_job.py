@@ -31,9 +31,10 @@ def test_fit_on_a_folder_with_text_and_mlp_sites(folder, tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
     out = tmp_path / "out"
     args = ["fit", "--model", str(folder), "--text", str(text), "--mlp-sites", "0", "1"]
-    assert main([*args, *SMALL, "--out", str(out)]) == 0
+    assert main([*args, "--attn-sites", "1", *SMALL, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sites"]["blocks.1.mlp.hook_post[1:]"]["lib"]["kept"] > 0
+    assert summary["sites"]["blocks.1.attn.hook_z[1:]"]["lib"]["kept"] > 0
     model = load_local(folder)
     lib = BasisResult.load(out / "bases" / "lib", model=model)
     assert "blocks.0.mlp.hook_post[1:]" in lib.bases and "blocks.1.mlp.hook_post[1:]" in lib.bases
@@ -87,7 +88,20 @@ def test_mlp_sites_that_cannot_be_added_end_in_one_line(folder, tmp_path, capsys
     assert "block(s) [7]" in capsys.readouterr().err
     sites = ["blocks.0.hook_resid_pre@1:", "blocks.1.hook_resid_post@1:"]
     assert main([*args, "--sites", *sites, "--mlp-sites", "0"]) == 2
-    assert "list the MLP sites with --sites" in capsys.readouterr().err
+    assert "list them with --sites" in capsys.readouterr().err
+    assert main([*args, "--sites", *sites, "--attn-sites", "0"]) == 2
+    assert "--attn-sites adds sites" in capsys.readouterr().err
+
+
+def test_rows_longer_than_the_context_name_the_flag(folder, tmp_path, capsys):
+    """Text packed into rows longer than the model's context ends in one line naming
+    `--seq-len`, not a token-level fix the command line cannot apply."""
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    n_ctx = load_local(folder).cfg.n_ctx
+    args = ["fit", "--model", str(folder), "--text", str(text), *SMALL, "--out", str(tmp_path)]
+    assert main([*args, "--seq-len", str(n_ctx + 1)]) == 2
+    assert f"pass --seq-len {n_ctx} or less" in capsys.readouterr().err
 
 
 def test_a_token_file_with_fewer_tokens_than_asked(folder, tmp_path, capsys):

@@ -85,6 +85,13 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
         default=(),
         help="add the MLP site (hidden neurons + the bypassing stream) of these blocks",
     )
+    p.add_argument(
+        "--attn-sites",
+        type=int,
+        nargs="+",
+        default=(),
+        help="add the attention site (every head's output + hook_resid_pre) of these blocks",
+    )
     data = p.add_mutually_exclusive_group()
     data.add_argument("--text", nargs="+", default=None, help="UTF-8 text files to fit on")
     data.add_argument(

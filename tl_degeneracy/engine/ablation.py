@@ -80,7 +80,7 @@ def evaluate(model: nn.Module, tokens: Tensor, metric: Metric, batch_size: int =
     return total / n
 
 
-@dataclass
+@dataclass(repr=False)
 class AblationCurve(Result):
     """Score against the number of kept features at one site."""
 
@@ -159,7 +159,7 @@ class AblationCurve(Result):
 def node_ablation_curve(
     model: nn.Module,
     result: BasisResult | Mapping[str, SiteBasis],
-    site: str,
+    site: Site | str,
     tokens: Int[Tensor, "n pos"],
     metric: Metric,
     ks: Sequence[int] | None = None,
@@ -176,7 +176,10 @@ def node_ablation_curve(
     """
     from tl_degeneracy.engine.structures import PlainTailStructure, structure_of
 
+    site = site.name if isinstance(site, Site) else site
     bases = result.bases if isinstance(result, BasisResult) else result
+    if site not in bases:
+        raise KeyError(f"no basis at site {site!r}; sites: {list(bases)}")
     basis = bases[site]
     ks = list(ks) if ks is not None else ablation_schedule(basis.k)
     for k in ks:

@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from tl_degeneracy.engine.brief_repr import BriefRepr
 from tl_degeneracy.engine.compat import api_of, is_transformer, model_dtype, tl_version
 from tl_degeneracy.engine.identity import (
     FINGERPRINT_FIELDS,
@@ -352,7 +353,7 @@ class Rendered:
         return page.save(path)
 
 
-class Result(Rendered):
+class Result(BriefRepr, Rendered):
     """The result protocol: subclasses set `ARTIFACT` and define `_tensors`, `_metadata`,
     `_from_artifact` and `_html_sections`."""
 

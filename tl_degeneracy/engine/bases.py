@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_degeneracy.engine.brief_repr import BriefRepr
 from tl_degeneracy.engine.compat import usable_device
 from tl_degeneracy.engine.linalg import symmetric_eigh
 from tl_degeneracy.engine.sites import Site
@@ -45,8 +46,8 @@ class Truncation:
         return {"absolute": self.absolute, "relative": self.relative}
 
 
-@dataclass
-class SiteBasis:
+@dataclass(repr=False)
+class SiteBasis(BriefRepr):
     """A fitted basis at one site: `features = (f − mean) C`, `f ≈ mean + features C_pinv`."""
 
     site: Site

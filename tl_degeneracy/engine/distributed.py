@@ -151,3 +151,11 @@ def stream_sharded(
         )
     state = accumulator.state_dict() if indices else {}
     return all_gather_states(state, ctx)
+
+
+if __name__ == "__main__":  # `python -m` of this module used to exit 0 having done nothing
+    raise SystemExit(
+        "tl_degeneracy.engine.distributed is a library, not a command: run the job under "
+        "torchrun as `torchrun --nproc_per_node N $(which tl-degeneracy) fit ...` "
+        "(docs/distributed.md)"
+    )

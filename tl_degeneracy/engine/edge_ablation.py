@@ -161,7 +161,7 @@ def edge_ablation_score(
     return scorer.score(mask)
 
 
-@dataclass
+@dataclass(repr=False)
 class EdgeAblation(Result):
     """Scores by number of kept edges, and the bisection's answer."""
 

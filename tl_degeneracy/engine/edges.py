@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tl_degeneracy.engine.artifacts import Result, build_metadata
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
+from tl_degeneracy.engine.brief_repr import BriefRepr
 from tl_degeneracy.engine.jacobians import checkpoint_key
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import Site
@@ -61,8 +62,8 @@ def quadrature(n: int) -> tuple[list[float], list[float]]:
     return [float(v) for v in (x + 1) / 2], [float(v) for v in w / 2]
 
 
-@dataclass
-class SectionEdges:
+@dataclass(repr=False)
+class SectionEdges(BriefRepr):
     """Edges of one section: `E[i, j]` from input feature j to output feature i."""
 
     section: Section
@@ -133,7 +134,7 @@ def section_edges(
     )
 
 
-@dataclass
+@dataclass(repr=False)
 class InteractionGraph(Result):
     """Edges of every consecutive section of a fitted basis, with node importances."""
 

@@ -54,7 +54,7 @@ class JacobianConfig:
             raise ValueError(f"method must be 'exact' or 'stochastic', got {self.method!r}")
 
 
-@dataclass
+@dataclass(repr=False)
 class JacobianGram(Result):
     """`M'` as a float64 sum and a count (mergeable), with a split-half error estimate."""
 

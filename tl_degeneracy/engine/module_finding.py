@@ -27,6 +27,7 @@ import networkx as nx
 import torch
 
 from tl_degeneracy.engine.artifacts import Rendered
+from tl_degeneracy.engine.brief_repr import BriefRepr
 
 Node = tuple[str, int]
 """A feature: (site name, feature index)."""
@@ -134,8 +135,8 @@ class ModuleSummary:
 Labeller = Callable[[Node], str] | Mapping[Node, str]
 
 
-@dataclass
-class Modules(Rendered):
+@dataclass(repr=False)
+class Modules(BriefRepr, Rendered):
     """A partition of features into modules, numbered by edge mass (module 0 holds the most),
     with Newman's Q of the network it was found on and the edge mass of each module."""
 

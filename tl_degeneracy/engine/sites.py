@@ -300,22 +300,30 @@ def residual_sites(
     n_blocks: int | None = None,
     positions: Positions = "all",
     mlp: Sequence[int] = (),
+    attn: Sequence[int] = (),
 ) -> list[Site]:
     """Every residual-stream cut of the first `n_blocks` blocks of a transformer, in forward
-    order: `hook_resid_pre` and (where the model has it) `hook_resid_mid` of each block, an MLP
-    site (`mlp.hook_post` with its stream) after `hook_resid_mid` of the blocks in `mlp`, and the
-    last block's `hook_resid_post` as the final site. Raises `SiteError` for an MLP block
-    outside those blocks or without an MLP."""
+    order: `hook_resid_pre` and (where the model has it) `hook_resid_mid` of each block, an
+    attention site (`attn.hook_z` with its stream) after `hook_resid_pre` of the blocks in
+    `attn`, an MLP site (`mlp.hook_post` with its stream) after `hook_resid_mid` of the blocks
+    in `mlp`, and the last block's `hook_resid_post` as the final site. Raises `SiteError` for
+    an MLP or attention block outside those blocks, or without an MLP."""
     cfg = model_cfg(model)
     n = cfg.n_layers if n_blocks is None else min(n_blocks, cfg.n_layers)
     valid = set(hook_names(model))
-    outside = [b for b in mlp if not 0 <= b < n]
-    if outside:
-        of = f"the first {n} of its {cfg.n_layers} blocks" if n < cfg.n_layers else f"{n} blocks"
-        raise SiteError(
-            f"MLP sites asked for block(s) {outside}, but the sites span {of} (0 … {n - 1}); "
-            "pick MLP blocks among them"
-        )
+    for what, blocks in (("MLP", mlp), ("attention", attn)):
+        outside = [b for b in blocks if not 0 <= b < n]
+        if outside:
+            of = (
+                f"the first {n} of its {cfg.n_layers} blocks" if n < cfg.n_layers else f"{n} blocks"
+            )
+            raise SiteError(
+                f"{what} sites asked for block(s) {outside}, but the sites span {of} "
+                f"(0 … {n - 1}); pick {what} blocks among them"
+            )
+    both = [b for b in attn if b in mlp]
+    if both and _parallel(model):
+        raise SiteError(_parallel_block_message(str(both[0])))
     no_mlp = [b for b in mlp if f"blocks.{b}.mlp.hook_post" not in valid]
     if no_mlp:
         raise SiteError(
@@ -325,6 +333,8 @@ def residual_sites(
     hooks: list[str] = []
     for b in range(n):
         hooks.append(f"blocks.{b}.hook_resid_pre")
+        if b in attn:
+            hooks.append(f"blocks.{b}.attn.hook_z")
         if f"blocks.{b}.hook_resid_mid" in valid:
             hooks.append(f"blocks.{b}.hook_resid_mid")
         if b in mlp:
@@ -367,4 +377,29 @@ def validate_sites(model: nn.Module, sites: Sequence[SiteLike]) -> list[Site]:
                 f"sites must be in forward order without repeats: {sa.name} does not come "
                 f"before {sb.name}"
             )
+        _check_attention_reaches_next(model, sa, sb)
     return resolved
+
+
+def _parallel_block_message(layer: str) -> str:
+    return (
+        f"blocks.{layer}.attn.hook_z followed by blocks.{layer}.mlp.hook_post: this model runs "
+        "attention and MLP in parallel (parallel_attn_mlp, as GPT-NeoX/Pythia), so the MLP "
+        f"site carries blocks.{layer}.hook_resid_pre and the heads' outputs reach nothing "
+        "through it (their features would all have Λ = 0). Use the attention site or the MLP "
+        f"site of block {layer}, not both"
+    )
+
+
+def _check_attention_reaches_next(model: nn.Module, site: Site, following: Site) -> None:
+    """Refuse an attention site followed by the MLP site of its own parallel block."""
+    a, b = _COMPOSITE.match(site.hook), _COMPOSITE.match(following.hook)
+    if (
+        a is not None
+        and b is not None
+        and a.group(1) == b.group(1)
+        and a.group(2) == "attn.hook_z"
+        and b.group(2).startswith("mlp")
+        and _parallel(model)
+    ):
+        raise SiteError(_parallel_block_message(a.group(1)))

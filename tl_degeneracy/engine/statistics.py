@@ -16,6 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.artifacts import Result, build_metadata
+from tl_degeneracy.engine.brief_repr import BriefRepr
 from tl_degeneracy.engine.capture import NonFiniteActivationError, capture_sites, check_finite
 from tl_degeneracy.engine.compat import is_transformer, model_device, usable_device
 from tl_degeneracy.engine.linalg import symmetric_eigh
@@ -82,8 +83,8 @@ def check_gram_memory(widths: dict[str, int], device: torch.device | str) -> Non
     )
 
 
-@dataclass
-class SiteStatistics:
+@dataclass(repr=False)
+class SiteStatistics(BriefRepr):
     """Count, mean and centred sum of outer products of one site's activations (float64)."""
 
     site: Site
@@ -157,7 +158,7 @@ class SiteStatistics:
         return SiteStatistics(self.site, self.count, self.mean.to(device), self.m2.to(device))
 
 
-@dataclass
+@dataclass(repr=False)
 class GramStatistics(Result):
     """Statistics of several sites over the same tokens; mergeable and savable."""
 

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.compat import is_transformer, model_cfg, model_device
+from tl_degeneracy.engine.compat import is_transformer, model_cfg, model_device, model_dtype
 
 
 class TokenError(ValueError):
@@ -34,10 +34,14 @@ def validate_tokens(model: nn.Module, tokens: Any) -> Int[Tensor, "batch pos"]:
     problem (the offending row, position and id; the dtype; the shape; the length) and the fix.
     Warns (`PaddingWarning`) when rows end, or start, in runs of the tokenizer's pad id of
     different lengths, as a padded batch of prompts does. A model that is not a transformer
-    (an MLP on images, say) takes its inputs as they are, moved to its device.
+    (an MLP on images, say) takes its inputs as they are, moved to its device; floating-point
+    inputs are converted to the model's floating dtype (float32 data for a float64 model), as
+    a basis is.
     """
     tokens = _as_tensor(tokens)
     if not is_transformer(model):
+        if tokens.is_floating_point() and any(p.is_floating_point() for p in model.parameters()):
+            return tokens.to(device=model_device(model), dtype=model_dtype(model))
         return tokens.to(model_device(model))
     cfg = model_cfg(model)
     if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():

@@ -43,6 +43,7 @@ class FitJob:
     out: str = "out/fit"
     sites: tuple[str, ...] | None = None
     mlp_sites: tuple[int, ...] = ()
+    attn_sites: tuple[int, ...] = ()
     text: tuple[str, ...] | None = None
     tokens: str | None = None
     n_tokens: int = 2048
@@ -72,6 +73,7 @@ class FitJob:
             out=args.out,
             sites=tuple(args.sites) if args.sites else None,
             mlp_sites=tuple(args.mlp_sites),
+            attn_sites=tuple(args.attn_sites),
             text=tuple(args.text) if args.text else None,
             tokens=args.tokens,
             n_tokens=args.n_tokens,
@@ -115,25 +117,40 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 
 def job_sites(job: FitJob, preset: Preset) -> list[Site]:
-    if job.mlp_sites and (job.sites is not None or not preset.language_model):
-        given = (
-            "--sites lists the sites" if job.sites is not None else f"{preset.name} has fixed sites"
-        )
-        raise SiteError(
-            f"--mlp-sites adds MLP sites to a language model's default sites, but {given}; "
-            "list the MLP sites with --sites instead (e.g. blocks.3.mlp.hook_post@1:)"
-        )
+    for flag, blocks, example in (
+        ("--mlp-sites", job.mlp_sites, "blocks.3.mlp.hook_post@1:"),
+        ("--attn-sites", job.attn_sites, "blocks.3.attn.hook_z@1:"),
+    ):
+        if blocks and (job.sites is not None or not preset.language_model):
+            given = (
+                "--sites lists the sites"
+                if job.sites is not None
+                else f"{preset.name} has fixed sites"
+            )
+            raise SiteError(
+                f"{flag} adds sites to a language model's default sites, but {given}; "
+                f"list them with --sites instead (e.g. {example})"
+            )
     if job.sites is not None:
         return [parse_site(s) for s in job.sites]
     if preset.language_model:
         positions = "all" if job.keep_bos else "1:"
-        return residual_sites(preset.model, positions=positions, mlp=job.mlp_sites)
+        return residual_sites(
+            preset.model, positions=positions, mlp=job.mlp_sites, attn=job.attn_sites
+        )
     return preset.sites(not job.keep_bos)
 
 
 def job_data(job: FitJob, preset: Preset) -> tuple[Tensor, Tensor | None]:
     """Training rows and held-out rows: the user's tokens or text (its last tenth held out),
     else the preset's data."""
+    n_ctx = getattr(getattr(preset.model, "cfg", None), "n_ctx", None)
+    packs_rows = job.tokens is None and (job.text is not None or preset.language_model)
+    if packs_rows and n_ctx is not None and job.seq_len > int(n_ctx):
+        raise ValueError(
+            f"--seq-len {job.seq_len} is longer than the model's context (n_ctx = {n_ctx}): "
+            f"pass --seq-len {n_ctx} or less"
+        )
     if job.tokens is not None or job.text is not None:
         rows = preset.rows_from(job.text, job.tokens, job.seq_len)
         if rows.shape[0] < 2:

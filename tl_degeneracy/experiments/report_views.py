@@ -2,7 +2,7 @@
 features on held-out text, the tokens late features promote and suppress through the
 unembedding, and the dominant-direction diagnostic traced to its tokens.
 
-    inputs = study.report_inputs(fit)                   # or study.load_study_artifacts(out)
+    inputs = study_output.report_inputs(study)          # or study_output.load_study_artifacts(out)
     inputs = add_model_views(inputs, model, heldout, decode)
     study_report(inputs).save(out / "report.html")
 

@@ -16,10 +16,15 @@ from tl_degeneracy.engine.attribution.patching import (
     feature_patching_effects,
     site_patching_effect,
 )
-from tl_degeneracy.engine.attribution.site_scores import SiteAttribution, spearman
+from tl_degeneracy.engine.attribution.site_scores import (
+    AttributionGapWarning,
+    SiteAttribution,
+    spearman,
+)
 
 __all__ = [
     "AttributionComparison",
+    "AttributionGapWarning",
     "AttributionMetric",
     "SiteAttribution",
     "compare_attribution",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,12 @@ from tl_degeneracy.engine.attribution.gradients import (
     tl_site_attribution,
 )
 from tl_degeneracy.engine.attribution.patching import feature_patching, site_patching
-from tl_degeneracy.engine.attribution.site_scores import SiteAttribution
+from tl_degeneracy.engine.attribution.site_scores import (
+    GAP_WARNING,
+    AttributionGapWarning,
+    SiteAttribution,
+    gap_message,
+)
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.capture import capture_sites
@@ -307,6 +313,12 @@ def compare_attribution(
             time.perf_counter() - start,
             tl_ours,
         )
+        if results[name].relative_gap > GAP_WARNING:
+            warnings.warn(
+                gap_message(results[name], basis.gram_eigenvalues),
+                AttributionGapWarning,
+                stacklevel=2,
+            )
     metadata = {
         "metric": metric_name or getattr(metric, "__name__", "metric"),
         "n_pairs": int(clean_tokens.shape[0]),

@@ -14,6 +14,8 @@ from jaxtyping import Float
 from scipy import stats
 from torch import Tensor
 
+from tl_degeneracy.engine.brief_repr import BriefRepr
+
 
 def spearman(x: Tensor | np.ndarray | Sequence[float], y: Tensor | np.ndarray) -> float:
     """Spearman's rank correlation (average ranks for ties); NaN when either side is constant
@@ -28,12 +30,43 @@ def spearman(x: Tensor | np.ndarray | Sequence[float], y: Tensor | np.ndarray) -
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+GAP_WARNING = 0.1
+"""Relative gap `|(a − a')·g − Σ s_i| / |(a − a')·g|` above which `compare_attribution` warns."""
+
+
+class AttributionGapWarning(UserWarning):
+    """The features' attributions miss a large share of the site's own attribution."""
+
+
+def gap_message(sa: SiteAttribution, gram_eigenvalues: Tensor) -> str:
+    """Why the sum rule fails at this site, and what to do: too few features kept, or prompts
+    whose difference leaves the span the fit data covered."""
+    top = float(gram_eigenvalues.max()) if gram_eigenvalues.numel() else 0.0
+    rank = int((gram_eigenvalues > 1e-12 * top).sum()) if top > 0 else 0
+    if sa.k < rank:
+        cause = (
+            f"the basis keeps {sa.k} of the {rank} directions its fit data spans, and the "
+            "dropped ones carry the rest: keep more features for the sum rule to hold"
+        )
+    else:
+        cause = (
+            f"its fit data spans only {rank} of the site's {sa.d} directions and these "
+            "prompts' difference lies partly outside them: fit the basis on data like these "
+            "prompts (or on more of it)"
+        )
+    return (
+        f"{sa.site}: the {sa.k} features' attributions add up to {sa.feature_sum:.4g} but the "
+        f"site's is {sa.site_attribution:.4g} ({sa.relative_gap:.0%} of it missing): {cause} "
+        "(docs/attribution.md, 'Sum rule')"
+    )
+
+
 def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else x
 
 
-@dataclass
-class SiteAttribution:
+@dataclass(repr=False)
+class SiteAttribution(BriefRepr):
     """Per-feature attribution, patching effect and importance at one site, and the site-level
     sums (all changes of the batch-mean metric)."""
 

@@ -8,14 +8,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from tl_degeneracy.engine.brief_repr import BriefRepr
 from tl_degeneracy.engine.degeneracy.config import SGLDConfig, SGLDWarning
 from tl_degeneracy.engine.degeneracy.diagnostics import LLCResult
 from tl_degeneracy.engine.degeneracy.problems import LLCProblem
 from tl_degeneracy.engine.degeneracy.sgld import estimate_llc
 
 
-@dataclass
-class CalibrationResult:
+@dataclass(repr=False)
+class CalibrationResult(BriefRepr):
     """λ̂ over a grid of step sizes, and the largest step size that can be trusted."""
 
     results: list[LLCResult]

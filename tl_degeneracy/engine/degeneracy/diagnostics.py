@@ -12,14 +12,15 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from tl_degeneracy.engine.brief_repr import BriefRepr
 from tl_degeneracy.engine.degeneracy.config import SGLDConfig
 
 if TYPE_CHECKING:
     from tl_degeneracy.engine.degeneracy.sgld import ChainState
 
 
-@dataclass
-class LLCResult:
+@dataclass(repr=False)
+class LLCResult(BriefRepr):
     """An SGLD estimate of the LLC with its traces and diagnostics."""
 
     llc: float

@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_degeneracy.engine.brief_repr import BriefRepr
 
-@dataclass
-class NeuronGroups:
+
+@dataclass(repr=False)
+class NeuronGroups(BriefRepr):
     """Neurons grouped by their on/off pattern over the data (one MLP layer)."""
 
     labels: Int[Tensor, " neurons"]
@@ -132,8 +134,8 @@ def switch_pattern(
     return on, switch.all(0)
 
 
-@dataclass
-class HeadGroups:
+@dataclass(repr=False)
+class HeadGroups(BriefRepr):
     """Attention heads of one layer grouped by agreeing patterns on the data."""
 
     labels: Int[Tensor, " heads"]

@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from tl_degeneracy.engine.brief_repr import BriefRepr
 from tl_degeneracy.engine.compat import API, build_model, hooked_state_dict, model_cfg, model_config
 from tl_degeneracy.engine.edges import InteractionGraph, interaction_graph
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
@@ -86,8 +87,8 @@ class PlantedModulesConfig:
         return self.n_values**self.n_modules
 
 
-@dataclass
-class PlantedModules:
+@dataclass(repr=False)
+class PlantedModules(BriefRepr):
     """The planted network, its data and the module of every residual dimension and logit."""
 
     model: nn.Module
@@ -301,8 +302,8 @@ def residual_sites(model: nn.Module) -> list[Site]:
     return [*sites, Site(LOGITS)]
 
 
-@dataclass
-class BasisModules:
+@dataclass(repr=False)
+class BasisModules(BriefRepr):
     """Modules of the interaction graph in one basis, with the graph they came from."""
 
     graph: InteractionGraph

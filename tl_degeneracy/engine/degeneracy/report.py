@@ -24,6 +24,7 @@ from jaxtyping import Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from tl_degeneracy.engine.brief_repr import BriefRepr
 from tl_degeneracy.engine.degeneracy.additivity import AdditivityResult
 from tl_degeneracy.engine.degeneracy.calibrated import CalibratedLLC
 from tl_degeneracy.engine.degeneracy.diagnostics import LLCResult
@@ -37,8 +38,8 @@ SOURCE_KEYS = ("activations", "gradients", "joint", "synchronised", "dead", "tot
 NOT_CONVERGED = "not converged"
 
 
-@dataclass
-class SectionReport:
+@dataclass(repr=False)
+class SectionReport(BriefRepr):
     """Degeneracy of one section (or of the whole model, named "total")."""
 
     name: str
@@ -113,8 +114,8 @@ class SectionReport:
         return text
 
 
-@dataclass
-class DegeneracyReport:
+@dataclass(repr=False)
+class DegeneracyReport(BriefRepr):
     """Per-section and total degeneracy of a model on a data set."""
 
     sections: list[SectionReport]
@@ -143,7 +144,15 @@ class DegeneracyReport:
         parts = {s.name: s.llc for s in self.sections if s.llc is not None and s.converged}
         if self.total.llc is None or not self.total.converged or len(parts) < len(self.sections):
             return None
+        if len(self._gammas()) > 1:  # posteriors of different localisations do not add
+            return None
         return AdditivityResult(self.total.llc, parts)
+
+    def _gammas(self) -> dict[str, float]:
+        """The γ of every estimate, by section."""
+        return {
+            s.name: s.llc.config.gamma for s in [*self.sections, self.total] if s.llc is not None
+        }
 
     # -- text ------------------------------------------------------------------------------
 
@@ -164,7 +173,11 @@ class DegeneracyReport:
                     "bound N − free": f"{s.upper_bound:,}",
                     "SGLD N_eff = 2λ̂": s.estimate_text(),
                     "R-hat": f"{llc.rhat:.3f}" if llc else "—",
-                    "ε, steps": f"{_step_text(llc.config)}, {llc.config.n_steps}" if llc else "—",
+                    "ε, γ, steps": (
+                        f"{_step_text(llc.config)}, {llc.config.gamma:g}, {llc.config.n_steps}"
+                        if llc
+                        else "—"
+                    ),
                 }
             )
         return out
@@ -175,6 +188,14 @@ class DegeneracyReport:
         add = self.additivity
         if add is not None:
             out.append(f"Additivity of the sections: {add.summary()}.")
+        elif len(set(self._gammas().values())) > 1 and all(
+            s.converged for s in [*self.sections, self.total]
+        ):
+            at = ", ".join(f"{n} at γ = {g:g}" for n, g in self._gammas().items())
+            out.append(
+                f"Additivity not computed: the estimates ended at different γ ({at}), and "
+                "posteriors of different localisations do not add."
+            )
         return out
 
     def sensitivity_rows(self) -> list[dict[str, str]]:

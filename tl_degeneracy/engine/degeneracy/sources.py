@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_degeneracy.engine.brief_repr import BriefRepr
 from tl_degeneracy.engine.degeneracy.config import count, non_negative
 from tl_degeneracy.engine.degeneracy.groups import HeadGroups, NeuronGroups
 from tl_degeneracy.engine.degeneracy.spectra import (
@@ -37,8 +38,8 @@ from tl_degeneracy.engine.degeneracy.spectra import (
 from tl_degeneracy.engine.degeneracy.weight_maps import WeightMap
 
 
-@dataclass
-class MapSources:
+@dataclass(repr=False)
+class MapSources(BriefRepr):
     """Activation and gradient sources of one weight map, as spectra (counts follow)."""
 
     map: WeightMap
@@ -175,8 +176,8 @@ def resolve_positions(positions: Positions, n_pos: int) -> tuple[int, ...]:
     return tuple(p % n_pos for p in positions)
 
 
-@dataclass
-class SourcesResult:
+@dataclass(repr=False)
+class SourcesResult(BriefRepr):
     """All three sources for a model on a data set."""
 
     maps: list[MapSources]

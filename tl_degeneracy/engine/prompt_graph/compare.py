@@ -38,7 +38,7 @@ from tl_degeneracy.engine.sites import Positions, Site, SiteLike
 from tl_degeneracy.engine.tokens import validate_pair
 
 
-@dataclass
+@dataclass(repr=False)
 class PatchingComparison(Result):
     """Per site and per node: the graph's attributions, attribution patching, true patching."""
 
