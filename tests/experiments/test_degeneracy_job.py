@@ -102,6 +102,14 @@ def test_without_a_step_size_every_estimate_is_calibrated(tiny, tmp_path):
             assert "not converged" in row and f"- {s.name}: not converged — " in md
     job = json.loads((out / "job.json").read_text())
     assert job["config"]["step_size"] is None
+    page = (out / "report.html").read_text()
+    for column in ("γ tried", "step-size check", "localisation check"):
+        assert f"<th>{column}</th>" in page
+    checked = [s.calibration for s in [*report.sections, report.total] if s.calibration]
+    for cal in checked:  # the checks round-trip through report.json
+        assert cal.check_discretisation
+        if cal.discretisation is not None:
+            assert f"λ̂ {cal.discretisation.llc_fine:.4g} at ε = " in page
 
 
 def test_a_hugging_face_folder_on_its_own_text_or_tokens(tmp_path):

@@ -168,6 +168,20 @@ def _degeneracy_args(p: argparse.ArgumentParser) -> None:
         help="most steps per chain when R-hat asks for longer chains (default: %(default)s)",
     )
     p.add_argument(
+        "--lower-gamma",
+        type=int,
+        default=d.lower_gamma,
+        help="times γ may be divided by 10 when an estimate depends on it (default: "
+        "%(default)s; 0: never)",
+    )
+    p.add_argument(
+        "--no-step-check",
+        dest="step_check",
+        action="store_false",
+        help="skip the check of each estimate at the next smaller step size over its whole "
+        "length (faster, less safe)",
+    )
+    p.add_argument(
         "--grid-step-sizes",
         type=float,
         nargs="+",
@@ -218,6 +232,8 @@ def run_degeneracy(args: argparse.Namespace) -> int:
         max_total_steps=args.max_total_steps,
         max_seconds=args.max_seconds,
         max_steps=args.max_steps,
+        lower_gamma=args.lower_gamma,
+        step_check=args.step_check,
         sensitivity_step_sizes=tuple(args.grid_step_sizes),
         sensitivity_nbetas=tuple(args.grid_nbetas) if args.grid_nbetas else (None,),
         progress=not args.quiet,

@@ -77,6 +77,10 @@ class DegeneracyJobConfig:
     1,800 s for a language model, where one SGLD step can take a second)."""
     max_steps: int = CalibrationConfig.max_steps
     """Most steps per chain when R-hat asks for longer chains."""
+    lower_gamma: int = CalibrationConfig.lower_gamma
+    """Times γ may be divided by 10 when λ̂ depends on it (`CalibrationConfig.lower_gamma`)."""
+    step_check: bool = CalibrationConfig.discretisation_check
+    """Check each estimate at the next smaller step size over its whole length."""
     sensitivity_step_sizes: tuple[float, ...] = ()
     """Re-estimate the total's λ̂ at these step sizes (empty: no sensitivity grid)."""
     sensitivity_nbetas: tuple[float | None, ...] = (None,)
@@ -148,6 +152,8 @@ class DegeneracyJobConfig:
             max_total_steps=self.max_total_steps,
             max_seconds=self.max_seconds if self.max_seconds or not lm else 1800.0,
             max_steps=self.max_steps,
+            lower_gamma=self.lower_gamma,
+            discretisation_check=self.step_check,
         )
 
 

@@ -3,7 +3,7 @@ results, additivity), the bound against ε, per-map counts, the SGLD calibration
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tl_degeneracy.viz.html import HtmlPage, table, text
 from tl_degeneracy.viz.plots import figure_to_html
@@ -56,8 +56,20 @@ def degeneracy_page(report: DegeneracyReport) -> HtmlPage:
                 "steps per chain (R-hat)": ", ".join(
                     f"{n} ({r:.3f})" for n, r in s.calibration.lengths
                 ),
+                "γ tried": " → ".join(
+                    f"{g:g}"
+                    for g in [h["gamma"] for h in s.calibration.higher_gammas]
+                    + ([s.llc.config.gamma] if s.llc is not None else [])
+                ),
+                "step-size check": _check_text(
+                    s.calibration.discretisation, "llc_fine", "step_size_fine", "ε"
+                ),
+                "localisation check": _check_text(
+                    s.calibration.localisation, "llc_low", "gamma_low", "γ"
+                ),
                 "SGLD steps": f"{s.calibration.steps_used:,}",
                 "seconds": f"{s.calibration.seconds:.1f}",
+                "notes": "; ".join(s.calibration.notes),
             }
             for s in every
             if s.calibration is not None
@@ -68,7 +80,9 @@ def degeneracy_page(report: DegeneracyReport) -> HtmlPage:
             table(lengths),
             description="Pilot chains at each step size for the same Langevin time ε × steps; "
             "the chosen step size is the largest whose pilot is stable and agrees with the next "
-            "smaller one. The chains then double in length while R-hat asks for it.",
+            "smaller one. The chains then double in length while R-hat asks for it (at least "
+            "one relaxation time 2/(εγ)); λ̂ is checked at the next smaller step size over the "
+            "same Langevin time and at γ/10, and γ is lowered while λ̂ depends on it.",
         )
     llc_rows = [
         {"section": s.name, "estimate": s.llc.summary(), "messages": "; ".join(s.llc.messages)}
@@ -96,3 +110,11 @@ def degeneracy_page(report: DegeneracyReport) -> HtmlPage:
             "slowly with nβ in singular models (a −(m − 1)/log nβ term).",
         )
     return page
+
+
+def _check_text(check: Any, llc: str, setting: str, symbol: str) -> str:
+    """One check of a calibrated estimate as "λ̂ at setting (passed)", or "—"."""
+    if check is None:
+        return "—"
+    verdict = "passed" if check.passed else "failed"
+    return f"λ̂ {getattr(check, llc):.4g} at {symbol} = {getattr(check, setting):g} ({verdict})"

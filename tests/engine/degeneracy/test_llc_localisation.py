@@ -20,6 +20,8 @@ from tl_degeneracy.engine.degeneracy import (
 from tl_degeneracy.engine.degeneracy.ground_truth import linear_regression_problem
 from tl_degeneracy.engine.degeneracy.localisation import localisation_check
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_an_estimate_held_by_the_localisation_is_not_a_result():
     """Linear regression, d = 10, n = 1000 (λ = 5) at the defaults (γ = 100, nβ = 145): each
@@ -27,7 +29,7 @@ def test_an_estimate_held_by_the_localisation_is_not_a_result():
     γ / 10 (λ̂ ≈ 4.7) show that the number measures γ."""
     problem = linear_regression_problem(10, n=1000)
     with pytest.warns(SGLDWarning, match="depends on the localisation"):
-        found = calibrated_llc(problem)
+        found = calibrated_llc(problem, calibration=CalibrationConfig(lower_gamma=0))
     r, check = found.result, found.localisation
     assert r is not None and check is not None and not found.converged
     assert r.llc == pytest.approx(5 * 144.8 / 244.8, rel=0.15)  # the localised value
@@ -41,15 +43,57 @@ def test_an_estimate_held_by_the_localisation_is_not_a_result():
     assert back.localisation == check and back.reasons == found.reasons
 
 
-def test_an_estimate_the_loss_holds_passes_the_check():
-    """The same problem at γ = 1 (nβ·h = 145 ≫ γ): λ̂ ≈ 5 at γ and γ / 10 alike."""
+def test_the_default_lowers_gamma_until_the_loss_holds_the_chains():
+    """The same problem with the defaults: γ = 100 fails the check, so γ = 10 is calibrated
+    anew (from the step size chosen at 100) and its estimate passes at γ = 1: λ = 5 within
+    10%, where γ = 100 read 3.2. The estimate at γ = 100 stays on record."""
     problem = linear_regression_problem(10, n=1000)
-    cfg = SGLDConfig(gamma=1.0, batch_size=10**9)
     with warnings.catch_warnings():
         warnings.simplefilter("error", SGLDWarning)
-        found = calibrated_llc(problem, cfg)
-    assert found.converged and found.localisation is not None and found.localisation.passed
+        found = calibrated_llc(problem)
+    r = found.result
+    assert found.converged and r is not None and r.config.gamma == 10
+    assert r.llc == pytest.approx(5.0, rel=0.1)
+    (above,) = found.higher_gammas
+    assert above["gamma"] == 100 and above["gamma_low"] == 10
+    assert above["llc"] == pytest.approx(5 * 144.8 / 244.8, rel=0.15)
+    assert found.localisation is not None and found.localisation.gamma_low == 1
+    assert found.notes[0].startswith(f"at γ = 100 λ̂ = {above['llc']:.4g}")
+    assert "γ lowered to 10" in found.notes[0]
+    assert found.discretisation is not None and found.discretisation.passed
+    back = CalibratedLLC.from_json(found.to_json(), r)
+    assert back.higher_gammas == found.higher_gammas
+    assert back.discretisation == found.discretisation and back.reasons == []
+
+
+def test_lowering_gamma_stops_at_its_limit():
+    """n = 100 (nβ = 22): each direction gives ½ · 22h/(22h + γ), 0.68 of its ½ at γ = 10
+    against 0.96 at γ = 1. With one lowering allowed the estimate at γ = 10 still depends on
+    γ: not a result, and the warning says so (8 chains, so that they agree at nβ = 22)."""
+    problem = linear_regression_problem(10, n=100)
+    with pytest.warns(SGLDWarning, match="depends on the localisation γ: .* at γ = 10, "):
+        found = calibrated_llc(problem, SGLDConfig(n_chains=8), CalibrationConfig(lower_gamma=1))
+    assert found.result is not None and found.result.config.gamma == 10
+    assert [h["gamma"] for h in found.higher_gammas] == [100] and not found.converged
+
+
+def test_an_estimate_the_loss_holds_passes_the_check():
+    """The same problem at γ = 1 (nβ·h = 145 ≫ γ): λ̂ ≈ 5 at γ and γ / 10 alike. The check's
+    chains relax at γ / 10: 2/(εγ) = 20,000 steps at ε = 1e-3, γ = 0.1, beyond the default
+    max_steps, which then says so instead of checking with chains that cannot see γ."""
+    problem = linear_regression_problem(10, n=1000)
+    cfg = SGLDConfig(gamma=1.0, batch_size=10**9)
+    long = CalibrationConfig(max_steps=20_000, max_total_steps=100_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SGLDWarning)
+        found = calibrated_llc(problem, cfg, long)
+    check = found.localisation
+    assert found.converged and check is not None and check.passed
+    assert check.n_steps == 20_000 and check.gamma_low == pytest.approx(0.1)
     assert found.result is not None and found.result.llc == pytest.approx(5.0, rel=0.15)
+    with pytest.warns(SGLDWarning, match="needs 20,000 steps per chain to relax at γ = 0.1"):
+        short = calibrated_llc(problem, cfg)
+    assert short.localisation is None and not short.converged
 
 
 def test_the_check_can_be_switched_off_and_is_skipped_for_failed_estimates():

@@ -85,7 +85,9 @@ def test_calibration_finds_a_step_size_that_gives_the_regular_learning_coefficie
     problem = linear_regression_problem(10, n=1000)
     cfg = SGLDConfig(gamma=1.0, n_chains=8, n_steps=500, n_burnin=125, batch_size=10**9)
     grid = (0.1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4)
-    cal = CalibrationConfig(grid, pilot_chains=32, tolerance=tolerance, max_total_steps=10**6)
+    cal = CalibrationConfig(
+        grid, pilot_chains=32, tolerance=tolerance, max_total_steps=10**6, localisation_ratio=None
+    )
     found = calibrated_llc(problem, cfg, cal)
     assert found.converged and found.reasons == [] and found.chosen == chosen
     assert found.result is not None and found.result.config.step_size == chosen
@@ -103,7 +105,9 @@ def test_calibration_runs_chains_longer_while_r_hat_asks():
     """Chains of 50 steps are too short at the chosen step size: they continue to 100."""
     problem = linear_regression_problem(10, n=1000)
     cfg = SGLDConfig(gamma=1.0, n_chains=8, n_steps=50, n_burnin=12, batch_size=10**9)
-    cal = CalibrationConfig(step_sizes=(3e-3, 1e-3), pilot_chains=8, max_steps=3200)
+    cal = CalibrationConfig(
+        step_sizes=(3e-3, 1e-3), pilot_chains=8, max_steps=3200, min_relaxations=0
+    )
     found = calibrated_llc(problem, cfg, cal)
     steps = [n for n, _ in found.lengths]
     assert found.chosen == 3e-3 and steps == [50 * 2**i for i in range(len(steps))]

@@ -114,6 +114,10 @@ def test_gamma_zero_is_plain_sgld_and_allowed():
         ("max_total_steps", 0, "max_total_steps must be at least 1"),
         ("max_seconds", 0.0, "max_seconds must be a positive"),
         ("max_steps", 0, "max_steps must be at least 1"),
+        ("lower_gamma", -1, "lower_gamma must be at least 0"),
+        ("lower_gamma", 1.5, "lower_gamma must be an integer"),
+        ("min_relaxations", -1.0, "min_relaxations must be a non-negative"),
+        ("discretisation_check", "yes", "discretisation_check must be True or False"),
     ],
 )
 def test_bad_calibration_settings_are_errors(field, value, match):

@@ -34,8 +34,13 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from tl_degeneracy.engine.brief_repr import BriefRepr
 from tl_degeneracy.engine.degeneracy.config import CalibrationConfig, SGLDConfig, SGLDWarning
 from tl_degeneracy.engine.degeneracy.diagnostics import LLCResult, count_text
+from tl_degeneracy.engine.degeneracy.discretisation import (
+    DiscretisationCheck,
+    discretisation_check,
+)
 from tl_degeneracy.engine.degeneracy.localisation import LocalisationCheck, localisation_check
 from tl_degeneracy.engine.degeneracy.problems import LLCProblem
 from tl_degeneracy.engine.degeneracy.sgld import continue_llc, estimate_llc
@@ -55,8 +60,8 @@ class Pilot:
     """Whether λ̂ agrees with the pilot at the next smaller step size (None: not compared)."""
 
 
-@dataclass
-class CalibratedLLC:
+@dataclass(repr=False)
+class CalibratedLLC(BriefRepr):
     """A calibrated SGLD estimate: the pilots, the chosen step size, the chains' lengths and
     the estimate itself; `reasons` is empty when the estimate is a result."""
 
@@ -83,6 +88,13 @@ class CalibratedLLC:
     """λ̂ at a smaller γ against the estimate's (None: not run)."""
     check_localisation: bool = False
     """Whether the estimate must pass the localisation check to be a result."""
+    discretisation: DiscretisationCheck | None = None
+    """λ̂ at the next smaller step size over the same Langevin time (None: not run)."""
+    check_discretisation: bool = False
+    """Whether the estimate must pass the discretisation check to be a result."""
+    higher_gammas: list[dict[str, Any]] = field(default_factory=list)
+    """The estimates at higher γ that the localisation check rejected before this one
+    (γ, ε, steps, λ̂ and its se, λ̂ at the lower γ), highest first."""
 
     @property
     def reasons(self) -> list[str]:
@@ -94,12 +106,29 @@ class CalibratedLLC:
         r = self.result
         if math.isfinite(r.llc) and not r.llc_se <= self.tolerance / 2 * abs(r.llc):
             out.append(f"the chains disagree (se {r.llc_se:.3g} > {self.tolerance / 2:g} × λ̂)")
+        if self.check_discretisation and not out:
+            if self.discretisation is None:
+                out.append(
+                    "the step-size check did not run (budget, or no smaller step size in the grid)"
+                )
+            elif (why := self.discretisation.reason()) is not None:
+                out.append(why)
         if self.check_localisation and not out:
             if self.localisation is None:
-                out.append("the localisation check did not run (budget)")
+                long = [n for n in self.notes if n.startswith("the localisation check needs")]
+                out.append(long[-1] if long else "the localisation check did not run (budget)")
             elif (why := self.localisation.reason()) is not None:
                 out.append(why)
         return out
+
+    @property
+    def held_by_localisation(self) -> bool:
+        """True when the localisation check is the one reason the estimate is not a result."""
+        return (
+            self.localisation is not None
+            and not self.localisation.passed
+            and self.reasons == [self.localisation.reason()]
+        )
 
     @property
     def converged(self) -> bool:
@@ -132,6 +161,11 @@ class CalibratedLLC:
             "notes": list(self.notes),
             "localisation": None if self.localisation is None else self.localisation.to_json(),
             "check_localisation": self.check_localisation,
+            "discretisation": (
+                None if self.discretisation is None else self.discretisation.to_json()
+            ),
+            "check_discretisation": self.check_discretisation,
+            "higher_gammas": [dict(h) for h in self.higher_gammas],
         }
 
     @classmethod
@@ -150,6 +184,11 @@ class CalibratedLLC:
             if meta.get("localisation") is None
             else LocalisationCheck.from_json(meta["localisation"]),
             bool(meta.get("check_localisation", False)),
+            None
+            if meta.get("discretisation") is None
+            else DiscretisationCheck.from_json(meta["discretisation"]),
+            bool(meta.get("check_discretisation", False)),
+            [dict(h) for h in meta.get("higher_gammas", [])],
         )
 
 
@@ -190,7 +229,8 @@ class _Pilots:
         done = have.config.n_steps if have is not None else 0
         if done < n:
             # the estimate's first chains and their localisation check
-            reserve = (self.cfg.n_chains + _check_chains(self.cal)) * self.cfg.n_steps
+            at = replace(self.cfg, step_size=eps)
+            reserve = self.cfg.n_chains * self.cfg.n_steps + _check_steps(self.cal, at)
             if not self.budget.allows(self.cal.pilot_chains * (n - done), reserve):
                 return None
             if have is None:
@@ -226,11 +266,71 @@ def calibrated_llc(
     """λ̂ with the step size chosen by pilot chains and the chains run until R-hat is at most
     `config.rhat_max` (within the budget); `config.step_size` is ignored. `bound` (a section's
     `N − free`) marks pilots and estimates above it as unstable. `largest` skips candidate
-    step sizes above it (the whole model is no more stable than its stiffest section). Warns
-    (`SGLDWarning`) once when the estimate is not a result, with the reasons."""
+    step sizes above it (the whole model is no more stable than its stiffest section). When
+    the localisation check is the one reason the estimate is not a result, γ is lowered by
+    `localisation_ratio` (up to `calibration.lower_gamma` times) and the estimate calibrated
+    anew there. Warns (`SGLDWarning`) once when the estimate is not a result, with the
+    reasons."""
     cfg = config or SGLDConfig()
     cal = calibration or CalibrationConfig()
-    budget = _Budget(cal)
+    budget = _Budget(cal)  # one budget for the estimate at every γ it tries
+    out = _calibrated_at(problem, cfg, cal, bound, progress, largest, budget)
+    for _ in range(cal.lower_gamma):
+        if not out.held_by_localisation or cal.localisation_ratio is None:
+            break
+        above, check = out, out.localisation
+        assert above.result is not None and check is not None
+        r = above.result
+        start = min(x for x in (largest, above.chosen, r.config.step_size) if x is not None)
+        lower = replace(cfg, gamma=check.gamma_low, step_size=start)
+        if relaxation_steps(lower, cal) > cal.max_steps:
+            above.notes.append(
+                f"γ = {check.gamma_low:g} was not tried: its chains would need "
+                f"{relaxation_steps(lower, cal):,} steps to relax at ε = {_smallest_step(lower):g}"
+                f", more than max_steps = {cal.max_steps:,}"
+            )
+            break
+        out = _calibrated_at(
+            problem, replace(cfg, gamma=check.gamma_low), cal, bound, progress, start, budget
+        )
+        out.higher_gammas = [
+            *above.higher_gammas,
+            {
+                "gamma": r.config.gamma,
+                "step_size": r.config.step_size,
+                "n_steps": r.config.n_steps,
+                "llc": r.llc,
+                "llc_se": r.llc_se,
+                "gamma_low": check.gamma_low,
+                "llc_low": check.llc_low,
+            },
+        ]
+        out.notes.insert(
+            0,
+            f"at γ = {r.config.gamma:g} λ̂ = {r.llc:.4g} ± {r.llc_se:.2g} against "
+            f"{check.llc_low:.4g} at γ = {check.gamma_low:g}: γ lowered to {check.gamma_low:g}",
+        )
+    if out.reasons:
+        warnings.warn(
+            f"SGLD estimate not converged ({problem.n_params:,} parameters): "
+            + "; ".join(out.reasons),
+            SGLDWarning,
+            stacklevel=2,
+        )
+    return out
+
+
+def _calibrated_at(
+    problem: LLCProblem,
+    cfg: SGLDConfig,
+    cal: CalibrationConfig,
+    bound: float | None,
+    progress: bool,
+    largest: float | None,
+    budget: _Budget,
+) -> CalibratedLLC:
+    """One calibrated estimate at `cfg.gamma`: pilots, chains, the step-size and localisation
+    checks (no warning); `steps_used` and `seconds` count from the start of `budget`."""
     pilots = _Pilots(problem, cfg, cal, budget)
     grid = sorted({e for e in cal.step_sizes if largest is None or e <= largest}, reverse=True)
     rows: list[Pilot] = []
@@ -265,35 +365,49 @@ def calibrated_llc(
             "agrees with the next smaller one"
         )
     out = CalibratedLLC(None, rows, chosen, bound=bound, tolerance=cal.tolerance, notes=notes)
-    # the estimate: the chosen step size (else the smallest stable one), then the next smaller
-    # stable one while the chains diverge, disagree or exceed the bound
-    candidates = [e for e in stable if e <= chosen] if chosen is not None else stable[-1:]
-    for eps in candidates:
+    # the estimate: the chosen step size (else the smallest stable one), then each smaller
+    # one while the chains diverge, disagree, exceed the bound or fail the step-size check
+    candidates = [e for e in grid if e <= chosen] if chosen is not None else stable[-1:]
+    for i, eps in enumerate(candidates):
         out.chosen = eps if chosen is not None else None
+        out.discretisation = None
         run = replace(cfg, step_size=eps)
         out.result = _run_to_convergence(problem, run, cal, budget, out, progress)
         why = _unstable(out.result, cal, bound) if out.result is not None else ""
+        finer = candidates[i + 1] if i + 1 < len(candidates) else None
+        if out.result is not None and not why and not out.reasons and finer is not None:
+            if cal.discretisation_check:
+                steps = cal.pilot_chains * round(out.result.config.n_steps * eps / finer)
+                reserve = max(0, _check_steps(cal, out.result.config) - steps)
+                if budget.allows(steps, reserve):
+                    out.discretisation = discretisation_check(
+                        problem, out.result, finer, cal.pilot_chains, cal.tolerance
+                    )
+                    budget.spend(out.discretisation.steps, out.discretisation.seconds)
+                    why = out.discretisation.reason() or ""
         if not why:
             break
         out.notes.append(f"at ε = {eps:g} {why}: a smaller step size was tried")
     result = out.result
+    out.check_discretisation = cal.discretisation_check and result is not None
     if cal.localisation_ratio is not None and result is not None:
         passed = not out.reasons  # everything but the check
         out.check_localisation = True
-        if passed and budget.allows(cal.pilot_chains * result.config.n_steps):
+        low = replace(result.config, gamma=result.config.gamma / cal.localisation_ratio)
+        n_steps = max(result.config.n_steps, relaxation_steps(low, cal))
+        if passed and n_steps > cal.max_steps:
+            out.notes.append(
+                f"the localisation check needs {n_steps:,} steps per chain to relax at γ = "
+                f"{low.gamma:g} (ε = {_smallest_step(low):g}), more than max_steps = "
+                f"{cal.max_steps:,}"
+            )
+        elif passed and budget.allows(cal.pilot_chains * n_steps):
             out.localisation = localisation_check(
-                problem, result, cal.localisation_ratio, cal.pilot_chains, cal.tolerance
+                problem, result, cal.localisation_ratio, cal.pilot_chains, cal.tolerance, n_steps
             )
             budget.spend(out.localisation.steps, out.localisation.seconds)
     out.steps_used = budget.steps
     out.seconds = time.perf_counter() - budget.start
-    if out.reasons:
-        warnings.warn(
-            f"SGLD estimate not converged ({problem.n_params:,} parameters): "
-            + "; ".join(out.reasons),
-            SGLDWarning,
-            stacklevel=2,
-        )
     return out
 
 
@@ -318,9 +432,20 @@ def _run_to_convergence(
     out: CalibratedLLC,
     progress: bool = False,
 ) -> LLCResult | None:
-    """Chains at `cfg`, doubled in length while R-hat asks for it and the budget allows."""
-    check = _check_chains(cal)  # the localisation check runs as long as the chains
-    if not budget.allows(cfg.n_chains * cfg.n_steps, check * cfg.n_steps):
+    """Chains at `cfg`, at least `relaxation_steps` long, doubled in length while R-hat asks
+    for it and the budget allows."""
+    need = relaxation_steps(cfg, cal)
+    if need > cal.max_steps:
+        out.notes.append(
+            f"at γ = {cfg.gamma:g} and ε = {_smallest_step(cfg):g} the chains need {need:,} "
+            f"steps to relax ({cal.min_relaxations:g} × 2/(εγ)), more than max_steps = "
+            f"{cal.max_steps:,}"
+        )
+        return None
+    if need > cfg.n_steps:
+        burnin = round(need * cfg.n_burnin / cfg.n_steps)
+        cfg = replace(cfg, n_steps=need, n_burnin=burnin)
+    if not budget.allows(cfg.n_chains * cfg.n_steps, _check_steps(cal, cfg)):
         out.notes.append(f"the budget left no room for the estimate at ε = {cfg.step_size:g}")
         return None
     result = estimate_llc(problem, cfg, progress, warn=False)
@@ -331,7 +456,8 @@ def _run_to_convergence(
         if result.config.n_steps + more > cal.max_steps:
             out.notes.append(f"R-hat still above {cfg.rhat_max:g} at {cal.max_steps} steps")
             break
-        if not budget.allows(cfg.n_chains * more, check * (result.config.n_steps + more)):
+        longer = replace(cfg, n_steps=result.config.n_steps + more)
+        if not budget.allows(cfg.n_chains * more, _check_steps(cal, longer)):
             out.notes.append("the budget stopped the chains from running longer")
             break
         before = result.seconds
@@ -344,3 +470,33 @@ def _run_to_convergence(
 def _check_chains(cal: CalibrationConfig) -> int:
     """Chains of the localisation check (0: no check)."""
     return cal.pilot_chains if cal.localisation_ratio is not None else 0
+
+
+def _check_steps(cal: CalibrationConfig, cfg: SGLDConfig) -> int:
+    """Steps kept in reserve for the checks after an estimate at `cfg`: the step-size check's
+    over the same Langevin time at the next smaller step size, and the localisation check's
+    chains, as long as the estimate's and relaxed at the lower γ (when that fits in
+    `max_steps`)."""
+    steps = 0
+    if cal.discretisation_check:
+        sizes = sorted(cal.step_sizes, reverse=True)
+        ratio = max((a / b for a, b in zip(sizes, sizes[1:])), default=1.0)
+        steps += cal.pilot_chains * math.ceil(cfg.n_steps * ratio)
+    if cal.localisation_ratio is not None:
+        low = replace(cfg, gamma=cfg.gamma / cal.localisation_ratio)
+        need = max(cfg.n_steps, relaxation_steps(low, cal))
+        steps += _check_chains(cal) * need if need <= cal.max_steps else 0
+    return steps
+
+
+def _smallest_step(cfg: SGLDConfig) -> float:
+    """The smallest step any parameter takes (`step_size` times the smallest scale)."""
+    return cfg.step_size * min((f for _, f in cfg.step_scales), default=1.0)
+
+
+def relaxation_steps(cfg: SGLDConfig, cal: CalibrationConfig) -> int:
+    """Steps per chain for `cal.min_relaxations` relaxation times of the localisation,
+    `2/(εγ)` with ε the smallest step any parameter takes (0 without localisation)."""
+    if cfg.gamma <= 0 or cal.min_relaxations == 0:
+        return 0
+    return math.ceil(cal.min_relaxations * 2 / (_smallest_step(cfg) * cfg.gamma))

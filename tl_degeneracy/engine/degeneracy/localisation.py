@@ -83,12 +83,22 @@ def localisation_check(
     ratio: float = 10.0,
     n_chains: int = 2,
     tolerance: float = 0.2,
+    min_steps: int = 0,
 ) -> LocalisationCheck:
     """Run `n_chains` chains at γ / `ratio` with `result`'s step size, steps, burn-in and seed
-    on `problem`, and compare their λ̂ with `result.llc` (costs `n_chains × n_steps` steps)."""
+    on `problem`, and compare their λ̂ with `result.llc` (costs `n_chains × n_steps` steps).
+    `min_steps` lengthens the chains (the burn-in in proportion): chains at the lower γ take
+    `ratio` times longer to spread out to its scale (`calibrated.relaxation_steps`), and
+    chains cut short read the same λ̂ at both γ, passing the check whatever the truth."""
     cfg = result.config
+    n_steps = max(cfg.n_steps, min_steps)
+    n_burnin = round(cfg.n_burnin * n_steps / cfg.n_steps)
     low = estimate_llc(
-        problem, replace(cfg, gamma=cfg.gamma / ratio, n_chains=n_chains), warn=False
+        problem,
+        replace(
+            cfg, gamma=cfg.gamma / ratio, n_chains=n_chains, n_steps=n_steps, n_burnin=n_burnin
+        ),
+        warn=False,
     )
     return LocalisationCheck(
         gamma=cfg.gamma,
@@ -98,7 +108,7 @@ def localisation_check(
         llc_low_se=low.llc_se,
         diverged_low=int(low.diverged.sum()),
         n_chains=n_chains,
-        n_steps=cfg.n_steps,
+        n_steps=n_steps,
         tolerance=tolerance,
         seconds=low.seconds,
     )
