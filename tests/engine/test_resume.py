@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from support import random_tokens, tiny_config, tiny_model
 
 from tl_degeneracy.engine import store as store_module
 from tl_degeneracy.engine import streaming
 from tl_degeneracy.engine.bases import Truncation
 from tl_degeneracy.engine.basis_result import BasisResult
-from tl_degeneracy.engine.compat import available_apis
+from tl_degeneracy.engine.compat import available_apis, build_model
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.jacobians import JacobianConfig
 from tl_degeneracy.engine.sites import Site
@@ -183,6 +183,40 @@ def test_stale_checkpoint_of_other_settings_is_refused(tmp_path):
         fit_basis(model, tokens, _config(ckpt, jacobian=other))
 
 
+def test_an_interrupted_run_does_not_resume_in_another_dtype(tmp_path):
+    """float32 weights read the same in float64, so the weight digest alone let a float32
+    run's half-done Gram be resumed as float64 (a mix of both precisions); the model's dtype
+    is part of the stamp."""
+    folder, tokens = _setup(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    weights = load_file(str(folder / "model.safetensors"))
+    single, double = (
+        build_model({**config, "dtype": None}, weights, api=API, dtype=dtype)
+        for dtype in (torch.float32, torch.float64)
+    )
+    ckpt = tmp_path / "ckpt"
+    _interrupted_fit(single, tokens, _config(ckpt), at=2)
+    with pytest.raises(ValueError, match=r"model_dtype: \"torch.float32\" -> \"torch.float64\""):
+        fit_basis(double, tokens, _config(ckpt))
+
+
+def test_a_finished_folder_keeps_its_stamp_and_refuses_other_settings(tmp_path):
+    """After a run, its checkpoints go but its stamp stays: the same settings run again into
+    the folder, other settings are refused by name instead of writing beside its results."""
+    folder, tokens = _setup(tmp_path)
+    model = load_model_file(folder, api=API)
+    ckpt = tmp_path / "ckpt"
+    first = fit_basis(model, tokens, _config(ckpt))
+    streaming.finish_checkpoint_folder(ckpt)
+    assert [p.name for p in ckpt.iterdir()] == ["fingerprint.json"]
+    again = fit_basis(model, tokens, _config(ckpt))
+    for name, basis in first.bases.items():
+        torch.testing.assert_close(again[name].importance, basis.importance, rtol=1e-12, atol=0)
+    other = JacobianConfig(method="stochastic", n_sources=5, seed=11)
+    with pytest.raises(ValueError, match="n_sources: 3 -> 5"):
+        fit_basis(model, tokens, _config(ckpt, jacobian=other))
+
+
 class _Interrupt(Exception):
     """Stands for a crash at a chosen forward."""
 
@@ -268,7 +302,9 @@ def test_folder_of_the_old_data_digest_is_refused(tmp_path):
     (ckpt / "fingerprint.json").write_text(
         json.dumps(_old_format_stamp(model, tokens, _config(ckpt)))
     )
-    with pytest.raises(ValueError, match=r"older tl_degeneracy.*new checkpoint folder"):
+    with pytest.raises(
+        ValueError, match=r"older tl_degeneracy.*use another folder \(another --out"
+    ):
         fit_basis(model, tokens.reshape(48, 2), _config(ckpt))
 
 
@@ -286,7 +322,10 @@ def test_refusal_names_what_differs_and_checkpoint_every_may_change(tmp_path):
     text = str(refused.value)
     assert "settings.jacobian.n_sources: 3 -> 5" in text
     assert "settings.truncation.absolute: 1e-15 -> 1e-09" in text
-    assert "pass a new checkpoint folder" in text and "that run's settings" in text
+    assert (
+        "use another folder (another --out on the command line)" in text
+        and "that run's settings" in text
+    )
     assert "data." not in text and "model." not in text  # only what differs
 
     resumed = fit_basis(model, tokens, replace(_config(ckpt), checkpoint_every=5))

@@ -35,6 +35,9 @@ def test_degeneracy_command_on_a_tiny_checkpoint(api, tiny, tmp_path, capsys):
     for name in ("report.json", "report.safetensors", "report.html", "report.md", "job.json"):
         assert (out / name).is_file(), name
     report = DegeneracyReport.load(out / "report")
+    assert DegeneracyReport.load(out).to_markdown() == report.to_markdown()  # the folder too
+    with pytest.raises(FileNotFoundError, match="give the stem the report was saved under"):
+        DegeneracyReport.load(out / "elsewhere")
     n_params = sum(p_.numel() for p_ in model.parameters())
     assert report.total.n_params == n_params
     assert report.n_data == len(dataset.train_indices)
@@ -149,21 +152,22 @@ def test_a_hugging_face_folder_on_its_own_text_or_tokens(tmp_path):
         (["--step-size", "0"], "step_size must be a positive finite number, got 0.0"),
         (["--step-size", "-0.0001"], "step_size must be a positive finite number"),
         (["--nbeta", "0"], "nbeta must be a positive finite number, got 0.0"),
-        (["--chains", "0"], "chains must be at least 1, got 0"),
+        (["--chains", "0"], "argument --chains: must be at least 1, got 0"),
         (["--steps", "50"], "burnin (100) must be less than steps (50)"),
-        (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1"),
         (["--gamma", "-100"], "gamma must be a non-negative finite number"),
         (["--eps", "-1"], "eps must be a non-negative finite number"),
-        (["--n-data", "0"], "n_data must be at least 1, got 0"),
+        (["--n-data", "0"], "argument --n-data: must be at least 1"),
         (["--grid-step-sizes", "0"], "every step size of sensitivity_step_sizes"),
     ],
 )
 def test_bad_settings_exit_with_one_line_before_loading(tmp_path, capsys, options, message):
-    """Checked before any model is loaded (the default model needs no files here)."""
+    """Checked before any model is loaded (the default model needs no files here): integer
+    options when the command line is read, the rest by the settings' own checks."""
     argv = ["degeneracy", "--out", str(tmp_path / "out"), "--quiet", *options]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("tl-degeneracy degeneracy: ValueError: ") and message in err[0]
+    assert err[0].startswith("tl-degeneracy degeneracy: ") and message in err[0]
     assert not (tmp_path / "out" / "report.json").exists()
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from tl_degeneracy import BasisResult, validate_tokens
 from tl_degeneracy.cli import main
+from tl_degeneracy.experiments.study import Study
 from tl_degeneracy.models import load_local, tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,15 +25,28 @@ def folder(tmp_path_factory):
     return tiny_checkpoint("gpt2", tmp_path_factory.mktemp("ckpt") / "tiny-gpt2", seed=0)
 
 
-def test_fit_on_a_folder_with_text_and_mlp_sites(folder, tmp_path):
+def test_fit_on_a_folder_with_text_and_mlp_sites(folder, tmp_path, capsys):
     """Text files in, every residual cut plus the MLP sites of both blocks out: bases that load
-    back onto the model, ablation curves, and the report with logit effects of MLP sites."""
+    back onto the model, ablation curves, and the report with logit effects of MLP sites.
+    Sections of different widths are summarised with the range of their edge counts, and the
+    report's own time is in the summary's timings."""
     text = tmp_path / "notes.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
     out = tmp_path / "out"
     args = ["fit", "--model", str(folder), "--text", str(text), "--mlp-sites", "0", "1"]
     assert main([*args, "--attn-sites", "1", *SMALL, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    spread = False
+    for kind, graph in Study.load(out).graphs.items():
+        totals = sorted(s.total_edges for s in graph.sections.values())
+        of = f"{totals[0]}" if totals[0] == totals[-1] else f"{totals[0]}–{totals[-1]}"
+        assert f"{kind}: median edges for 99% of the weight" in printed
+        assert f"(of {of} per section)" in printed
+        spread |= totals[0] < totals[-1]
+    assert spread  # the MLP and attention sites make some sections wider
     summary = json.loads((out / "summary.json").read_text())
+    timings = summary["timings_s"]
+    assert timings["report_s"] > 0.05 and timings["total_s"] >= timings["report_s"]
     assert summary["sites"]["blocks.1.mlp.hook_post[1:]"]["lib"]["kept"] > 0
     assert summary["sites"]["blocks.1.attn.hook_z[1:]"]["lib"]["kept"] > 0
     model = load_local(folder)
@@ -93,6 +107,68 @@ def test_mlp_sites_that_cannot_be_added_end_in_one_line(folder, tmp_path, capsys
     assert "--attn-sites adds sites" in capsys.readouterr().err
 
 
+def test_a_finished_folder_refuses_a_run_of_other_settings(folder, tmp_path, capsys):
+    """A second run into a finished --out with other settings used to write its results beside
+    the first's (a lib-only run left the old PCA in place); it is refused by name. The same
+    settings run again."""
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    out = tmp_path / "out"
+    args = ["fit", "--model", str(folder), "--text", str(text), *SMALL, "--out", str(out)]
+    assert main(args) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["fingerprint.json"]
+    capsys.readouterr()
+    assert main([*args, "--kinds", "lib"]) == 2
+    err = capsys.readouterr().err
+    assert "kinds" in err and "another --out" in err
+    assert sorted(Study.load(out).bases) == ["lib", "pca"]
+    assert main(args) == 0
+
+
+def test_too_little_text_names_the_file_and_the_fix(folder, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    args = ["fit", "--model", str(folder), "--text", str(short), *SMALL]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"--text {short} gives 0 row(s) of 16 tokens" in err and "more text" in err
+    degeneracy = ["degeneracy", str(folder), "--text", str(short), "--seq-len", "16"]
+    assert main([*degeneracy, "--llc", "none", "--quiet", "--out", str(tmp_path / "d")]) == 2
+    assert f"--text {short} gives no row of 16 tokens" in capsys.readouterr().err
+
+
+def test_sites_without_positions_leave_out_the_bos_unless_kept(folder, tmp_path):
+    """`--sites` without `@positions` read a text's rows as the default sites do, position 0
+    (the BOS) left out; `--keep-bos` keeps it (it used to do nothing for explicit sites)."""
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    sites = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post"]
+    args = ["fit", "--model", str(folder), "--text", str(text), "--sites", *sites, *SMALL]
+    args += ["--kinds", "pca", "--edge-tokens", "0", "--ablation-tokens", "0"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert list(Study.load(tmp_path / "a").bases["pca"].bases) == [f"{s}[1:]" for s in sites]
+    assert main([*args, "--keep-bos", "--out", str(tmp_path / "b")]) == 0
+    assert list(Study.load(tmp_path / "b").bases["pca"].bases) == sites
+
+
+def test_the_token_count_is_the_most_positions_fitted(folder, tmp_path):
+    """A final site read at the last position has one sample per row; the run's token count
+    is that of the sites read at every position, and each site's count is recorded."""
+    model = load_local(folder)
+    gen = torch.Generator().manual_seed(0)
+    tokens = validate_tokens(model, torch.randint(0, model.cfg.d_vocab, (40, 16), generator=gen))
+    save_file({"tokens": tokens}, str(tmp_path / "tokens.safetensors"))
+    out = tmp_path / "out"
+    sites = ["blocks.0.hook_resid_post@1:", "blocks.1.hook_resid_pre@1:", "logits@last"]
+    args = ["fit", "--model", str(folder), "--tokens", str(tmp_path / "tokens.safetensors")]
+    assert main([*args, "--sites", *sites, *SMALL, "--out", str(out)]) == 0
+    study = Study.load(out)
+    rows = 480 // 16  # --n-tokens 480 in rows of 16 (a tenth of the 40 rows is held out)
+    assert study.n_tokens == rows * 15
+    counts = study.metadata["site_counts"]
+    assert counts["blocks.0.hook_resid_post[1:]"] == rows * 15 and counts["logits[-1]"] == rows
+
+
 def test_rows_longer_than_the_context_name_the_flag(folder, tmp_path, capsys):
     """Text packed into rows longer than the model's context ends in one line naming
     `--seq-len`, not a token-level fix the command line cannot apply."""
@@ -102,6 +178,17 @@ def test_rows_longer_than_the_context_name_the_flag(folder, tmp_path, capsys):
     args = ["fit", "--model", str(folder), "--text", str(text), *SMALL, "--out", str(tmp_path)]
     assert main([*args, "--seq-len", str(n_ctx + 1)]) == 2
     assert f"pass --seq-len {n_ctx} or less" in capsys.readouterr().err
+    long = torch.zeros(4, n_ctx + 4, dtype=torch.int64)  # a token file of longer rows
+    save_file({"tokens": long}, str(tmp_path / "long.safetensors"))
+    tokens = ["fit", "--model", str(folder), "--tokens", str(tmp_path / "long.safetensors")]
+    assert main([*tokens, "--out", str(tmp_path / "t"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"rows of {n_ctx + 4} tokens" in err and f"at most {n_ctx} tokens" in err
+    degeneracy = ["degeneracy", str(folder), "--text", str(text), "--llc", "none", "--quiet"]
+    assert main([*degeneracy, "--out", str(tmp_path / "d")]) == 2  # its --seq-len is 32
+    assert f"--seq-len 32 is longer than the model's context (n_ctx = {n_ctx})" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_token_file_with_fewer_tokens_than_asked(folder, tmp_path, capsys):

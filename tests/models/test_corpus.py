@@ -7,6 +7,10 @@ the `gensim` wheel (the corpus source) is needed; tests skip cleanly without it.
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import shutil
+import subprocess
 import time
 
 import pytest
@@ -97,11 +101,31 @@ def test_tokens_from_text_files(tmp_path):
     assert joined == "First document.\n\nSecond, longer document text.\n\n"[: len(joined)]
 
 
-def test_a_text_file_that_is_not_utf8_is_named(tmp_path):
+def test_a_text_file_that_is_not_utf8_is_named_with_a_conversion_that_works(tmp_path):
+    """The suggested command names the source encoding (`iconv -t utf-8 FILE` alone fails
+    under a UTF-8 locale) and writes the converted file, which then reads."""
     path = tmp_path / "latin1.txt"
     path.write_bytes("café au lait".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text \(byte 3.*iconv"):
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text \(byte 3") as caught:
         corpus.tokens_from_text_files([path], byte_tokenizer())
+    command = re.search(r"e\.g\. (iconv .*?) \(", str(caught.value))
+    assert command is not None
+    assert command[1] == f"iconv -f latin1 -t utf-8 {path} > {path}.utf8"
+    if shutil.which("iconv") is not None:
+        subprocess.run(command[1], shell=True, check=True, env={**os.environ, "LANG": "C.UTF-8"})
+        assert (tmp_path / "latin1.txt.utf8").read_text(encoding="utf-8") == "café au lait"
+
+
+def test_a_folder_given_as_a_text_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"is a folder: give text files \(e\.g\. .*\*\.txt\)"):
+        corpus.tokens_from_text_files([tmp_path], byte_tokenizer())
+
+
+def test_pack_refuses_rows_with_no_room_for_a_token():
+    with pytest.raises(ValueError, match="seq_len 1 leaves no room for a token after BOS; use 2"):
+        corpus.pack([[5, 6, 7]], seq_len=1, bos_token_id=1)
+    with pytest.raises(ValueError, match="seq_len 0 leaves no room for a token; use 1"):
+        corpus.pack([[5, 6, 7]], seq_len=0, bos_token_id=None)
 
 
 def test_token_files_are_read_by_key_and_never_unpickled(tmp_path):
@@ -121,6 +145,26 @@ def test_token_files_are_read_by_key_and_never_unpickled(tmp_path):
         corpus.tokens_from_file(tmp_path / "pickled.pt")
     with pytest.raises(FileNotFoundError, match="no token file at"):
         corpus.tokens_from_file(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("ids", "what"),
+    [
+        (torch.arange(320), r"'tokens' has shape \[320\]; token ids must be 2-D \[rows, pos\]"),
+        (torch.zeros(20, 0, dtype=torch.long), r"'tokens' has shape \[20, 0\]; .*one position"),
+        (torch.zeros(0, 16, dtype=torch.long), r"'tokens' has shape \[0, 16\]; .*one row"),
+        (torch.zeros(1, 20, 16, dtype=torch.long), r"'tokens' has shape \[1, 20, 16\]; .*2-D"),
+        (torch.zeros(2, 16), "'tokens' holds torch.float32 values; token ids are integers"),
+    ],
+)
+def test_token_files_must_hold_integer_rows_and_positions(tmp_path, ids, what):
+    """Not 2-D, no rows, no positions or not integers: the file, the key and the shape."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tok.safetensors"
+    save_file({"tokens": ids}, str(path))
+    with pytest.raises(ValueError, match=f"tok.safetensors: {what}"):
+        corpus.tokens_from_file(path)
 
 
 def test_missing_gensim_names_the_pip_command(monkeypatch):

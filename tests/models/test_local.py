@@ -5,6 +5,7 @@ offline on every API, against `transformers`' own forward; clear errors for what
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import socket
 
@@ -12,13 +13,14 @@ import pytest
 import torch
 from support import APIS, Float64Throughout
 
+from tl_degeneracy.engine.compat import NoHookedTransformerError, build_model
 from tl_degeneracy.engine.identity import weight_processing
 from tl_degeneracy.models.architectures import (
     ARCHITECTURES,
     UnsupportedArchitectureError,
     bridge_causal_lms,
 )
-from tl_degeneracy.models.local import from_hf, load_hf, load_local, load_tokenizer
+from tl_degeneracy.models.local import from_hf, load_hf, load_local, load_tokenizer, read_config
 from tl_degeneracy.models.tiny import (
     D_VOCAB,
     TINY_ARCHITECTURES,
@@ -188,6 +190,47 @@ def test_missing_files_are_named(checkpoints, tmp_path):
     for folder, message in cases:
         with pytest.raises(FileNotFoundError, match=message):
             load_local(folder)
+
+
+def test_a_config_json_that_is_not_json_is_named(checkpoints, tmp_path):
+    folder = copy_without(checkpoints["gpt2"], tmp_path / "broken")
+    (folder / "config.json").write_text("{not json")
+    for load in (read_config, load_local):
+        with pytest.raises(ValueError, match=r"broken/config.json is not valid JSON \(Expecting"):
+            load(folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json holds a JSON list, not an object"):
+        read_config(folder)
+
+
+def test_hooked_without_a_hooked_transformer_is_a_value_error_naming_the_bridge(
+    checkpoints, monkeypatch
+):
+    """TransformerLens 4 (simulated on 3.x): a ValueError (the command line's one-line
+    errors) and still a RuntimeError, with the fix for Python and the command line."""
+    monkeypatch.setattr("tl_degeneracy.engine.compat.has_hooked_transformer", lambda: False)
+    for error in (ValueError, RuntimeError, NoHookedTransformerError):
+        with pytest.raises(error, match=r"needs TransformerLens < 4.*api='bridge' \(--api bridge"):
+            load_local(checkpoints["llama"], api="hooked")
+    with pytest.raises(NoHookedTransformerError, match="api='bridge'"):
+        build_model({}, api="hooked")  # a modular-addition checkpoint's way in
+
+
+@pytest.mark.skipif("bridge" not in APIS, reason="TransformerBridge needs TransformerLens >= 3")
+def test_a_folder_named_like_a_transformer_lens_alias_loads_without_its_warning(
+    checkpoints, tmp_path, monkeypatch, caplog, tokens
+):
+    """A folder "neox" given relative to its parent: TransformerLens 4 would read the name as
+    its alias of EleutherAI/gpt-neox-20b and warn that it loads that model instead."""
+    shutil.copytree(checkpoints["neox"], tmp_path / "neox")
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        model = load_local("neox", api="bridge")
+    assert not [r for r in caplog.records if "alias" in r.getMessage()]
+    assert model.cfg.model_name == "neox"
+    assert weight_processing(model)["source"] == str(tmp_path / "neox")
+    reference = load_local(checkpoints["neox"], api="bridge")
+    torch.testing.assert_close(model(tokens), reference(tokens), rtol=0, atol=0)
 
 
 def test_a_folder_under_home_can_be_given_with_a_tilde(checkpoints, tmp_path, monkeypatch):

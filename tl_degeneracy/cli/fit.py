@@ -6,7 +6,16 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+from tl_degeneracy.cli.checks import (
+    SEQ_LEN,
+    THREADS,
+    check_device,
+    check_model_folder,
+    count,
+)
 from tl_degeneracy.cli.registry import command
 
 
@@ -41,6 +50,7 @@ def _fit_modadd_args(p: argparse.ArgumentParser) -> None:
 def run_fit_modadd(args: argparse.Namespace) -> int:
     from tl_degeneracy.experiments.modadd_fit import fit_modadd, write_fit
 
+    check_model_folder(args.checkpoint)
     start = time.perf_counter()
     fit = fit_modadd(args.checkpoint, tuple(args.kinds), api=args.api, progress=not args.quiet)
     out = write_fit(fit, args.out)
@@ -56,7 +66,28 @@ def run_fit_modadd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_defaults() -> tuple[Any, Any]:
+    """The `fit` job's study settings when no flag overrides them: for a language model, and
+    for a task model such as modular addition (`FitJob.config`, which applies them)."""
+    from tl_degeneracy.experiments.fit_job import FitJob
+
+    job = FitJob()
+    lm: Any = SimpleNamespace(language_model=True)
+    task: Any = SimpleNamespace(language_model=False)
+    return job.config(lm), job.config(task)
+
+
+def _by_kind(lm: int | None, task: int | None) -> str:
+    """`8 for a language model, 4096 for a task model`, with "all" for no limit."""
+
+    def text(n: int | None) -> str:
+        return "all" if n is None or n >= 1 << 30 else str(n)
+
+    return f"{text(lm)} for a language model, {text(task)} for a task model such as modadd"
+
+
 def _fit_args(p: argparse.ArgumentParser) -> None:
+    lm, task = _study_defaults()
     p.add_argument(
         "--model",
         default="smollm2",
@@ -80,14 +111,14 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--mlp-sites",
-        type=int,
+        type=count(0),
         nargs="+",
         default=(),
         help="add the MLP site (hidden neurons + the bypassing stream) of these blocks",
     )
     p.add_argument(
         "--attn-sites",
-        type=int,
+        type=count(0),
         nargs="+",
         default=(),
         help="add the attention site (every head's output + hook_resid_pre) of these blocks",
@@ -99,28 +130,58 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a safetensors file with a 'tokens' (or 'input_ids') tensor [rows, pos]",
     )
-    p.add_argument("--n-tokens", type=int, default=2048, help="training tokens (%(default)s)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per row (%(default)s)")
+    p.add_argument("--n-tokens", type=count(1), default=2048, help="training tokens (%(default)s)")
+    p.add_argument("--seq-len", type=SEQ_LEN, default=128, help="tokens per row (%(default)s)")
     p.add_argument("--kinds", nargs="+", default=["lib", "pca"], choices=["lib", "pca"])
     p.add_argument(
         "--sources",
-        type=int,
+        type=count(0, " (0 = exact)"),
         default=None,
-        help="Rademacher sources for M' (default: 4 for a language model; 0 = exact)",
+        help=f"Rademacher sources for M' (default: {lm.jacobian.n_sources} for a language "
+        "model, exact for a task model; 0 = exact)",
     )
-    p.add_argument("--batch-rows", type=int, default=None, help="rows per batch")
-    p.add_argument("--edge-tokens", type=int, default=None, help="0 skips edges")
-    p.add_argument("--edge-outputs", type=int, default=None, help="edges into the top N outputs")
-    p.add_argument("--ablation-tokens", type=int, default=None, help="0 skips node ablation")
+    p.add_argument(
+        "--batch-rows",
+        type=count(1),
+        default=None,
+        help=f"rows per batch (default: {_by_kind(lm.batch_rows, task.batch_rows)})",
+    )
+    p.add_argument(
+        "--edge-tokens",
+        type=count(0, " (0 skips edges)"),
+        default=None,
+        help=f"tokens for the edges; 0 skips edges (default: "
+        f"{_by_kind(lm.edge_tokens, task.edge_tokens)})",
+    )
+    p.add_argument(
+        "--edge-outputs",
+        type=count(1, " (leave it out for the default)"),
+        default=None,
+        help=f"edges into the top N output features of each section (default: "
+        f"{_by_kind(lm.edge_outputs, task.edge_outputs)})",
+    )
+    p.add_argument(
+        "--ablation-tokens",
+        type=count(0, " (0 skips node ablation)"),
+        default=None,
+        help=f"held-out tokens for node ablation; 0 skips it (default: "
+        f"{_by_kind(lm.ablation_tokens, task.ablation_tokens)})",
+    )
     p.add_argument("--keep-bos", action="store_true", help="keep position 0 in every site")
     p.add_argument("--store", default="auto", choices=["auto", "memory", "disk", "off"])
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cpu)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float64", "bfloat16", "float16"],
+        help="the model's dtype (default: float32 for a language model, float64 for "
+        "modular addition)",
+    )
     p.add_argument(
         "--stats-device", default=None, help="where float64 statistics live (default: the model's)"
     )
     p.add_argument("--api", default="auto", choices=["auto", "hooked", "bridge"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=THREADS, default=None, help="torch threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -135,6 +196,9 @@ def run_fit(args: argparse.Namespace) -> int:
     from tl_degeneracy.engine.distributed import DistContext
     from tl_degeneracy.experiments.fit_job import FitJob, run_fit_job
 
+    check_device("--device", args.device)
+    check_device("--stats-device", args.stats_device)
+    check_model_folder(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = DistContext.from_env()
@@ -153,27 +217,42 @@ def _fit_lm_args(p: argparse.ArgumentParser) -> None:
     from tl_degeneracy.experiments.lm_study import LMFitConfig
 
     d = LMFitConfig()
-    p.add_argument("--tokens", type=int, default=d.n_tokens, help="training tokens (%(default)s)")
     p.add_argument(
-        "--sources", type=int, default=d.n_sources, help="Rademacher sources for M' (%(default)s)"
+        "--tokens", type=count(1), default=d.n_tokens, help="training tokens (%(default)s)"
+    )
+    p.add_argument(
+        "--sources",
+        type=count(1),
+        default=d.n_sources,
+        help="Rademacher sources for M' (%(default)s)",
     )
     p.add_argument("--out", default="out/lm", help="output folder (default: %(default)s)")
-    p.add_argument("--edge-tokens", type=int, default=d.edge_tokens, help="0 skips edges")
+    p.add_argument(
+        "--edge-tokens",
+        type=count(0, " (0 skips edges)"),
+        default=d.edge_tokens,
+        help="0 skips edges (default: %(default)s)",
+    )
     p.add_argument(
         "--edge-outputs",
-        type=int,
+        type=count(1),
         default=d.edge_outputs,
         help="edges into the top N output features of each section",
     )
     p.add_argument(
         "--ablation-tokens",
-        type=int,
+        type=count(0, " (0 skips node ablation)"),
         default=d.ablation_tokens,
-        help="held-out tokens for node ablation; 0 skips it",
+        help="held-out tokens for node ablation; 0 skips it (default: %(default)s)",
     )
-    p.add_argument("--blocks", type=int, default=None, help="only the first N blocks")
-    p.add_argument("--batch-rows", type=int, default=d.batch_rows, help="sequences per batch")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--blocks", type=count(1), default=None, help="only the first N blocks")
+    p.add_argument(
+        "--batch-rows",
+        type=count(1),
+        default=d.batch_rows,
+        help="sequences per batch (default: %(default)s)",
+    )
+    p.add_argument("--threads", type=THREADS, default=None, help="torch threads (default: torch's)")
     p.add_argument("--api", default="auto", choices=["auto", "hooked", "bridge"])
     p.add_argument(
         "--store",
@@ -222,7 +301,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/demo", help="output folder (default: %(default)s)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=THREADS,
         default=1,
         help="torch threads for the SmolLM2 fit (default: %(default)s; on a shared 2-core "
         "machine two threads were 4x slower than one)",

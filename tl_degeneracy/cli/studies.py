@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from tl_degeneracy.cli.checks import SEQ_LEN, THREADS, check_model_folder, count
 from tl_degeneracy.cli.fit import demo_checkpoint
 from tl_degeneracy.cli.registry import command
 
@@ -22,7 +23,7 @@ def _replicate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api", default="auto", choices=["auto", "hooked", "bridge"])
     p.add_argument(
         "--jobs",
-        type=int,
+        type=count(1),
         default=None,
         help="checkpoints in parallel, one thread each (default: the number of CPUs)",
     )
@@ -69,7 +70,7 @@ def _replicate_mlp_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--jobs",
-        type=int,
+        type=count(1),
         default=None,
         help="checkpoints in parallel, one thread each (default: the number of CPUs)",
     )
@@ -114,7 +115,10 @@ def _degeneracy_args(p: argparse.ArgumentParser) -> None:
         "--tokens", default=None, help="a safetensors file with 'tokens' (or 'input_ids')"
     )
     p.add_argument(
-        "--tokenizer", default=None, help="a folder with tokenizer files, for a checkpoint without"
+        "--tokenizer",
+        default=None,
+        help="a folder with tokenizer files, for a checkpoint saved without them (e.g. its "
+        "base model's folder)",
     )
     p.add_argument("--api", default="auto", choices=["auto", "hooked", "bridge"])
     p.add_argument(
@@ -133,9 +137,24 @@ def _degeneracy_args(p: argparse.ArgumentParser) -> None:
         "--eps", type=float, default=None, help="cutoff (1e-10; 1e-6 for a language model)"
     )
     p.add_argument("--cutoff", default=d.cutoff, choices=["relative", "absolute"])
-    p.add_argument("--n-data", type=int, default=None, help="data points (default: all / 64)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="LM tokens per row")
-    p.add_argument("--probes", type=int, default=d.n_probes, help="probes per sequence for K")
+    p.add_argument(
+        "--n-data",
+        type=count(1),
+        default=None,
+        help="data points (default: all of a task's inputs, 64 rows of a language model)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=SEQ_LEN,
+        default=d.seq_len,
+        help="tokens per row of a language model (default: %(default)s)",
+    )
+    p.add_argument(
+        "--probes",
+        type=count(1),
+        default=d.n_probes,
+        help="probes per sequence for K (default: %(default)s)",
+    )
     p.add_argument(
         "--step-size",
         type=float,
@@ -144,13 +163,30 @@ def _degeneracy_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--gamma", type=float, default=d.gamma, help="SGLD localisation γ")
     p.add_argument("--nbeta", type=float, default=None, help="nβ (default: n / log n)")
-    p.add_argument("--chains", type=int, default=d.chains)
-    p.add_argument("--steps", type=int, default=d.steps, help="steps per chain, burn-in included")
-    p.add_argument("--burnin", type=int, default=d.burnin)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="SGLD minibatch")
+    p.add_argument(
+        "--chains", type=count(1), default=d.chains, help="SGLD chains (default: %(default)s)"
+    )
+    p.add_argument(
+        "--steps",
+        type=count(1),
+        default=d.steps,
+        help="steps per chain, burn-in included (default: %(default)s)",
+    )
+    p.add_argument(
+        "--burnin",
+        type=count(0),
+        default=d.burnin,
+        help="steps dropped from the start of each chain; below --steps (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=count(1),
+        default=d.batch_size,
+        help="SGLD minibatch (default: %(default)s)",
+    )
     p.add_argument(
         "--max-total-steps",
-        type=int,
+        type=count(1),
         default=d.max_total_steps,
         help="calibration budget per estimate: SGLD steps of pilots and chains "
         "(default: %(default)s)",
@@ -163,13 +199,13 @@ def _degeneracy_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-steps",
-        type=int,
+        type=count(1),
         default=d.max_steps,
         help="most steps per chain when R-hat asks for longer chains (default: %(default)s)",
     )
     p.add_argument(
         "--lower-gamma",
-        type=int,
+        type=count(0, " (0: never)"),
         default=d.lower_gamma,
         help="times γ may be divided by 10 when an estimate depends on it (default: "
         "%(default)s; 0: never)",
@@ -195,7 +231,7 @@ def _degeneracy_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="... and at these nβ (default: n / log n only)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=THREADS, default=None, help="torch threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -207,6 +243,7 @@ def run_degeneracy(args: argparse.Namespace) -> int:
 
     from tl_degeneracy.experiments.degeneracy_job import DegeneracyJobConfig, run_degeneracy_job
 
+    check_model_folder(args.model)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = DegeneracyJobConfig(

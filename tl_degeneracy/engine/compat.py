@@ -40,6 +40,20 @@ def has_hooked_transformer() -> bool:
     return True
 
 
+class NoHookedTransformerError(ValueError, RuntimeError):
+    """`api="hooked"` asked of a TransformerLens without `HookedTransformer` (4.x). A
+    ValueError, so the command line shows it as one line; a RuntimeError too, as it was."""
+
+
+def require_hooked_transformer() -> None:
+    """Raise `NoHookedTransformerError` (naming the fix) unless `HookedTransformer` exists."""
+    if not has_hooked_transformer():
+        raise NoHookedTransformerError(
+            f"HookedTransformer needs TransformerLens < 4 (this is {tl_version()}); use "
+            "api='bridge' (--api bridge on the command line)"
+        )
+
+
 def available_apis() -> list[API]:
     """The model APIs this TransformerLens offers, preferred first."""
     return ["hooked", "bridge"] if has_hooked_transformer() else ["bridge"]
@@ -101,10 +115,7 @@ def build_model(
         if k in _CONFIG_KEYS and (v is not None or k == "normalization_type")
     }
     if api == "hooked":
-        if not has_hooked_transformer():
-            raise RuntimeError(
-                f"TransformerLens {tl_version()} has no HookedTransformer; use api='bridge'."
-            )
+        require_hooked_transformer()
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
         model: nn.Module = HookedTransformer(

@@ -33,7 +33,7 @@ from tl_degeneracy.engine.bases import (
     pca_basis,
 )
 from tl_degeneracy.engine.basis_result import BasisResult
-from tl_degeneracy.engine.compat import model_device, usable_device
+from tl_degeneracy.engine.compat import model_device, model_dtype, usable_device
 from tl_degeneracy.engine.distributed import (
     DistContext,
     merge_gram_states,
@@ -240,6 +240,7 @@ def open_fit(
                 "settings": jsonable(kept),
                 "sites": [s.to_json() for s in sites],
                 "model": identity,
+                "model_dtype": str(model_dtype(model)),
                 "data": data_fingerprint(batches),
             },
             ctx.barrier if ctx.active else None,
@@ -300,9 +301,11 @@ def gram_pass(state: FitState, sites: list[Site], store_for: Sequence[Site]) -> 
     stats = merge_gram_states(states, GramStatistics(sites), state.stats_device)
     if stats.count == 0:
         raise EmptyDataError("no tokens reached the sites")
-    state.clock.step("statistics", 1, 1, f"{len(sites)} sites, {stats.count} tokens")
+    state.clock.step("statistics", 1, 1, f"{len(sites)} sites, {stats.n_tokens} tokens")
     state.clock.end("statistics")
-    stats.metadata = build_metadata(state.model, sites, n_tokens=stats.count)
+    stats.metadata = build_metadata(
+        state.model, sites, n_tokens=stats.n_tokens, site_counts=stats.site_counts
+    )
     return stats
 
 
@@ -391,7 +394,8 @@ def bases_pass(
         state.model,
         sites,
         kind=config.kind,
-        n_tokens=stats.count,
+        n_tokens=stats.n_tokens,
+        site_counts=stats.site_counts,
         truncation=config.truncation,
         jacobian=config.jacobian,
         final_basis=config.final_basis,

@@ -173,7 +173,19 @@ class GramStatistics(Result):
 
     @property
     def count(self) -> int:
+        """Samples at the site that has the fewest (0: some site saw no data)."""
         return min((s.count for s in self.per_site.values()), default=0)
+
+    @property
+    def n_tokens(self) -> int:
+        """Token positions fitted on: the most any site counted. A site read at fewer
+        positions (a final site at the last position) counts fewer; `site_counts` has each."""
+        return max((s.count for s in self.per_site.values()), default=0)
+
+    @property
+    def site_counts(self) -> dict[str, int]:
+        """Samples per site (rows × the site's positions)."""
+        return {name: s.count for name, s in self.per_site.items()}
 
     def merge(self, other: GramStatistics) -> GramStatistics:
         mine, theirs = [s.name for s in self.sites], [s.name for s in other.sites]

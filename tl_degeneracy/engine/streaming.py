@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,23 @@ only the bytes of the data (format 1 took a reshaped tensor or moved batch bound
 same data)."""
 
 
+def finish_checkpoint_folder(folder: str | os.PathLike) -> None:
+    """Remove a finished run's checkpoints but keep its stamp (`fingerprint.json`): a later run
+    into the same output folder with other settings, model or data is then refused, naming
+    what differs, rather than writing its results beside this run's; a run of the same
+    settings recomputes and rewrites the same results."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name == "fingerprint.json":
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def claim_checkpoint_folder(
     folder: str | os.PathLike, settings: dict, barrier: Callable[[], None] | None = None
 ) -> Path:
@@ -189,8 +207,8 @@ def claim_checkpoint_folder(
                 f"checkpoint folder {folder} was written by an older tl_degeneracy (checkpoint "
                 f"format {saved.get('format', 1)}, this one writes {STAMP_FORMAT}) whose data "
                 "digest ignored the shape and boundaries of the batches, so it cannot be checked "
-                "against this run's data; pass a new checkpoint folder, or delete this one to "
-                "start over"
+                "against this run's data; use another folder (another --out on the command "
+                "line), or delete this one to start over"
             )
         if saved.get("fingerprint") != fingerprint:
             lines = [
@@ -202,7 +220,7 @@ def claim_checkpoint_folder(
                 "data, so it cannot be resumed (setting: that run -> this run):\n"
                 + "\n".join(lines or ["  (the stamp's fingerprint does not match its settings)"])
                 + "\nto resume it, run again with that run's settings, model and data; to start "
-                "over, pass a new checkpoint folder (or delete this one)"
+                "over, use another folder (another --out on the command line) or delete this one"
             )
         return folder
     if barrier is not None:

@@ -167,8 +167,20 @@ def load_target(
     preset = load_preset(config.model or "modadd", config.api, tokenizer=config.tokenizer)
     lm = preset.language_model
     n = (config.n_data or 64) if lm else config.n_data
+    if lm:  # the rows are cut to --seq-len tokens
+        preset.check_seq_len(config.seq_len)
     if config.text is not None or config.tokens is not None:
         rows = preset.rows_from(config.text, config.tokens, config.seq_len)
+        if rows.shape[0] == 0:
+            source = (
+                f"--tokens {config.tokens}"
+                if config.tokens
+                else "--text " + ", ".join(config.text or ())
+            )
+            raise ValueError(
+                f"{source} gives no row of {config.seq_len} tokens: give more text or a "
+                "smaller --seq-len"
+            )
     else:  # a language model's corpus in rows of 128, whose first `seq_len` tokens are read
         rows = preset.data("train", None if n is None else n * 128, 128)
     rows = rows[:n, : config.seq_len].clone() if lm else rows[:n]

@@ -4,7 +4,6 @@ tokens, any sites, any device and dtype, through the generic study (`experiments
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,19 +19,28 @@ from tl_degeneracy.engine.edges import EdgeConfig
 from tl_degeneracy.engine.jacobians import JacobianConfig
 from tl_degeneracy.engine.progress import Log
 from tl_degeneracy.engine.sites import Site, SiteError, residual_sites
+from tl_degeneracy.engine.streaming import finish_checkpoint_folder
 from tl_degeneracy.experiments.study import Study, StudyConfig, finish_timings, run_study
 from tl_degeneracy.experiments.study_output import write_language_model_study, write_study
 from tl_degeneracy.models.presets import Preset, load_preset
 
 
 def parse_site(text: str) -> Site:
-    """`hook` or `hook@positions` (`all`, `last`, a slice like `1:`, or `0,3,-1`)."""
+    """`hook` or `hook@positions` (`all`, `last`, a slice like `1:`, or `0,3,-1`); other
+    positions are a `SiteError` naming the site and the accepted forms."""
     hook, _, pos = text.partition("@")
     if not pos:
         return Site(hook)
-    if pos in ("all", "last") or ":" in pos:
-        return Site(hook, pos)
-    return Site(hook, tuple(int(p) for p in pos.split(",")))
+    try:
+        if pos in ("all", "last") or ":" in pos:
+            return Site(hook, pos)
+        return Site(hook, tuple(int(p) for p in pos.split(",")))
+    except ValueError:  # int() of a non-number, or a slice Site refuses
+        raise SiteError(
+            f"site {text!r}: positions {pos!r} are not understood; after '@' give all, last, "
+            f"a slice like 1: or 1:8, or comma-separated integers like 0,3,-1 "
+            f"(e.g. {hook}@1:)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -131,8 +139,11 @@ def job_sites(job: FitJob, preset: Preset) -> list[Site]:
                 f"{flag} adds sites to a language model's default sites, but {given}; "
                 f"list them with --sites instead (e.g. {example})"
             )
-    if job.sites is not None:
-        return [parse_site(s) for s in job.sites]
+    if job.sites is not None:  # without @positions, a text's BOS is left out as by default
+        default = "1:" if preset.language_model and not job.keep_bos else "all"
+        return [
+            parse_site(s) if "@" in s else parse_site(s).with_positions(default) for s in job.sites
+        ]
     if preset.language_model:
         positions = "all" if job.keep_bos else "1:"
         return residual_sites(
@@ -144,23 +155,40 @@ def job_sites(job: FitJob, preset: Preset) -> list[Site]:
 def job_data(job: FitJob, preset: Preset) -> tuple[Tensor, Tensor | None]:
     """Training rows and held-out rows: the user's tokens or text (its last tenth held out),
     else the preset's data."""
-    n_ctx = getattr(getattr(preset.model, "cfg", None), "n_ctx", None)
-    packs_rows = job.tokens is None and (job.text is not None or preset.language_model)
-    if packs_rows and n_ctx is not None and job.seq_len > int(n_ctx):
-        raise ValueError(
-            f"--seq-len {job.seq_len} is longer than the model's context (n_ctx = {n_ctx}): "
-            f"pass --seq-len {n_ctx} or less"
-        )
+    if job.tokens is None and (job.text is not None or preset.language_model):
+        preset.check_seq_len(job.seq_len)
     if job.tokens is not None or job.text is not None:
         rows = preset.rows_from(job.text, job.tokens, job.seq_len)
+        n_ctx = preset.context()
+        if job.tokens is not None and n_ctx is not None and rows.shape[-1] > n_ctx:
+            raise ValueError(
+                f"--tokens {job.tokens}: rows of {rows.shape[-1]} tokens, longer than the "
+                f"model's context (n_ctx = {n_ctx}): write rows of at most {n_ctx} tokens "
+                f"(e.g. tokens[:, :{n_ctx}])"
+            )
         if rows.shape[0] < 2:
-            raise ValueError(f"{rows.shape[0]} row(s) of data: need at least two")
+            raise ValueError(_too_little_data(job, rows))
         n_held = max(1, rows.shape[0] // 10)
         train, held = rows[:-n_held], rows[-n_held:]
         limit = max(1, job.n_tokens // rows.shape[1])
         return train[:limit], held
     n = job.n_tokens if preset.language_model else None
     return preset.data("train", n, job.seq_len), preset.data("heldout", None, job.seq_len)
+
+
+def _too_little_data(job: FitJob, rows: Tensor) -> str:
+    """What is wrong when the user's data makes fewer than two rows, and what to do."""
+    if job.tokens is not None:
+        return (
+            f"--tokens {job.tokens} holds {rows.shape[0]} row(s): need at least two (one to "
+            "fit on, a tenth held out for ablation)"
+        )
+    files = ", ".join(job.text or ())
+    return (
+        f"--text {files} gives {rows.shape[0]} row(s) of {job.seq_len} tokens: need at least "
+        "two (one to fit on, a tenth held out for ablation); give more text or a smaller "
+        "--seq-len"
+    )
 
 
 def run_fit_job(job: FitJob, ctx: DistContext | None = None, log: Log = print) -> Study:
@@ -212,6 +240,6 @@ def run_fit_job(job: FitJob, ctx: DistContext | None = None, log: Log = print) -
             write_language_model_study(study, job.out, preset.model, heldout, log)
         else:
             write_study(study, job.out)
-        shutil.rmtree(Path(job.out) / "checkpoints", ignore_errors=True)
+        finish_checkpoint_folder(Path(job.out) / "checkpoints")
     ctx.barrier()
     return study

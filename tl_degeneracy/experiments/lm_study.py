@@ -12,7 +12,6 @@ ablation on held-out text with the next-token loss.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from tl_degeneracy.engine.fit import StoreMode
 from tl_degeneracy.engine.jacobians import JacobianConfig
 from tl_degeneracy.engine.progress import Log
 from tl_degeneracy.engine.sites import Site, residual_sites
+from tl_degeneracy.engine.streaming import finish_checkpoint_folder
 from tl_degeneracy.experiments.study import Study, StudyConfig, finish_timings, run_study
 from tl_degeneracy.experiments.study_output import (
     summary_lines,
@@ -157,7 +157,7 @@ def run_lm_fit(
     finish_timings(study, start)
     if ctx.is_main:
         write_language_model_study(study, out, model, heldout, log)
-        shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)
+        finish_checkpoint_folder(Path(out) / "checkpoints")
     ctx.barrier()
     return study
 

@@ -272,9 +272,9 @@ def run_study(
             model, heldout, bases, config, resolved, metric, higher_is_better, state.clock
         )
     timings = dict(state.clock.timings)
-    meta = build_metadata(model, resolved, n_tokens=stats.count)
+    meta = build_metadata(model, resolved, n_tokens=stats.n_tokens, site_counts=stats.site_counts)
     used_store = state.source.store is not None
-    return Study(config, bases, graphs, curves, timings, stats.count, jerrors, used_store, meta)
+    return Study(config, bases, graphs, curves, timings, stats.n_tokens, jerrors, used_store, meta)
 
 
 def _graphs(model, state, bases, config, tokens) -> dict[str, InteractionGraph]:

@@ -54,8 +54,8 @@ def write_study(
     from tl_degeneracy.viz.report_artifacts import save_report_views
 
     out = Path(out)
-    study.save(out)
-    (out / "summary.json").write_text(json.dumps(jsonable(lm_summary(study)), indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     if inputs is None:
         inputs = report_inputs(study, attribution=attribution or {})
     if model is not None and heldout is not None and decode is not None:
@@ -64,6 +64,12 @@ def write_study(
         inputs = add_model_views(inputs, model, rows, decode)
     save_report_views(inputs, out)
     study_report(inputs).save(out / "report.html")
+    spent = time.perf_counter() - start  # the page shows the timings up to the report
+    study.timings["report_s"] = study.timings.get("report_s", 0.0) + spent
+    if "total_s" in study.timings:
+        study.timings["total_s"] += spent
+    study.save(out)
+    (out / "summary.json").write_text(json.dumps(jsonable(lm_summary(study)), indent=1))
     return out
 
 
@@ -93,7 +99,10 @@ def write_language_model_study(
     tokenizer = getattr(model, "tokenizer", None)
     attribution = ioi_report_attribution(model, study.bases) if tokenizer is not None else {}
     decode = None if tokenizer is None else (lambda i: tokenizer.decode([i]))
-    study.timings["report_s"] = time.perf_counter() - start
+    spent = time.perf_counter() - start  # write_study adds the views and the page
+    study.timings["report_s"] = study.timings.get("report_s", 0.0) + spent
+    if "total_s" in study.timings:
+        study.timings["total_s"] += spent
     out = write_study(study, out, model, heldout, decode, attribution)
     log(f"report views in {time.perf_counter() - start:.1f} s")
     return out
@@ -104,10 +113,12 @@ def summary_lines(study: Study) -> list[str]:
     lines = [f"tokens {study.n_tokens}, total {study.timings.get('total_s', 0):.1f} s"]
     for kind, graph in study.graphs.items():
         n99 = [s.edges_for_fraction(0.99) for s in graph.sections.values()]
+        totals = sorted(s.total_edges for s in graph.sections.values())
         if n99:
+            of = f"{totals[0]}" if totals[0] == totals[-1] else f"{totals[0]}–{totals[-1]}"
             lines.append(
                 f"{kind}: median edges for 99% of the weight {sorted(n99)[len(n99) // 2]} "
-                f"(of {next(iter(graph.sections.values())).total_edges} per section)"
+                f"(of {of} per section)"
             )
     for site, by_kind in study.curves.items():
         parts = [f"{kind} min k (0.05) {curve.min_k(0.05)}" for kind, curve in by_kind.items()]

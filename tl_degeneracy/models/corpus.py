@@ -14,6 +14,7 @@ import importlib.util
 import os
 import random
 import re
+import shlex
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -167,8 +168,13 @@ def pack(
 ) -> Int[Tensor, "n seq"]:
     """Concatenate token lists and cut them into rows of `seq_len`, each starting with BOS
     (when given); the incomplete last row is dropped."""
-    stream = [t for doc in documents for t in doc]
     body = seq_len - (bos_token_id is not None)
+    if body < 1:
+        after = " after BOS" if bos_token_id is not None else ""
+        raise ValueError(
+            f"seq_len {seq_len} leaves no room for a token{after}; use {seq_len - body + 1} or more"
+        )
+    stream = [t for doc in documents for t in doc]
     n = len(stream) // body
     rows = torch.tensor(stream[: n * body], dtype=torch.long).reshape(n, body)
     if bos_token_id is None:
@@ -192,15 +198,28 @@ def tokens_from_text_files(
     default corpus."""
     texts = []
     for path in paths:
+        if Path(path).expanduser().is_dir():
+            raise ValueError(
+                f"{path} is a folder: give text files (e.g. {os.path.join(path, '*.txt')})"
+            )
         try:
-            texts.append(Path(path).read_text(encoding="utf-8"))
+            texts.append(Path(path).expanduser().read_text(encoding="utf-8"))
         except UnicodeDecodeError as error:
+            source = _guess_encoding(error.object)
+            name = shlex.quote(str(path))
             raise ValueError(
                 f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); convert it, "
-                f"e.g. iconv -t utf-8 {path}"
+                f"e.g. iconv -f {source} -t utf-8 {name} > {name}.utf8 (if {source} is its "
+                "encoding), and pass the converted file"
             ) from error
     bos = tokenizer.bos_token_id if prepend_bos else None
     return pack(tokenize_documents(texts, tokenizer), seq_len, bos)
+
+
+def _guess_encoding(data: bytes) -> str:
+    """A likely source encoding of bytes that are not UTF-8, for the conversion command:
+    UTF-16 when they start with its byte-order mark, else Latin-1 (every byte is a character)."""
+    return "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "latin1"
 
 
 TOKEN_KEYS = ("tokens", "input_ids")
@@ -209,7 +228,8 @@ TOKEN_KEYS = ("tokens", "input_ids")
 
 def tokens_from_file(path: str | os.PathLike[str]) -> Int[Tensor, "n seq"]:
     """Token rows `[rows, pos]` from a safetensors file, under the key `tokens` (or
-    `input_ids`). Never unpickles: a file that is not safetensors is refused by name."""
+    `input_ids`). Never unpickles: a file that is not safetensors is refused by name, and so
+    are ids that are not integers or not 2-D with at least one row and one position."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path).expanduser()
@@ -224,12 +244,25 @@ def tokens_from_file(path: str | os.PathLike[str]) -> Int[Tensor, "n seq"]:
                     f"{path} holds no 'tokens' tensor (it has {keys or 'none'}); save token "
                     "ids as safetensors.torch.save_file({'tokens': ids}, path)"
                 )
-            return f.get_tensor(key)
+            ids = f.get_tensor(key)
     except SafetensorError as error:
         raise ValueError(
             f"{path} is not a safetensors file ({error}); save token ids with "
             "safetensors.torch.save_file({'tokens': ids}, path)"
         ) from error
+    shape = list(ids.shape)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(
+            f"{path}: '{key}' holds {ids.dtype} values; token ids are integers: save "
+            "ids.long() (shape [rows, pos])"
+        )
+    if ids.ndim != 2 or 0 in shape:
+        raise ValueError(
+            f"{path}: '{key}' has shape {shape}; token ids must be 2-D [rows, pos] with at "
+            "least one row and one position: save them as such (e.g. ids.reshape(rows, pos), "
+            "or ids[None] for one row)"
+        )
+    return ids
 
 
 def prompt_batches(

@@ -26,9 +26,8 @@ from torch import Tensor, nn
 
 from tl_degeneracy.engine.compat import (
     available_apis,
-    has_hooked_transformer,
     model_cfg,
-    tl_version,
+    require_hooked_transformer,
     usable_device,
 )
 from tl_degeneracy.engine.identity import set_weight_processing
@@ -67,10 +66,7 @@ def check_folder(folder: str | os.PathLike[str], tokenizer: bool = True) -> dict
         raise FileNotFoundError(
             f"{folder} has no config.json; save the model with model.save_pretrained({folder!s})"
         )
-    try:
-        config: dict[str, Any] = json.loads(config_path.read_text())
-    except ValueError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    config = read_config(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -94,6 +90,25 @@ def check_folder(folder: str | os.PathLike[str], tokenizer: bool = True) -> dict
             f"{folder} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); save "
             "them with tokenizer.save_pretrained(folder), or give one: tokenizer=<a tokenizer "
             "or a folder with its files> in Python, --tokenizer FOLDER on the command line"
+        )
+    return config
+
+
+def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The folder's `config.json` as a dict; a file that is not a JSON object is named, with
+    the fix."""
+    config_path = Path(folder).expanduser() / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as error:  # a JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(
+            f"{config_path} is not valid JSON ({error}); fix the file, or write it again with "
+            "model.save_pretrained(folder)"
+        ) from error
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{config_path} holds a JSON {type(config).__name__}, not an object of settings; "
+            "write it again with model.save_pretrained(folder)"
         )
     return config
 
@@ -332,10 +347,8 @@ def _processing(
 def _check_api(api: str) -> None:
     if api not in ("auto", "hooked", "bridge"):
         raise ValueError(f"api must be 'auto', 'hooked' or 'bridge', got {api!r}")
-    if api == "hooked" and not has_hooked_transformer():
-        raise RuntimeError(
-            f"TransformerLens {tl_version()} has no HookedTransformer; use api='bridge'."
-        )
+    if api == "hooked":
+        require_hooked_transformer()
 
 
 def _resolve_api(
@@ -556,6 +569,13 @@ def use_hf_rotary_tables(model: nn.Module, hf_model: nn.Module) -> None:
         block.attn.rotary_sin.copy_(sin[0].to(block.attn.rotary_sin))
 
 
+def _boot_name(name_or_path: str) -> str:
+    """The name a Bridge is booted under: an existing folder as its absolute path (never a
+    TransformerLens alias such as "neox"), anything else as it is."""
+    folder = Path(name_or_path).expanduser()
+    return str(folder.resolve()) if name_or_path and folder.is_dir() else name_or_path
+
+
 def _bridge_from_hf(
     hf_model: nn.Module,
     tokenizer: Any,
@@ -566,12 +586,14 @@ def _bridge_from_hf(
 ) -> nn.Module:
     """A `TransformerBridge` around a `transformers` model, processed only if asked to.
 
-    Booted under the model's own folder name: a plain name that happens to be a
-    TransformerLens alias (say "neox") would be swapped for a hub model's name."""
+    Booted under the model's own folder as an absolute path: a relative one that happens to be
+    a TransformerLens alias (a folder "neox" loaded from its parent) makes TransformerLens 4
+    warn that it will load a hub model ("EleutherAI/gpt-neox-20b") in its place. The name
+    shown (`cfg.model_name`) is set by the caller."""
     from transformer_lens.model_bridge import TransformerBridge
 
     bridge = TransformerBridge.boot_transformers(
-        str(hf_model.name_or_path),
+        _boot_name(str(hf_model.name_or_path)),
         hf_model=hf_model.to(device),
         tokenizer=tokenizer,
         dtype=dtype,

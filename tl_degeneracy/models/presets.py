@@ -11,7 +11,6 @@ judges an ablation. The `fit` command and the experiments take a preset name or 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from tl_degeneracy.engine.ablation import Metric, last_position_accuracy, next_token_loss
 from tl_degeneracy.engine.compat import move_model, usable_device
 from tl_degeneracy.engine.sites import Site, residual_sites
+from tl_degeneracy.models.local import read_config
 
 Split = Literal["train", "heldout"]
 
@@ -48,15 +48,31 @@ class Preset:
     ) -> Int[Tensor, "n pos"]:
         """The user's own data as token rows: a safetensors token file (`tokens` or
         `input_ids`), or UTF-8 text files packed into rows of `seq_len` with the model's
-        tokenizer."""
+        tokenizer; rows of text longer than the model's context are refused naming
+        `--seq-len`."""
         from tl_degeneracy.models.corpus import tokens_from_file, tokens_from_text_files
 
         if tokens is not None:
             return tokens_from_file(tokens)
+        self.check_seq_len(seq_len)
         tokenizer = getattr(self.model, "tokenizer", None)
         if tokenizer is None:
             raise ValueError(f"{self.name} has no tokenizer to read text with; pass token ids")
         return tokens_from_text_files(list(text or ()), tokenizer, seq_len)
+
+    def context(self) -> int | None:
+        """The model's context length n_ctx (None when its config has none)."""
+        n_ctx = getattr(getattr(self.model, "cfg", None), "n_ctx", None)
+        return None if n_ctx is None else int(n_ctx)
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Refuse rows of text longer than the model's context, naming `--seq-len`."""
+        n_ctx = self.context()
+        if n_ctx is not None and seq_len > n_ctx:
+            raise ValueError(
+                f"--seq-len {seq_len} is longer than the model's context (n_ctx = {n_ctx}): "
+                f"pass --seq-len {n_ctx} or less"
+            )
 
 
 def _lm_preset(name: str, model: nn.Module) -> Preset:
@@ -133,7 +149,7 @@ def load_preset(
             raise FileNotFoundError(
                 f"{spec!r} is neither a preset (smollm2, modadd) nor a folder with config.json"
             )
-        config = json.loads((folder / "config.json").read_text())
+        config = read_config(folder)
         if _is_modadd_config(config):
             if tokenizer is not None:
                 raise ValueError(

@@ -143,3 +143,26 @@ def test_sensitivity_grid_is_reported_saved_and_drawn(tiny, tokens_for, tmp_path
     assert [r.llc for r in loaded.sensitivity] == [r.llc for r in rep.sensitivity]
     assert torch.equal(loaded.sensitivity[2].loss_traces, rep.sensitivity[2].loss_traces)
     assert loaded.to_markdown() == md
+
+
+def test_a_section_without_an_estimate_still_sets_its_pace(tiny, tokens_for, api, monkeypatch):
+    """The whole model moves each section at that section's step size. A section whose
+    calibration chose a step size but ran out of budget before an estimate used to be left
+    out, so the whole model moved it at the largest step of all."""
+    from tl_degeneracy.engine.degeneracy import CalibratedLLC
+    from tl_degeneracy.engine.degeneracy import build_report as module
+    from tl_degeneracy.engine.degeneracy.weight_maps import section_filter
+
+    seen: list[SGLDConfig] = []
+
+    def calibrated(problem, config, calibration, bound, progress, largest):
+        seen.append(config)
+        chosen = 3e-5 if len(seen) == 1 else 1e-4  # the first section: no estimate
+        return CalibratedLLC(None, [], chosen, notes=["the budget ended it"])
+
+    monkeypatch.setattr(module, "calibrated_llc", calibrated)
+    model = tiny(api, "mlp")
+    report = degeneracy_report(model, tokens_for(model, 48), SourcesConfig(batch_size=48))
+    scales = dict(seen[-1].step_scales)  # the whole model's run
+    assert len(seen) == len(report.sections) + 1 and len(scales) == len(report.sections)
+    assert scales[section_filter(report.sections[0].name)] == pytest.approx(0.3)

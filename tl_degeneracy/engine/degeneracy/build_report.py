@@ -147,8 +147,11 @@ def degeneracy_report(
             scales = tuple((section_filter(n), e / largest) for n, e in steps.items())
             base = replace(sgld_config, step_scales=scales)
         found = calibrated_llc(problem, base, cal, bound, progress, largest)
-        if section is not None and found.result is not None:
-            steps[section] = found.result.config.step_size
+        # the whole model moves each section at its step size: the estimate's, else the one
+        # its calibration chose (a section without either would move at the largest)
+        step = found.result.config.step_size if found.result is not None else found.chosen
+        if section is not None and step is not None:
+            steps[section] = step
         if progress and found.result is not None:
             r = found.result
             status = "; ".join(found.reasons) or "converged"

@@ -318,7 +318,17 @@ class DegeneracyReport(BriefRepr):
 
     @classmethod
     def load(cls, path: str | Path) -> DegeneracyReport:
+        """Read a report written by `save(path)`: `path` is its stem (`out/report`), either of
+        its files, or the folder `tl-degeneracy degeneracy --out` wrote (`out/`)."""
         stem = _stem(path)
+        if stem.is_dir() and (stem / "report.json").is_file():
+            stem = stem / "report"
+        if not stem.with_suffix(".json").is_file():
+            raise FileNotFoundError(
+                f"no degeneracy report at {path}: give the stem the report was saved under "
+                "(out/report for out/report.json and out/report.safetensors) or the folder "
+                "`tl-degeneracy degeneracy --out` wrote"
+            )
         meta = json.loads(stem.with_suffix(".json").read_text())
         arrays = load_file(str(stem.with_suffix(".safetensors")))
 

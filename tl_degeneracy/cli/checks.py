@@ -1,0 +1,64 @@
+"""Checks of command-line values, made before anything is loaded: integer options get their
+lower bound at parse time (argparse names the flag), and the output folder, devices and model
+folder are checked at the start of a command, each error naming the flag and the fix."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+
+def count(minimum: int, meaning: str = "") -> Callable[[str], int]:
+    """An argparse `type=`: an integer of at least `minimum` (`meaning`, e.g. " (0 skips
+    edges)", follows the bound in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an integer: give a whole number of at least {minimum}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{meaning}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+SEQ_LEN = count(2, " (BOS plus at least one token per row)")
+THREADS = count(1)
+
+
+def check_out(out: str | None) -> None:
+    """Refuse an `--out` that names an existing file (it would fail late, inside a pass)."""
+    if out is not None:
+        path = Path(out).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--out {out} is a file: give a folder")
+
+
+def check_device(flag: str, device: str | None) -> None:
+    """Refuse a device this machine lacks, naming the flag that asked for it."""
+    if device is None:
+        return
+    from tl_degeneracy.engine.compat import usable_device
+
+    try:
+        usable_device(device)
+    except ValueError as error:
+        raise ValueError(f"{flag} {device} cannot be used here: {error}") from error
+
+
+def check_model_folder(spec: str | None) -> None:
+    """A model folder's `config.json` must be JSON: named by path (read by several loaders,
+    some of which would raise a bare JSONDecodeError)."""
+    if spec is None:
+        return
+    folder = Path(spec).expanduser()
+    if (folder / "config.json").is_file():
+        from tl_degeneracy.models.local import read_config
+
+        read_config(folder)
