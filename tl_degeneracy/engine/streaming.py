@@ -162,6 +162,8 @@ def chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
+STAMP_FILE = "fingerprint.json"
+"""The stamp a checkpoint folder carries: what run wrote it (`claim_checkpoint_folder`)."""
 STAMP_FORMAT = 2
 """Version of `fingerprint.json`. 2: the data digest covers every batch's shape and dtype, not
 only the bytes of the data (format 1 took a reshaped tensor or moved batch boundaries for the
@@ -177,7 +179,7 @@ def finish_checkpoint_folder(folder: str | os.PathLike) -> None:
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if entry.name == "fingerprint.json":
+        if entry.name == STAMP_FILE:
             continue
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
@@ -199,7 +201,7 @@ def claim_checkpoint_folder(
     plain = jsonable_roundtrip(settings)  # tuples become lists, as they will be read back
     text = json.dumps(plain, sort_keys=True)
     fingerprint = hashlib.sha256(text.encode()).hexdigest()[:20]
-    stamp = folder / "fingerprint.json"
+    stamp = folder / STAMP_FILE
     if stamp.exists():
         saved = json.loads(stamp.read_text())
         if saved.get("format") != STAMP_FORMAT:
@@ -227,7 +229,7 @@ def claim_checkpoint_folder(
         barrier()
     if barrier is None or int(os.environ.get("RANK", "0")) == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "fingerprint.json.tmp"  # a kill mid-write leaves no half stamp
+        tmp = folder / f"{STAMP_FILE}.tmp"  # a kill mid-write leaves no half stamp
         record = {"format": STAMP_FORMAT, "fingerprint": fingerprint, "settings": plain}
         tmp.write_text(json.dumps(record))
         os.replace(tmp, stamp)

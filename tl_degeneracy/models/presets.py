@@ -48,13 +48,11 @@ class Preset:
     ) -> Int[Tensor, "n pos"]:
         """The user's own data as token rows: a safetensors token file (`tokens` or
         `input_ids`), or UTF-8 text files packed into rows of `seq_len` with the model's
-        tokenizer; rows of text longer than the model's context are refused naming
-        `--seq-len`."""
+        tokenizer (callers check `seq_len` against the context: `check_seq_len`)."""
         from tl_degeneracy.models.corpus import tokens_from_file, tokens_from_text_files
 
         if tokens is not None:
             return tokens_from_file(tokens)
-        self.check_seq_len(seq_len)
         tokenizer = getattr(self.model, "tokenizer", None)
         if tokenizer is None:
             raise ValueError(f"{self.name} has no tokenizer to read text with; pass token ids")
