@@ -188,8 +188,8 @@ def _degeneracy_args(p: argparse.ArgumentParser) -> None:
         "--max-total-steps",
         type=count(1),
         default=d.max_total_steps,
-        help="calibration budget per estimate: SGLD steps of pilots and chains "
-        "(default: %(default)s)",
+        help="calibration budget per estimate: SGLD steps of pilots, chains and checks, "
+        "over every γ tried (default: %(default)s)",
     )
     p.add_argument(
         "--max-seconds",
