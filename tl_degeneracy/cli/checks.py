@@ -53,8 +53,8 @@ def check_device(flag: str, device: str | None) -> None:
 
 
 def check_model_folder(spec: str | None) -> None:
-    """A model folder's `config.json` must be JSON: named by path (read by several loaders,
-    some of which would raise a bare JSONDecodeError)."""
+    """A modular-addition checkpoint folder's `config.json` must be JSON, named by path
+    (`fit-modadd` reads it with its own loader; the presets read it with `read_config`)."""
     if spec is None:
         return
     folder = Path(spec).expanduser()

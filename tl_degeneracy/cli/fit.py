@@ -198,7 +198,6 @@ def run_fit(args: argparse.Namespace) -> int:
 
     check_device("--device", args.device)
     check_device("--stats-device", args.stats_device)
-    check_model_folder(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = DistContext.from_env()

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from tl_degeneracy.cli.checks import SEQ_LEN, THREADS, check_model_folder, count
+from tl_degeneracy.cli.checks import SEQ_LEN, THREADS, count
 from tl_degeneracy.cli.fit import demo_checkpoint
 from tl_degeneracy.cli.registry import command
 
@@ -243,7 +243,6 @@ def run_degeneracy(args: argparse.Namespace) -> int:
 
     from tl_degeneracy.experiments.degeneracy_job import DegeneracyJobConfig, run_degeneracy_job
 
-    check_model_folder(args.model)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = DegeneracyJobConfig(

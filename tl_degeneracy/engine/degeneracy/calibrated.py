@@ -283,11 +283,12 @@ def calibrated_llc(
         r = above.result
         start = min(x for x in (largest, above.chosen, r.config.step_size) if x is not None)
         lower = replace(cfg, gamma=check.gamma_low, step_size=start)
-        if relaxation_steps(lower, cal) > cal.max_steps:
+        need = relaxation_steps(lower, cal)
+        if need > cal.max_steps:
             above.notes.append(
-                f"γ = {check.gamma_low:g} was not tried: its chains would need "
-                f"{relaxation_steps(lower, cal):,} steps to relax at ε = {_smallest_step(lower):g}"
-                f", more than max_steps = {cal.max_steps:,}"
+                f"γ = {check.gamma_low:g} was not tried: its chains would need {need:,} steps "
+                f"to relax at ε = {_smallest_step(lower):g}, more than max_steps = "
+                f"{cal.max_steps:,}"
             )
             break
         out = _calibrated_at(
