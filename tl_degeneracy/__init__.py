@@ -58,7 +58,7 @@ from tl_degeneracy.engine.statistics import (
     StatisticsMismatchError,
     collect_statistics,
 )
-from tl_degeneracy.engine.streaming import Checkpointing, EmptyDataError
+from tl_degeneracy.engine.streaming import Checkpointing, CheckpointMismatchError, EmptyDataError
 from tl_degeneracy.engine.structures import autograd_only, structure_of
 from tl_degeneracy.engine.tokens import PaddingWarning, TokenError, validate_tokens
 
@@ -71,6 +71,7 @@ __all__ = [
     "AttributionComparison",
     "AttributionGapWarning",
     "BasisResult",
+    "CheckpointMismatchError",
     "Checkpointing",
     "DistContext",
     "EdgeAblation",

@@ -212,9 +212,18 @@ def test_a_finished_folder_keeps_its_stamp_and_refuses_other_settings(tmp_path):
     again = fit_basis(model, tokens, _config(ckpt))
     for name, basis in first.bases.items():
         torch.testing.assert_close(again[name].importance, basis.importance, rtol=1e-12, atol=0)
-    other = JacobianConfig(method="stochastic", n_sources=5, seed=11)
-    with pytest.raises(ValueError, match="n_sources: 3 -> 5"):
+    other = JacobianConfig(method="stochastic", n_sources=5, seed=12)
+    with pytest.raises(streaming.CheckpointMismatchError, match="n_sources: 3 -> 5") as refused:
         fit_basis(model, tokens, _config(ckpt, jacobian=other))
+    assert [d[0] for d in refused.value.differences] == [
+        "settings.jacobian.n_sources",
+        "settings.jacobian.seed",
+    ]
+    # a caller's labels go to the longest labelled prefix of each setting
+    labels = {"settings.jacobian": "--sources", "settings.jacobian.seed": "--seed"}
+    text = str(refused.value.labelled(labels))
+    assert "settings.jacobian.n_sources (--sources): 3 -> 5" in text
+    assert "settings.jacobian.seed (--seed): " in text
 
 
 class _Interrupt(Exception):

@@ -118,9 +118,12 @@ def test_a_finished_folder_refuses_a_run_of_other_settings(folder, tmp_path, cap
     assert main(args) == 0
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["fingerprint.json"]
     capsys.readouterr()
-    assert main([*args, "--kinds", "lib"]) == 2
+    assert main([*args, "--kinds", "lib", "--dtype", "float64"]) == 2
     err = capsys.readouterr().err
-    assert "kinds" in err and "another --out" in err
+    assert "another --out" in err
+    # each setting that differs is named with its flag (it used to name only internal fields)
+    assert 'settings.kinds (--kinds): ["lib", "pca"] -> ["lib"]' in err
+    assert 'model_dtype (--dtype): "torch.float32" -> "torch.float64"' in err
     assert sorted(Study.load(out).bases) == ["lib", "pca"]
     assert main(args) == 0
 

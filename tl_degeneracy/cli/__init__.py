@@ -19,7 +19,7 @@ import sys
 from typing import NoReturn
 
 from tl_degeneracy.cli import fit, report, studies  # noqa: F401  (they register their commands)
-from tl_degeneracy.cli.checks import check_out
+from tl_degeneracy.cli.checks import SETTING_FLAGS, check_out
 from tl_degeneracy.cli.fit import demo_checkpoint
 from tl_degeneracy.cli.registry import COMMANDS, command
 
@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         if args.traceback:
             raise
+        if args.command in SETTING_FLAGS:  # a refused resume names the flags that differ
+            from tl_degeneracy.engine.streaming import CheckpointMismatchError
+
+            if isinstance(error, CheckpointMismatchError):
+                error = error.labelled(SETTING_FLAGS[args.command])
         name = type(error).__name__
         print(f"tl-degeneracy {args.command}: {name}: {error}", file=sys.stderr)
         print("(--traceback shows where it was raised)", file=sys.stderr)

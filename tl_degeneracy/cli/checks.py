@@ -62,3 +62,37 @@ def check_model_folder(spec: str | None) -> None:
         from tl_degeneracy.models.local import read_config
 
         read_config(folder)
+
+
+_COMMON_FLAGS = {
+    "settings.kinds": "--kinds",
+    "settings.jacobian": "--sources",
+    "settings.jacobian.stats_device": "--stats-device",
+    "settings.edges.stats_device": "--stats-device",
+    "settings.stats_device": "--stats-device",
+    "settings.batch_rows": "--batch-rows",
+    "settings.edge_tokens": "--edge-tokens",
+    "settings.edge_outputs": "--edge-outputs",
+    "settings.ablation_tokens": "--ablation-tokens",
+    "settings.store": "--store",
+    "model": "the model: --model or --api",
+    "model.weight_digest": "the model's weights: --model, or --api (each API names them apart)",
+    "model_dtype": "--dtype",
+}
+SETTING_FLAGS: dict[str, dict[str, str]] = {
+    "fit": {
+        **_COMMON_FLAGS,
+        "sites": "--sites, --mlp-sites, --attn-sites or --keep-bos",
+        "data": "the data: --text or --tokens, --n-tokens, --seq-len",
+    },
+    "fit-lm": {
+        **_COMMON_FLAGS,
+        "model": "--api or --blocks",
+        "model.weight_digest": "--api (each API names the weights apart)",
+        "sites": "--blocks or --keep-bos",
+        "data": "the data: --tokens",
+    },
+}
+"""What the command line calls each setting a checkpoint folder records, by command, so that
+a refused resume names the flags that differ (`CheckpointMismatchError.labelled`)."""
+SETTING_FLAGS["demo"] = SETTING_FLAGS["fit-lm"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -187,6 +187,48 @@ def finish_checkpoint_folder(folder: str | os.PathLike) -> None:
             entry.unlink(missing_ok=True)
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint folder stamped by a run of other settings, model or data: it cannot be
+    resumed. `differences` holds (dotted setting, that run's value, this run's value);
+    `labelled` names the settings as a caller knows them (the command line: its flags)."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        differences: Sequence[tuple[str, object, object]],
+        labels: Mapping[str, str] | None = None,
+    ):
+        self.folder, self.differences, self.labels = Path(folder), list(differences), labels
+        lines = [
+            f"  {_label(path, labels)}: {_show(old, path)} -> {_show(new, path)}"
+            for path, old, new in self.differences
+        ]
+        super().__init__(
+            f"checkpoint folder {folder} was written by a run with other settings, model or "
+            "data, so it cannot be resumed (setting: that run -> this run):\n"
+            + "\n".join(lines or ["  (the stamp's fingerprint does not match its settings)"])
+            + "\nto resume it, run again with that run's settings, model and data; to start "
+            "over, use another folder (another --out on the command line) or delete this one"
+        )
+
+    def labelled(self, labels: Mapping[str, str]) -> CheckpointMismatchError:
+        """The same refusal with each setting followed by its label (`labels` maps a dotted
+        setting or a prefix of one, such as "model", to e.g. a command-line flag)."""
+        return CheckpointMismatchError(self.folder, self.differences, labels)
+
+
+def _label(path: str, labels: Mapping[str, str] | None) -> str:
+    """`path`, with the label of its longest labelled prefix in parentheses."""
+    if not labels:
+        return path
+    parts = path.replace("[", ".[").split(".")
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n]).replace(".[", "[")
+        if key in labels:
+            return f"{path} ({labels[key]})"
+    return path
+
+
 def claim_checkpoint_folder(
     folder: str | os.PathLike, settings: dict, barrier: Callable[[], None] | None = None
 ) -> Path:
@@ -213,17 +255,7 @@ def claim_checkpoint_folder(
                 "line), or delete this one to start over"
             )
         if saved.get("fingerprint") != fingerprint:
-            lines = [
-                f"  {path}: {_show(old, path)} -> {_show(new, path)}"
-                for path, old, new in _differences(saved.get("settings", {}), plain)
-            ]
-            raise ValueError(
-                f"checkpoint folder {folder} was written by a run with other settings, model or "
-                "data, so it cannot be resumed (setting: that run -> this run):\n"
-                + "\n".join(lines or ["  (the stamp's fingerprint does not match its settings)"])
-                + "\nto resume it, run again with that run's settings, model and data; to start "
-                "over, use another folder (another --out on the command line) or delete this one"
-            )
+            raise CheckpointMismatchError(folder, _differences(saved.get("settings", {}), plain))
         return folder
     if barrier is not None:
         barrier()
