@@ -214,6 +214,30 @@ def test_bad_settings_are_named():
         ModuleConfig(algorithm="spectral")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no sections"):
         find_modules({})
+    for bad in (-1, 0, 2.5):  # top_k=-1 used to leave out every site's last feature silently
+        with pytest.raises(ValueError, match="top_k must be a positive"):
+            ModuleConfig(top_k=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="top_k must be a positive"):
+        ModuleConfig(top_k={"a": 0})
+    with pytest.raises(ValueError, match="n_seeds must be"):
+        ModuleConfig(n_seeds=0)
+
+
+def test_plain_edges_are_checked_and_converted():
+    """A site's size must agree between the sections it is in: a 5-feature output feeding a
+    3-feature input used to lose two features silently (or fail with a bare IndexError).
+    NumPy arrays are taken as tensors (they used to fail on `.detach`)."""
+    with pytest.raises(ValueError, match=r"site 'b' has 5 features as the output .* but 3 as"):
+        find_modules({("a", "b"): torch.rand(5, 3), ("b", "c"): torch.rand(4, 3)})
+    with pytest.raises(ValueError, match="must be a matrix"):
+        find_modules({("a", "b"): torch.rand(5)})
+    with pytest.raises(ValueError, match="non-negative"):
+        find_modules({("a", "b"): -torch.rand(3, 3)})
+    with pytest.raises(ValueError, match="keyed by"):
+        find_modules({"a->b": torch.rand(3, 3)})
+    sections, block = planted_sections()
+    as_numpy = {key: e.numpy() for key, e in sections.items()}
+    assert find_modules(as_numpy).assignment == find_modules(sections).assignment
 
 
 def test_singletons_for_features_that_took_no_part():

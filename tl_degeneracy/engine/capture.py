@@ -58,8 +58,8 @@ def check_finite(act: Tensor, site: Site, batch_index: int) -> None:
     bad = (~torch.isfinite(act)).any(-1).nonzero().tolist()
     raise NonFiniteActivationError(
         f"NaN or Inf in the activation at site {site.name}, batch {batch_index}, "
-        f"(row, position) {bad[:5]}{' ...' if len(bad) > 5 else ''}: check the model's dtype "
-        "(float16 overflows) and the inputs of that batch"
+        f"(row, position) {bad[:5]}{' ...' if len(bad) > 5 else ''}: check the model's weights "
+        "(NaN or Inf in any?), its dtype (float16 overflows) and the inputs of that batch"
     )
 
 

@@ -99,6 +99,15 @@ class ModuleConfig:
             raise ValueError(f"relative_epsilon must be positive, got {self.relative_epsilon}")
         if not self.resolution > 0:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
+        ks = self.top_k.values() if isinstance(self.top_k, Mapping) else [self.top_k]
+        for k in ks:
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+                raise ValueError(
+                    f"top_k must be a positive whole number of features per site (or None for "
+                    f"every feature), got {k!r}"
+                )
+        if isinstance(self.n_seeds, bool) or not isinstance(self.n_seeds, int) or self.n_seeds < 1:
+            raise ValueError(f"n_seeds must be a whole number of at least 1, got {self.n_seeds!r}")
 
     def describe(self) -> str:
         """The setting in words, for reports."""
@@ -262,14 +271,51 @@ def _sections_of(
 ) -> tuple[Sections, dict[str, Tensor] | None, dict[str, int]]:
     """(edges per section, importance per site, features per site) of either input form."""
     if isinstance(graph, Mapping):
-        sizes: dict[str, int] = {}
-        for (src, dst), e in graph.items():
-            sizes[src], sizes[dst] = e.shape[1], e.shape[0]
-        return graph, None, sizes
+        return _plain_sections(graph)
     sections = {(s.section.inp.name, s.section.out.name): s.edges for s in graph.sections.values()}
     importance = {name: b.importance for name, b in graph.basis.bases.items()}
     sizes = {name: b.k for name, b in graph.basis.bases.items()}
     return sections, importance, sizes
+
+
+def _plain_sections(
+    graph: Mapping[Any, Any],
+) -> tuple[Sections, None, dict[str, int]]:
+    """A plain dict `{(input site, output site): E [out, in]}` as float64 tensors (NumPy arrays
+    and nested lists too), each site's number of features checked to agree between the
+    sections it is in."""
+    sections: dict[tuple[str, str], Tensor] = {}
+    sizes: dict[str, int] = {}
+    seen: dict[str, str] = {}
+    for key, value in graph.items():
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise ValueError(
+                f"edges are keyed by (input site, output site), got the key {key!r}: pass "
+                "{(input site, output site): E} with E of shape [output features, input features]"
+            )
+        e = torch.as_tensor(value).detach().to("cpu", torch.float64)
+        if e.ndim != 2:
+            raise ValueError(
+                f"the edges of section {key} must be a matrix [output features, input features], "
+                f"got shape {list(e.shape)}"
+            )
+        if not bool(torch.isfinite(e).all()) or bool((e < 0).any()):
+            raise ValueError(
+                f"the edges of section {key} must be finite and non-negative (E is a mean of "
+                "squared attributions), got NaN, Inf or negative entries"
+            )
+        src, dst = key
+        for site, n, role in ((src, e.shape[1], "input"), (dst, e.shape[0], "output")):
+            where = f"the {role} of section {key} ({'columns' if role == 'input' else 'rows'} of E)"
+            if site in sizes and sizes[site] != n:
+                raise ValueError(
+                    f"site {site!r} has {sizes[site]} features as {seen[site]} but {n} as "
+                    f"{where}: each E is [output features, input features], and a site has the "
+                    "same features in every section"
+                )
+            sizes[site], seen[site] = n, where
+        sections[(src, dst)] = e
+    return sections, None, sizes
 
 
 def _raw_edges(sections: Sections, network: nx.Graph) -> list[tuple[Node, Node, float]]:

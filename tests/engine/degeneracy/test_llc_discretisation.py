@@ -12,10 +12,10 @@ from tl_degeneracy.engine.degeneracy import (
     SGLDConfig,
     SGLDWarning,
     calibrated_llc,
+    discretisation_check,
     estimate_llc,
 )
 from tl_degeneracy.engine.degeneracy.calibrated import relaxation_steps
-from tl_degeneracy.engine.degeneracy.discretisation import discretisation_check
 from tl_degeneracy.engine.degeneracy.ground_truth import (
     deep_linear_network,
     deep_linear_problem,

@@ -13,6 +13,7 @@ from torch import nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from tl_degeneracy.engine.capture import NonFiniteActivationError
 from tl_degeneracy.engine.degeneracy import (
     AdditivityResult,
     CalibrationConfig,
@@ -304,3 +305,26 @@ def test_additivity_result_has_a_short_repr():
     text = repr(AdditivityResult(r, {"a": r, "b": r}))
     assert text.startswith("AdditivityResult(λ̂(whole) = ") and "gap" in text
     assert "tensor" not in text and len(text) < 300
+
+
+def test_a_nan_unembedding_is_named_before_the_eigensolver(api, tiny, tokens_for):
+    """A NaN in W_U leaves every activation finite but the logits NaN; the gradient source used
+    to fail inside `eigvalsh` with torch's own LinAlgError."""
+    model = tiny(api, "mlp")
+    weight = model.unembed.W_U if hasattr(model.unembed, "W_U") else model.unembed.weight
+    with torch.no_grad():
+        weight[(0,) * weight.ndim] = float("nan")
+    with pytest.raises(NonFiniteActivationError, match="site logits, batch 0.*model's weights"):
+        measure_sources(model, tokens_for(model, 8))
+
+
+def test_one_section_may_be_named_by_a_string(api, tiny, tokens_for):
+    """`sections="blocks.0.mlp"` used to be read letter by letter ("unknown sections ['b',
+    'l', ...]")."""
+    model = tiny(api, "mlp")
+    tokens = tokens_for(model, 8)
+    one = measure_sources(model, tokens, sections="blocks.0.mlp")
+    assert one.sections == ["blocks.0.mlp"]
+    assert totals(one) == totals(measure_sources(model, tokens, sections=["blocks.0.mlp"]))
+    report = degeneracy_report(model, tokens, llc="none", sections="blocks.0.mlp")
+    assert [s.name for s in report.sections] == ["blocks.0.mlp"]

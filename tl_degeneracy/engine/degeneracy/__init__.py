@@ -16,6 +16,7 @@ The local learning coefficient λ̂ by SGLD, N_eff = 2λ̂:
 - `calibration`: λ̂ over step sizes and temperatures (`calibrate_step_size`,
   `sensitivity_grid`);
 - `calibrated`: `calibrated_llc`, the estimate that chooses its own step size and length;
+- `discretisation`: `discretisation_check` (does λ̂ depend on the step size?);
 - `localisation`: `localisation_check` (does λ̂ depend on the localisation γ?);
 - `temperature`: `temperature_fit` (λ and the multiplicity from several nβ);
 - `additivity`: do modules add their λ̂?
@@ -40,6 +41,10 @@ from tl_degeneracy.engine.degeneracy.calibration import (
 )
 from tl_degeneracy.engine.degeneracy.config import CalibrationConfig, SGLDConfig, SGLDWarning
 from tl_degeneracy.engine.degeneracy.diagnostics import LLCResult, split_rhat
+from tl_degeneracy.engine.degeneracy.discretisation import (
+    DiscretisationCheck,
+    discretisation_check,
+)
 from tl_degeneracy.engine.degeneracy.groups import HeadGroups, NeuronGroups, pattern_groups
 from tl_degeneracy.engine.degeneracy.localisation import LocalisationCheck, localisation_check
 from tl_degeneracy.engine.degeneracy.measure import measure_sources
@@ -67,6 +72,7 @@ __all__ = [
     "CalibrationConfig",
     "CalibrationResult",
     "DegeneracyReport",
+    "DiscretisationCheck",
     "FunctionProblem",
     "HeadGroups",
     "LLCProblem",
@@ -89,6 +95,7 @@ __all__ = [
     "calibrated_llc",
     "continue_llc",
     "degeneracy_report",
+    "discretisation_check",
     "estimate_llc",
     "joint_free_weights",
     "localisation_check",

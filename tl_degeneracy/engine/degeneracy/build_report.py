@@ -80,7 +80,7 @@ def degeneracy_report(
     sources_config: SourcesConfig | None = None,
     sgld_config: SGLDConfig | None = None,
     llc: Literal["all", "total", "none"] = "all",
-    sections: Sequence[str] | None = None,
+    sections: str | Sequence[str] | None = None,
     divergence: Divergence = "kl",
     sgld_dtype: torch.dtype | None = None,
     sensitivity_step_sizes: Sequence[float] = (),
@@ -92,9 +92,10 @@ def degeneracy_report(
 
     `llc`: "all" runs SGLD for every section (restricted to its parameters) and for the whole
     model, "total" only for the whole model, "none" skips SGLD. `sections` limits the report
-    to some sections (names like "blocks.15.mlp"): only their sources are measured, and the
-    total (its counts and its SGLD run) covers those sections together, the rest of the model
-    held at the trained weights — how a language model's report stays tractable.
+    to some sections (names like "blocks.15.mlp", or one name): only their sources are
+    measured, and the total (its counts and its SGLD run) covers those sections together, the
+    rest of the model held at the trained weights — how a language model's report stays
+    tractable.
 
     SGLD settings: with no `sgld_config` (and `calibration="auto"`) every estimate chooses its
     step size and chain length by `calibrated_llc` with `CalibrationConfig()`, judged against
@@ -115,6 +116,7 @@ def degeneracy_report(
     Every parameter is measured whatever its `requires_grad` (use `sections` to restrict);
     gradients are switched on inside, so a surrounding `torch.no_grad()` does no harm.
     """
+    sections = [sections] if isinstance(sections, str) else sections
     if llc not in ("all", "total", "none"):
         raise ValueError(f"llc must be one of all, total, none; got {llc!r}")
     if not (

@@ -102,6 +102,9 @@ class _Collector:
         with frozen_parameters(self.model), torch.enable_grad():
             logits = run_with_hooks(self.model, tokens, [(n, make_hook(n)) for n in names])
         assert logits is not None
+        # the gradient source backpropagates from the logits: NaN there (a NaN W_U) would
+        # reach the eigensolver as a NaN K
+        check_finite(logits, Site(LOGITS), batch_index)
         for name, (flat,) in acts.items():
             check_finite(flat, Site(name), batch_index)
             if name not in self.grams:
@@ -205,15 +208,16 @@ def measure_sources(
     tokens: Int[Tensor, "n pos"],
     config: SourcesConfig | None = None,
     maps: Sequence[WeightMap] | None = None,
-    sections: Sequence[str] | None = None,
+    sections: str | Sequence[str] | None = None,
 ) -> SourcesResult:
     """Measure the three sources of degeneracy of a TransformerLens model on `tokens`.
 
     Activations are accumulated in float64 whatever the model's dtype; K is exact (one
     cotangent per output unit, batched) up to `max_exact_outputs` units, else estimated with
     Rademacher probes (its range, hence its rank, is still found once enough tokens are seen).
-    `sections` (e.g. `["blocks.15.mlp"]`) measures only those sections' maps: on a language
-    model, one layer's sources cost one forward and a few backward passes to that layer.
+    `sections` (e.g. `["blocks.15.mlp"]`, or one name) measures only those sections' maps: on
+    a language model, one layer's sources cost one forward and a few backward passes to that
+    layer.
 
     Gated MLPs (`act(x W_gate) ⊙ (x W_in)`): the maps are W_gate, W_in and W_out; a neuron is
     dead when its gate is off on every token (derivative within `sync_tolerance` of 0), which
@@ -230,6 +234,7 @@ def measure_sources(
     ranks): `measure_sources(copy.deepcopy(model).double(), tokens)`.
     """
     check_model(model, "measure_sources", "sources")
+    sections = [sections] if isinstance(sections, str) else sections
     config = config or SourcesConfig()
     if isinstance(tokens, Tensor) and tokens.ndim == 2:  # fail before the first forward
         resolve_positions(config.positions, tokens.shape[1])
