@@ -334,8 +334,27 @@ def test_positions_and_bad_input(api):
         prompt_graph(model, result, tokens[:1], Target.logit(5), node_share=1.5)
     with pytest.raises(TypeError, match="cannot make a target"):
         prompt_graph(model, result, tokens[:1], "logit 5")
+    with pytest.raises(TypeError, match="pair of token ids"):
+        prompt_graph(model, result, tokens[:1], (3, "4"))
     with pytest.raises(ValueError, match="one value per sequence"):
         prompt_graph(model, result, tokens[:1], Target.from_metric(lambda logits: logits.sum()))
+
+
+def test_targets_from_tensors_and_numpy_integers():
+    """A token id from `logits.argmax()` (a 0-d tensor) or NumPy (np.int64) is a token id; both
+    used to be refused ("cannot make a target of tensor(1)")."""
+    import numpy as np
+
+    from tl_degeneracy.engine.prompt_graph.target import as_target
+
+    assert as_target(torch.tensor(5)).spec == Target.logit(5).spec
+    assert as_target(np.int64(5)).spec == Target.logit(5).spec
+    pair = Target.logit_difference(3, 4).spec
+    assert as_target((torch.tensor(3), np.int32(4))).spec == pair
+    assert as_target([3, 4]).spec == pair
+    for bad in (torch.tensor(5.0), torch.tensor([5]), torch.tensor(True), 5.0):
+        with pytest.raises(TypeError, match="cannot make a target"):
+            as_target(bad)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])

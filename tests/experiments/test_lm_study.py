@@ -197,7 +197,8 @@ def test_checkpoint_keys_fit_in_a_file_name():
 
 @pytest.mark.slow
 def test_gram_peak_memory_does_not_grow_with_tokens():
-    """Peak RSS of streaming Gram statistics at all 61 SmolLM2 sites, 10x the tokens."""
+    """Peak RSS of streaming Gram statistics at all 61 SmolLM2 sites, 10x the tokens: it grows
+    by less than a quarter of what keeping the added tokens' float32 activations would take."""
     import subprocess
     import sys
     from pathlib import Path
@@ -212,5 +213,7 @@ def test_gram_peak_memory_does_not_grow_with_tokens():
         text=True,
         check=True,
     )
-    ratio = float(run.stdout.split("streaming peak ratio ")[1].split(",")[0])
-    assert ratio < 1.10, run.stdout
+    # the peak itself moves by ±15% between runs (1.16x and 0.83x measured for 10x the tokens):
+    # its growth is judged against keeping the added tokens' activations (2.5 GB here)
+    share = float(run.stdout.split("growth share ")[1].split(")")[0])
+    assert share < 0.25, run.stdout

@@ -3,6 +3,7 @@ metric of the logits at a position)."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,19 +102,39 @@ TargetLike = Target | int | tuple[int, int] | TargetFn
 
 
 def as_target(target: TargetLike) -> Target:
-    """A `Target` from a `Target`, a token id (its logit), a `(good, bad)` pair (their logit
+    """A `Target` from a `Target`, a token id (its logit; an int, a NumPy integer or a 0-d
+    integer tensor such as `logits.argmax()`), a `(good, bad)` pair of them (their logit
     difference) or a function of the logits (at the last position)."""
     if isinstance(target, Target):
         return target
     if isinstance(target, bool):
         raise TypeError("a target is a Target, a token id, a (good, bad) pair or a function")
-    if isinstance(target, int):
-        return Target.logit(target)
-    if isinstance(target, tuple) and len(target) == 2:
-        return Target.logit_difference(*target)
+    token = _token_id(target)
+    if token is not None:
+        return Target.logit(token)
+    if isinstance(target, (tuple, list)) and len(target) == 2:
+        good, bad = (_token_id(t) for t in target)
+        if good is None or bad is None:
+            raise TypeError(
+                f"a (good, bad) target is a pair of token ids, got {target!r}: pass two integers"
+            )
+        return Target.logit_difference(good, bad)
     if callable(target):
         return Target.from_metric(target)
     raise TypeError(
         f"cannot make a target of {target!r}: pass a Target, a token id, a (good, bad) pair of "
         "token ids or a function logits -> [batch]"
     )
+
+
+def _token_id(value: object) -> int | None:
+    """`value` as a token id when it is one: a Python, NumPy or 0-d integer torch scalar (what
+    `logits.argmax()` or `tokenizer.encode(...)[0]` give); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, Tensor) and value.ndim == 0 and not value.is_floating_point():
+        if value.dtype != torch.bool and not value.is_complex():
+            return int(value.item())
+    return None
