@@ -131,3 +131,44 @@ def test_nbeta_counts_every_position_the_loss_averages(api, tiny, tokens_for):
         terms = rows * pos
         assert estimate_llc(every, cfg).nbeta == pytest.approx(terms / math.log(terms))
         assert estimate_llc(last, cfg).nbeta == pytest.approx(rows / math.log(rows))
+
+
+def test_a_noisy_check_is_inconclusive_not_a_pass():
+    """L = ½ Σ hᵢwᵢ² over 6 parameters (λ = 2.99 as γ → 0, 2.17 at γ = 100). The estimate at
+    γ = 100 reads about 2.26 and its 2-chain check at γ = 10 about 2.5 ± 0.36: within the
+    tolerance, so it used to pass, calling the localised 2.26 a result. A check whose chains
+    disagree more than an estimate's may is inconclusive: γ is lowered instead, and the notes
+    keep the estimate given up."""
+    import torch
+
+    from tl_degeneracy.engine.degeneracy import FunctionProblem
+
+    h = torch.tensor([1.0, 2.0, 4.0, 8.0, 0.5, 3.0], dtype=torch.float64)
+    problem = FunctionProblem(
+        lambda w, idx: 0.5 * (h * w * w).sum(), torch.zeros(6, dtype=torch.float64), 1000
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SGLDWarning)
+        found = calibrated_llc(problem)
+    (above,) = found.higher_gammas[:1]
+    assert above["gamma"] == 100 and found.result is not None
+    assert found.result.config.gamma < 100  # γ = 100 is no longer called a result
+    assert found.notes[0].startswith(f"at γ = 100 λ̂ = {above['llc']:.4g}")
+    from tl_degeneracy.engine.degeneracy import LocalisationCheck
+
+    # the rule on a record: the same means pass with a precise check, not with a noisy one
+    check = LocalisationCheck(100.0, 2.26, 10.0, 2.5, 0.36, 0, 2, 2000, 0.2)
+    assert not check.passed and "inconclusive" in (check.reason() or "")
+    assert LocalisationCheck(100.0, 2.26, 10.0, 2.5, 0.1, 0, 2, 2000, 0.2).passed
+
+
+def test_every_gamma_given_up_stays_in_the_notes():
+    """Two lowerings (100 → 10 → 1): the notes used to keep only the last one."""
+    problem = linear_regression_problem(10, n=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SGLDWarning)
+        found = calibrated_llc(problem, SGLDConfig(n_chains=8), CalibrationConfig(max_steps=25_600))
+    gammas = [h["gamma"] for h in found.higher_gammas]
+    assert gammas == [100, 10], found.notes
+    lowered = [n for n in found.notes if "γ lowered to" in n]
+    assert [n.split(" λ̂")[0] for n in lowered] == ["at γ = 100", "at γ = 10"]

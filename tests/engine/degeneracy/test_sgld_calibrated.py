@@ -11,6 +11,7 @@ from tl_degeneracy.engine.compat import available_apis, hooked_state_dict
 from tl_degeneracy.engine.degeneracy import (
     CalibratedLLC,
     CalibrationConfig,
+    FunctionProblem,
     ModelProblem,
     SGLDConfig,
     SGLDWarning,
@@ -18,6 +19,7 @@ from tl_degeneracy.engine.degeneracy import (
     continue_llc,
     estimate_llc,
 )
+from tl_degeneracy.engine.degeneracy.calibrated import minimum_budget
 from tl_degeneracy.engine.degeneracy.ground_truth import linear_regression_problem, quartic_problem
 from tl_degeneracy.engine.degeneracy.parameters import state_dict_parameters
 
@@ -122,9 +124,34 @@ def test_calibration_that_finds_nothing_says_so():
     with pytest.warns(SGLDWarning, match="not converged"):
         found = calibrated_llc(problem, cfg, CalibrationConfig(step_sizes=(1.0, 0.5)))
     assert found.result is None and not found.converged and found.chosen is None
+    # a budget below one pilot and the estimate used to run nothing and blame "the budget"
+    need = minimum_budget(cfg, CalibrationConfig())
+    with pytest.raises(ValueError, match=f"need at least {need:,} steps; raise max_total_steps"):
+        calibrated_llc(problem, cfg, CalibrationConfig(max_total_steps=need - 1))
     with pytest.warns(SGLDWarning, match="budget"):
-        tight = calibrated_llc(problem, cfg, CalibrationConfig(max_total_steps=100))
-    assert not tight.converged
+        tight = calibrated_llc(problem, cfg, CalibrationConfig(max_total_steps=need))
+    assert not tight.converged and tight.pilots and tight.steps_used <= need
+
+
+def test_chains_that_only_disagree_run_longer_before_a_smaller_step():
+    """Six parameters: each chain's λ̂ is noisy, so short chains disagree. The calibration
+    used to answer with ever smaller step sizes (whose chains disagree more) until the budget
+    ran out; it now runs the chains longer, and the estimate is a result near the truth."""
+    h = torch.tensor([1.0, 2.0, 4.0, 8.0, 0.5, 3.0], dtype=torch.float64)
+    problem = FunctionProblem(
+        lambda w, idx: 0.5 * (h * w * w).sum(), torch.zeros(6, dtype=torch.float64), 1000
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SGLDWarning)
+        # the localisation check left out: this is about the chains at one γ
+        found = calibrated_llc(problem, calibration=CalibrationConfig(localisation_ratio=None))
+    assert found.result is not None, found.reasons
+    g = found.result.config.gamma
+    nbeta = found.result.nbeta
+    truth = float(sum(0.5 * nbeta * x / (nbeta * x + g) for x in h.tolist()))
+    assert len(found.lengths) > 1  # the chains were run longer
+    assert found.converged, found.reasons
+    assert abs(found.result.llc - truth) < 0.15 * truth
 
 
 def test_calibration_record_round_trips():

@@ -328,3 +328,17 @@ def test_one_section_may_be_named_by_a_string(api, tiny, tokens_for):
     assert totals(one) == totals(measure_sources(model, tokens, sections=["blocks.0.mlp"]))
     report = degeneracy_report(model, tokens, llc="none", sections="blocks.0.mlp")
     assert [s.name for s in report.sections] == ["blocks.0.mlp"]
+
+
+def test_a_row_without_an_estimate_names_the_gamma_its_calibration_reached():
+    """The search gave up at γ = 1 with no estimate there: the row's setting used to read "—"."""
+    from tl_degeneracy.engine.degeneracy import CalibratedLLC, DegeneracyReport
+
+    cal = CalibratedLLC(None, [], None, notes=["the budget left no room for the estimate"])
+    cal.higher_gammas = [{"gamma": 100.0, "gamma_low": 10.0}, {"gamma": 10.0, "gamma_low": 1.0}]
+    free = dict.fromkeys(["activations", "gradients", "joint", "synchronised", "dead"], 0)
+    section = dataclasses.replace(_section(None), calibration=cal, free=free)
+    total = dataclasses.replace(section, name="total", calibration=None)
+    report = DegeneracyReport([section], total, 1e-6, "relative", [1e-6], 10)
+    rows = report.rows()
+    assert rows[0]["ε, γ, steps"] == "none at γ = 1" and rows[1]["ε, γ, steps"] == "—"

@@ -13,9 +13,12 @@ report runs when no step size is given.
 2. The chosen step size is the largest one whose pilot is stable and agrees with the pilot at
    the next smaller step size (relative difference at most `tolerance`).
 3. The estimate: `SGLDConfig.n_chains` chains of `SGLDConfig.n_steps` steps at that step size,
-   continued to twice their length while the split R-hat is above `rhat_max`, up to
-   `max_steps` per chain and within the budget (`max_total_steps`, `max_seconds`). If its
-   chains diverge or disagree, the next smaller stable step size is tried.
+   continued to twice their length while the split R-hat is above `rhat_max` or the chains
+   disagree (standard error above half the tolerance × λ̂: with few parameters each chain's
+   λ̂ is noisy), up to `max_steps` per chain and within the budget (`max_total_steps`,
+   `max_seconds`). If its chains diverge, exceed the bound or still disagree, the next
+   smaller stable step size is tried. A budget too small for one pilot and the estimate
+   (`minimum_budget`) is refused.
 4. The localisation check (`localisation.localisation_check`): `pilot_chains` chains at
    γ / `localisation_ratio`, with the estimate's step size and steps. If their λ̂ differs from
    the estimate's by more than `tolerance`, the estimate measures the localisation term rather
@@ -273,8 +276,10 @@ def calibrated_llc(
     reasons."""
     cfg = config or SGLDConfig()
     cal = calibration or CalibrationConfig()
+    _check_budget(cfg, cal, largest)
     budget = _Budget(cal)  # one budget for the estimate at every γ it tries
     out = _calibrated_at(problem, cfg, cal, bound, progress, largest, budget)
+    lowered: list[str] = []  # one note per γ given up, kept across every lowering
     for _ in range(cal.lower_gamma):
         if not out.held_by_localisation or cal.localisation_ratio is None:
             break
@@ -306,11 +311,11 @@ def calibrated_llc(
                 "llc_low": check.llc_low,
             },
         ]
-        out.notes.insert(
-            0,
+        lowered.append(
             f"at γ = {r.config.gamma:g} λ̂ = {r.llc:.4g} ± {r.llc_se:.2g} against "
-            f"{check.llc_low:.4g} at γ = {check.gamma_low:g}: γ lowered to {check.gamma_low:g}",
+            f"{check.llc_low:.4g} at γ = {check.gamma_low:g}: γ lowered to {check.gamma_low:g}"
         )
+        out.notes[:0] = lowered
     if out.reasons:
         warnings.warn(
             f"SGLD estimate not converged ({problem.n_params:,} parameters): "
@@ -413,16 +418,56 @@ def _calibrated_at(
 
 
 def _unstable(result: LLCResult, cal: CalibrationConfig, bound: float | None) -> str:
-    """Why the chains need a smaller step size rather than more steps ("" if they do not):
-    they diverged, disagree (standard error above half the tolerance × λ̂) or exceed the
-    bound."""
-    if bool(result.diverged.any()) or not math.isfinite(result.llc):
-        return f"{int(result.diverged.sum())} of {len(result.diverged)} chains diverged"
+    """Why the chains, run as long as they could be, call for a smaller step size ("" if
+    they do not): they diverged, exceed the bound, or still disagree (standard error above
+    half the tolerance × λ̂)."""
+    if why := _needs_smaller_step(result, bound):
+        return why
     if not result.llc_se <= cal.tolerance / 2 * abs(result.llc):
         return f"the chains disagreed (λ̂ = {result.llc:.4g} ± {result.llc_se:.2g})"
+    return ""
+
+
+def _needs_smaller_step(result: LLCResult, bound: float | None) -> str:
+    """What longer chains cannot mend ("" if nothing): divergence, N_eff above the bound."""
+    if bool(result.diverged.any()) or not math.isfinite(result.llc):
+        return f"{int(result.diverged.sum())} of {len(result.diverged)} chains diverged"
     if bound is not None and result.n_eff > bound:
         return f"N_eff {count_text(result.n_eff)} exceeded the bound {bound:,.0f}"
     return ""
+
+
+def _too_short(result: LLCResult, cfg: SGLDConfig, cal: CalibrationConfig) -> str:
+    """Why the chains should run longer ("" if not): R-hat above `rhat_max`, or chains that
+    disagree (few parameters: each chain's λ̂ is noisy, and longer chains average it)."""
+    if not result.rhat <= cfg.rhat_max:
+        return f"R-hat still above {cfg.rhat_max:g}"
+    if not result.llc_se <= cal.tolerance / 2 * abs(result.llc):
+        return "the chains still disagree"
+    return ""
+
+
+def minimum_budget(cfg: SGLDConfig, cal: CalibrationConfig, largest: float | None = None) -> int:
+    """The fewest SGLD steps a calibrated estimate can run on: one pilot at the largest step
+    size tried, with the estimate's first chains and their checks kept in reserve."""
+    first = max((e for e in cal.step_sizes if largest is None or e <= largest), default=None)
+    at = cfg if first is None else replace(cfg, step_size=first)
+    chains = cfg.n_chains * max(cfg.n_steps, relaxation_steps(at, cal))
+    return cal.pilot_chains * cal.pilot_steps + chains + _check_steps(cal, at)
+
+
+def _check_budget(cfg: SGLDConfig, cal: CalibrationConfig, largest: float | None) -> None:
+    """Refuse a budget that cannot run one pilot and the estimate (it used to run nothing and
+    blame the budget in a note)."""
+    need = minimum_budget(cfg, cal, largest)
+    if cal.max_total_steps < need:
+        raise ValueError(
+            f"CalibrationConfig(max_total_steps={cal.max_total_steps:,}) cannot run a "
+            f"calibrated estimate: one pilot ({cal.pilot_chains} × {cal.pilot_steps} steps), "
+            f"the estimate's first chains ({cfg.n_chains} × {cfg.n_steps}) and their checks "
+            f"need at least {need:,} steps; raise max_total_steps (--max-total-steps), or run "
+            "fixed settings (an SGLDConfig with its step_size, calibration=None; --step-size)"
+        )
 
 
 def _run_to_convergence(
@@ -452,10 +497,10 @@ def _run_to_convergence(
     result = estimate_llc(problem, cfg, progress, warn=False)
     budget.spend(cfg.n_chains * cfg.n_steps, result.seconds)
     out.lengths = [(cfg.n_steps, result.rhat)]
-    while not result.rhat <= cfg.rhat_max and not _unstable(result, cal, out.bound):
+    while (why := _too_short(result, cfg, cal)) and not _needs_smaller_step(result, out.bound):
         more = result.config.n_steps
         if result.config.n_steps + more > cal.max_steps:
-            out.notes.append(f"R-hat still above {cfg.rhat_max:g} at {cal.max_steps} steps")
+            out.notes.append(f"{why} at {result.config.n_steps:,} steps (max_steps)")
             break
         longer = replace(cfg, n_steps=result.config.n_steps + more)
         if not budget.allows(cfg.n_chains * more, _check_steps(cal, longer)):

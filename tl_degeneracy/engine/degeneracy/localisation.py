@@ -49,15 +49,28 @@ class LocalisationCheck:
         return self.n_chains * self.n_steps
 
     @property
+    def precise(self) -> bool:
+        """Whether the check's chains agree as closely as an estimate's must (standard error at
+        most half the tolerance × λ̂): a noisier check cannot tell a shift from noise."""
+        return self.llc_low_se <= self.tolerance / 2 * abs(self.llc_low)
+
+    @property
     def passed(self) -> bool:
         if self.diverged_low or not math.isfinite(self.llc_low):
             return False
-        return abs(self.llc - self.llc_low) <= self.tolerance * abs(self.llc_low)
+        close = abs(self.llc - self.llc_low) <= self.tolerance * abs(self.llc_low)
+        return close and self.precise
 
     def reason(self) -> str | None:
         """Why the estimate is not a result (None: the check passed)."""
         if self.passed:
             return None
+        if not self.diverged_low and math.isfinite(self.llc_low) and not self.precise:
+            return (
+                f"the localisation check is inconclusive: its {self.n_chains} chains at γ = "
+                f"{self.gamma_low:g} disagree ({self.llc_low:.4g} ± {self.llc_low_se:.2g}, "
+                f"against {self.llc:.4g} at γ = {self.gamma:g}): lower gamma or run longer chains"
+            )
         low = (
             f"{self.diverged_low} of {self.n_chains} chains diverged at γ = {self.gamma_low:g}"
             if self.diverged_low or not math.isfinite(self.llc_low)

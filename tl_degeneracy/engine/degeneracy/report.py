@@ -173,11 +173,7 @@ class DegeneracyReport(BriefRepr):
                     "bound N − free": f"{s.upper_bound:,}",
                     "SGLD N_eff = 2λ̂": s.estimate_text(),
                     "R-hat": f"{llc.rhat:.3f}" if llc else "—",
-                    "ε, γ, steps": (
-                        f"{_step_text(llc.config)}, {llc.config.gamma:g}, {llc.config.n_steps}"
-                        if llc
-                        else "—"
-                    ),
+                    "ε, γ, steps": _setting_cell(s),
                 }
             )
         return out
@@ -431,3 +427,13 @@ def _settings_text(sgld: dict[str, Any] | None, calibration: dict[str, Any] | No
         f"ε = {sgld['step_size']:g}, {common} × {sgld['n_steps']} steps ({sgld['n_burnin']} "
         f"burn-in), batch {sgld['batch_size']}"
     )
+
+
+def _setting_cell(section: SectionReport) -> str:
+    """The estimate's ε, γ and steps; without one, the γ its calibration last tried."""
+    llc, cal = section.llc, section.calibration
+    if llc is not None:
+        return f"{_step_text(llc.config)}, {llc.config.gamma:g}, {llc.config.n_steps}"
+    if cal is not None and cal.higher_gammas:
+        return f"none at γ = {cal.higher_gammas[-1]['gamma_low']:g}"
+    return "—"
