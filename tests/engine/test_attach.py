@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from tl_degeneracy.engine.ablation import (
@@ -266,3 +267,63 @@ def test_every_entry_point_that_applies_a_basis_checks_the_model(api, tiny, toke
             call(model)  # the model it was fitted on: silent
     with pytest.raises(ArtifactError, match="the basis does not fit this model"):
         intervene(wider, result, prompt, target, [(SITES[1].hook, -1, 0)])
+
+
+def test_parallel_blocks_read_composite_features_and_ablate_elsewhere(api):
+    """GPT-NeoX: the MLP site's stream part also feeds attention, so it cannot be rewritten
+    inside the forward. attach used to refuse any basis holding such a site (even to ablate a
+    residual site); now its features are read (cacheable) and only editing them is refused."""
+    import pytest
+
+    from tl_degeneracy.engine.sites import SiteError, residual_sites
+    from tl_degeneracy.models.tiny import tiny_model
+
+    model = tiny_model("neox", api=api, dtype=torch.float64)
+    toks = torch.randint(3, 50, (16, 8), generator=torch.Generator().manual_seed(0))
+    result = fit_basis(
+        model, toks, LIBConfig(tuple(residual_sites(model, mlp=(1,))), progress=False)
+    )
+    mlp = next(s for s in result.bases if "mlp" in s)
+    resid = "blocks.1.hook_resid_pre"
+    with torch.no_grad():
+        base = model(toks)
+        with attach(model, result):
+            out, cache = model.run_with_cache(toks)
+        assert torch.equal(out, base)
+        torch.testing.assert_close(
+            cache[feature_hook_name(result[mlp])], site_features(model, result, toks)[mlp]
+        )
+        curve = node_ablation_curve(model, result, resid, toks, next_token_loss, ks=[2])
+        with ablate_nodes(model, result, resid, k=2):
+            ablated = next_token_loss(model(toks), toks).mean()
+        torch.testing.assert_close(ablated.double(), torch.tensor(curve.scores[2]).double())
+        with pytest.raises(SiteError, match="read, not edited"):
+            with ablate_nodes(model, result, mlp, k=2):
+                pass
+
+        def zero_top(feats, hook=None):
+            return torch.zeros_like(feats)
+
+        with attach(model, result), pytest.raises(SiteError, match="read, not edited"):
+            model.run_with_hooks(toks, fwd_hooks=[(feature_hook_name(result[mlp]), zero_top)])
+
+
+def test_sites_to_ablate_are_named_in_any_form(api, tiny, tokens_for):
+    """`ablate_nodes` and `attach(keep=...)` take a short form as `result[site]` does, and
+    refuse a site without a basis by naming the sites."""
+    model = tiny(api)
+    toks = tokens_for(model, 10)
+    sites = (Site("blocks.0.hook_resid_mid"), Site("logits"))
+    result = fit_basis(model, toks, LIBConfig(sites, progress=False))
+    with torch.no_grad():
+        with ablate_nodes(model, result, "blocks.0.hook_resid_mid", 2):
+            by_name = model(toks)
+        with ablate_nodes(model, result, ("resid_mid", 0), 2):
+            short = model(toks)
+        with attach(model, result, keep={("resid_mid", 0): 2}):
+            kept = model(toks)
+        assert not torch.allclose(by_name, model(toks))
+    assert torch.equal(short, by_name) and torch.equal(kept, by_name)
+    with pytest.raises(KeyError, match=r"no basis to ablate at site 'blocks.0.hook_resid_pre'"):
+        with ablate_nodes(model, result, ("resid_pre", 0), 2):
+            pass

@@ -316,3 +316,62 @@ def test_format_correlation_table(api, tiny, tokens_for):
     text = format_correlation_table({"lib": comparison})
     assert text.count("\n") == 1 + len(comparison.sites)
     assert "| LIB | `blocks.0.hook_resid_mid` |" in text
+
+
+def test_a_saved_comparison_loads_onto_the_same_weights_in_another_dtype(
+    api, tiny, tokens_for, tmp_path
+):
+    """Its metadata comes from the one builder, with the weight fingerprint: the same weights
+    in float32 load, other weights are refused naming one, and a file of the earlier format
+    (the model's identity only) still loads onto its model."""
+    import copy
+
+    from tl_degeneracy.engine.artifacts import ArtifactError
+
+    model, result, clean, corrupted = setting(api, tiny, tokens_for)
+    comparison = compare_attribution(model, result, [SITES[1]], clean, corrupted, logit_difference)
+    folder = comparison.save(tmp_path / "cmp")
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert {"weight_fingerprint", "weight_processing", "model_dtype", "versions"} <= set(meta)
+    loaded = AttributionComparison.load(folder, copy.deepcopy(model).to(torch.float32))
+    assert loaded.summary() == comparison.summary() and loaded.metadata["n_pairs"] == 12
+    with pytest.raises(ArtifactError, match=r"other weights: \S+ differs"):
+        AttributionComparison.load(folder, tiny_model(api, seed=7))
+    for field in ("weight_fingerprint", "weight_processing", "model_dtype", "versions", "sites"):
+        meta.pop(field)
+    meta["comparison"]["metadata"] = {k: v for k, v in meta.items() if k != "comparison"}
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert AttributionComparison.load(folder, model).summary() == comparison.summary()
+
+
+def test_a_compared_site_is_named_in_any_form(api, tiny, tokens_for):
+    """`comparison[site]` and `table(site=...)` read a short form as `result[site]` does and
+    refuse a site that was not compared, naming those that were (a typo gave no rows)."""
+    model, result, clean, corrupted = setting(api, tiny, tokens_for)
+    comparison = compare_attribution(model, result, None, clean, corrupted, logit_difference)
+    name = SITES[1].name
+    assert comparison[("resid_mid", 0)] is comparison.sites[name]
+    rows = comparison.table(site=name)
+    assert len(rows) == result[name].k and {r["site"] for r in rows} == {name}
+    assert comparison.table(site=("resid_mid", 0)) == rows
+    assert comparison.table(site=SITES[1], top=2) == comparison.table(site=name, top=2)
+    with pytest.raises(KeyError, match=r"no comparison at site 'blocks.0.hook_resid_midd'"):
+        comparison.table(site="blocks.0.hook_resid_midd")
+
+
+def test_a_metric_that_does_not_tell_the_prompts_apart_is_warned(api, tiny, tokens_for):
+    """logit(a) − logit(a): the metric is 0 on both prompts, every patching effect is 0 and ρ
+    is nan. The your-own-model notebook met this on a character tokenizer (both names began
+    with the same token) and printed rho=nan without a word."""
+    model, result, clean, corrupted = setting(api, tiny, tokens_for)
+
+    def same_token(logits, tokens):
+        return logits[:, -1, 3] - logits[:, -1, 3]
+
+    with pytest.warns(UserWarning, match="the metric is 0 on both the clean and the corrupted"):
+        compare_attribution(model, result, None, clean, corrupted, same_token)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        compare_attribution(model, result, None, clean, corrupted, logit_difference)

@@ -137,3 +137,33 @@ def test_truncation_settings():
     assert pca_basis(site, mean, gram).k == 3
     assert pca_basis(site, mean, gram, Truncation(relative=1e-12)).k == 2
     assert pca_basis(site, mean, gram, Truncation(absolute=2.0)).k == 1
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"relative": -1.0}, r"relative must be a number in \[0, 1\).*got -1.0"),
+        ({"relative": 1.0}, r"relative must be a number in \[0, 1\).*got 1.0"),
+        ({"absolute": -5.0}, r"absolute must be a finite number ≥ 0.*got -5.0"),
+        ({"absolute": float("nan")}, "absolute must be a finite number"),
+        ({"absolute": "1e-15"}, "absolute must be a finite number"),
+    ],
+)
+def test_truncation_out_of_range_is_refused(setting, message):
+    with pytest.raises(ValueError, match=message):
+        Truncation(**setting)
+
+
+def test_truncation_tells_when_it_emptied_a_basis():
+    """A basis left empty by cut-offs that drop what the default keeps, not by a spectrum
+    that is all ~0 (activations that do not vary)."""
+    site, mean = Site("x"), torch.zeros(2, dtype=torch.float64)
+    varied = torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64))
+    cut = Truncation(absolute=10.0)
+    assert pca_basis(site, mean, varied, cut).k == 0 and cut.emptied(
+        pca_basis(site, mean, varied, cut)
+    )
+    flat = pca_basis(site, mean, torch.zeros(2, 2, dtype=torch.float64), cut)
+    assert flat.k == 0 and not cut.emptied(flat)
+    lib = interaction_basis(site, mean, varied, varied, cut)
+    assert lib.k == 0 and cut.emptied(lib)

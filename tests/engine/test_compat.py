@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from tl_degeneracy.engine.compat import available_apis, rebuild, replace_hooks, run_with_hooks
+from tl_degeneracy.engine.compat import (
+    as_dtype,
+    available_apis,
+    rebuild,
+    replace_hooks,
+    run_with_hooks,
+)
 from tl_degeneracy.engine.identity import model_identity
 
 
@@ -137,3 +143,10 @@ def test_a_device_this_machine_lacks_is_named(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ValueError, match="'mps': Apple's Metal backend is not available"):
         usable_device("mps")
+
+
+def test_dtype_names_are_read_in_one_place():
+    assert as_dtype("bfloat16") is torch.bfloat16 and as_dtype("torch.float64") is torch.float64
+    assert as_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match=r"'int8' is not a floating dtype.*names float64, float32"):
+        as_dtype("int8")

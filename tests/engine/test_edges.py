@@ -190,3 +190,17 @@ def test_seed0_edges_match_reference(reference_dir, section):
     big = theirs > 1e-6 * theirs.max()
     rel = ((ours.edges - theirs).abs()[big] / theirs[big]).max()
     assert rel <= 1e-4, f"{a}->{b}: worst relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"method": "auto"}, "method must be 'exact' or 'stochastic', got 'auto'"),
+        ({"n_sources": 0}, "n_sources must be a whole number of at least 1, got 0"),
+        ({"integration_points": 0}, "integration_points must be a whole number of at least 1"),
+        ({"chunk_size": -1}, "chunk_size must be a whole number of at least 1, got -1"),
+    ],
+)
+def test_a_setting_out_of_range_is_refused_when_made(setting, message):
+    with pytest.raises(ValueError, match=message):
+        EdgeConfig(**setting)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tl_degeneracy.engine.fit import LIBConfig
 from tl_degeneracy.engine.sites import Site
@@ -59,3 +60,51 @@ def test_rows_as_lists_and_data_without_variation_are_named(api, tiny, tokens_fo
     torch.testing.assert_close(
         lists_of_batches[sites[0]].C.abs(), fit_basis(model, toks, config)[sites[0]].C.abs()
     )
+
+
+def test_given_statistics_must_be_of_this_model_these_sites_and_these_tokens(api, tiny, tokens_for):
+    """Statistics of another model, without a site of the fit, or counting other tokens were
+    used as they were (the Gram of one model with the Jacobians of another); each is refused
+    naming what does not match. Matching ones give the fit's own bases."""
+    from tl_degeneracy.engine.fit import fit_basis
+    from tl_degeneracy.engine.statistics import StatisticsMismatchError, collect_statistics
+
+    model = tiny(api)
+    toks = tokens_for(model, 12)
+    sites = (Site("blocks.0.hook_resid_mid"), Site("logits"))
+    config = LIBConfig(sites, batch_size=4, progress=False)
+    other = collect_statistics(tiny(api, seed=7), sites, toks, progress=False)
+    with pytest.raises(StatisticsMismatchError, match=r"other weights: \S+ differs"):
+        fit_basis(model, toks, config, statistics=other)
+    partial = collect_statistics(model, sites[:1], toks, progress=False)
+    with pytest.raises(
+        StatisticsMismatchError,
+        match=r"have no site logits .*collect statistics at all of config.sites",
+    ):
+        fit_basis(model, toks, config, statistics=partial)
+    fewer = collect_statistics(model, sites, toks[:4], progress=False)
+    with pytest.raises(
+        StatisticsMismatchError, match=r"count 16 token positions at blocks.0.hook_resid_mid.*48"
+    ):
+        fit_basis(model, toks, config, statistics=fewer)
+    own = collect_statistics(model, sites, toks, progress=False)
+    given, fitted = fit_basis(model, toks, config, statistics=own), fit_basis(model, toks, config)
+    assert given.metadata["statistics"] == "given" and fitted.metadata["statistics"] == "computed"
+    assert given.metadata["n_tokens"] == fitted.metadata["n_tokens"] == 48
+    torch.testing.assert_close(given[sites[0]].C, fitted[sites[0]].C)
+
+
+def test_a_truncation_that_keeps_nothing_says_so(api, tiny, tokens_for):
+    """Cut-offs above every eigenvalue leave no feature; the warning blames them, not the
+    data (which varies: the default keeps features there)."""
+    from tl_degeneracy.engine.bases import Truncation
+    from tl_degeneracy.engine.fit import fit_basis
+
+    model = tiny(api)
+    sites = (Site("blocks.0.hook_resid_mid"), Site("logits"))
+    config = LIBConfig(sites, truncation=Truncation(absolute=1e6), progress=False)
+    with pytest.warns(
+        UserWarning, match=r"Truncation\(absolute=1000000.0, relative=0.0\) keeps no"
+    ):
+        result = fit_basis(model, tokens_for(model, 6), config)
+    assert result[sites[0]].k == 0

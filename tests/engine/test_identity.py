@@ -8,10 +8,14 @@ import copy
 
 import pytest
 import torch
+from support import APIS
 
 from tl_degeneracy.engine import identity
+from tl_degeneracy.engine.basis_result import ArtifactError, BasisResult
 from tl_degeneracy.engine.compat import hooked_state_dict
+from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.identity import model_identity, weight_digest, weight_fingerprint
+from tl_degeneracy.engine.sites import Site
 
 
 @pytest.fixture
@@ -154,3 +158,85 @@ def test_grouped_query_weights_compare_under_the_names_both_apis_share():
         "blocks.0.attn.b_V": [0.0] * 5,
         "blocks.0.attn.W_Q": [2.0] * 5,
     }
+
+
+UNPROCESSED = {  # what a model without a record of processing reports (unchanged)
+    "fold_ln": False,
+    "center_writing_weights": None,
+    "center_unembed": None,
+    "normalization_type": "LN",
+}
+
+
+def test_a_bridge_records_the_processing_it_applied_itself(tiny):
+    """`enable_compatibility_mode()` folds and centres a Bridge's weights and leaves
+    `cfg.normalization_type` as it was; the record reads the Bridge's own flags (TransformerLens
+    3.9 and 4.x alike), so that a basis of it is not taken for one of the unprocessed model."""
+    raw = tiny("bridge", "ln")
+    assert identity.weight_processing(raw) == UNPROCESSED
+    default = copy.deepcopy(raw)
+    default.enable_compatibility_mode(disable_warnings=True)
+    assert identity.weight_processing(default) == {
+        **UNPROCESSED,
+        "fold_ln": True,
+        "fold_value_biases": None,
+        "normalization_type": "LNPre",
+        "processed_by": "TransformerBridge.process_weights (centring flags not recorded)",
+    }
+    centred = copy.deepcopy(raw)
+    centred.enable_compatibility_mode(disable_warnings=True, fold_ln=False)
+    record = identity.weight_processing(centred)
+    assert record["fold_ln"] is False and record["normalization_type"] == "LN"
+    assert record != UNPROCESSED  # centred, though not folded
+    hooks_only = copy.deepcopy(raw)
+    hooks_only.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+    assert identity.weight_processing(hooks_only) == UNPROCESSED
+
+
+def test_a_loader_record_gives_way_to_processing_applied_after_it(tiny):
+    """A loader's record of no processing (`load_local`'s default) no longer holds once the
+    user processes the Bridge; a record of processing is kept as the loader wrote it."""
+    model = tiny("bridge", "ln")
+    flags = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False}
+    identity.set_weight_processing(model, {**flags, "source": "folder"})
+    assert identity.weight_processing(model) == {**flags, "source": "folder"}
+    model.enable_compatibility_mode(disable_warnings=True)
+    record = identity.weight_processing(model)
+    assert record["fold_ln"] is True and record["source"] == "folder"
+    assert record["center_writing_weights"] is None  # the Bridge does not say
+    assert record["fold_value_biases"] is None
+    loaded = tiny("bridge", "ln")
+    identity.set_weight_processing(loaded, {**flags, "fold_ln": True})
+    loaded.enable_compatibility_mode(disable_warnings=True)
+    assert identity.weight_processing(loaded) == {**flags, "fold_ln": True}
+
+
+@pytest.mark.skipif("hooked" not in APIS, reason="HookedTransformer needs TransformerLens < 4")
+def test_a_hooked_transformer_record_still_comes_from_its_config(tiny):
+    model = tiny("hooked", "ln")
+    assert identity.weight_processing(model) == UNPROCESSED
+    model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+    assert identity.weight_processing(model) == {
+        **UNPROCESSED,
+        "fold_ln": True,
+        "normalization_type": "LNPre",
+    }
+
+
+def test_a_basis_of_a_processed_bridge_names_the_processing_on_the_raw_model(
+    tiny, tokens_for, tmp_path
+):
+    """docs/howto.md, "Save and load": loaded onto the model without the processing, the
+    error names the weight processing, not only a changed weight."""
+    raw = tiny("bridge", "ln")
+    processed = copy.deepcopy(raw)
+    processed.enable_compatibility_mode(disable_warnings=True)
+    config = LIBConfig(
+        (Site("blocks.0.hook_resid_mid", "last"), Site("logits", "last")), progress=False
+    )
+    basis = fit_basis(processed, tokens_for(processed, 30), config)
+    assert basis.metadata["weight_processing"]["fold_ln"] is True
+    folder = basis.save(tmp_path / "lib")
+    with pytest.raises(ArtifactError, match=r"weight processing differs too .*'fold_ln': True"):
+        BasisResult.load(folder, raw)
+    BasisResult.load(folder, processed)

@@ -186,3 +186,18 @@ def test_both_apis_give_the_same_m_prime(tiny, tokens_for):
             bridge, toks, section, None, JacobianConfig(method="exact"), progress=False
         )
         torch.testing.assert_close(a.matrix, b.matrix, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"n_sources": 0}, "n_sources must be a whole number of at least 1, got 0"),
+        ({"n_sources": 2.5}, "n_sources must be a whole number of at least 1, got 2.5"),
+        ({"chunk_size": 0}, "chunk_size must be a whole number of at least 1, got 0"),
+        ({"sources_over": "rows"}, "sources_over must be one of both, positions, units"),
+    ],
+)
+def test_a_setting_out_of_range_is_refused_when_made(setting, message):
+    """`n_sources=0` used to reach a division by zero inside the first M' pass."""
+    with pytest.raises(ValueError, match=message):
+        JacobianConfig(method="stochastic", **setting)

@@ -322,3 +322,15 @@ def test_other_weights_with_other_processing_say_so(fitted, tmp_path):
     _flip_three_neurons(changed)
     with pytest.raises(ArtifactError, match="weight processing differs too .*fold_ln"):
         BasisResult.load(folder, changed)
+
+
+def test_a_basis_is_looked_up_by_name_site_or_short_form(fitted):
+    """`result[site]` and `top_features` take what every site argument takes: the name, a
+    `Site`, a short form with its positions; another site is refused naming the sites."""
+    _, result = fitted
+    name = SITES[0].name
+    for site in (name, SITES[0], (("resid_mid", 0), "last")):
+        assert result[site] is result.bases[name]
+    assert result.top_features((("resid_mid", 0), "last"), 2) == result.top_features(name, 2)
+    with pytest.raises(KeyError, match=r"\['blocks.0.hook_resid_mid\[-1\]'\] is at the same hook"):
+        result[("resid_mid", 0)]

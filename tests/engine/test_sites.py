@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -7,6 +8,8 @@ from tl_degeneracy.engine.sites import (
     SiteError,
     as_site,
     carry_hook,
+    residual_sites,
+    site_key,
     site_parts,
     validate_sites,
 )
@@ -96,6 +99,44 @@ def test_bad_positions():
     assert torch.equal(Site("x", "all").index(3), torch.arange(3))
 
 
+def test_listed_positions_are_some_and_each_once():
+    """An empty list selects nothing and a repeated position would be weighted several times
+    in every statistic: both are refused when the site is made, naming the positions; two
+    indices that meet in a sequence (1 and -3 of 4) are refused when they do."""
+    with pytest.raises(SiteError, match=r"blocks.0.hook_resid_pre: no positions selected"):
+        Site("blocks.0.hook_resid_pre", [])
+    with pytest.raises(SiteError, match=r"positions \[1, 1, 1, 2\] repeat \[1\]"):
+        Site("blocks.0.hook_resid_pre", [1, 1, 1, 2])
+    with pytest.raises(SiteError, match="whole numbers"):
+        Site("blocks.0.hook_resid_pre", [1.5])
+    site = Site("blocks.0.hook_resid_pre", (1, -3))
+    assert site.window(5) == (1, 2)
+    with pytest.raises(SiteError, match=r"select position\(s\) \[1\] more than once.* of 4"):
+        site.window(4)
+    assert Site("x", [np.int64(2), torch.tensor(0)]).positions == (2, 0)
+
+
+@pytest.mark.parametrize("layer", [np.int64(1), torch.tensor(1)], ids=["numpy", "tensor"])
+def test_short_forms_read_integer_layers_of_numpy_and_torch(layer):
+    """Layers taken from `np.arange` or a tensor are layers, not positions."""
+    assert as_site(("resid_mid", layer)) == Site("blocks.1.hook_resid_mid")
+    assert as_site((("resid_mid", layer), "last")) == Site("blocks.1.hook_resid_mid", "last")
+    with pytest.raises(SiteError, match=r"short site names are \(kind, layer\)"):
+        as_site(("resid_mid", 1.0))
+
+
+def test_site_key_reads_every_form_and_names_the_known_sites():
+    known = ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid[1:]", "logits[-1]"]
+    assert site_key("logits[-1]", known) == "logits[-1]"
+    assert site_key(("resid_pre", 1), known) == "blocks.1.hook_resid_pre"
+    assert site_key(Site("logits", "last"), known) == "logits[-1]"
+    assert site_key((("resid_mid", 1), "1:"), known) == "blocks.1.hook_resid_mid[1:]"
+    with pytest.raises(KeyError, match=r"no basis at site 'blocks.1.hook_resid_post'; sites: \["):
+        site_key(("resid_post", 1), known)
+    with pytest.raises(KeyError, match=r"\['blocks.1.hook_resid_mid\[1:\]'\] is at the same hook"):
+        site_key(("resid_mid", 1), known, "comparison")
+
+
 def test_select_all_is_the_activation_itself_and_others_index():
     act = torch.arange(2 * 4 * 3, dtype=torch.float64).reshape(2, 4, 3)
     assert Site("blocks.0.hook_resid_pre").select(act) is act  # no copy (read-only)
@@ -177,3 +218,23 @@ def test_parallel_blocks_refuse_an_attention_site_before_their_mlp_site(api_name
         residual_sites(model, mlp=(1,), attn=(1,))
     hooks = [s.hook for s in residual_sites(model, mlp=(0,), attn=(1,))]
     assert validate_sites(model, hooks)
+
+
+def test_residual_sites_refuse_no_blocks_and_blocks_that_are_not_a_sequence(api, tiny):
+    """`n_blocks=0` used to list `blocks.-1.hook_resid_post`; one block for `mlp` or `attn` is
+    `(1,)`: a bare number is refused for both with the form to use (NumPy arrays are read)."""
+    model = tiny(api, n_layers=2)
+    with pytest.raises(SiteError, match=r"n_blocks must be a whole number of at least 1 .*, got 0"):
+        residual_sites(model, n_blocks=0)
+    for name in ("mlp", "attn"):
+        with pytest.raises(
+            SiteError, match=rf"{name} must be a sequence of block indices, e.g. {name}=\(1,\)"
+        ):
+            residual_sites(model, **{name: 1})
+    hooks = [s.hook for s in residual_sites(model, n_blocks=np.int64(1), mlp=np.arange(1))]
+    assert hooks == [
+        "blocks.0.hook_resid_pre",
+        "blocks.0.hook_resid_mid",
+        "blocks.0.mlp.hook_post",
+        "blocks.0.hook_resid_post",
+    ]

@@ -192,6 +192,17 @@ def test_missing_files_are_named(checkpoints, tmp_path):
             load_local(folder)
 
 
+def test_a_dtype_can_be_named_and_a_wrong_one_is_refused_before_loading(checkpoints, tmp_path):
+    """ "float32" is the command line's spelling: it loads as torch.float32; a name that is no
+    float dtype is refused with the names allowed before anything is read (a folder that does
+    not exist shows that)."""
+    model = load_local(checkpoints["gpt2"], dtype="float32")
+    assert next(model.parameters()).dtype == torch.float32
+    for wrong in ("float8", torch.int64):
+        with pytest.raises(ValueError, match=r"not a floating dtype.*float64, float32, bfloat16"):
+            load_local(tmp_path / "nowhere", dtype=wrong)
+
+
 def test_a_config_json_that_is_not_json_is_named(checkpoints, tmp_path):
     folder = copy_without(checkpoints["gpt2"], tmp_path / "broken")
     (folder / "config.json").write_text("{not json")
@@ -430,6 +441,8 @@ def test_a_model_built_in_memory_loads_with_its_tokenizer(tmp_path, tokens, api)
         assert model.cfg.n_ctx == saved.cfg.n_ctx == 2048
         assert from_hf(hf, tiny_tokenizer(), api=api, n_ctx=32).cfg.n_ctx == 32
         return
+    # the Bridge keeps the folder's own context (load_local used to cap it at 2048 on TL 4)
+    assert model.cfg.n_ctx == saved.cfg.n_ctx == 100_000
     shared = from_hf(hf, tiny_tokenizer(), api=api, in_place=True)
     with torch.no_grad():
         assert relative_error(shared(tokens), reference) < 1e-13

@@ -81,3 +81,31 @@ def test_scatter_checks_lengths():
         plot_scatter([1, 2], [1, 2, 3])
     with pytest.raises(ValueError):
         plot_scatter([1, 2], [1, 2], labels=["a"])
+
+
+@pytest.fixture
+def ipython_shell(tmp_path, monkeypatch):
+    """The IPython shell a notebook kernel runs (a plain one: no pyplot, no inline backend),
+    without history or a profile in the home folder; removed afterwards."""
+    interactiveshell = pytest.importorskip("IPython.core.interactiveshell")
+    from traitlets.config import Config
+
+    shell_class = interactiveshell.InteractiveShell
+    if shell_class.initialized():
+        pytest.skip("another IPython shell is running")
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    config = Config()
+    config.HistoryManager.enabled = False
+    yield shell_class.instance(config=config)
+    shell_class.clear_instance()
+
+
+def test_figures_display_as_png_in_ipython(tmp_path, ipython_shell):
+    """What a notebook cell shows for every plot: an `image/png` beside the text, without the
+    user importing pyplot or running `%matplotlib inline`."""
+    for name, make in _plots(tmp_path):
+        data, _ = ipython_shell.display_formatter.format(make(None))
+        assert sorted(data) == ["image/png", "text/plain"], name
+        png = data["image/png"]
+        png = png if isinstance(png, bytes) else base64.b64decode(png)
+        assert png.startswith(PNG_MAGIC) and len(png) > 5_000, name

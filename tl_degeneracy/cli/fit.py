@@ -87,6 +87,8 @@ def _by_kind(lm: int | None, task: int | None) -> str:
 
 
 def _fit_args(p: argparse.ArgumentParser) -> None:
+    from tl_degeneracy.engine.compat import FLOAT_DTYPES
+
     lm, task = _study_defaults()
     p.add_argument(
         "--model",
@@ -173,7 +175,7 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "float64", "bfloat16", "float16"],
+        choices=list(FLOAT_DTYPES),
         help="the model's dtype (default: float32 for a language model, float64 for "
         "modular addition)",
     )

@@ -2,8 +2,9 @@
 score the model.
 
 A metric maps `(logits, tokens)` of a batch to one score per sequence (accuracy, negative
-loss, ...); scores are averaged over the data. `min_k` is the smallest k from which on the
-score stays within a tolerance of the unablated score.
+loss, ...; `per_sequence` checks it); scores are averaged over the sequences of the data.
+`min_k` is the smallest k from which on the score stays within a tolerance of the unablated
+score.
 """
 
 from __future__ import annotations
@@ -25,12 +26,38 @@ from tl_degeneracy.engine.capture import capture_sites, injection_hooks
 from tl_degeneracy.engine.compat import run_with_hooks
 from tl_degeneracy.engine.model_match import check_fits, warn_if_fitted_elsewhere
 from tl_degeneracy.engine.sections import Section
-from tl_degeneracy.engine.sites import LOGITS, Site
+from tl_degeneracy.engine.sites import LOGITS, Site, SiteLike, site_key
 from tl_degeneracy.engine.streaming import iter_batches
 
 Metric = Callable[
     [Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]], Float[Tensor, " batch"]
 ]
+
+
+def per_sequence(
+    scores: Tensor | float, batch: int, scalar_ok: bool = False
+) -> Float[Tensor, " batch"] | Float[Tensor, ""]:
+    """A metric's output as float64 values, one per sequence (`[batch]`), or with `scalar_ok`
+    a scalar (attribution, which averages one batch, takes a batch mean as it is). The one
+    check of what a metric returns: any other shape is refused, naming the shape expected,
+    since a batch mean or per-token values averaged over the data weigh the batches wrongly."""
+    value = scores if isinstance(scores, Tensor) else torch.as_tensor(scores, dtype=torch.float64)
+    if tuple(value.shape) == (batch,) or (scalar_ok and value.ndim == 0):
+        return value.to(torch.float64)
+    expected = f"({batch},) or a scalar" if scalar_ok else f"({batch},)"
+    hint = ""
+    if value.ndim == 0:
+        hint = (
+            ": a scalar, such as the batch mean F.cross_entropy returns; return the value of "
+            "each sequence instead (reduction='none', then .mean(-1) over its positions), as "
+            "next_token_loss does"
+        )
+    elif value.ndim >= 2 and value.shape[0] == batch:
+        hint = ": a value per token; average over the positions of each sequence (.mean(-1))"
+    raise ValueError(
+        f"the metric must return one value per sequence {expected}, got shape "
+        f"{tuple(value.shape)}{hint}"
+    )
 
 
 def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -71,12 +98,11 @@ def ablation_schedule(k_max: int, dense_up_to: int = 10, growth: float = 1.05) -
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokens: Tensor, metric: Metric, batch_size: int = 1024) -> float:
-    """Mean of `metric` over the data."""
+    """Mean of `metric` over the sequences of the data."""
     total, n = 0.0, 0
     for batch in iter_batches(tokens, batch_size, model):
-        scores = metric(model(batch), batch)
-        total += float(scores.sum())
-        n += int(scores.numel())
+        total += float(per_sequence(metric(model(batch), batch), batch.shape[0]).sum())
+        n += batch.shape[0]
     return total / n
 
 
@@ -159,14 +185,15 @@ class AblationCurve(Result):
 def node_ablation_curve(
     model: nn.Module,
     result: BasisResult | Mapping[str, SiteBasis],
-    site: Site | str,
+    site: SiteLike,
     tokens: Int[Tensor, "n pos"],
     metric: Metric,
     ks: Sequence[int] | None = None,
     batch_size: int = 1024,
     higher_is_better: bool = True,
 ) -> AblationCurve:
-    """Score the model with only the top k features kept at `site`, for each k.
+    """Score the model with only the top k features kept at `site` (a name, `Site` or short
+    form), for each k. `metric` returns one value per sequence (`per_sequence`).
 
     The site is captured once per batch. When the rest of the model from the site has a
     written-out structure (`structures.structure_of`: a site of the last block of a model
@@ -176,11 +203,9 @@ def node_ablation_curve(
     """
     from tl_degeneracy.engine.structures import PlainTailStructure, structure_of
 
-    site = site.name if isinstance(site, Site) else site
     bases = result.bases if isinstance(result, BasisResult) else result
-    if site not in bases:
-        raise KeyError(f"no basis at site {site!r}; sites: {list(bases)}")
-    basis = bases[site]
+    name = site_key(site, bases)
+    basis = bases[name]
     ks = list(ks) if ks is not None else ablation_schedule(basis.k)
     for k in ks:
         basis.check_kept(k)
@@ -193,10 +218,10 @@ def node_ablation_curve(
         if isinstance(tail, PlainTailStructure):
             scores = _plain_node_scores(model, tail.tail, basis, tokens, metric, ks, batch_size)
             return AblationCurve(
-                site, basis.kind, scores, baseline, higher_is_better, metadata=meta
+                name, basis.kind, scores, baseline, higher_is_better, metadata=meta
             )
     scores = _written_node_scores(model, basis, tokens, metric, ks, batch_size)
-    return AblationCurve(site, basis.kind, scores, baseline, higher_is_better, metadata=meta)
+    return AblationCurve(name, basis.kind, scores, baseline, higher_is_better, metadata=meta)
 
 
 @torch.no_grad()
@@ -219,7 +244,7 @@ def _written_node_scores(
             kk = min(k, b.k)
             kept = b.mean + feats[..., :kk] @ b.C_pinv[:kk]
             logits = run_with_hooks(model, batch, injection_hooks(model, b.site, kept))
-            totals[k] += float(metric(logits, batch).sum())
+            totals[k] += float(per_sequence(metric(logits, batch), batch.shape[0]).sum())
         count += batch.shape[0]
     return {k: v / count for k, v in totals.items()}
 
@@ -288,7 +313,8 @@ def _plain_node_scores(
                 logits = tail.from_mid(x_last)
             else:
                 logits = lin if touches_last else x_last @ tail.W_U + tail.b_U
-            totals[k] += float(metric(logits[:, None], batch).sum())
+            scores = per_sequence(metric(logits[:, None], batch), batch.shape[0])
+            totals[k] += float(scores.sum())
         count += batch.shape[0]
     return {k: v / count for k, v in totals.items()}
 

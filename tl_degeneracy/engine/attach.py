@@ -21,13 +21,18 @@ from transformer_lens.hook_points import HookPoint
 
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
-from tl_degeneracy.engine.capture import capture_sites, transform_hooks
+from tl_degeneracy.engine.capture import (
+    capture_sites,
+    not_rewritable_error,
+    rewritable,
+    transform_hooks,
+)
 from tl_degeneracy.engine.compat import (
     register_hook_point,
     unregister_hook_point,
 )
 from tl_degeneracy.engine.model_match import check_fits, warn_if_fitted_elsewhere, width_error
-from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.engine.sites import SiteLike, site_key
 
 
 def feature_hook_name(basis: SiteBasis) -> str:
@@ -63,38 +68,36 @@ def _site_hooks(
 def _attached(
     model: nn.Module,
     result: BasisResult | Mapping[str, SiteBasis],
-    keep: Mapping[str, int] | None,
+    keep: Mapping[SiteLike, int] | None,
     check_weights: bool,
 ) -> Iterator[nn.Module]:
-    keep = dict(keep or {})
     bases = _site_bases(result)
-    unknown = set(keep) - {b.site.name for b in bases}
-    if unknown:
-        raise KeyError(
-            f"cannot ablate at {sorted(unknown)}: sites are {[b.site.name for b in bases]}"
-        )
+    names = [b.site.name for b in bases]
+    kept = {site_key(site, names, "basis to ablate"): k for site, k in (keep or {}).items()}
     for b in bases:
-        if b.site.name in keep:
-            b.check_kept(keep[b.site.name])
+        if b.site.name in kept:
+            b.check_kept(kept[b.site.name])
+            if not rewritable(model, b.site):
+                raise not_rewritable_error(b.site)
     check_fits(model, bases)
     if check_weights:
         # the caller of attach or ablate_nodes, through two context managers
         warn_if_fitted_elsewhere(model, result, stacklevel=6)
-    names = []
+    hook_names = []
     hooks: list = []
     for b in bases:
         hp = HookPoint()
         name = feature_hook_name(b)
         register_hook_point(model, name, hp)
-        names.append(name)
-        hooks += _site_hooks(model, b, hp, keep.get(b.site.name))
+        hook_names.append(name)
+        hooks += _site_hooks(model, b, hp, kept.get(b.site.name))
     hooked: Any = model  # hooks() is a method of either API, not of nn.Module
     try:
         with ExitStack() as stack:
             stack.enter_context(hooked.hooks(fwd_hooks=hooks))
             yield model
     finally:
-        for name in names:
+        for name in hook_names:
             unregister_hook_point(model, name)
 
 
@@ -102,16 +105,20 @@ def _attached(
 def attach(
     model: nn.Module,
     result: BasisResult | Mapping[str, SiteBasis],
-    keep: Mapping[str, int] | None = None,
+    keep: Mapping[SiteLike, int] | None = None,
     check_weights: bool = True,
 ) -> Iterator[nn.Module]:
     """Within the block, features at each site are hook points on `model` and, for sites in
-    `keep`, only the top `keep[site]` features survive (node ablation).
+    `keep` (keyed by name, `Site` or short form), only the top `keep[site]` features survive
+    (node ablation).
 
     Raises `ArtifactError` when the basis cannot act on `model` (a site the model lacks, a
-    width that is not the basis's). With `check_weights`, warns once when `model` is not the
-    model `result` was fitted on (`warn_if_fitted_elsewhere`); `check_weights=False` for a
-    deliberate transfer, e.g. to a fine-tuned variant.
+    width that is not the basis's). At a composite site of a parallel-attention block
+    (GPT-NeoX, GPT-J) the features are read, not written: they can be cached, and editing
+    them (or `keep` there) raises `SiteError`; ablate there with `node_ablation_curve`. With
+    `check_weights`, warns once when `model` is not the model `result` was fitted on
+    (`warn_if_fitted_elsewhere`); `check_weights=False` for a deliberate transfer, e.g. to a
+    fine-tuned variant.
 
     Example:
         with attach(model, lib):
@@ -126,14 +133,13 @@ def attach(
 def ablate_nodes(
     model: nn.Module,
     result: BasisResult | Mapping[str, SiteBasis],
-    site: Site | str,
+    site: SiteLike,
     k: int,
     check_weights: bool = True,
 ) -> Iterator[nn.Module]:
-    """Keep only the top `k` features (plus the mean) at `site` inside the block (checks as
-    `attach`)."""
-    name = site.name if isinstance(site, Site) else site
-    with _attached(model, result, {name: k}, check_weights):
+    """Keep only the top `k` features (plus the mean) at `site` (a name, `Site` or short form)
+    inside the block (checks as `attach`)."""
+    with _attached(model, result, {site: k}, check_weights):
         yield model
 
 

@@ -7,6 +7,8 @@ centred Gram and `M = D^{1/2} Uᵀ M' U D^{1/2} = V Λ Vᵀ` the whitened Jacobi
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
@@ -35,12 +37,34 @@ class Truncation:
     absolute: float = 1e-15
     relative: float = 0.0
 
+    def __post_init__(self) -> None:
+        for name, ok, allowed in (
+            ("absolute", lambda x: 0 <= x < math.inf, "a finite number ≥ 0, e.g. 1e-15"),
+            ("relative", lambda x: 0 <= x < 1, "a number in [0, 1), e.g. 1e-10"),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
+                raise ValueError(
+                    f"Truncation {name} must be {allowed} (eigenvalues at or below it are "
+                    f"dropped), got {value!r}"
+                )
+
     def keep(self, eigenvalues: Tensor) -> Tensor:
         """Boolean mask of kept eigenvalues (assumed sorted descending)."""
         if eigenvalues.numel() == 0:
             return eigenvalues.bool()
         top = float(eigenvalues[0])
         return (eigenvalues > self.absolute) & (eigenvalues > self.relative * top)
+
+    def emptied(self, basis: SiteBasis) -> bool:
+        """Whether these cut-offs alone left `basis` without a feature: they drop every
+        eigenvalue (of the Gram, or of the matrix the basis diagonalises) that the default
+        `Truncation()` keeps. False when the spectrum itself is all ~0 (the data's doing)."""
+        default = Truncation()
+        return any(
+            bool(default.keep(spectrum).any()) and not bool(self.keep(spectrum).any())
+            for spectrum in (basis.gram_eigenvalues, basis.full_spectrum)
+        )
 
     def to_json(self) -> dict:
         return {"absolute": self.absolute, "relative": self.relative}

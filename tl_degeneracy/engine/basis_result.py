@@ -14,7 +14,7 @@ from torch import Tensor
 
 from tl_degeneracy.engine.artifacts import METADATA_FILE, TENSORS_FILE, ArtifactError, Result
 from tl_degeneracy.engine.bases import BasisKind, SiteBasis
-from tl_degeneracy.engine.sites import Site
+from tl_degeneracy.engine.sites import Site, SiteLike, site_key
 
 _FIELDS = ("C", "C_pinv", "importance", "mean", "gram_eigenvalues", "full_spectrum")
 BASIS_KINDS: tuple[str, ...] = get_args(BasisKind)
@@ -42,13 +42,12 @@ class BasisResult(Result):
     def kind(self) -> str:
         return str(self.metadata.get("kind", "?"))
 
-    def __getitem__(self, site: Site | str) -> SiteBasis:
-        key = site.name if isinstance(site, Site) else site
-        if key not in self.bases:
-            raise KeyError(f"no basis at site {key!r}; sites: {list(self.bases)}")
-        return self.bases[key]
+    def __getitem__(self, site: SiteLike) -> SiteBasis:
+        """The basis at a site given as a `Site`, its name or a short form such as
+        `("resid_mid", 1)`; `KeyError` naming the sites for one without a basis."""
+        return self.bases[site_key(site, self.bases)]
 
-    def top_features(self, site: Site | str, k: int = 10) -> list[tuple[int, float]]:
+    def top_features(self, site: SiteLike, k: int = 10) -> list[tuple[int, float]]:
         """The `k` most important features at a site as (index, importance)."""
         imp = self[site].importance
         return [(i, float(imp[i])) for i in range(min(k, imp.numel()))]

@@ -232,8 +232,9 @@ def transform_hooks(
     A composite site is known whole only when its component fires, after its stream part: the
     component's part is written there and the stream part's change is added at the next
     residual hook (`sites.carry_hook`). That is exact in sequential blocks; in a parallel-
-    attention model the stream also feeds the other component, so this raises `SiteError`
-    (write known values with `injection_hooks` instead, as node ablation does)."""
+    attention model the stream also feeds the other component (`rewritable`), so there `fn`
+    only reads, and a change it returns raises `SiteError` (write known values with
+    `injection_hooks` instead, as node ablation does)."""
     parts = site_parts(model, site)
     if len(parts) == 1:
 
@@ -247,12 +248,8 @@ def transform_hooks(
             return _restore(flat.index_copy(1, idx, new.to(flat.dtype)), act)
 
         return replace_hooks(model, parts[0], rewrite)
-    if bool(getattr(model.cfg, "parallel_attn_mlp", False)):  # type: ignore[union-attr]
-        raise SiteError(
-            f"{site.name}: in a parallel-attention model the stream part of a composite site "
-            "also feeds the other component, so it cannot be rewritten from inside the "
-            "forward; use node_ablation_curve (which writes known values) or a residual site"
-        )
+    if not rewritable(model, site):
+        return _read_only_hooks(model, site, fn)
     component, stream = parts
     state: dict[str, Tensor] = {}
 
@@ -288,6 +285,46 @@ def transform_hooks(
         *replace_hooks(model, component, write_component),
         *replace_hooks(model, after, carry),
     ]
+
+
+def rewritable(model: nn.Module, site: Site) -> bool:
+    """Whether `transform_hooks` can rewrite `site` from inside the forward: every site but a
+    composite one of a parallel-attention block, whose stream part also feeds the other
+    component."""
+    parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))  # type: ignore[union-attr]
+    return not parallel or len(site_parts(model, site)) == 1
+
+
+def not_rewritable_error(site: Site) -> SiteError:
+    return SiteError(
+        f"{site.name}: in a parallel-attention model the stream part of a composite site "
+        "also feeds the other component, so it cannot be rewritten from inside the forward "
+        "(its features can be read, not edited); use node_ablation_curve (which writes known "
+        "values) or a residual site"
+    )
+
+
+def _read_only_hooks(
+    model: nn.Module, site: Site, fn: Callable[[Tensor], Tensor | None]
+) -> list[Hook]:
+    """`transform_hooks` for a site it cannot rewrite: `fn` sees the clean value, and a
+    change it returns raises `not_rewritable_error`."""
+    component, stream = site_parts(model, site)
+    state: dict[str, Tensor] = {}
+
+    def read_stream(act: Tensor, hook: Any = None) -> None:
+        flat = as_positions(act)
+        state["stream"] = flat[:, site.index(flat.shape[1], flat.device)]
+
+    def read_component(act: Tensor, hook: Any = None) -> None:
+        flat = as_positions(act)
+        comp = flat[:, site.index(flat.shape[1], flat.device)]
+        clean = torch.cat([comp, state.pop("stream").to(comp.dtype)], -1)
+        new = fn(clean)
+        if new is not None and new is not clean:
+            raise not_rewritable_error(site)
+
+    return [(stream, read_stream), (component, read_component)]
 
 
 def run_with_site_values(

@@ -515,6 +515,29 @@ def usable_device(device: torch.device | str) -> torch.device:
     return dev
 
 
+FLOAT_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""The dtypes a model may be loaded in, by the names the command line and `load_local` take."""
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """`dtype` as a floating `torch.dtype`, given as one or by name ("float32", "bfloat16",
+    also "torch.float32"): the one conversion of dtype names, checked before anything is
+    loaded, where TransformerLens would fail deep inside building the model."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in FLOAT_DTYPES:
+        return FLOAT_DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(
+        f"dtype {dtype!r} is not a floating dtype a model can be loaded in: give a torch.dtype "
+        f"such as torch.float32, or one of the names {', '.join(FLOAT_DTYPES)}"
+    )
+
+
 def move_model(
     model: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> nn.Module:

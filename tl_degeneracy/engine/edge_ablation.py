@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.ablation import Metric, evaluate, reads_last_position_only
+from tl_degeneracy.engine.ablation import Metric, evaluate, per_sequence, reads_last_position_only
 from tl_degeneracy.engine.artifacts import Result
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.capture import as_positions, capture_sites, injection_hooks
@@ -140,9 +140,8 @@ class EdgeAblationScorer:
             else:
                 hooks = injection_hooks(self.model, out_site, new)
                 logits = run_with_hooks(self.model, batch, hooks)
-            scores = self.metric(logits, batch)
-            total += float(scores.sum())
-            n += int(scores.numel())
+            total += float(per_sequence(self.metric(logits, batch), batch.shape[0]).sum())
+            n += batch.shape[0]
         return total / n
 
 

@@ -30,6 +30,7 @@ from tl_degeneracy.engine.artifacts import Result, build_metadata
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.brief_repr import BriefRepr
+from tl_degeneracy.engine.checks import whole_number
 from tl_degeneracy.engine.jacobians import checkpoint_key
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import Site
@@ -52,6 +53,12 @@ class EdgeConfig:
     seed: int = 0
     stats_device: str | None = None
     """Where the float64 sums live (the model's device by default)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("exact", "stochastic"):
+            raise ValueError(f"method must be 'exact' or 'stochastic', got {self.method!r}")
+        for name in ("n_sources", "integration_points", "chunk_size"):
+            object.__setattr__(self, name, whole_number(name, getattr(self, name)))
 
 
 def quadrature(n: int) -> tuple[list[float], list[float]]:

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.artifacts import build_metadata, jsonable
+from tl_degeneracy.engine.artifacts import build_metadata, compare_model, jsonable
 from tl_degeneracy.engine.bases import (
     SiteBasis,
     Truncation,
@@ -33,6 +33,7 @@ from tl_degeneracy.engine.bases import (
     pca_basis,
 )
 from tl_degeneracy.engine.basis_result import BasisResult
+from tl_degeneracy.engine.checks import whole_number
 from tl_degeneracy.engine.compat import model_device, model_dtype, usable_device
 from tl_degeneracy.engine.distributed import (
     DistContext,
@@ -51,7 +52,11 @@ from tl_degeneracy.engine.jacobians import (
 from tl_degeneracy.engine.progress import JobClock, Log, quiet
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import Site, SiteLike, validate_sites
-from tl_degeneracy.engine.statistics import GramAccumulator, GramStatistics
+from tl_degeneracy.engine.statistics import (
+    GramAccumulator,
+    GramStatistics,
+    StatisticsMismatchError,
+)
 from tl_degeneracy.engine.store import ActivationSource, ActivationStore
 from tl_degeneracy.engine.streaming import (
     Checkpointing,
@@ -85,6 +90,8 @@ class LIBConfig:
     truncation: Truncation = field(default_factory=Truncation)
     jacobian: JacobianConfig = field(default_factory=JacobianConfig)
     batch_size: int = 256
+    """Rows per batch: a token tensor is split into batches of this many rows, and so is any
+    larger item of an iterable of batches (`streaming.iter_batches`); smaller items are kept."""
     checkpoint_dir: str | None = None
     """Save progress here every `checkpoint_every` batches and resume from it (a folder of
     other settings, model or data is refused, naming what differs)."""
@@ -114,12 +121,8 @@ class LIBConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
         if self.stats_device is not None:
             usable_device(self.stats_device)
-        for name, number in (
-            ("batch_size", self.batch_size),
-            ("checkpoint_every", self.checkpoint_every),
-        ):
-            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-                raise ValueError(f"{name} must be a whole number of at least 1, got {number!r}")
+        for name in ("batch_size", "checkpoint_every"):
+            object.__setattr__(self, name, whole_number(name, getattr(self, name)))
 
 
 def _lib_sections(sites: list[Site], kind: Kind) -> list[Section]:
@@ -341,10 +344,47 @@ def final_basis(stats: GramStatistics, site: Site, config: LIBConfig) -> SiteBas
     return pca_basis(site, st.mean, st.gram, config.truncation)
 
 
+def check_statistics(model: nn.Module, stats: GramStatistics, sites: Sequence[Site]) -> None:
+    """Refuse statistics that cannot serve a fit of `model` at `sites`: computed on another
+    model (as a saved result is checked, `artifacts.compare_model`), or lacking a site."""
+    problem, caveat = compare_model(stats.metadata, model, "GramStatistics")
+    if problem is not None:
+        raise StatisticsMismatchError(f"the statistics passed to fit_basis: {problem}")
+    if caveat is not None:
+        warnings.warn(caveat, UserWarning, stacklevel=3)
+    missing = [s.name for s in sites if s.name not in stats.per_site]
+    if missing:
+        raise StatisticsMismatchError(
+            f"the statistics passed to fit_basis have no site {', '.join(missing)} (they hold "
+            f"{list(stats.per_site)}): collect statistics at all of config.sites, "
+            "collect_statistics(model, config.sites, tokens), or fit at the sites they hold"
+        )
+
+
+def _check_count(stats: GramStatistics, site: Site, jacobian: JacobianGram) -> None:
+    """Given statistics and the fit's tokens must count the same token positions at a site:
+    the one check that they come from the same data (no digest of the data is kept, so other
+    tokens of the same count pass)."""
+    counted = stats[site].count
+    if jacobian.count != counted:
+        raise StatisticsMismatchError(
+            f"the statistics passed to fit_basis count {counted} token positions at "
+            f"{site.name}, but the tokens given to it count {jacobian.count} there: statistics "
+            "must be collected on the tokens of the fit; collect them with "
+            "collect_statistics(model, config.sites, tokens), or fit on their tokens"
+        )
+
+
 def bases_pass(
-    state: FitState, sites: list[Site], stats: GramStatistics, config: LIBConfig
+    state: FitState,
+    sites: list[Site],
+    stats: GramStatistics,
+    config: LIBConfig,
+    given: bool = False,
 ) -> BasisResult:
-    """The bases of `config.kind` from the statistics (and, for LIB/IB, the `M'` passes)."""
+    """The bases of `config.kind` from the statistics (and, for LIB/IB, the `M'` passes).
+    With `given` statistics (not from this run's Gram pass), each `M'` pass must count as
+    many token positions as they do (`_check_count`)."""
     final = sites[-1]
     bases: dict[str, SiteBasis] = {final.name: final_basis(stats, final, config)}
     jgrams: dict[str, JacobianGram] = {}
@@ -359,6 +399,8 @@ def bases_pass(
         if jacobian.stats_device is None and config.stats_device is not None:
             jacobian = replace(jacobian, stats_device=config.stats_device)
         jg = jacobian_pass(state, section, c_out, jacobian)
+        if given:
+            _check_count(stats, site, jg)
         jgrams[site.name] = jg
         st = stats[site]
         m_prime = jg.matrix.to(st.mean.device)
@@ -381,21 +423,14 @@ def bases_pass(
         elif config.kind == "neuron":
             bases[site.name] = neuron_basis(site, st.mean, st.gram)
     ordered = {s.name: bases[s.name].to("cpu") for s in sites}
-    empty = [name for name, b in ordered.items() if b.k == 0]
-    if empty:
-        warnings.warn(
-            f"no feature kept at {empty}: the activations there do not vary over the data "
-            "fitted (one row, or rows all alike), or nothing downstream reads them; fit on "
-            "more varied data, or ablation there keeps only the mean",
-            UserWarning,
-            stacklevel=3,
-        )
+    _warn_if_empty(list(ordered.values()), config.truncation)
     metadata = build_metadata(
         state.model,
         sites,
         kind=config.kind,
         n_tokens=stats.n_tokens,
         site_counts=stats.site_counts,
+        statistics="given" if given else "computed",
         truncation=config.truncation,
         jacobian=config.jacobian,
         final_basis=config.final_basis,
@@ -403,6 +438,30 @@ def bases_pass(
         jacobian_errors={k: v.split_half_rel_error for k, v in jgrams.items()},
     )
     return BasisResult(ordered, metadata)
+
+
+def _warn_if_empty(bases: Sequence[SiteBasis], truncation: Truncation) -> None:
+    """One warning per cause for sites left without a feature: the truncation's cut-offs, or
+    activations that do not vary (or that nothing downstream reads)."""
+    empty = [b for b in bases if b.k == 0]
+    cut = [b.site.name for b in empty if truncation.emptied(b)]
+    flat = [b.site.name for b in empty if b.site.name not in cut]
+    if cut:
+        warnings.warn(
+            f"no feature kept at {cut}: {truncation} keeps no eigenvalue there, where the "
+            "default Truncation() keeps some; lower its cut-offs (absolute, relative), or "
+            "ablation there keeps only the mean",
+            UserWarning,
+            stacklevel=4,
+        )
+    if flat:
+        warnings.warn(
+            f"no feature kept at {flat}: the activations there do not vary over the data "
+            "fitted (one row, or rows all alike), or nothing downstream reads them; fit on "
+            "more varied data, or ablation there keeps only the mean",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def fit_basis(
@@ -414,11 +473,16 @@ def fit_basis(
     log: Log = quiet,
 ) -> BasisResult:
     """Fit `config.kind` bases at every site but the final one (which gets its raw or PCA
-    basis) and return them with metadata. Pass `statistics` to reuse a Gram pass, `ctx` to
-    shard the passes over `torch.distributed` ranks."""
+    basis) and return them with metadata. Pass `ctx` to shard the passes over
+    `torch.distributed` ranks, and `statistics` to reuse a Gram pass: they must come from this
+    model (checked as a saved result is), hold every site, and be collected on `tokens` (for
+    LIB and IB, each `M'` pass must count the token positions they count; PCA and neuron
+    bases read only the statistics). `StatisticsMismatchError` says what does not match."""
     sites = validate_sites(model, config.sites)
     if len(sites) < 2 and config.kind in ("lib", "ib"):
         raise ValueError("LIB and IB need at least two sites: the last one is the final site")
+    if statistics is not None:
+        check_statistics(model, statistics, sites)
     sections = _lib_sections(sites, config.kind)
     settings = {
         k: v for k, v in vars(config).items() if k not in ("checkpoint_dir", "progress", "store")
@@ -439,10 +503,11 @@ def fit_basis(
         log,
     )
     try:
+        given = statistics is not None
         if statistics is None:
             needed = store_sites(model, sections)
             statistics = gram_pass(state, sites, needed)
-        result = bases_pass(state, sites, statistics.to(state.stats_device), config)
+        result = bases_pass(state, sites, statistics.to(state.stats_device), config, given)
     except BaseException:  # Ctrl-C included: a disk store in the checkpoint folder stays
         state.close(completed=False)
         raise

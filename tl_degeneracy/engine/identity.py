@@ -20,20 +20,32 @@ from tl_degeneracy.engine.compat import (
     api_of,
     has_hooked_weights,
     hooked_state_dict,
+    is_bridge,
     is_transformer,
     model_cfg,
 )
+
+PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+"""TransformerLens's weight-processing flags, as its loaders and `process_weights` take them."""
 
 
 def weight_processing(model: nn.Module) -> dict[str, Any]:
     """Weight-processing flags of a model, as far as they can be read from it.
 
-    Loaders of this package set `model.tl_degeneracy_weight_processing` explicitly; otherwise
-    the config's own record is used.
+    Loaders of this package set `model.tl_degeneracy_weight_processing` explicitly. Otherwise
+    a TransformerBridge's own record is read (`bridge_processing`), and a HookedTransformer's
+    config (`fold_ln` turns its `normalization_type` into "LNPre" or "RMSPre"). A Bridge
+    processed after such a loader recorded no processing (`enable_compatibility_mode()` on a
+    model `load_local` left unprocessed) reports the processing it has now.
     """
     explicit = getattr(model, "tl_degeneracy_weight_processing", None)
+    processed = bridge_processing(model)
     if explicit is not None:
+        if processed is not None and not any(explicit.get(k) for k in PROCESSING_FLAGS):
+            return {**explicit, **processed}
         return dict(explicit)
+    if processed is not None:
+        return processed
     if not is_transformer(model):
         return {}
     cfg = model_cfg(model)
@@ -42,6 +54,37 @@ def weight_processing(model: nn.Module) -> dict[str, Any]:
         "center_writing_weights": None,
         "center_unembed": None,
         "normalization_type": getattr(cfg, "normalization_type", None),
+    }
+
+
+def bridge_processing(model: nn.Module) -> dict[str, Any] | None:
+    """The weight processing a TransformerBridge records of itself, or None when it has not
+    processed its weights (or is no Bridge).
+
+    `TransformerBridge.process_weights` (which `enable_compatibility_mode()` calls unless
+    `no_processing=True`) sets `_weights_processed` and hands `fold_ln` to its architecture
+    adapter (`adapter._fold_ln_requested`), whose `supports_fold_ln` says whether it folds at
+    all; the same on TransformerLens 3.9 and 4.x. It keeps no record of the centring and value-
+    bias flags (None here), and leaves `cfg.normalization_type` as it was: "Pre" is added to it
+    here when the norms were folded, as `load_local` records it."""
+    if not (is_transformer(model) and is_bridge(model)):
+        return None
+    if not getattr(model, "_weights_processed", False):
+        return None
+    adapter = getattr(model, "adapter", None)
+    norm = getattr(model_cfg(model), "normalization_type", None)
+    folded = (
+        isinstance(norm, str)
+        and bool(getattr(adapter, "_fold_ln_requested", True))
+        and bool(getattr(adapter, "supports_fold_ln", True))
+    )
+    return {
+        "fold_ln": folded,
+        "center_writing_weights": None,
+        "center_unembed": None,
+        "fold_value_biases": None,
+        "normalization_type": f"{str(norm).removesuffix('Pre')}Pre" if folded else norm,
+        "processed_by": "TransformerBridge.process_weights (centring flags not recorded)",
     }
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.artifacts import Result, build_metadata
+from tl_degeneracy.engine.checks import whole_number
 from tl_degeneracy.engine.cotangents import SourcesOver
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import Site
@@ -52,6 +53,13 @@ class JacobianConfig:
             object.__setattr__(self, "method", "exact")
         if self.method not in ("exact", "stochastic"):
             raise ValueError(f"method must be 'exact' or 'stochastic', got {self.method!r}")
+        if self.sources_over not in get_args(SourcesOver):
+            raise ValueError(
+                f"sources_over must be one of {', '.join(get_args(SourcesOver))}, got "
+                f"{self.sources_over!r}"
+            )
+        for name in ("n_sources", "chunk_size"):
+            object.__setattr__(self, name, whole_number(name, getattr(self, name)))
 
 
 @dataclass(repr=False)

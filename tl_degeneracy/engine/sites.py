@@ -20,8 +20,10 @@ final site `logits` is the model's output.
 from __future__ import annotations
 
 import difflib
+import numbers
+import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,13 +84,9 @@ class Site:
 
     def __post_init__(self) -> None:
         pos = self.positions
-        if isinstance(pos, list):
-            object.__setattr__(self, "positions", tuple(int(p) for p in pos))
-        elif not (
-            pos in ("all", "last")
-            or isinstance(pos, tuple)
-            or (isinstance(pos, str) and _SLICE.match(pos))
-        ):
+        if isinstance(pos, (list, tuple)):
+            object.__setattr__(self, "positions", _index_list(self.hook, pos))
+        elif not (pos in ("all", "last") or (isinstance(pos, str) and _SLICE.match(pos))):
             raise SiteError(
                 f"positions must be 'all', 'last', a slice like '1:' or a list of ints, got {pos!r}"
             )
@@ -122,6 +120,13 @@ class Site:
             if any(not 0 <= p < n_pos for p in idx):
                 raise SiteError(
                     f"site {self.name}: positions {self.positions} out of range for length {n_pos}"
+                )
+            if len(set(idx)) < len(idx):  # e.g. 1 and -11 in a sequence of 12
+                twice = sorted({p for p in idx if idx.count(p) > 1})
+                raise SiteError(
+                    f"site {self.name}: positions {self.positions} select position(s) {twice} "
+                    f"more than once in a sequence of {n_pos}, which would weigh them several "
+                    "times; list each position once"
                 )
             return idx
         if self.positions == "all":
@@ -171,17 +176,53 @@ class Site:
         return cls(d["hook"], pos if isinstance(pos, str) else tuple(pos))
 
 
+def _index_list(hook: str, positions: Sequence) -> tuple[int, ...]:
+    """A list of positions as a tuple of ints: at least one, each once (a repeated position
+    would be weighted several times in every statistic)."""
+    if not positions:
+        raise SiteError(
+            f"site {hook}: no positions selected (an empty list); give at least one index, "
+            "'all', 'last' or a slice like '1:'"
+        )
+    try:
+        idx = tuple(operator.index(p) for p in positions)
+    except TypeError:
+        raise SiteError(
+            f"site {hook}: positions must be whole numbers, got {list(positions)!r}"
+        ) from None
+    twice = sorted({p for p in idx if idx.count(p) > 1})
+    if twice:
+        raise SiteError(
+            f"site {hook}: positions {list(idx)} repeat {twice}, which would weigh them "
+            "several times; list each position once"
+        )
+    return idx
+
+
 SiteLike = Site | str | tuple
+
+
+def _layer(value: object) -> int | None:
+    """`value` as a layer index when it is an integer (Python, NumPy, or a 0-d integer
+    tensor, as layers taken from `np.arange` or a tensor are), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
+        return None if value.dtype == torch.bool else int(value)
+    return None
 
 
 def resolve_hook_name(name: str | tuple) -> str:
     """Full hook name from a full name or a short form like `("resid_mid", 3)`."""
     if isinstance(name, tuple):
-        if len(name) != 2 or not isinstance(name[1], int):
+        layer = _layer(name[1]) if len(name) == 2 else None
+        if layer is None:
             raise SiteError(
                 f"short site names are (kind, layer), e.g. ('resid_mid', 3); got {name}"
             )
-        kind, layer = name
+        kind = name[0]
         if kind not in _SHORT_NAMES:
             raise SiteError(f"unknown short name {kind!r}; known: {sorted(_SHORT_NAMES)}")
         return f"blocks.{layer}.{_SHORT_NAMES[kind]}"
@@ -189,14 +230,42 @@ def resolve_hook_name(name: str | tuple) -> str:
 
 
 def as_site(spec: SiteLike, positions: Positions | None = None) -> Site:
-    """Accept a `Site`, a hook name, a short tuple `("resid_mid", 0)`, or a tuple
-    `(name, positions)` such as `("blocks.0.hook_resid_mid", "last")`."""
+    """Accept a `Site`, a hook name, a short tuple `("resid_mid", 0)` (the layer an integer of
+    Python, NumPy or a 0-d tensor), or a tuple `(name, positions)` such as
+    `("blocks.0.hook_resid_mid", "last")`."""
     if isinstance(spec, Site):
         return spec if positions is None else Site(spec.hook, positions)
-    if isinstance(spec, tuple) and len(spec) == 2 and not isinstance(spec[1], int):
+    short = (
+        isinstance(spec, tuple)
+        and len(spec) == 2
+        and isinstance(spec[0], str)
+        and spec[0] in _SHORT_NAMES
+    )
+    if isinstance(spec, tuple) and len(spec) == 2 and not short and _layer(spec[1]) is None:
         name, pos = spec
         return Site(resolve_hook_name(name), pos if positions is None else positions)
     return Site(resolve_hook_name(spec), "all" if positions is None else positions)
+
+
+def site_key(spec: SiteLike, known: Collection[str], what: str = "basis") -> str:
+    """The name under which `known` holds the site `spec`: a site name as it is (with its
+    positions, e.g. `"blocks.0.hook_resid_mid[-1]"`), or any site spec `as_site` reads.
+    Every lookup of a result by site goes through here, so each accepts the same forms.
+    Raises `KeyError` naming the known sites (and the name with other positions, when the
+    hook is known)."""
+    if isinstance(spec, str) and spec in known:
+        return spec
+    site = as_site(spec)
+    if site.name in known:
+        return site.name
+    same_hook = [k for k in known if k == site.hook or k.startswith(f"{site.hook}[")]
+    hint = (
+        f"; {same_hook} is at the same hook with other positions (a short form or a bare hook "
+        "name selects all positions: pass that name, or Site(hook, positions))"
+        if same_hook
+        else ""
+    )
+    raise KeyError(f"no {what} at site {site.name!r}; sites: {list(known)}{hint}")
 
 
 def _parallel(model: nn.Module) -> bool:
@@ -295,6 +364,20 @@ def _order_key(model: nn.Module, site: Site, valid: set[str]) -> tuple[int, int]
     return int(m.group(1)), _STAGE[m.group(2)]
 
 
+def _blocks(name: str, blocks: object) -> tuple[int, ...]:
+    """`mlp=` or `attn=` of `residual_sites` as block indices: a sequence of integers."""
+    scalar = isinstance(blocks, (str, bytes)) or (
+        isinstance(blocks, torch.Tensor) and blocks.ndim == 0
+    )
+    items = [_layer(b) for b in blocks] if isinstance(blocks, Iterable) and not scalar else [None]
+    if any(b is None for b in items):
+        raise SiteError(
+            f"{name} must be a sequence of block indices, e.g. {name}=(1,) or {name}=(1, 3); "
+            f"got {blocks!r}"
+        )
+    return tuple(int(b) for b in items if b is not None)
+
+
 def residual_sites(
     model: nn.Module,
     n_blocks: int | None = None,
@@ -307,9 +390,17 @@ def residual_sites(
     attention site (`attn.hook_z` with its stream) after `hook_resid_pre` of the blocks in
     `attn`, an MLP site (`mlp.hook_post` with its stream) after `hook_resid_mid` of the blocks
     in `mlp`, and the last block's `hook_resid_post` as the final site. Raises `SiteError` for
-    an MLP or attention block outside those blocks, or without an MLP."""
+    `n_blocks` below 1, for `mlp`/`attn` that are not sequences of block indices (one block is
+    `mlp=(1,)`), and for an MLP or attention block outside those blocks, or without an MLP."""
     cfg = model_cfg(model)
-    n = cfg.n_layers if n_blocks is None else min(n_blocks, cfg.n_layers)
+    mlp, attn = _blocks("mlp", mlp), _blocks("attn", attn)
+    wanted = cfg.n_layers if n_blocks is None else _layer(n_blocks)
+    if wanted is None or wanted < 1:
+        raise SiteError(
+            f"n_blocks must be a whole number of at least 1 (the sites span blocks 0 … "
+            f"n_blocks - 1; None for all {cfg.n_layers}), got {n_blocks!r}"
+        )
+    n = min(wanted, cfg.n_layers)
     valid = set(hook_names(model))
     for what, blocks in (("MLP", mlp), ("attention", attn)):
         outside = [b for b in blocks if not 0 <= b < n]

@@ -20,7 +20,7 @@ from tl_degeneracy.engine.brief_repr import BriefRepr
 from tl_degeneracy.engine.capture import NonFiniteActivationError, capture_sites, check_finite
 from tl_degeneracy.engine.compat import is_transformer, model_device, usable_device
 from tl_degeneracy.engine.linalg import symmetric_eigh
-from tl_degeneracy.engine.sites import Site, SiteLike, validate_sites
+from tl_degeneracy.engine.sites import Site, SiteLike, site_key, validate_sites
 from tl_degeneracy.engine.store import ActivationStore
 from tl_degeneracy.engine.streaming import Checkpointing, EmptyDataError, iter_batches
 
@@ -168,8 +168,8 @@ class GramStatistics(Result):
 
     ARTIFACT = "gram_statistics"
 
-    def __getitem__(self, site: Site | str) -> SiteStatistics:
-        return self.per_site[site.name if isinstance(site, Site) else site]
+    def __getitem__(self, site: SiteLike) -> SiteStatistics:
+        return self.per_site[site_key(site, self.per_site, "statistics")]
 
     @property
     def count(self) -> int:

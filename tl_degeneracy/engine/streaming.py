@@ -14,8 +14,9 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from jaxtyping import Int
 from safetensors import safe_open
@@ -38,27 +39,31 @@ class EmptyDataError(ValueError):
 
 
 def iter_batches(
-    tokens: Int[Tensor, "n pos"] | Iterable[Tensor],
+    tokens: Int[Tensor, "n pos"] | np.ndarray | Iterable[Tensor],
     batch_size: int = 256,
     model: nn.Module | None = None,
 ) -> list[Tensor]:
-    """Split a token tensor (or any model's inputs, batch first) into batches, or pass an
-    iterable of batches through as a list. With `model`, each batch is checked against it
-    (`tokens.validate_tokens`: ids in the vocabulary, length within the context) and moved to
-    its device."""
+    """Split a token tensor or NumPy array (or any model's inputs, batch first) into batches
+    of `batch_size` rows, or take an iterable of batches, splitting any item of more than
+    `batch_size` rows the same way (its rows stay in order; smaller items are kept as they
+    are, not merged). With `model`, each batch is checked against it (`tokens.validate_tokens`:
+    ids in the vocabulary, length within the context) and moved to its device."""
+    if isinstance(tokens, np.ndarray):  # one array of rows, as `validate_tokens` reads it
+        tokens = torch.as_tensor(tokens)
     if isinstance(tokens, Tensor):
         if tokens.ndim < 1 or tokens.shape[0] == 0:
             raise EmptyDataError("no data: the token tensor has zero rows")
         batches = list(tokens.split(batch_size))
     else:
-        batches = list(tokens)
-        first = batches[0] if batches else None
+        items = list(tokens)
+        first = items[0] if items else None
         if isinstance(first, (list, tuple)) and first and isinstance(first[0], int):
             raise TypeError(
                 "data that is not a tensor is read as a sequence of batches, and its first "
                 "item is one row of ids, not a batch [batch, pos]: for rows of token ids in "
                 "lists, pass one tensor, torch.tensor(rows)"
             )
+        batches = [part for item in items for part in _split_item(item, batch_size)]
     if not batches:
         raise EmptyDataError("no data: the batch iterable is empty")
     if model is None:
@@ -66,6 +71,16 @@ def iter_batches(
     from tl_degeneracy.engine.tokens import validate_tokens
 
     return [validate_tokens(model, b) for b in batches]
+
+
+def _split_item(item: Any, batch_size: int) -> list[Any]:
+    """One item of an iterable of batches in batches of at most `batch_size` rows (a tensor
+    or array with more rows is split; anything else is left to `validate_tokens`)."""
+    if isinstance(item, np.ndarray):
+        item = torch.as_tensor(item)
+    if isinstance(item, Tensor) and item.ndim >= 1 and item.shape[0] > batch_size:
+        return list(item.split(batch_size))
+    return [item]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from tl_degeneracy.engine.bases import Truncation
-from tl_degeneracy.engine.compat import has_hooked_weights, usable_device
+from tl_degeneracy.engine.compat import as_dtype, has_hooked_weights, usable_device
 from tl_degeneracy.engine.distributed import DistContext
 from tl_degeneracy.engine.edges import EdgeConfig
 from tl_degeneracy.engine.jacobians import JacobianConfig
@@ -121,7 +121,7 @@ class FitJob:
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
-    return None if name is None else getattr(torch, name)
+    return None if name is None else as_dtype(name)
 
 
 def job_sites(job: FitJob, preset: Preset) -> list[Site]:

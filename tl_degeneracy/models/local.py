@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.compat import (
+    as_dtype,
     available_apis,
     model_cfg,
     require_hooked_transformer,
@@ -132,13 +133,17 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
 
 def load_hf(
     folder: str | os.PathLike[str],
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     n_ctx: int | None = None,
     tokenizer: Any | None = None,
+    api: Literal["hooked", "bridge"] = "bridge",
 ) -> tuple[nn.Module, Any]:
     """The `transformers` causal LM (eager attention, eval mode) and tokenizer of a folder,
-    read from local files only. `n_ctx` overrides a rotary model's context length;
-    `tokenizer` (a tokenizer, or a folder with one) replaces the folder's own."""
+    read from local files only. `dtype` is a `torch.dtype` or its name ("bfloat16"); `n_ctx`
+    overrides a rotary model's context length (capped at 2048 by default when `api` is the
+    HookedTransformer it will be converted to); `tokenizer` (a tokenizer, or a folder with
+    one) replaces the folder's own."""
+    dtype = as_dtype(dtype)
     folder = Path(folder).expanduser()
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
@@ -147,7 +152,7 @@ def load_hf(
     _offline()
     import transformers
 
-    overrides = _context_override(arch, config, n_ctx)
+    overrides = _context_override(arch, config, n_ctx, api)
     with quiet_transformers():
         model = getattr(transformers, arch.hf_class).from_pretrained(
             folder,
@@ -180,9 +185,12 @@ def _read_tokenizer(folder: str | os.PathLike[str]) -> Any:
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def _context_override(arch: Architecture, config: dict[str, Any], n_ctx: int | None) -> dict:
+def _context_override(
+    arch: Architecture, config: dict[str, Any], n_ctx: int | None, api: str
+) -> dict:
     """The config override that sets the context length (rotary models; learned position
-    tables fix it)."""
+    tables fix it). Only a HookedTransformer caps it at `DEFAULT_MAX_CTX` by default: it
+    allocates an n_ctx × n_ctx mask per layer; the Bridge keeps the folder's own."""
     if arch.name == "gpt2":
         if n_ctx is not None and n_ctx != config["n_positions"]:
             raise ValueError(
@@ -190,7 +198,7 @@ def _context_override(arch: Architecture, config: dict[str, Any], n_ctx: int | N
                 f"at {config['n_positions']}; leave n_ctx unset"
             )
         return {}
-    if not arch.hooked:  # the Bridge allocates nothing per position: keep the folder's own
+    if api != "hooked" or not arch.hooked:  # the Bridge allocates nothing per position
         return {} if n_ctx is None else {"max_position_embeddings": n_ctx}
     limit = config.get("max_position_embeddings", DEFAULT_MAX_CTX)
     return {"max_position_embeddings": n_ctx or min(limit, DEFAULT_MAX_CTX)}
@@ -199,7 +207,7 @@ def _context_override(arch: Architecture, config: dict[str, Any], n_ctx: int | N
 def load_local(
     folder: str | os.PathLike[str],
     api: Literal["auto", "hooked", "bridge"] = "auto",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     fold_ln: bool = False,
     center_writing_weights: bool = False,
@@ -218,20 +226,23 @@ def load_local(
     hooks only; docs/models.md). By default no weight processing is applied, so activations
     are those of the stored weights; `fold_ln=True, center_writing_weights=True,
     center_unembed=True, fold_value_biases=True` is TransformerLens's `from_pretrained`
-    default. Rotary models of the table get `n_ctx = min(max_position_embeddings, 2048)`
-    unless `n_ctx` says otherwise. An unsupported architecture is named in the error.
+    default. Rotary models loaded as a HookedTransformer get `n_ctx =
+    min(max_position_embeddings, 2048)` unless `n_ctx` says otherwise (the Bridge keeps the
+    folder's own). An unsupported architecture is named in the error.
     `tokenizer` (a tokenizer, or a folder with its files) replaces the folder's own, e.g. for
-    a fine-tuned checkpoint saved without one. With `verify` the loaded model must give
+    a fine-tuned checkpoint saved without one. `dtype` is a `torch.dtype` or its name
+    ("float32", "bfloat16", ...; `compat.as_dtype`). With `verify` the loaded model must give
     `transformers`' log-probabilities on a probe batch to rounding (`check_reproduces`), else
     the load is refused.
     """
+    dtype = as_dtype(dtype)
     folder = Path(folder).expanduser()
     _check_api(api)
     device = usable_device(device)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     arch, api = _resolve_api(check_folder(folder, tokenizer=tokenizer is None), api)
-    hf_model, tokenizer = load_hf(folder, dtype=dtype, n_ctx=n_ctx, tokenizer=tokenizer)
+    hf_model, tokenizer = load_hf(folder, dtype=dtype, n_ctx=n_ctx, tokenizer=tokenizer, api=api)
     processing = _processing(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
     name = model_name or folder.resolve().name
     return _to_transformer_lens(
@@ -299,7 +310,7 @@ def from_hf(
             )
         _offline()
         tokenizer = _read_tokenizer(folder)
-    overrides = _context_override(arch, config.to_dict(), n_ctx) if api == "hooked" else {}
+    overrides = _context_override(arch, config.to_dict(), n_ctx, api) if api == "hooked" else {}
     if overrides:  # the HookedTransformer's context; the user's model stays as it is
         config = copy.deepcopy(config)
         config.__dict__.update(overrides)

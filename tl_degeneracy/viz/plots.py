@@ -1,7 +1,8 @@
 """Static plots for reports (matplotlib, Agg; no display needed).
 
 Each function returns a `Figure` built without pyplot (no global state, nothing left open) and
-saves a PNG when given `path`. `figure_to_html` embeds a figure in an offline page.
+saves a PNG when given `path`. The figures are `NotebookFigure`s, which Jupyter shows as images
+without pyplot or `%matplotlib inline`. `figure_to_html` embeds a figure in an offline page.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure
 from tl_degeneracy.viz.html import Fragment
 
 __all__ = [
+    "NotebookFigure",
     "figure_to_html",
     "figure_to_png",
     "plot_ablation_curves",
@@ -38,8 +40,23 @@ def _colour(method: str, i: int) -> str:
     return _METHOD_COLOURS.get(method, _CYCLE[i % len(_CYCLE)])
 
 
-def _new_figure(figsize: tuple[float, float]) -> Figure:
-    fig = Figure(figsize=figsize, layout="constrained")
+class NotebookFigure(Figure):
+    """A matplotlib `Figure` that IPython displays as a PNG image (`_repr_png_`).
+
+    A Figure built without pyplot has no image representation of its own: IPython's figure
+    formatter is registered only when pyplot is imported in the inline backend, so a notebook
+    cell would show `<Figure size 600x400 with 1 Axes>`. This one renders itself, whatever
+    the backend and whether or not the user imported pyplot, and changes nothing else: no
+    backend is switched, no formatter registered, and outside IPython nothing calls it.
+    Where IPython already has a formatter for Figures (`%matplotlib inline`), that one wins.
+    """
+
+    def _repr_png_(self) -> bytes | None:
+        return figure_to_png(self) if self.axes else None
+
+
+def _new_figure(figsize: tuple[float, float]) -> NotebookFigure:
+    fig = NotebookFigure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 

@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.artifacts import Result
+from tl_degeneracy.engine.artifacts import Result, build_metadata
 from tl_degeneracy.engine.attribution.gradients import (
     AttributionMetric,
     batch_metric,
@@ -49,25 +49,13 @@ from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.capture import capture_sites
 from tl_degeneracy.engine.compat import model_cfg
-from tl_degeneracy.engine.identity import model_identity
 from tl_degeneracy.engine.model_match import check_fits, warn_if_fitted_elsewhere
-from tl_degeneracy.engine.sites import SiteLike, as_site, site_parts
+from tl_degeneracy.engine.sites import SiteLike, site_key, site_parts
 from tl_degeneracy.engine.tokens import validate_pair
 
 
 def _bases(result: BasisResult | Mapping[str, SiteBasis]) -> Mapping[str, SiteBasis]:
     return result.bases if isinstance(result, BasisResult) else result
-
-
-def _lookup(bases: Mapping[str, SiteBasis], site: SiteLike) -> SiteBasis:
-    """The basis at a site given as a `Site`, its name (`"blocks.0.hook_resid_mid[-1]"`) or a
-    site spec."""
-    if isinstance(site, str) and site in bases:
-        return bases[site]
-    name = as_site(site).name
-    if name not in bases:
-        raise KeyError(f"no basis at site {name!r}; sites: {list(bases)}")
-    return bases[name]
 
 
 def _first_part_width(model: nn.Module, site: Any, total: int) -> int:
@@ -89,16 +77,18 @@ class AttributionComparison(Result):
 
     ARTIFACT = "attribution_comparison"
 
-    def __getitem__(self, site: str) -> SiteAttribution:
-        return self.sites[site]
+    def __getitem__(self, site: SiteLike) -> SiteAttribution:
+        """The comparison at a site given as a `Site`, its name or a short form such as
+        `("resid_mid", 1)`; `KeyError` naming the compared sites for another."""
+        return self.sites[site_key(site, self.sites, "comparison")]
 
-    def table(self, site: str | None = None, top: int | None = None) -> list[dict[str, Any]]:
-        """Per-feature rows (site, kind, feature, attribution, patching, importance); with `top`,
-        only the `top` features of largest |patching| per site."""
+    def table(self, site: SiteLike | None = None, top: int | None = None) -> list[dict[str, Any]]:
+        """Per-feature rows (site, kind, feature, attribution, patching, importance) of every
+        site, or of `site` (looked up as `self[site]`); with `top`, only the `top` features of
+        largest |patching| per site."""
+        chosen = self.sites if site is None else {"": self[site]}
         out = []
-        for name, sa in self.sites.items():
-            if site is not None and name != site:
-                continue
+        for sa in chosen.values():
             rows = sa.rows()
             if top is not None:
                 rows = sorted(rows, key=lambda r: -abs(r["patching"]))[:top]
@@ -136,6 +126,7 @@ class AttributionComparison(Result):
 
     def _metadata(self) -> dict[str, Any]:
         data = self.to_json()
+        data.pop("metadata")  # it is the file's own metadata, written once
         for entry in data["sites"].values():
             for f in ("attribution", "patching", "importance"):
                 entry.pop(f)
@@ -145,10 +136,12 @@ class AttributionComparison(Result):
     def _from_artifact(
         cls, tensors: dict[str, Tensor], meta: dict[str, Any]
     ) -> AttributionComparison:
-        data = meta["comparison"]
+        data = dict(meta["comparison"])
         for name, entry in data["sites"].items():
             for f in ("attribution", "patching", "importance"):
                 entry[f] = tensors[f"{name}/{f}"].tolist()
+        # the file's metadata (files of earlier versions also hold a copy inside "comparison")
+        data["metadata"] = {k: v for k, v in meta.items() if k != "comparison"}
         return cls.from_json(data)
 
     @classmethod
@@ -264,7 +257,7 @@ def compare_attribution(
     if sites is None:
         chosen = [b for b in bases.values() if not b.site.is_logits and b.kind != "raw"]
     else:
-        chosen = [_lookup(bases, s) for s in sites]
+        chosen = [bases[site_key(s, bases)] for s in sites]
     if any(b.site.is_logits for b in chosen):
         raise ValueError("attribution at the logits is not a patching experiment; pick a hook site")
     check_fits(model, chosen)
@@ -276,6 +269,15 @@ def compare_attribution(
     corrupt_acts, grads, corrupted_value = site_gradients(
         model, site_list, corrupted_tokens, metric
     )
+    if abs(clean_value - corrupted_value) <= 1e-12 * max(1.0, abs(clean_value)):
+        warnings.warn(
+            f"the metric is {clean_value:.6g} on both the clean and the corrupted tokens: there "
+            "is no difference to attribute, so every patching effect is about 0 and the "
+            "correlations are undefined (nan); check that the metric reads what the two prompts "
+            "change, e.g. that its two answer tokens differ",
+            UserWarning,
+            stacklevel=2,
+        )
     results: dict[str, SiteAttribution] = {}
     for basis, clean in zip(chosen, clean_acts):
         start = time.perf_counter()
@@ -319,11 +321,12 @@ def compare_attribution(
                 AttributionGapWarning,
                 stacklevel=2,
             )
-    metadata = {
-        "metric": metric_name or getattr(metric, "__name__", "metric"),
-        "n_pairs": int(clean_tokens.shape[0]),
-        "batch_reduction": "mean over pairs",
-        "basis_kind": (basis_result.kind if isinstance(basis_result, BasisResult) else "mixed"),
-        "model": model_identity(model),
-    }
+    metadata = build_metadata(
+        model,
+        site_list,
+        metric=metric_name or getattr(metric, "__name__", "metric"),
+        n_pairs=int(clean_tokens.shape[0]),
+        batch_reduction="mean over pairs",
+        basis_kind=basis_result.kind if isinstance(basis_result, BasisResult) else "mixed",
+    )
     return AttributionComparison(results, clean_value, corrupted_value, metadata)

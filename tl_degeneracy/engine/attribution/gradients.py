@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from tl_degeneracy.engine.ablation import per_sequence
 from tl_degeneracy.engine.capture import as_positions, capture_sites, gradient_hooks
 from tl_degeneracy.engine.compat import (
     frozen_parameters,
@@ -37,18 +38,10 @@ AttributionMetric = Callable[
 the tokens the run was fed (the corrupted ones for corrupted and patched runs)."""
 
 
-def reduce_metric(value: Tensor | float, batch: int) -> Tensor:
-    """A metric's output as one float64 scalar: the mean over sequences."""
-    if not isinstance(value, Tensor):
-        value = torch.as_tensor(value, dtype=torch.float64)
-    if value.ndim == 0:
-        return value.to(torch.float64)
-    if value.shape != (batch,):
-        raise ValueError(
-            f"the metric must return one value per sequence ({batch},) or a scalar, "
-            f"got shape {tuple(value.shape)}"
-        )
-    return value.to(torch.float64).mean()
+def reduce_metric(value: Tensor | float, batch: int) -> Float[Tensor, ""]:
+    """A metric's output as one float64 scalar: the mean over sequences (a scalar as it is;
+    `ablation.per_sequence` checks the shape)."""
+    return per_sequence(value, batch, scalar_ok=True).mean()
 
 
 def batch_metric(metric: AttributionMetric, logits: Tensor, tokens: Tensor) -> Tensor:

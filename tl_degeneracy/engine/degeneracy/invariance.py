@@ -33,7 +33,16 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.brief_repr import BriefRepr
-from tl_degeneracy.engine.compat import API, build_model, hooked_state_dict, model_cfg, model_config
+from tl_degeneracy.engine.compat import (
+    API,
+    build_model,
+    hooked_state_dict,
+    hooked_to_bridge_state_dict,
+    is_bridge,
+    model_cfg,
+    model_config,
+)
+from tl_degeneracy.engine.degeneracy.parameters import state_dict_parameters
 from tl_degeneracy.engine.edges import InteractionGraph, interaction_graph
 from tl_degeneracy.engine.fit import LIBConfig, fit_basis
 from tl_degeneracy.engine.modularity import ModuleConfig, Modules, Node, find_modules
@@ -106,12 +115,20 @@ class PlantedModules(BriefRepr):
 
     def parameter_masks(self, module: int) -> dict[str, Tensor]:
         """The weights module `module` owns (its residual block, head, neurons and logits),
-        as masks over the HookedTransformer's parameters; the cross-module weights (zero)
-        belong to no module. Independent modules: their learning coefficients add."""
-        from tl_degeneracy.engine.compat import is_bridge
+        as masks over the model's parameters, named and laid out as the model holds them (a
+        HookedTransformer's `blocks.0.attn.W_Q`, a Bridge's `blocks.0.attn.q.weight`); the
+        cross-module weights (zero) belong to no module. Independent modules: their learning
+        coefficients add. A weight the model holds as a buffer is no parameter and has no mask
+        (TransformerLens 4's Bridge holds the unembedding bias so)."""
+        masks = self._hooked_masks(module)
+        if not is_bridge(self.model):
+            return masks
+        parameters = state_dict_parameters(self.model)
+        bridge = hooked_to_bridge_state_dict(masks, model_config(self.model))
+        return {name: mask for name, mask in bridge.items() if name in parameters}
 
-        if is_bridge(self.model):
-            raise ValueError("parameter masks use HookedTransformer names: build with api='hooked'")
+    def _hooked_masks(self, module: int) -> dict[str, Tensor]:
+        """`parameter_masks` under HookedTransformer names and layouts."""
         c, i = self.config, module
         res = torch.zeros(c.d_model, dtype=torch.bool)
         res[i * c.width : (i + 1) * c.width] = True
