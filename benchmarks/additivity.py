@@ -44,7 +44,7 @@ def table(res: AdditivityResult) -> str:
 
 
 def planted(steps: int) -> None:
-    p = planted_modules_model(PlantedModulesConfig(n_layers=1, n_values=4), api="hooked")
+    p = planted_modules_model(PlantedModulesConfig(n_layers=1, n_values=4))  # either API
     partition = {f"module {i}": p.parameter_masks(i) for i in range(3)}
     cfg = SGLDConfig(1e-3, 100.0, n_chains=4, n_steps=steps, n_burnin=steps // 4, batch_size=10**9)
     start = time.process_time()

@@ -261,10 +261,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 def plot_summary(summary: dict[str, Any], path: Path) -> None:
     """Two panels of grouped bars (LIB, PCA) with sd error bars: features needed per site and
     edges required per section."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # without pyplot: no backend switch, saves via Agg
 
     rows = summary["rows"]
     panels = [

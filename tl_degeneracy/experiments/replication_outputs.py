@@ -98,9 +98,7 @@ def write_plots(
 
 def plot_graph(graph, path: Path, top_n: int = 12) -> None:
     """A layered drawing of the top features of each site and their strongest edges."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    import matplotlib  # no backend switch: a Figure without pyplot saves through Agg
     from matplotlib.figure import Figure
 
     data = graph.to_graph_data(top_n=top_n)
