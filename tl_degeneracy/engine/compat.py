@@ -516,8 +516,8 @@ def usable_device(device: torch.device | str) -> torch.device:
 
 
 FLOAT_DTYPES = {
-    "float64": torch.float64,
     "float32": torch.float32,
+    "float64": torch.float64,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
