@@ -4,7 +4,7 @@ every available API."""
 import pytest
 import torch
 
-from tl_degeneracy.engine.bases import Truncation, interaction_basis, pca_basis
+from tl_degeneracy.engine.bases import SiteBasis, Truncation, interaction_basis, pca_basis
 from tl_degeneracy.engine.compat import (
     build_model,
     hooked_state_dict,
@@ -167,3 +167,52 @@ def test_truncation_tells_when_it_emptied_a_basis():
     assert flat.k == 0 and not cut.emptied(flat)
     lib = interaction_basis(site, mean, varied, varied, cut)
     assert lib.k == 0 and cut.emptied(lib)
+
+
+def _raw(importance: list[float]) -> SiteBasis:
+    d = len(importance)
+    eye = torch.eye(d, dtype=torch.float64)
+    z = torch.zeros(d, dtype=torch.float64)
+    imp = torch.tensor(importance, dtype=torch.float64)
+    return SiteBasis(Site("blocks.0.hook_resid_post"), "raw", eye, eye.clone(), imp, z, imp)
+
+
+def test_a_raw_sites_features_are_ranked_by_importance():
+    """A raw site's coordinates come in model order: its most important features are the
+    coordinates of largest variance, which the fit summary and `top_features` list, most
+    important first; a sorted basis keeps its column order (ties and all)."""
+    from tl_degeneracy.engine.basis_result import BasisResult
+
+    raw = _raw([1.0, 5.0, 2.0, 6.0, float("nan"), 3.0])
+    assert raw.importance_order().tolist() == [3, 1, 5, 2, 0, 4]  # NaN last
+    result = BasisResult({raw.site.name: raw}, {"kind": "lib"})
+    assert result.top_features(raw.site, 3) == [(3, 6.0), (1, 5.0), (5, 3.0)]
+    assert result.summary_rows()[0]["top importance"] == [6.0, 5.0, 3.0, 2.0, 1.0]
+    # truncation keeps the first columns (edges into it keep row i = coordinate i)
+    assert torch.equal(raw.truncated(2).C, torch.eye(6, dtype=torch.float64)[:, :2])
+    sorted_imp = torch.tensor([3.0, 2.0, 2.0, 1.0, 1.0, 0.5], dtype=torch.float64)
+    flat = SiteBasis(raw.site, "pca", raw.C, raw.C_pinv, sorted_imp, raw.mean, sorted_imp)
+    assert flat.importance_order().tolist() == list(range(6))
+    assert BasisResult({raw.site.name: flat}, {}).top_features(raw.site, 2) == [(0, 3.0), (1, 2.0)]
+
+
+def test_each_feature_has_one_sign_whatever_the_eigensolver_returns():
+    """Eigenvector signs are arbitrary and flip with rounding (another thread count, BLAS or
+    torchrun's rank order); stochastic `M'` draws its sources on the output features, so a
+    flipped column changed every section upstream by 1e-3 where runs should agree to rounding.
+    Each column of C now has its largest entry positive, and inputs that differ by rounding
+    give C that differ by rounding, not by sign."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (
+        torch.randn(40, 12, generator=gen, dtype=torch.float64),
+        torch.randn(40, 12, generator=gen, dtype=torch.float64),
+    )
+    gram, m_prime = a.T @ a / 40, b.T @ b / 40
+    site, mean = Site("blocks.0.hook_resid_mid"), torch.zeros(12, dtype=torch.float64)
+    for basis in (pca_basis(site, mean, gram), interaction_basis(site, mean, gram, m_prime)):
+        top = basis.C.abs().argmax(0)
+        assert bool((basis.C[top, torch.arange(basis.k)] > 0).all())
+        torch.testing.assert_close(basis.C_pinv @ basis.C, torch.eye(basis.k, dtype=torch.float64))
+    base = interaction_basis(site, mean, gram, m_prime)
+    noisy = interaction_basis(site, mean, gram * (1 + 1e-15), m_prime * (1 - 1e-15))
+    torch.testing.assert_close(noisy.C, base.C, rtol=1e-9, atol=1e-12)

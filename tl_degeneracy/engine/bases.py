@@ -135,8 +135,24 @@ class SiteBasis(BriefRepr):
             )
         return min(count, self.k)
 
+    def importance_order(self) -> Tensor:
+        """Feature indices from the most to the least important (NaN last). Ties keep column
+        order, so for a basis with sorted columns (LIB, IB, PCA, neuron) this is `0, 1, …, k−1`;
+        a raw basis's columns are the site's coordinates in model order, with their variances
+        as importance, and this ranks them."""
+        imp = self.importance.detach().cpu()
+        key = imp.masked_fill(imp.isnan(), -math.inf)
+        return torch.argsort(key, descending=True, stable=True)
+
     def truncated(self, k: int) -> SiteBasis:
-        """The basis restricted to its `k` most important features."""
+        """The basis restricted to its first `k` features (columns).
+
+        For LIB, IB, PCA and neuron bases, whose columns are sorted by importance, these are
+        its `k` most important features. A raw basis keeps its first `k` coordinates (its
+        columns stay the site's coordinates in model order, so that row `i` of edges into the
+        truncated basis is coordinate `i` for every reader of the edges); views rank a raw
+        site's features with `importance_order`.
+        """
         k = self.check_kept(k)
         return replace(
             self, C=self.C[:, :k], C_pinv=self.C_pinv[:k], importance=self.importance[:k]
@@ -148,6 +164,21 @@ def _eigh_desc(m: Tensor) -> tuple[Tensor, Tensor]:
     return evals.flip(0), evecs.flip(1)
 
 
+def _signed(
+    c: Float[Tensor, "d k"], c_pinv: Float[Tensor, "k d"]
+) -> tuple[Float[Tensor, "d k"], Float[Tensor, "k d"]]:
+    """One sign per feature: the entry of largest magnitude of each column of `C` positive
+    (the row of `C⁺` alike). An eigensolver's signs are arbitrary and flip with rounding
+    (another thread count, BLAS or rank order), and stochastic `M'` draws its sources on
+    the output features, so without this a rounding-level difference changed every section
+    upstream by far more than rounding."""
+    if c.shape[1] == 0:
+        return c, c_pinv
+    top = c.abs().argmax(0)
+    sign = torch.where(c[top, torch.arange(c.shape[1])] < 0, -1.0, 1.0).to(c.dtype)
+    return c * sign, c_pinv * sign[:, None]
+
+
 def pca_basis(
     site: Site,
     mean: Float[Tensor, " d"],
@@ -157,8 +188,8 @@ def pca_basis(
     """`C = U` on the kept eigen-directions of the centred Gram, importance = variance."""
     d_all, u_all = _eigh_desc(gram.to(torch.float64))
     keep = truncation.keep(d_all)
-    u = u_all[:, keep]
-    return SiteBasis(site, "pca", u, u.T.clone(), d_all[keep], mean.to(torch.float64), d_all, d_all)
+    u, u_t = _signed(u_all[:, keep], u_all[:, keep].T.clone())
+    return SiteBasis(site, "pca", u, u_t, d_all[keep], mean.to(torch.float64), d_all, d_all)
 
 
 def neuron_basis(site: Site, mean: Float[Tensor, " d"], gram: Float[Tensor, "d d"]) -> SiteBasis:
@@ -192,6 +223,5 @@ def interaction_basis(
     keep_l = truncation.keep(lam_all)
     lam, v = lam_all[keep_l], v_all[:, keep_l]
     r = u / d.sqrt()  # R = U D^{-1/2}
-    c = r @ v * lam.sqrt()
-    c_pinv = (v / lam.sqrt()).T @ r_pinv
+    c, c_pinv = _signed(r @ v * lam.sqrt(), (v / lam.sqrt()).T @ r_pinv)
     return SiteBasis(site, kind, c, c_pinv, lam, mean.to(torch.float64), d_all, lam_all)
