@@ -1,10 +1,14 @@
 """Node ablation: the fast path (one capture, running sums, the last layer written out) gives
 the same scores as rewriting the site's hook once per k."""
 
+import math
+
 import pytest
 import torch
 
+import tl_degeneracy.viz.plots as plots
 from tl_degeneracy.engine.ablation import (
+    AblationCurve,
     last_position_accuracy,
     next_token_loss,
     node_ablation_curve,
@@ -79,6 +83,7 @@ def test_a_metric_gives_one_value_per_sequence(api, tiny, tokens_for):
             node_ablation_curve(model, lib, site, toks, metric, ks=[0], batch_size=5)
     curve = node_ablation_curve(model, lib, site, toks, next_token_loss, ks=[lib[site].k])
     assert curve.scores[lib[site].k] == pytest.approx(curve.baseline, rel=1e-9)
+    assert curve.metadata["metric"] == "next_token_loss"  # the view's y label names it
 
 
 def test_a_site_is_named_in_any_form(api, tiny, tokens_for):
@@ -92,3 +97,46 @@ def test_a_site_is_named_in_any_form(api, tiny, tokens_for):
     assert short.site == site.name and short.scores == named.scores
     with pytest.raises(KeyError, match=r"no basis at site 'blocks.0.hook_resid_post'; sites"):
         node_ablation_curve(model, lib, ("resid_post", 0), toks, next_token_loss, ks=[0])
+
+
+def test_a_nan_score_is_never_within_the_tolerance():
+    """A curve whose small-k scores overflowed to NaN does not need "0 features"; with a NaN
+    unablated score (or a NaN score at the largest k) nothing can be decided."""
+
+    def curve(scores, baseline=3.0):
+        return AblationCurve("s", "lib", scores, baseline, higher_is_better=False)
+
+    nan = math.nan
+    assert curve({0: nan, 4: nan, 16: 3.0}).min_k(0.05) == 16
+    assert curve({0: 9.0, 4: nan, 8: 3.01, 16: 3.0}).min_k(0.05) == 8
+    assert not curve({0: nan, 4: nan, 16: 3.0}).undecided
+    for undecided in (curve({0: 9.0, 4: 5.0, 16: 3.0}, nan), curve({0: 3.0, 16: nan}), curve({})):
+        assert undecided.min_k(0.05) is None and undecided.undecided
+    assert curve({0: 9.0, 16: 3.0}).min_k(0.05) == 16
+    assert curve({0: 9.0, 16: 4.0}).min_k(0.05) is None  # decided: none is within
+
+
+def test_the_curve_view_names_its_metric_and_draws_the_unablated_score(monkeypatch):
+    """An accuracy curve is not labelled "loss"; the unablated score is the dashed line the
+    report's ablation plots draw."""
+    seen = []
+    original = plots.figure_to_html
+
+    def keep(fig, *args, **kwargs):
+        seen.append(fig)
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "figure_to_html", keep)
+    scores = {0: 0.10, 4: 0.62, 16: 0.97}
+    accuracy = AblationCurve("blocks.0.hook_resid_mid", "lib", scores, 0.97, higher_is_better=True)
+    page = accuracy._repr_html_()
+    ax = seen[-1].axes[0]
+    assert ax.get_ylabel() == "metric (higher is better)"
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_ydata()) == [0.97, 0.97]
+    assert "metric (higher is better): unablated score 0.97000" in page
+    named = AblationCurve("s", "lib", scores, math.nan, False, metadata={"metric": "loss"})
+    named._repr_html_()  # a NaN baseline draws no line
+    ax = seen[-1].axes[0]
+    assert ax.get_ylabel() == "loss (lower is better)"
+    assert not [line for line in ax.lines if line.get_linestyle() == "--"]

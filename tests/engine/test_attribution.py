@@ -375,3 +375,24 @@ def test_a_metric_that_does_not_tell_the_prompts_apart_is_warned(api, tiny, toke
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         compare_attribution(model, result, None, clean, corrupted, logit_difference)
+
+
+def test_the_page_scrolls_its_wide_summary_and_names_only_a_given_metric():
+    """The 14-column summary sits in a horizontally scrollable box (the ρ columns stay
+    reachable), and a metric without a name reads "Metric: clean …", not "Metric metric"."""
+    from tl_degeneracy.engine.attribution.site_scores import SiteAttribution
+    from tl_degeneracy.viz.html import render_fragment
+
+    t = torch.tensor([0.3, -0.1, 0.2], dtype=torch.float64)
+    sa = SiteAttribution("blocks.0.hook_resid_mid", "lib", t, t, t.abs(), 0.4, None, 0.5, 4)
+    cases = {
+        "metric": "Metric: clean 1,",  # a function's own name, as compare_attribution records
+        "<lambda>": "Metric: clean 1,",
+        "logit diff": "Metric logit diff: clean 1,",
+    }
+    for given, intro in cases.items():
+        comp = AttributionComparison({sa.site: sa}, 1.0, 0.0, {"metric": given, "n_pairs": 2})
+        page = render_fragment(comp._html_sections())
+        assert intro in page and "Metric metric" not in page
+        summary = page[page.index("<h3>Summary</h3>") :]
+        assert summary.index('<div class="tld-scroll">') < summary.index("<table")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support import random_tokens, tiny_config, tiny_model
@@ -123,6 +124,12 @@ def test_two_processes_equal_one(tmp_path):
 
     lm_model = load_model_file(tmp_path / "model" / "ln", API)
     one = fit_lm(lm_model, tokens[:, :4], LMFitConfig(**LM_SETTINGS), None, log=lambda s: None)
+    # the two processes' folder is not one process's: each rank checkpointed its own shard, and
+    # a run of another process count used to start over silently (then delete them)
+    from tl_degeneracy.engine.streaming import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match=r"world_size: 2 -> \(absent\)"):
+        fit_lm(lm_model, tokens[:, :4], LMFitConfig(**LM_SETTINGS), tmp_path / "work2")
     got = load_file(str(tmp_path / "lm_rank1.safetensors"))
     assert one.used_store == (API == "hooked")
     for kind, result in one.bases.items():

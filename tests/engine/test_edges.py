@@ -204,3 +204,38 @@ def test_seed0_edges_match_reference(reference_dir, section):
 def test_a_setting_out_of_range_is_refused_when_made(setting, message):
     with pytest.raises(ValueError, match=message):
         EdgeConfig(**setting)
+
+
+def test_the_graph_view_draws_the_reports_graph_data():
+    """`InteractionGraph`'s own view is built as the study report's graph (`result_graph_data`)
+    with the report's bounds: 16 features a site, and each feature's share counted over all
+    its inputs, also the strong ones from features below the shown top few; −1: no module."""
+    from tl_degeneracy.engine.bases import SiteBasis
+    from tl_degeneracy.engine.basis_result import BasisResult
+    from tl_degeneracy.engine.edges import InteractionGraph, SectionEdges
+    from tl_degeneracy.engine.sections import Section
+    from tl_degeneracy.viz.graph_data import result_graph_data
+    from tl_degeneracy.viz.graph_widget import prepare_graph
+
+    sites = [Site(f"blocks.{i}.hook_resid_pre") for i in range(3)]
+    d, gen = 24, torch.Generator().manual_seed(0)
+    eye = torch.eye(d, dtype=torch.float64)
+    imp = torch.linspace(10, 1, d, dtype=torch.float64)
+    zero = torch.zeros(d, dtype=torch.float64)
+    basis = BasisResult({s.name: SiteBasis(s, "pca", eye, eye, imp, zero, imp) for s in sites}, {})
+    sections = {}
+    for a, b in zip(sites, sites[1:]):
+        e = torch.rand(d, d, generator=gen, dtype=torch.float64)
+        e[:, 20] = 50.0  # every output's strongest input is a feature below the top 16
+        sec = SectionEdges(Section(a, b), e, zero.clone(), 8, "exact")
+        sections[sec.section.name] = sec
+    modules = {s.name: [-1] + [i % 3 for i in range(1, d)] for s in sites}
+    graph = InteractionGraph(basis, sections, modules)
+    data = graph.to_graph_data()
+    assert data == result_graph_data(basis, sections, max_features=16, modules=modules)
+    assert [len(la["features"]) for la in data["layers"]] == [16, 16, 16]
+    assert data["layers"][0]["features"][0]["module"] is None
+    drawn = prepare_graph(data)
+    first = [e for e in drawn["edges"] if e["target"] == f"{sites[1].name}:0"]
+    assert first[0]["cum"] > 0.5  # the listed inputs come after feature 20's share
+    assert 'data-features="48"' in graph._repr_html_()

@@ -379,3 +379,30 @@ def test_rotary_models_on_the_bridge(arch):
     check_nodes_add_up(model, result, prompt, Target.logit_difference(*TARGET_PAIR))
     graph = full_graph(model, result, prompt)
     assert graph.kept_nodes.any() and "tld-pg" in graph._repr_html_()
+
+
+def test_the_patching_scatter_labels_a_few_points_with_short_names(monkeypatch):
+    """As the attribution comparison does: at most 12 labels, `0 pre@2:7` rather than
+    `blocks.0.hook_resid_pre@2:7`, so 25 nodes do not pile their names into one block."""
+    import tl_degeneracy.viz.plots as plots
+    from tl_degeneracy.engine.prompt_graph.compare import PatchingComparison
+
+    seen = []
+    original = plots.figure_to_html
+
+    def keep(fig, *args, **kwargs):
+        seen.append(fig)
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "figure_to_html", keep)
+
+    def node(i: int) -> dict:
+        site = f"blocks.{i % 2}.hook_resid_{'pre' if i % 3 else 'mid'}"
+        value = 0.1 * i
+        return {"site": site, "position": i % 7, "feature": i, "attribution patching": value,
+                "graph attribution": value, "patching": value + 0.01 * (-1) ** i}  # fmt: skip
+
+    PatchingComparison([], [node(i) for i in range(25)], 1.0, 0.5)._repr_html_()
+    labels = [t.get_text() for t in seen[-1].axes[0].texts]
+    assert len(labels) == 12 and not [t for t in labels if "blocks." in t or "hook_" in t]
+    assert "0 mid@3:24" in labels  # farthest out: blocks.0.hook_resid_mid, position 3, feature 24

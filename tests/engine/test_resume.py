@@ -417,3 +417,47 @@ def test_partial_or_short_store_is_never_used_wrongly(tmp_path):
     store.write(site, 0, full[:1])
     act = source.activation(site, 0, tokens[:2])
     torch.testing.assert_close(act, full, rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_other_data_or_another_basis_is_refused_not_returned(tmp_path):
+    """`collect_statistics`, `jacobian_gram` and `interaction_graph` keep their state under
+    fixed keys; a second call into the same folder with other tokens (or another basis) used
+    to load the first call's finished state and return its numbers as its own. Each state now
+    carries what it is of, and another call is refused by name; the same call resumes."""
+    from tl_degeneracy import Checkpointing, collect_statistics, interaction_graph
+    from tl_degeneracy.engine.jacobians import jacobian_gram
+    from tl_degeneracy.engine.sections import Section
+
+    model = tiny_model(API, n_layers=2)
+    a, b = random_tokens(model, 16, seed=1), random_tokens(model, 16, seed=2)
+    sites = SITES[:3]
+    ck = Checkpointing(tmp_path / "stats", every=1)
+    first = collect_statistics(model, sites, a, batch_size=4, checkpoint=ck, progress=False)
+    again = collect_statistics(model, sites, a, batch_size=4, checkpoint=ck, progress=False)
+    torch.testing.assert_close(again[sites[1]].gram, first[sites[1]].gram, rtol=0, atol=0)
+    with pytest.raises(streaming.CheckpointMismatchError, match=r"(?s)state 'gram'.*data.sha256"):
+        collect_statistics(model, sites, b, batch_size=4, checkpoint=ck, progress=False)
+
+    section = Section(Site(sites[0]), Site(sites[1]))
+    jck = Checkpointing(tmp_path / "jacobian", every=1)
+    jacobian_gram(model, a, section, config=JAC, batch_size=4, checkpoint=jck, progress=False)
+    with pytest.raises(streaming.CheckpointMismatchError, match=r"config.n_sources: 3 -> 4"):
+        other = replace(JAC, n_sources=4)
+        jacobian_gram(model, a, section, config=other, batch_size=4, checkpoint=jck, progress=False)
+
+    lib_a = fit_basis(model, a, _config(None, sites))
+    lib_b = fit_basis(model, b, _config(None, sites))
+    gck = Checkpointing(tmp_path / "edges", every=1)
+    graph = interaction_graph(model, a, lib_a, batch_size=4, progress=False, checkpoint=gck)
+    same = interaction_graph(model, a, lib_a, batch_size=4, progress=False, checkpoint=gck)
+    for name, se in graph.sections.items():
+        torch.testing.assert_close(same.sections[name].edges, se.edges, rtol=0, atol=0)
+    with pytest.raises(streaming.CheckpointMismatchError, match=r"basis_in: "):
+        interaction_graph(model, a, lib_b, batch_size=4, progress=False, checkpoint=gck)
+
+
+def test_rounded_digests_ignore_rounding_and_see_changes():
+    x = torch.randn(50, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert streaming.rounded_digest(x) == streaming.rounded_digest(x * (1 + 1e-15))
+    assert streaming.rounded_digest(x) != streaming.rounded_digest(x * (1 + 1e-6))
+    assert streaming.rounded_digest(x) != streaming.rounded_digest(x.T.contiguous())

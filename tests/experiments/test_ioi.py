@@ -120,3 +120,52 @@ def test_smollm2_solves_ioi():
         corrupt = pairs.logit_difference(model(pairs.corrupted_tokens))
     assert clean.mean() > 1.0 and corrupt.mean() < -1.0
     assert (clean > corrupt).float().mean() >= 0.9
+
+
+def _word_level(words: list[str]):
+    """A Hugging Face word-level tokenizer over `words`: anything else is `<unk>`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def test_words_that_are_the_unknown_token_are_missing():
+    """A word-level vocabulary without the names encodes each as `<unk>`, one token: such
+    words are not single-token words, so the report leaves its IOI section out instead of
+    comparing prompts whose IO and S are the same token."""
+    from types import SimpleNamespace
+
+    from tl_degeneracy.experiments.ioi import ioi_report_attribution
+
+    tok = _word_level(["Mary", "John", "w1"])
+    assert single_token_words(tok, ["Mary", "Kate", "John", "Sam"]) == ["Mary", "John"]
+    bare = _word_level([f"w{i}" for i in range(47)])
+    assert single_token_words(bare, IOI_NAMES) == []
+    with pytest.raises(ValueError, match="single-token names"):
+        ioi_prompt_pairs(bare, 8)
+    study = {"lib": SimpleNamespace(bases={"blocks.0.hook_resid_mid": None})}
+    assert ioi_report_attribution(None, study, tokenizer=bare) == {}
+
+
+def test_pairs_whose_io_is_their_s_are_left_out(tokenizer, monkeypatch):
+    """Two names of one token would make IO = S: a token is kept once, and should every pair
+    still name one token twice, the report's section is left out."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import tl_degeneracy.experiments.ioi as ioi
+
+    tokenizer._id(" Anna")
+    tokenizer.vocab[" Emma"] = tokenizer.vocab[" Anna"]  # two names, one token
+    assert single_token_words(tokenizer, ["Anna", "Emma", "Bob"]) == ["Anna", "Bob"]
+    pairs = ioi_prompt_pairs(tokenizer, 4)
+    same = replace(pairs, s_tokens=pairs.io_tokens)
+    monkeypatch.setattr(ioi, "ioi_prompt_pairs", lambda *a, **k: same)
+    study = {"lib": SimpleNamespace(bases={"blocks.0.hook_resid_mid": None})}
+    assert ioi.ioi_report_attribution(None, study, tokenizer=tokenizer) == {}

@@ -138,3 +138,48 @@ def test_topk_examples_from_token_ids():
     assert topk_examples(x, ids, k=1, vocab=lambda i: f"<{i}>").tokens[0][0][-1] == "<0>"
     with pytest.raises(ValueError, match="vocab"):
         topk_examples(x, ids)
+
+
+def test_nan_activations_are_marked_missing_and_never_ranked():
+    """circuitsvis would draw a NaN as 0: the token is marked [NaN] (and counted above the
+    view), and a NaN is never a top-activating example."""
+    frag = feature_activations_view(["a", "b"], torch.tensor([[float("nan"), 2.0], [1.0, 0.5]]))
+    props = _props(frag.html)
+    assert props["tokens"] == ["a [NaN]", "b"] and props["labels"] == ["0 (NaN at 1)", "1"]
+    assert "1 value is NaN or infinite (missing)" in frag.html
+    x = torch.tensor([[[float("nan")], [0.5]], [[2.0], [1.0]], [[0.2], [0.1]]])
+    ex = topk_examples(x, [["p", "q"]] * 3, k=2)
+    assert ex.seq_idx[0].tolist() == [1, 0] and ex.values[0].tolist() == [2.0, 0.5]
+    flat = [t for s in _props(topk_examples_view(ex).html)["tokens"][0][0] for t in s]
+    assert flat == ["p", "q", "p [NaN]", "q"]
+    assert "tld-missing" not in feature_activations_view(["a"], torch.ones(1, 1)).html
+
+
+def test_nan_logit_effects_are_never_ranked():
+    eff = torch.tensor([[float("nan"), 1.0, 2.0], [float("nan")] * 3])
+    promoted, suppressed = top_logit_effects(eff, ["nan-token", "b", "c"], k=2)
+    assert promoted == [[("c", 2.0), ("b", 1.0)], []]
+    assert suppressed == [[("b", 1.0), ("c", 2.0)], []]
+
+
+def test_long_and_blank_tokens_are_cut_and_shown():
+    """A 200-character token does not push the table or the views off the page (cut with an
+    ellipsis, in CSS with the full text in the tooltip, in the circuitsvis views in the data),
+    and blank or newline tokens show as ␣ and ↵ in every view."""
+    from tl_degeneracy.viz.feature_views import CV_TOKEN_CHARS, visible_token
+    from tl_degeneracy.viz.graph_widget import graph_assets
+    from tl_degeneracy.viz.html import BASE_CSS
+
+    long = "L" * 200
+    assert visible_token(" ") == "\u2423" and visible_token("  ") == "\u2423\u2423"
+    assert visible_token("\n") == "\u21b5" and visible_token(" the") == " the"
+    props = _props(feature_activations_view([long, " ", "\n", " a"], torch.ones(4, 1)).html)
+    assert props["tokens"] == ["L" * (CV_TOKEN_CHARS - 1) + "\u2026", "\u2423", "\u21b5", " a"]
+    frag = logit_effects_view([[(long, 1.0), (" ", 0.5)]], [[("x", -1.0)]])
+    assert f'title="{html.escape(repr(long))}"' in frag.html and "\u2423" in frag.html
+    tok_rule = re.search(r"\.tld-tok \{([^}]*)\}", BASE_CSS).group(1)
+    assert "text-overflow: ellipsis" in tok_rule and "max-width" in tok_rule
+    css = next(a.source for a in graph_assets() if a.kind == "css")
+    chip_rule = re.search(r"\.tld-chip \{([^}]*)\}", css).group(1)
+    assert "text-overflow: ellipsis" in chip_rule and "max-width" in chip_rule
+    assert "overflow-wrap: anywhere" in re.search(r"\.tld-ex-tok \{([^}]*)\}", css).group(1)

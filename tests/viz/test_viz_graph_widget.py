@@ -148,3 +148,17 @@ def test_synthetic_graph_is_reproducible():
     assert g1 == g2 and len(g1["layers"]) == 4 and g1["edges"]
     frag = graph_widget_html(g1, max_features=5)
     assert 'data-features="20"' in frag.html and 'data-sites="4"' in frag.html
+
+
+def test_a_nan_activation_in_an_example_is_missing_not_zero():
+    """An example's NaN or infinite activation travels as null, which the panel shows as
+    missing (no colour, "NaN (missing)" on hover) rather than as 0."""
+    graph = _graph()
+    graph["layers"][1]["features"][0]["examples"] = [
+        {"tokens": ["a", "b", "c"], "values": [float("nan"), 1.5, float("inf")], "center": 1}
+    ]
+    data = prepare_graph(graph)
+    example = next(f for la in data["layers"] for f in la["features"] if f["id"] == "b0")
+    assert example["examples"][0]["values"] == [None, 1.5, None]
+    script = next(a.source for a in graph_assets() if a.key == "tld-graph-widget-js")
+    assert "tld-ex-missing" in script and '"NaN (missing)"' in script

@@ -109,3 +109,17 @@ def test_figures_display_as_png_in_ipython(tmp_path, ipython_shell):
         png = data["image/png"]
         png = png if isinstance(png, bytes) else base64.b64decode(png)
         assert png.startswith(PNG_MAGIC) and len(png) > 5_000, name
+
+
+def test_edges_required_bars_start_at_zero_and_log_axes_get_points():
+    """A bar's length is its count: bars stand on a linear axis from 0; on a log axis (whose
+    bottom depends on the data) the counts are points."""
+    data = {"0→1": {"LIB": 165, "PCA": 190}, "1→2": {"LIB": 170, "PCA": 205}}
+    (ax,) = plot_edges_required(data).axes
+    assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0 and len(ax.patches) == 4
+    (ax,) = plot_edges_required(data, log_y=True).axes
+    assert ax.get_yscale() == "log" and not ax.patches
+    assert {line.get_label(): list(line.get_ydata()) for line in ax.lines} == {
+        "LIB": [165.0, 170.0],
+        "PCA": [190.0, 205.0],
+    }

@@ -251,3 +251,139 @@ def test_an_interaction_graph_stands_for_its_sections_and_modules(small_study):
     assert got.edges["lib"] == inputs.edges["lib"] and got.modules["lib"] == modules
     html_text = study_report(got).to_html()
     assert '"module":2' in html_text
+
+
+def test_no_module_is_drawn_grey_without_a_legend_entry():
+    """`Modules.by_site()` marks a feature that took no part with −1: the report's graph data
+    gives it no module (None), as `InteractionGraph`'s own view does; the widget drops any
+    negative label the same way."""
+    from tl_degeneracy.engine.module_finding import UNASSIGNED
+    from tl_degeneracy.viz.graph_widget import module_label, prepare_graph
+
+    a, b = Site("blocks.0.hook_resid_pre"), Site("blocks.0.hook_resid_mid")
+    bases = {a.name: _basis(a, 3), b.name: _basis(b, 3)}
+    modules = {a.name: [0, UNASSIGNED, 1], b.name: [UNASSIGNED] * 3}
+    data = result_graph_data(bases, {}, modules=modules)
+    assert [f["module"] for f in data["layers"][0]["features"]] == [0, None, 1]
+    assert {f["module"] for f in data["layers"][1]["features"]} == {None}
+    widget = prepare_graph(data)
+    assert {f["module"] for la in widget["layers"] for f in la["features"]} == {0, 1, None}
+    assert module_label(UNASSIGNED) is None and module_label(-3) is None
+    assert module_label(2) == 2 and module_label(None) is None
+    assert prepare_graph({"layers": [{"features": [{"id": "x", "module": -1}]}]})["layers"][0][
+        "features"
+    ][0]["module"] is None  # fmt: skip
+
+
+def test_a_raw_sites_most_important_coordinates_are_shown_with_their_edges():
+    """A raw final site's coordinates are in model order: the graph lists the ones of largest
+    variance, most important first, and their edges are the rows of those coordinates; edges
+    computed into the truncated basis (its first columns) cover only those."""
+    a, b = Site("blocks.0.hook_resid_pre"), Site("blocks.0.hook_resid_post")
+    eye = torch.eye(6, dtype=torch.float64)
+    imp = torch.tensor([1.0, 5.0, 2.0, 6.0, 0.5, 3.0], dtype=torch.float64)
+    raw = SiteBasis(b, "raw", eye, eye.clone(), imp, torch.zeros(6, dtype=torch.float64), imp)
+    bases = {a.name: _basis(a, 6), b.name: raw}
+    e = torch.arange(36, dtype=torch.float64).reshape(6, 6) + 1.0  # row i: inputs of coord i
+    sec = SectionEdges(Section(a, b), e, torch.arange(6, dtype=torch.float64), 8, "exact")
+    data = result_graph_data(bases, {sec.section.name: sec}, max_features=3, max_inputs=6)
+    outs = data["layers"][1]["features"]
+    assert [f["label"] for f in outs] == ["3", "1", "5"]
+    assert [f["input_total"] for f in outs] == [float(e[i].sum()) for i in (3, 1, 5)]
+    assert [f["mean_input"] for f in outs] == [3.0, 1.0, 5.0]
+    targets = {x["target"] for x in data["edges"]}
+    assert targets == {f"{b.name}:{i}" for i in (3, 1, 5)}
+    strongest = next(x for x in data["edges"] if x["target"] == f"{b.name}:3")
+    assert strongest == {"source": f"{a.name}:5", "target": f"{b.name}:3", "weight": 24.0}
+    # edges into `raw.truncated(2)`: rows for coordinates 0 and 1; of those, 1 is shown
+    cut = SectionEdges(Section(a, b), e[:2], torch.zeros(2, dtype=torch.float64), 8, "exact")
+    data = result_graph_data(bases, {cut.section.name: cut}, max_features=3)
+    assert {x["target"] for x in data["edges"]} == {f"{b.name}:1"}
+    outs = {f["label"]: f for f in data["layers"][1]["features"]}
+    assert outs["1"]["input_total"] == float(e[1].sum()) and "input_total" not in outs["3"]
+
+
+def test_nan_ablation_scores_leave_the_count_undecided():
+    """A NaN score is never within the tolerance, and a curve that cannot be decided is named
+    as such and left out of the LIB-vs-PCA tally."""
+
+    def curve(scores, baseline=1.0):
+        return AblationCurve("s", "lib", scores, baseline, higher_is_better=False)
+
+    nan = math.nan
+    curves = {
+        "a": {"lib": curve({0: nan, 8: 1.01, 16: 1.0}), "pca": curve({0: 3.0, 8: 1.2, 16: 1.0})},
+        "b": {"lib": curve({0: 3.0, 8: 1.0}, nan), "pca": curve({0: 3.0, 8: 1.0})},
+    }
+    assert rs.features_needed(curves, 0.05) == {
+        "a": {"lib": 8, "pca": 16},
+        "b": {"lib": None, "pca": 8},
+    }
+    first, tally = rs.ablation_sentences(curves, 0.05, "loss")
+    assert "at a, LIB 8, PCA 16" in first and "at b, LIB undecided (NaN scores), PCA 8" in first
+    assert tally.startswith(
+        "LIB needs fewer features than PCA at 1 of 2 ablated sites, as many at 0 and more at 0; "
+        "at 1 a NaN score leaves it undecided."
+    )
+    html_text = study_report(StudyReportInputs({"lib": _result()}, curves=curves)).to_html()
+    ablation = _part(html_text, "ablation")
+    assert "<td>–</td>" in ablation and "<td>0</td>" not in ablation
+
+
+def _result():
+    from tl_degeneracy.engine.basis_result import BasisResult
+
+    site = Site("blocks.0.hook_resid_pre")
+    return BasisResult({site.name: _basis(site, 4)}, {"model": {"model_name": "m"}})
+
+
+def test_edge_sparsity_is_drawn_as_points_on_a_log_axis(small_study, monkeypatch):
+    """Bars on a log axis whose bottom depends on the data misstate the ratios: the report
+    draws one point per section and basis on its log axis."""
+    import tl_degeneracy.viz.plots as plots
+
+    _, inputs, _ = small_study
+    seen = []
+    original = plots.figure_to_html
+
+    def keep(fig, *args, **kwargs):
+        seen.append(fig)
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "figure_to_html", keep)
+    html_text = study_report(StudyReportInputs(inputs.bases, edges=inputs.edges)).to_html()
+    (ax,) = next(f for f in seen if f.axes[0].get_ylabel() == "edges for 99% of the weight").axes
+    assert ax.get_yscale() == "log" and not ax.patches  # no bars
+    needed = rs.edges_needed(inputs.edges)
+    lib = [line for line in ax.lines if line.get_label() == "LIB"]
+    assert list(lib[0].get_ydata()) == [float(v["lib"]) for v in needed.values()]
+    assert "one point per section and basis (log scale" in html_text
+
+
+def test_a_rerendered_report_states_the_run_as_the_first_page(small_study, tmp_path):
+    """The page `write_study` writes and a later `tl-degeneracy report` state the same total
+    time and timings as `summary.json`, and the settings list the ablation ks that ran (each
+    clipped to its basis's width), not the ones asked for."""
+    from dataclasses import replace
+
+    from tl_degeneracy.experiments.study import Study
+    from tl_degeneracy.experiments.study_output import write_study
+
+    out, _, _ = small_study
+    study = Study.load(out)
+    study.config = replace(study.config, ablation_ks=(0, 4, 16, 64, 576))
+    study.timings = {"fit_s": 2.0, "total_s": 2.0}
+    write_study(study, tmp_path)
+    assert cli.main(["report", str(tmp_path), "--page", str(tmp_path / "again.html")]) == 0
+    first, again = (tmp_path / "report.html").read_text(), (tmp_path / "again.html").read_text()
+    total = json.loads((tmp_path / "summary.json").read_text())["timings_s"]["total_s"]
+    assert total == study.timings["total_s"] > 2.0
+    said = [re.findall(r"; ([^;]*?) in all\.", p) for p in (first, again)]
+    assert said[0] == said[1] == [rs.duration(total)]
+    assert _part(first, "settings") == _part(again, "settings")
+    ran = sorted(
+        {k for by_kind in study.curves.values() for c in by_kind.values() for k in c.scores}
+    )
+    cells = re.findall(r"<td>(.*?)</td>", _part(first, "settings"))
+    assert cells[cells.index("ablation ks") + 1] == ", ".join(map(str, ran))
+    assert "576" not in cells[cells.index("ablation ks") + 1]

@@ -25,7 +25,11 @@
   }
   function pct(v) { return (100 * v).toFixed(v < 0.1 ? 1 : 0) + "%"; }
   function truncate(s, n) { s = String(s); return s.length > n ? s.slice(0, n - 1) + "\u2026" : s; }
-  function visible(tok) { return String(tok).replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192"); }
+  // as feature_views.visible_token: newlines ↵, tabs →, a token of spaces only as ␣ per space
+  function visible(tok) {
+    var t = String(tok).replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192");
+    return t && !/[^ ]/.test(t) ? "\u2423".repeat(t.length) : t;
+  }
   function hasModule(n) { return n.module !== null && n.module !== undefined; }
 
   function render(id, data, opts) {
@@ -277,11 +281,12 @@
       var maxAbs = d3.max(vals, function (v) { return Math.abs(v); }) || 1;
       var line = container.append("div").attr("class", "tld-example tld-example-tokens");
       (ex.tokens || []).forEach(function (tok, i) {
-        var v = vals[i] || 0;
+        var missing = vals[i] === null;  // NaN or infinite: not a value, left uncoloured
+        var v = missing ? 0 : vals[i] || 0;
         var a = Math.min(1, Math.abs(v) / maxAbs);
         var bg = v >= 0 ? "rgba(230, 85, 13," + a.toFixed(3) + ")" : "rgba(49, 130, 189," + a.toFixed(3) + ")";
-        line.append("span").attr("class", "tld-ex-tok" + (i === ex.center ? " tld-ex-peak" : ""))
-          .style("background", bg).attr("title", fmt(v)).text(visible(tok));
+        line.append("span").attr("class", "tld-ex-tok" + (i === ex.center ? " tld-ex-peak" : "") + (missing ? " tld-ex-missing" : ""))
+          .style("background", bg).attr("title", missing ? "NaN (missing)" : fmt(v)).text(visible(tok));
       });
     }
 

@@ -27,8 +27,10 @@
     return s.length > n ? s.slice(0, n - 1) + "\u2026" : s;
   }
 
+  // as feature_views.visible_token: newlines ↵, tabs →, a token of spaces only as ␣ per space
   function visible(tok) {
-    return String(tok).replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192");
+    var t = String(tok).replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192");
+    return t && !/[^ ]/.test(t) ? "\u2423".repeat(t.length) : t;
   }
 
   function render(id, data, opts) {
@@ -296,11 +298,12 @@
       var maxAbs = d3.max(vals, function (v) { return Math.abs(v); }) || 1;
       var line = container.append("div").attr("class", "tld-example tld-example-tokens");
       (ex.tokens || []).forEach(function (tok, i) {
-        var v = vals[i] || 0;
+        var missing = vals[i] === null;  // NaN or infinite: not a value, left uncoloured
+        var v = missing ? 0 : vals[i] || 0;
         var a = Math.min(1, Math.abs(v) / maxAbs);
         var bg = v >= 0 ? "rgba(43,108,176," + a.toFixed(3) + ")" : "rgba(197,48,48," + a.toFixed(3) + ")";
-        line.append("span").attr("class", "tld-ex-tok").style("background", bg)
-          .attr("title", fmt(v)).text(visible(tok));
+        line.append("span").attr("class", "tld-ex-tok" + (missing ? " tld-ex-missing" : ""))
+          .style("background", bg).attr("title", missing ? "NaN (missing)" : fmt(v)).text(visible(tok));
       });
     }
 
@@ -310,7 +313,7 @@
       var div = panel.append("div").attr("class", "tld-pg-logits");
       pairs.forEach(function (p) {
         var item = div.append("span").attr("class", "tld-pg-logit");
-        item.append("span").attr("class", "tld-tok").text(visible(p[0]));
+        item.append("span").attr("class", "tld-tok").attr("title", String(p[0])).text(visible(p[0]));
         item.append("span").attr("class", "tld-val").text(fmt(p[1]));
       });
     }

@@ -15,6 +15,7 @@ Subcommands (`tl-degeneracy COMMAND --help`, docs/cli.md):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.traceback:
             raise
-        print(f"tl-degeneracy {args.command}: {interrupted(args)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per rank
+            print(f"tl-degeneracy {args.command}: {interrupted(args)}", file=sys.stderr)
         return 130
 
 

@@ -78,6 +78,7 @@ _COMMON_FLAGS = {
     "model": "the model: --model or --api",
     "model.weight_digest": "the model's weights: --model, or --api (each API names them apart)",
     "model_dtype": "--dtype",
+    "world_size": "processes: torchrun --nproc_per_node; absent for one process",
 }
 SETTING_FLAGS: dict[str, dict[str, str]] = {
     "fit": {

@@ -18,6 +18,12 @@ from tl_degeneracy.cli.checks import (
 )
 from tl_degeneracy.cli.registry import command
 
+STORE_HELP = (
+    "where section inputs are kept between passes: disk (in OUT, so an interrupted run resumes "
+    "from them), memory, off (re-run the model prefix), or auto (default: disk on a CPU, "
+    "memory on a GPU when it fits)"
+)
+
 
 def _fit_modadd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -170,7 +176,9 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
         f"{_by_kind(lm.ablation_tokens, task.ablation_tokens)})",
     )
     p.add_argument("--keep-bos", action="store_true", help="keep position 0 in every site")
-    p.add_argument("--store", default="auto", choices=["auto", "memory", "disk", "off"])
+    p.add_argument(
+        "--store", default="auto", choices=["auto", "memory", "disk", "off"], help=STORE_HELP
+    )
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cpu)")
     p.add_argument(
         "--dtype",
@@ -259,7 +267,7 @@ def _fit_lm_args(p: argparse.ArgumentParser) -> None:
         "--store",
         default="auto",
         choices=["auto", "memory", "disk", "off"],
-        help="where section inputs are kept between passes ('off' re-runs the model prefix)",
+        help=STORE_HELP,
     )
     p.add_argument(
         "--keep-bos",

@@ -4,7 +4,8 @@ score the model.
 A metric maps `(logits, tokens)` of a batch to one score per sequence (accuracy, negative
 loss, ...; `per_sequence` checks it); scores are averaged over the sequences of the data.
 `min_k` is the smallest k from which on the score stays within a tolerance of the unablated
-score.
+score; a NaN score is never within it, and with a NaN unablated score (or a NaN score at the
+largest k) nothing can be decided (`undecided`).
 """
 
 from __future__ import annotations
@@ -121,16 +122,38 @@ class AblationCurve(Result):
     ARTIFACT = "ablation_curve"
 
     def min_k(self, tolerance: float) -> int | None:
-        """Smallest k such that every evaluated k' ≥ k scores within `tolerance` of baseline."""
+        """Smallest k such that every evaluated k' ≥ k scores within `tolerance` of baseline.
+
+        None when no evaluated k does, or when it cannot be decided (`undecided`: a NaN
+        baseline). A NaN score is never within the tolerance: a curve whose scores at small k
+        overflowed to NaN does not count as needing no features."""
+        if math.isnan(self.baseline):
+            return None
         best = None
         for k in sorted(self.scores, reverse=True):
             gap = self.baseline - self.scores[k]
             if not self.higher_is_better:
                 gap = -gap
-            if gap > tolerance:
+            if not gap <= tolerance:  # NaN: not within
                 break
             best = k
         return best
+
+    @property
+    def undecided(self) -> bool:
+        """Whether `min_k` cannot say how many features are needed: the unablated score is NaN,
+        or the score with the most features kept is (so no k is known to pass), or there are
+        no scores."""
+        if not self.scores or math.isnan(self.baseline):
+            return True
+        return math.isnan(self.scores[max(self.scores)])
+
+    @property
+    def metric_label(self) -> str:
+        """The metric's name as recorded (`metadata["metric"]`), else "metric", with its
+        direction: "next_token_loss (lower is better)"."""
+        name = str(self.metadata.get("metric") or "metric")
+        return f"{name} ({'higher' if self.higher_is_better else 'lower'} is better)"
 
     def to_json(self) -> dict:
         return {
@@ -171,13 +194,16 @@ class AblationCurve(Result):
         from tl_degeneracy.viz.html import PageSection, table
         from tl_degeneracy.viz.plots import figure_to_html, plot_ablation_curves
 
-        fig = plot_ablation_curves({self.site: {self.kind.upper(): self.scores}})
+        baseline = self.baseline if math.isfinite(self.baseline) else None
+        fig = plot_ablation_curves(
+            {self.site: {self.kind.upper(): self.scores}}, self.metric_label, baseline
+        )
         rows = [{"k": k, "score": v} for k, v in sorted(self.scores.items())]
         return [
             PageSection(
                 f"{self.kind} node ablation at {self.site}",
                 [figure_to_html(fig, "ablation curve"), table(rows)],
-                f"unablated score {self.baseline:.5f}",
+                f"{self.metric_label}: unablated score {self.baseline:.5f} (dashed line)",
             )
         ]
 
@@ -213,6 +239,9 @@ def node_ablation_curve(
     warn_if_fitted_elsewhere(model, result)
     baseline = evaluate(model, tokens, metric, batch_size)
     meta = dict(result.metadata) if isinstance(result, BasisResult) else {}
+    metric_name = getattr(metric, "__name__", "")
+    if metric_name and metric_name not in ("<lambda>", "metric"):  # says which metric it is
+        meta["metric"] = metric_name
     if reads_last_position_only(metric):
         tail = structure_of(model, Section(basis.site.with_positions("all"), Site(LOGITS, "last")))
         if isinstance(tail, PlainTailStructure):

@@ -48,9 +48,11 @@ class BasisResult(Result):
         return self.bases[site_key(site, self.bases)]
 
     def top_features(self, site: SiteLike, k: int = 10) -> list[tuple[int, float]]:
-        """The `k` most important features at a site as (index, importance)."""
-        imp = self[site].importance
-        return [(i, float(imp[i])) for i in range(min(k, imp.numel()))]
+        """The `k` most important features at a site as (index, importance), most important
+        first (`SiteBasis.importance_order`: the first columns of a sorted basis, a raw site's
+        coordinates of largest variance)."""
+        b = self[site]
+        return [(i, float(b.importance[i])) for i in b.importance_order()[: max(0, k)].tolist()]
 
     def to(self, device: torch.device | str) -> BasisResult:
         """The same bases with their tensors on `device` (float64 throughout)."""
@@ -125,7 +127,9 @@ class BasisResult(Result):
                 "kind": b.kind,
                 "d": b.d,
                 "kept": b.k,
-                "top importance": [round(float(x), 4) for x in b.importance[:5]],
+                "top importance": [
+                    round(float(b.importance[i]), 4) for i in b.importance_order()[:5].tolist()
+                ],
             }
             for name, b in self.bases.items()
         ]

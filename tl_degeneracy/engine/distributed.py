@@ -16,16 +16,23 @@ the `fit` command with `torchrun` (one machine or several, see docs/distributed.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from tl_degeneracy.engine.statistics import GramStatistics
-from tl_degeneracy.engine.streaming import Accumulator, Checkpointing, EmptyDataError, stream
+from tl_degeneracy.engine.streaming import (
+    Accumulator,
+    Checkpointing,
+    EmptyDataError,
+    saved_batches,
+    stream,
+)
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,14 @@ class _Sharded:
         self.inner.load_state_dict(state)
 
 
+def restored(checkpoint: Checkpointing | None, key: str, n_batches: int, ctx: DistContext) -> bool:
+    """Whether this process's share of a pass over `n_batches` batches is saved whole under
+    `key` (the pass will be read back, not computed): for honest ETAs and resume lines."""
+    mine = len(ctx.shard(n_batches))
+    sharded = f"{key}.rank{ctx.rank}of{ctx.world_size}" if ctx.active else key
+    return mine > 0 and saved_batches(checkpoint, sharded) >= mine
+
+
 def stream_sharded(
     accumulator: Accumulator,
     batches: list[Tensor],
@@ -134,9 +149,11 @@ def stream_sharded(
     checkpoint: Checkpointing | None = None,
     key: str = "state",
     progress: bool = True,
+    fingerprint: Callable[[], dict[str, Any]] | None = None,
 ) -> list[dict[str, Tensor]]:
-    """Fold this rank's batches into `accumulator` (checkpointed per rank, resumable) and
-    return every rank's final state in rank order."""
+    """Fold this rank's batches into `accumulator` (checkpointed per rank, resumable; a state
+    of another `fingerprint` refused, see `streaming.stream`) and return every rank's final
+    state in rank order."""
     indices = ctx.shard(len(batches))
     if ctx.active:
         key = f"{key}.rank{ctx.rank}of{ctx.world_size}"
@@ -148,6 +165,7 @@ def stream_sharded(
             checkpoint,
             key=key,
             progress=progress and ctx.is_main,
+            fingerprint=fingerprint,
         )
     state = accumulator.state_dict() if indices else {}
     return all_gather_states(state, ctx)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +35,12 @@ from tl_degeneracy.engine.jacobians import checkpoint_key
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import Site
 from tl_degeneracy.engine.store import ActivationSource
-from tl_degeneracy.engine.streaming import Checkpointing, EmptyDataError, iter_batches
+from tl_degeneracy.engine.streaming import (
+    Checkpointing,
+    EmptyDataError,
+    iter_batches,
+    run_fingerprint,
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,15 @@ class SectionEdges(BriefRepr):
         return [(int(i) // k_in, int(i) % k_in, float(v)) for v, i in zip(vals, idx)]
 
 
+def edges_key(basis_in: SiteBasis, basis_out: SiteBasis) -> str:
+    """The checkpoint key of a section's edges. The bases' kinds are in it: LIB and PCA edges
+    of one section are different passes."""
+    section = Section(basis_in.site, basis_out.site)
+    truncated = basis_out.kind != "raw" or basis_out.k < basis_out.d
+    key = f"edges.{basis_in.kind}.{section.name}" + (f".top{basis_out.k}" if truncated else "")
+    return checkpoint_key(key)
+
+
 def section_edges(
     model: nn.Module,
     tokens: Int[Tensor, "n pos"] | Iterable[Tensor],
@@ -110,7 +124,8 @@ def section_edges(
     ctx: Any = None,
 ) -> SectionEdges:
     """Stream the edges of the section from `basis_in`'s site to `basis_out`'s site (edges
-    into `basis_out`'s features only: pass `basis_out.truncated(k)` for the top k)."""
+    into `basis_out`'s features only: pass `basis_out.truncated(k)` for its first k, the top k
+    of a sorted basis)."""
     from tl_degeneracy.engine.distributed import DistContext, stream_sharded, sum_states
     from tl_degeneracy.engine.structures import structure_of
 
@@ -119,18 +134,30 @@ def section_edges(
     source = source or ActivationSource(model)
     section = Section(basis_in.site, basis_out.site)
     acc = structure_of(model, section).edge_accumulator(basis_in, basis_out, config, source)
-    # the bases' kinds are in the key: LIB and PCA edges of one section are different passes
-    key = f"edges.{basis_in.kind}.{section.name}" + (
-        f".top{basis_out.k}" if basis_out.kind != "raw" else ""
-    )
+    key = edges_key(basis_in, basis_out)
+    batches = iter_batches(tokens, batch_size, model)
+
+    def fingerprint() -> dict[str, Any]:
+        return run_fingerprint(
+            model,
+            batches,
+            state="edges",
+            section=section.name,
+            config=_result_settings(config),
+            basis_in=basis_in.C,
+            basis_out=basis_out.C,
+            kinds=[basis_in.kind, basis_out.kind],
+        )
+
     states = stream_sharded(
         acc,
-        iter_batches(tokens, batch_size, model),
+        batches,
         f"edges {section.name}",
         ctx,
         checkpoint,
-        checkpoint_key(key),
+        key,
         progress,
+        fingerprint,
     )
     if ctx.active:
         acc.load_state_dict(sum_states([s for s in states if s]))
@@ -161,44 +188,26 @@ class InteractionGraph(Result):
         """Per section, the fewest edges that carry `fraction` of its edge weight."""
         return {k: s.edges_for_fraction(fraction) for k, s in self.sections.items()}
 
-    def to_graph_data(self, top_n: int = 12, examples: dict | None = None) -> dict:
-        """The plain dict the interaction-graph widget draws (top `top_n` features a site; each
-        target's `input_total` sums its edges from every input feature)."""
-        layers: list[dict[str, Any]] = []
-        keep: dict[str, int] = {}
-        for name, b in self.basis.bases.items():
-            n = min(top_n, b.k)
-            keep[name] = n
-            mods = self.modules.get(name)
-            layers.append(
-                {
-                    "site": name,
-                    "features": [
-                        {
-                            "id": f"{name}:{i}",
-                            "label": f"{i}",
-                            "importance": float(b.importance[i]),
-                            "module": None if mods is None or mods[i] < 0 else int(mods[i]),
-                            "examples": (examples or {}).get(f"{name}:{i}", []),
-                        }
-                        for i in range(n)
-                    ],
-                }
-            )
-        edges = []
-        feats = {f["id"]: f for layer in layers for f in layer["features"]}
-        for sec in self.sections.values():
-            src, dst = sec.section.inp.name, sec.section.out.name
-            for i in range(min(keep[dst], sec.edges.shape[0])):  # input over all features
-                feats[f"{dst}:{i}"]["input_total"] = float(sec.edges[i].sum())
-                feats[f"{dst}:{i}"]["mean_input"] = float(sec.mean_edges[i])
-            e = sec.edges[: keep[dst], : keep[src]].cpu()
-            for i in range(e.shape[0]):
-                for j in range(e.shape[1]):
-                    edges.append(
-                        {"source": f"{src}:{j}", "target": f"{dst}:{i}", "weight": float(e[i, j])}
-                    )
-        return {"layers": layers, "edges": edges}
+    def to_graph_data(self, top_n: int | None = None, examples: dict | None = None) -> dict:
+        """The plain dict the interaction-graph widget draws, built as the study report builds
+        it (`viz.graph_data.result_graph_data`): each site's `top_n` most important features
+        (default: as many as the report holds), the modules of `self.modules` (−1: none), and
+        for each feature its strongest inputs with the total over every input, so the widget's
+        shares are shares of everything the feature receives. `examples` maps a feature id
+        (`"site:index"`) to its examples."""
+        from tl_degeneracy.viz.graph_data import GRAPH_MAX_FEATURES, result_graph_data
+
+        data = result_graph_data(
+            self.basis,
+            self.sections,
+            max_features=GRAPH_MAX_FEATURES if top_n is None else top_n,
+            modules=self.modules,
+        )
+        if examples:
+            for layer in data["layers"]:
+                for f in layer["features"]:
+                    f["examples"] = examples.get(f["id"], [])
+        return data
 
     # -- the result protocol -------------------------------------------------------------------
 
@@ -259,6 +268,7 @@ class InteractionGraph(Result):
         return cls(empty, sections, dict(meta.get("modules", {})), meta)
 
     def _html_sections(self) -> list:
+        from tl_degeneracy.viz.graph_data import GRAPH_FEATURES, GRAPH_SHARE
         from tl_degeneracy.viz.graph_widget import graph_widget_html
         from tl_degeneracy.viz.html import PageSection, table
 
@@ -272,7 +282,10 @@ class InteractionGraph(Result):
             for k, s in self.sections.items()
         ]
         return [
-            PageSection("Interaction graph", graph_widget_html(self.to_graph_data())),
+            PageSection(
+                "Interaction graph",
+                graph_widget_html(self.to_graph_data(), GRAPH_FEATURES, GRAPH_SHARE),
+            ),
             PageSection("Sections", table(rows)),
         ]
 
@@ -290,7 +303,8 @@ def interaction_graph(
     ctx: Any = None,
 ) -> InteractionGraph:
     """Edges of every consecutive pair of sites of `basis` (LIB, IB, PCA or neuron); with
-    `top_outputs`, only edges into each section's top output features."""
+    `top_outputs`, only edges into each section's first `top_outputs` output features
+    (`SiteBasis.truncated`: the most important ones, except at a raw site)."""
     tokens = tokens if isinstance(tokens, Tensor) else list(tokens)
     bases = list(basis.bases.values())
     sections = {}
@@ -305,3 +319,9 @@ def interaction_graph(
         model, basis.sites, kind=basis.kind, edges=config or EdgeConfig(), top_outputs=top_outputs
     )
     return InteractionGraph(basis, sections, metadata=meta)
+
+
+def _result_settings(config: Any) -> dict[str, Any]:
+    """The fields of a config that change a checkpointed pass's result (not where or in what
+    chunks it is computed)."""
+    return {k: v for k, v in asdict(config).items() if k not in ("stats_device", "chunk_size")}

@@ -10,7 +10,7 @@ forward, exact (one-hot cotangents) or stochastic (Rademacher sources).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
@@ -24,7 +24,12 @@ from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import Site
 from tl_degeneracy.engine.statistics import StatisticsMismatchError
 from tl_degeneracy.engine.store import ActivationSource
-from tl_degeneracy.engine.streaming import Checkpointing, EmptyDataError, iter_batches
+from tl_degeneracy.engine.streaming import (
+    Checkpointing,
+    EmptyDataError,
+    iter_batches,
+    run_fingerprint,
+)
 
 Method = Literal["exact", "stochastic"]
 
@@ -188,18 +193,36 @@ def jacobian_gram(
     source = source or ActivationSource(model)
     structure = structure_of(model, section)
     acc = structure.jacobian_accumulator(out_basis, config, source)
+    batches = iter_batches(tokens, batch_size, model)
+
+    def fingerprint() -> dict[str, Any]:
+        return run_fingerprint(
+            model,
+            batches,
+            state="M'",
+            section=section.name,
+            config=_result_settings(config),
+            out_basis="raw" if out_basis is None else out_basis,
+        )
+
     states = stream_sharded(
         acc,
-        iter_batches(tokens, batch_size, model),
+        batches,
         f"M' {section.name} ({acc.method()})",
         ctx,
         checkpoint,
-        checkpoint_key(f"jacobian.{section.name}"),
+        jacobian_key(section),
         progress,
+        fingerprint,
     )
     if ctx.active:
         acc.load_state_dict(sum_states([s for s in states if s]))
     return finish_jacobian_gram(acc, model)
+
+
+def jacobian_key(section: Section) -> str:
+    """The checkpoint key of a section's `M'` pass."""
+    return checkpoint_key(f"jacobian.{section.name}")
 
 
 def checkpoint_key(text: str) -> str:
@@ -214,3 +237,9 @@ def checkpoint_key(text: str) -> str:
 def describe_error(error: float | None) -> str:
     """A split-half error for people: 'n/a (one batch)' where there is none."""
     return "n/a (one batch)" if error is None else f"{error:.3g}"
+
+
+def _result_settings(config: Any) -> dict[str, Any]:
+    """The fields of a config that change a checkpointed pass's result (not where or in what
+    chunks it is computed)."""
+    return {k: v for k, v in asdict(config).items() if k not in ("stats_device", "chunk_size")}

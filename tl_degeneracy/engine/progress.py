@@ -19,17 +19,23 @@ class JobClock:
     def __init__(self, log: Log = quiet):
         self.log, self.start = log, time.perf_counter()
         self.phase_start: dict[str, float] = {}
+        self.restored: dict[str, int] = {}
         self.timings: dict[str, float] = {}
 
     def begin(self, phase: str) -> None:
         self.phase_start[phase] = time.perf_counter()
+        self.restored[phase] = 0
 
-    def step(self, phase: str, done: int, total: int, what: str) -> None:
+    def step(self, phase: str, done: int, total: int, what: str, restored: bool = False) -> None:
+        """Log a finished item of `phase`. A `restored` one (read back from a checkpoint)
+        took no time, so the ETA is the time per item computed here, not per item done."""
         spent = time.perf_counter() - self.phase_start[phase]
-        eta = spent / done * (total - done) if done else float("nan")
+        self.restored[phase] = self.restored.get(phase, 0) + restored
+        worked = done - self.restored[phase]
+        eta = spent / worked * (total - done) if worked else float("nan")
         self.log(
-            f"[{phase} {done}/{total}] {what}  elapsed {_fmt(time.perf_counter() - self.start)}"
-            f", {phase} ETA {_fmt(eta)}"
+            f"[{phase} {done}/{total}] {what}{' (restored)' if restored else ''}  elapsed "
+            f"{_fmt(time.perf_counter() - self.start)}, {phase} ETA {_fmt(eta)}"
         )
 
     def end(self, phase: str) -> float:

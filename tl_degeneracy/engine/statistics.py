@@ -22,7 +22,12 @@ from tl_degeneracy.engine.compat import is_transformer, model_device, usable_dev
 from tl_degeneracy.engine.linalg import symmetric_eigh
 from tl_degeneracy.engine.sites import Site, SiteLike, site_key, validate_sites
 from tl_degeneracy.engine.store import ActivationStore
-from tl_degeneracy.engine.streaming import Checkpointing, EmptyDataError, iter_batches
+from tl_degeneracy.engine.streaming import (
+    Checkpointing,
+    EmptyDataError,
+    iter_batches,
+    run_fingerprint,
+)
 
 __all__ = [
     "GramAccumulator",
@@ -442,7 +447,14 @@ def collect_statistics(
     resolved = validate_sites(model, sites)
     batches = iter_batches(tokens, batch_size, model)
     acc = GramAccumulator(model, resolved, device)
-    states = stream_sharded(acc, batches, "Gram statistics", ctx, checkpoint, "gram", progress)
+
+    def fingerprint() -> dict[str, Any]:
+        sites = [s.to_json() for s in resolved]
+        return run_fingerprint(model, batches, state="gram statistics", sites=sites)
+
+    states = stream_sharded(
+        acc, batches, "Gram statistics", ctx, checkpoint, "gram", progress, fingerprint
+    )
     stats = (
         merge_gram_states(states, GramStatistics(resolved), acc.device) if ctx.active else acc.stats
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,13 +93,17 @@ class Checkpointing:
     """Save after every `every` batches."""
 
 
-def _save_checkpoint(path: Path, key: str, done: int, state: dict[str, Tensor]) -> None:
+def _save_checkpoint(
+    path: Path, key: str, done: int, state: dict[str, Tensor], fingerprint: object = None
+) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / f"{key}.safetensors.tmp"
     # The batch count travels inside the state file, so that one atomic replace updates both
     # (the JSON beside it is for people; a kill between the two replaces used to resume with
     # the new state and the old count, folding the last batches in twice).
     meta = {"batches_done": str(done)}
+    if fingerprint is not None:
+        meta["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path / f"{key}.safetensors")
     meta_path = path / f"{key}.json"
@@ -107,17 +112,36 @@ def _save_checkpoint(path: Path, key: str, done: int, state: dict[str, Tensor]) 
     os.replace(tmp_meta, meta_path)
 
 
-def _load_checkpoint(path: Path, key: str) -> tuple[int, dict[str, Tensor]] | None:
+def _load_checkpoint(path: Path, key: str) -> tuple[int, dict[str, Tensor], object] | None:
+    """(batches done, state, the fingerprint it was saved with or None) of a saved state."""
     meta, tensors = path / f"{key}.json", path / f"{key}.safetensors"
     if not tensors.exists():
         return None
     with safe_open(str(tensors), "pt") as f:
-        stored = (f.metadata() or {}).get("batches_done")
+        header = f.metadata() or {}
+    stored = header.get("batches_done")
     if stored is None:  # a checkpoint written before the count moved into the state file
         if not meta.exists():
             return None
         stored = json.loads(meta.read_text())["batches_done"]
-    return int(stored), load_file(str(tensors))
+    saved = header.get("fingerprint")
+    return int(stored), load_file(str(tensors)), None if saved is None else json.loads(saved)
+
+
+def saved_batches(checkpoint: Checkpointing | None, key: str) -> int:
+    """Batches a saved state under `key` has folded in (0: none saved); reads only the
+    state file's header."""
+    if checkpoint is None:
+        return 0
+    path = Path(checkpoint.path)
+    tensors = path / f"{key}.safetensors"
+    if not tensors.exists():
+        return 0
+    with safe_open(str(tensors), "pt") as f:
+        stored = (f.metadata() or {}).get("batches_done")
+    if stored is None and (path / f"{key}.json").exists():
+        stored = json.loads((path / f"{key}.json").read_text())["batches_done"]
+    return int(stored or 0)
 
 
 def stream(
@@ -127,19 +151,37 @@ def stream(
     checkpoint: Checkpointing | None = None,
     key: str = "state",
     progress: bool = True,
+    fingerprint: Callable[[], dict[str, Any]] | None = None,
 ) -> Accumulator:
     """Fold every batch into `accumulator`, with a progress bar (tokens/s and ETA).
 
     With `checkpoint`, the state is saved every `checkpoint.every` batches under `key` and a
-    previous run's state is resumed from.
+    previous run's state is resumed from. `fingerprint` (called only when needed) describes
+    what the state is of (`run_fingerprint`: model, data, settings): a state saved for
+    anything else is refused (`CheckpointMismatchError`) rather than returned as this call's
+    result. A folder a fit stamped as a whole (`claim_checkpoint_folder`) is checked there.
     """
     start = 0
     ckpt_dir = Path(checkpoint.path) if checkpoint else None
+    expected = None
     if ckpt_dir is not None:
+        if fingerprint is not None and not (ckpt_dir / STAMP_FILE).exists():
+            expected = jsonable_roundtrip(fingerprint())
         loaded = _load_checkpoint(ckpt_dir, key)
         if loaded is not None:
-            start, state = loaded
+            start, state, saved = loaded
+            if expected is not None and saved != expected:
+                old = saved if isinstance(saved, dict) else {}
+                raise CheckpointMismatchError(
+                    f"{ckpt_dir} (state {key!r})", _differences(old, expected)
+                )
             accumulator.load_state_dict(state)
+            if progress and start:
+                tqdm.write(
+                    f"{description}: resumed from its checkpoint at batch {start} of "
+                    f"{len(batches)}",
+                    file=sys.stderr,  # beside the bars
+                )
     n_tokens = sum(int(b.numel()) for b in batches)
     bar = tqdm(
         total=n_tokens,
@@ -154,7 +196,7 @@ def stream(
         bar.update(int(batches[i].numel()))
         if ckpt_dir is not None and checkpoint is not None:
             if (i + 1) % checkpoint.every == 0 or i + 1 == len(batches):
-                _save_checkpoint(ckpt_dir, key, i + 1, accumulator.state_dict())
+                _save_checkpoint(ckpt_dir, key, i + 1, accumulator.state_dict(), expected)
     bar.close()
     return accumulator
 
@@ -345,6 +387,39 @@ def describe_batches(batches: Sequence[Tensor], limit: int = 4) -> str:
             runs.append([key, 1])
     text = ", ".join(f"{n} x {key}" for key, n in runs[:limit])
     return text + (f", ... ({len(runs) - limit} more runs)" if len(runs) > limit else "")
+
+
+def rounded_digest(values: Tensor, digits: int = 8) -> str:
+    """A digest of `values` rounded to `digits` significant digits: the same for tensors that
+    differ by float64 rounding (a basis computed again on another thread count), different
+    for any real change."""
+    import hashlib
+
+    x = values.detach().to("cpu", torch.float64).flatten()
+    exponent = torch.zeros_like(x)
+    nonzero = x != 0
+    exponent[nonzero] = torch.floor(torch.log10(x[nonzero].abs()))
+    mantissa = torch.round(x / 10 ** (exponent - (digits - 1)))
+    h = hashlib.sha256(f"{list(values.shape)}".encode())
+    h.update(mantissa.to(torch.int64).numpy().tobytes())
+    h.update(exponent.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(model: nn.Module, batches: Sequence[Tensor], **settings: Any) -> dict:
+    """What a checkpointed pass depends on: the model (identity and weight digest), its dtype,
+    the data (`data_fingerprint`) and `settings` (JSON data; tensors by `rounded_digest`)."""
+    from tl_degeneracy.engine.compat import model_dtype
+    from tl_degeneracy.engine.identity import model_identity
+
+    identity = {k: v for k, v in model_identity(model).items() if k != "api"}
+    plain = {k: rounded_digest(v) if isinstance(v, Tensor) else v for k, v in settings.items()}
+    return {
+        "model": identity,
+        "model_dtype": str(model_dtype(model)),
+        "data": data_fingerprint(batches),
+        **plain,
+    }
 
 
 def data_fingerprint(batches: Sequence[Tensor]) -> dict[str, str]:

@@ -80,8 +80,18 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def single_token_words(tokenizer: Any, words: Sequence[str]) -> list[str]:
-    """The words that are one token when preceded by a space (as they are mid-sentence)."""
-    return [w for w in words if len(_encode(tokenizer, " " + w)) == 1]
+    """The words that are one token when preceded by a space (as they are mid-sentence), other
+    than the tokenizer's unknown token (`unk_token_id`: a word-level vocabulary without the
+    word encodes it so), and each token once (the first word that encodes to it), so two words
+    kept are always two tokens."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    kept, seen = [], set()
+    for w in words:
+        ids = _encode(tokenizer, " " + w)
+        if len(ids) == 1 and ids[0] != unknown and ids[0] not in seen:
+            kept.append(w)
+            seen.add(ids[0])
+    return kept
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,8 @@ def ioi_prompt_pairs(
     place and an object; the clean prompt repeats S, the corrupted one repeats IO instead.
     Words that are not single tokens for `tokenizer` (a Hugging Face tokenizer, or anything
     with `encode(text, add_special_tokens=False)` and `bos_token_id`) are left out, so every
-    prompt of the template has the same length.
+    prompt of the template has the same length, and so are words it encodes as its unknown
+    token or as a token an earlier word has (`single_token_words`), so IO and S always differ.
     """
     names = single_token_words(tokenizer, names)
     places = single_token_words(tokenizer, places)
@@ -187,7 +198,9 @@ def ioi_report_attribution(
     """Attribution patching against true patching for a study's bases on `n_pairs` indirect-
     object pairs, at one site (default: the middle `hook_resid_mid` site) over its `n_features`
     most important features: the report's attribution table. Empty when the tokenizer lacks
-    single-token names (the pairs need them). Returns `{kind: AttributionComparison}`."""
+    single-token names (the pairs need them: names the tokenizer encodes as its unknown token
+    do not count), or when IO and S are the same token in every pair. Returns
+    `{kind: AttributionComparison}`."""
     from tl_degeneracy.engine.attribution import compare_attribution
 
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -196,6 +209,8 @@ def ioi_report_attribution(
     try:
         pairs = ioi_prompt_pairs(tokenizer, n_pairs, seed=seed)
     except (ValueError, KeyError, IndexError):
+        return {}
+    if bool((pairs.io_tokens == pairs.s_tokens).all()):  # the metric would be 0 on both
         return {}
     out: dict[str, Any] = {}
     for kind, result in results.items():

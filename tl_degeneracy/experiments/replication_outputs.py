@@ -111,7 +111,9 @@ def plot_graph(graph, path: Path, top_n: int = 12) -> None:
     weights = torch.tensor([e["weight"] for e in data["edges"]] or [1.0])
     top = float(weights.max())
     for e in data["edges"]:
-        if e["weight"] < 1e-3 * top:
+        # an input from a feature below the top few is listed (it counts in the shares), but
+        # has no node here
+        if e["weight"] < 1e-3 * top or e["source"] not in pos or e["target"] not in pos:
             continue
         (x0, y0), (x1, y1) = pos[e["source"]], pos[e["target"]]
         ax.plot(

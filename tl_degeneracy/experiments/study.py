@@ -32,8 +32,8 @@ from tl_degeneracy.engine.ablation import (
 from tl_degeneracy.engine.artifacts import build_metadata, jsonable
 from tl_degeneracy.engine.bases import Truncation
 from tl_degeneracy.engine.basis_result import BasisResult
-from tl_degeneracy.engine.distributed import DistContext
-from tl_degeneracy.engine.edges import EdgeConfig, InteractionGraph, section_edges
+from tl_degeneracy.engine.distributed import DistContext, restored
+from tl_degeneracy.engine.edges import EdgeConfig, InteractionGraph, edges_key, section_edges
 from tl_degeneracy.engine.fit import (
     LIBConfig,
     StoreMode,
@@ -68,7 +68,8 @@ class StudyConfig:
     edge_tokens: int = 128
     """Tokens (first rows of the data) for the edges; 0 skips edges."""
     edge_outputs: int | None = 16
-    """Edges into the top `edge_outputs` output features of each section (None: all)."""
+    """Edges into the top `edge_outputs` output features of each section (None: all); into
+    the first coordinates of a raw site, whose columns are not sorted (`SiteBasis.truncated`)."""
     edges: EdgeConfig = field(default_factory=lambda: EdgeConfig(method="stochastic"))
     ablation_tokens: int = 256
     """Held-out tokens for node-ablation curves; 0 skips them."""
@@ -292,6 +293,8 @@ def _graphs(model, state, bases, config, tokens) -> dict[str, InteractionGraph]:
             b_in, b_out = result.bases[a], result.bases[b]
             if config.edge_outputs is not None:
                 b_out = b_out.truncated(config.edge_outputs)
+            key, n_batches = edges_key(b_in, b_out), -(-len(edge_tokens) // config.batch_rows)
+            was_saved = restored(state.checkpoint, key, n_batches, state.ctx)
             se = section_edges(
                 model,
                 edge_tokens,
@@ -306,7 +309,7 @@ def _graphs(model, state, bases, config, tokens) -> dict[str, InteractionGraph]:
             )
             sections[se.section.name] = se
             done += 1
-            state.clock.step("edges", done, total, f"{kind} {se.section.name}")
+            state.clock.step("edges", done, total, f"{kind} {se.section.name}", was_saved)
         ordered = dict(reversed(list(sections.items())))
         meta = build_metadata(model, result.sites, kind=kind, edges=config.edges)
         graphs[kind] = InteractionGraph(result, ordered, metadata=meta)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,22 @@ from tl_degeneracy.experiments.study import Study
 
 def report_inputs(study: Study, **fields: Any) -> Any:
     """The report's inputs from a study (bases, interaction graphs, curves, settings,
-    timings); `fields` sets any other (`attribution=`, views)."""
+    timings); `fields` sets any other (`attribution=`, views). The settings list the ablation
+    ks that ran (each clipped to its basis's width), not the ones asked for."""
     from tl_degeneracy.viz.report import StudyReportInputs
 
     graphs: dict[str, Any] = dict(study.graphs)  # the report takes their sections and modules
+    settings = jsonable(study.config)
+    ran = sorted(
+        {k for by_kind in study.curves.values() for c in by_kind.values() for k in c.scores}
+    )
+    if study.config.ablation_ks is not None and ran:
+        settings["ablation_ks"] = ran
     return StudyReportInputs(
         bases=study.bases,
         edges=graphs,
         curves=study.curves,
-        settings=jsonable(study.config),
+        settings=settings,
         timings=dict(study.timings),
         **fields,
     )
@@ -47,10 +55,15 @@ def write_study(
     under `out`. With the model, held-out rows and a token decoder, the report shows each
     feature's top-activating contexts and logit effects and traces dominant directions to
     their tokens (on `example_rows` rows spread over the held-out data). `inputs` replaces
-    the report's inputs altogether (`report_inputs` plus views built by the caller)."""
+    the report's inputs altogether (`report_inputs` plus views built by the caller).
+
+    The report's time (its views and the page's body: graphs, features, plots) is added to
+    the timings (`report_s`, and `total_s`) before the summary and the timings are written
+    into the page, so the page, the saved study, `summary.json`, the terminal and a later
+    `tl-degeneracy report` all state the same times (only writing the files is not counted)."""
     from tl_degeneracy.experiments.lm_report import lm_summary
     from tl_degeneracy.experiments.report_views import add_model_views
-    from tl_degeneracy.viz.report import study_report
+    from tl_degeneracy.viz.report import report_body, study_report
     from tl_degeneracy.viz.report_artifacts import save_report_views
 
     out = Path(out)
@@ -63,11 +76,11 @@ def write_study(
         rows = heldout[::step][:example_rows]
         inputs = add_model_views(inputs, model, rows, decode)
     save_report_views(inputs, out)
-    study_report(inputs).save(out / "report.html")
-    spent = time.perf_counter() - start  # the page shows the timings up to the report
-    study.timings["report_s"] = study.timings.get("report_s", 0.0) + spent
-    if "total_s" in study.timings:
-        study.timings["total_s"] += spent
+    body = report_body(inputs)
+    _add_report_time(study, time.perf_counter() - start)
+    if inputs.timings:  # the page states the times the study records
+        inputs = replace(inputs, timings=_with_report_time(inputs.timings, study.timings))
+    study_report(inputs, body).save(out / "report.html")
     study.save(out)
     (out / "summary.json").write_text(json.dumps(jsonable(lm_summary(study)), indent=1))
     return out
@@ -96,16 +109,35 @@ def write_language_model_study(
     from tl_degeneracy.experiments.ioi import ioi_report_attribution
 
     start = time.perf_counter()
+    before = study.timings.get("report_s", 0.0)
     tokenizer = getattr(model, "tokenizer", None)
     attribution = ioi_report_attribution(model, study.bases) if tokenizer is not None else {}
     decode = None if tokenizer is None else (lambda i: tokenizer.decode([i]))
-    spent = time.perf_counter() - start  # write_study adds the views and the page
-    study.timings["report_s"] = study.timings.get("report_s", 0.0) + spent
-    if "total_s" in study.timings:
-        study.timings["total_s"] += spent
+    _add_report_time(study, time.perf_counter() - start)  # write_study adds the rest
     out = write_study(study, out, model, heldout, decode, attribution)
-    log(f"report views in {time.perf_counter() - start:.1f} s")
+    log(f"report in {study.timings['report_s'] - before:.1f} s")
     return out
+
+
+def _add_report_time(study: Study, seconds: float) -> None:
+    """Count `seconds` of the report's work in `report_s` and `total_s`."""
+    report = {"report_s": study.timings.get("report_s", 0.0) + seconds}
+    if "total_s" in study.timings:
+        report["total_s"] = study.timings["total_s"] + seconds
+    study.timings = _with_report_time(study.timings, report)
+
+
+def _with_report_time(timings: dict[str, float], source: dict[str, float]) -> dict[str, float]:
+    """`timings` with `report_s` and `total_s` from `source`, the report among the phases
+    (before the totals)."""
+    phases = {k: v for k, v in timings.items() if not k.startswith(("total", "cpu"))}
+    phases.pop("report_s", None)
+    if "report_s" in source:
+        phases["report_s"] = source["report_s"]
+    totals = {k: v for k, v in timings.items() if k.startswith(("total", "cpu"))}
+    if "total_s" in source:
+        totals["total_s"] = source["total_s"]
+    return {**phases, **totals}
 
 
 def summary_lines(study: Study) -> list[str]:
@@ -121,7 +153,16 @@ def summary_lines(study: Study) -> list[str]:
                 f"(of {of} per section)"
             )
     for site, by_kind in study.curves.items():
-        parts = [f"{kind} min k (0.05) {curve.min_k(0.05)}" for kind, curve in by_kind.items()]
+        parts = [f"{kind} min k (0.05) {_k_text(curve)}" for kind, curve in by_kind.items()]
         base = next(iter(by_kind.values())).baseline
         lines.append(f"{site}: baseline {base:.3f}; " + "; ".join(parts))
     return lines
+
+
+def _k_text(curve: Any, tolerance: float = 0.05) -> str:
+    """A curve's `min_k` for the terminal: the count, "none" when no evaluated k is within the
+    tolerance, "undecided" when a NaN score leaves it open."""
+    k = curve.min_k(tolerance)
+    if k is not None:
+        return str(k)
+    return "undecided (NaN)" if curve.undecided else "none"

@@ -9,6 +9,11 @@ its `render_local` inlines), shared once per page as an `Asset`, and a per-widge
 
 circuitsvis 1.43 writes token strings with `dangerouslySetInnerHTML` (unescaped), so tokens are
 HTML-escaped before they are handed to it; labels are React text and are passed as they are.
+Every view shows a token as `visible_token` does (newlines ↵, tabs →, a blank token ␣); the
+circuitsvis views cut a token longer than `CV_TOKEN_CHARS` characters with an ellipsis (the
+package's own tables truncate it in CSS and keep the full text in the tooltip). A NaN or
+infinite activation is never drawn as a value: circuitsvis colours it as 0, so its token is
+marked `[NaN]` and a note above the view counts them; NaN logit effects are never ranked.
 """
 
 from __future__ import annotations
@@ -41,9 +46,25 @@ __all__ = [
     "top_logit_effects",
     "topk_examples",
     "topk_examples_view",
+    "visible_token",
 ]
 
 Acts = Float[Tensor, "pos n_features"] | Float[np.ndarray, "pos n_features"]
+
+CV_TOKEN_CHARS = 40
+"""Longest token (in characters) a circuitsvis view shows whole; longer ones end in `…`."""
+MISSING_MARK = " [NaN]"
+"""Appended to a token whose activation is NaN or infinite in a circuitsvis view."""
+
+
+def visible_token(token: str) -> str:
+    """A token as every view of the package shows it: newlines as ↵, tabs as →, and a token
+    made only of spaces as one ␣ per space (so it is not an empty sliver); other text as it
+    is (a leading space stays a space)."""
+    t = str(token).replace("\n", "\u21b5").replace("\t", "\u2192")
+    if t and not t.strip(" "):
+        return "\u2423" * len(t)
+    return t
 
 
 @lru_cache(maxsize=1)
@@ -93,8 +114,29 @@ def circuitsvis_widget(component: str, **props: Any) -> Fragment:
     return Fragment(body, (circuitsvis_asset(),))
 
 
-def _escape_tokens(tokens: Sequence[str]) -> list[str]:
-    return [html.escape(str(t), quote=False) for t in tokens]
+def _cv_tokens(tokens: Sequence[str], missing: Sequence[bool] | None = None) -> list[str]:
+    """Tokens for a circuitsvis view: visible (`visible_token`), cut to `CV_TOKEN_CHARS` with an
+    ellipsis, marked where `missing`, then HTML-escaped (see the module docstring)."""
+    out = []
+    for i, tok in enumerate(tokens):
+        t = visible_token(tok)
+        if len(t) > CV_TOKEN_CHARS:
+            t = t[: CV_TOKEN_CHARS - 1] + "\u2026"
+        if missing is not None and missing[i]:
+            t += MISSING_MARK
+        out.append(html.escape(t, quote=False))
+    return out
+
+
+def _missing_note(n: int, noun: str) -> Fragment:
+    """A line above a view that says how many of its values (`noun`s) are NaN or infinite."""
+    if not n:
+        return Fragment("")
+    what = f"1 {noun} is" if n == 1 else f"{n} {noun}s are"
+    return Fragment(
+        f'<p class="tld-desc tld-missing">{what} NaN or infinite (missing): marked '
+        f"{html.escape(MISSING_MARK.strip())} after the token and left uncoloured.</p>"
+    )
 
 
 def _to_numpy(x: Tensor | np.ndarray | Sequence[Sequence[Real]]) -> np.ndarray:
@@ -123,11 +165,18 @@ def feature_activations_view(
     if names is None:
         names = [str(i) for i in range(values.shape[1])]
     if values.shape[1] > max_features:
-        keep = np.sort(np.argsort(-np.abs(values).max(axis=0), kind="stable")[:max_features])
+        peak = np.where(np.isfinite(values), np.abs(values), -np.inf).max(axis=0, initial=-np.inf)
+        keep = np.sort(np.argsort(-peak, kind="stable")[:max_features])
         values, names = values[:, keep], [names[i] for i in keep]
-    return circuitsvis_widget(
-        "ColoredTokensMulti", tokens=_escape_tokens(str_tokens), values=values, labels=names
+    bad = ~np.isfinite(values)  # [pos, n_features]
+    names = [f"{n} (NaN at {int(c)})" if c else n for n, c in zip(names, bad.sum(axis=0).tolist())]
+    widget = circuitsvis_widget(
+        "ColoredTokensMulti",
+        tokens=_cv_tokens(str_tokens, bad.any(axis=1).tolist()),
+        values=values,
+        labels=names,
     )
+    return _missing_note(int(bad.sum()), "value") + widget
 
 
 @dataclass
@@ -222,7 +271,7 @@ def topk_examples(
     lengths = torch.tensor([min(len(t), n_pos) for t in str_tokens])
     valid_pos = torch.arange(n_pos)[None, :] < lengths[:, None]  # [n_seq, pos]
     score = x.abs() if absolute else x
-    score = score.masked_fill(~valid_pos[:, :, None], float("-inf"))
+    score = score.masked_fill(~valid_pos[:, :, None] | score.isnan(), float("-inf"))
     if one_per_sequence:
         best, best_pos = score.max(dim=1)  # [n_seq, n_feat]
         kk = min(k, int((lengths > 0).sum()))
@@ -269,9 +318,18 @@ def topk_examples_view(
         return Fragment('<p class="tld-desc">No examples.</p>')
     names = [str(n) for n in feature_names] if feature_names is not None else None
     labels = [names[i] if names is not None else str(i) for i in idx]
-    tokens = [[[_escape_tokens(t) for t in examples.tokens[i]] for i in idx]]
+    n_missing = 0
+    tokens_shown: list[list[list[str]]] = []
+    for i in idx:
+        rows = []
+        for toks, acts_row in zip(examples.tokens[i], examples.acts[i]):
+            missing = [not np.isfinite(a) for a in acts_row]
+            n_missing += sum(missing)
+            rows.append(_cv_tokens(toks, missing))
+        tokens_shown.append(rows)
+    tokens = [tokens_shown]
     acts = [[examples.acts[i] for i in idx]]
-    return circuitsvis_widget(
+    return _missing_note(n_missing, "activation") + circuitsvis_widget(
         "TopkSamples",
         tokens=tokens,
         activations=acts,
@@ -295,13 +353,16 @@ def top_logit_effects(
     id -> string (called only for the tokens shown)."""
     e = effects.detach().float().cpu()
     k = min(k, e.shape[1])
-    top_v, top_i = e.topk(k, dim=1)
-    bot_v, bot_i = e.topk(k, dim=1, largest=False)
+    nan = e.isnan()  # never ranked: left out of both lists
+    top_v, top_i = e.masked_fill(nan, float("-inf")).topk(k, dim=1)
+    bot_v, bot_i = e.masked_fill(nan, float("inf")).topk(k, dim=1, largest=False)
     name = vocab if callable(vocab) else vocab.__getitem__
 
     def pairs(v: Tensor, i: Tensor) -> list[list[tuple[str, float]]]:
+        skip = nan.gather(1, i).tolist()
         return [
-            [(name(t), val) for t, val in zip(ti, vi)] for ti, vi in zip(i.tolist(), v.tolist())
+            [(name(t), val) for t, val, s in zip(ti, vi, si) if not s]
+            for ti, vi, si in zip(i.tolist(), v.tolist(), skip)
         ]
 
     return pairs(top_v, top_i), pairs(bot_v, bot_i)
@@ -338,14 +399,10 @@ class LogitEffects:
         return cls(pairs(d["promoted"]), pairs(d["suppressed"]))
 
 
-def _visible(token: str) -> str:
-    return token.replace("\n", "\u21b5").replace("\t", "\u2192")
-
-
 def _token_cells(items: TokenValues, cls: str) -> str:
     cells = []
     for tok, val in items:
-        t = html.escape(_visible(str(tok)))
+        t = html.escape(visible_token(str(tok)))
         cells.append(
             f'<span class="tld-tok {cls}" title="{html.escape(repr(str(tok)))}">{t}</span>'
             f'<span class="tld-val">{float(val):+.3g}</span>'
@@ -359,7 +416,8 @@ def logit_effects_view(
     feature_names: Sequence[str] | None = None,
 ) -> Fragment:
     """A table of the tokens each (late-site) feature promotes and suppresses. Plain HTML: every
-    token and name is escaped; whitespace is kept and newlines shown as ↵."""
+    token and name is escaped and shown as `visible_token` does; a long token is cut with an
+    ellipsis (CSS), its full text in the tooltip."""
     if isinstance(promoted, Mapping):
         names = [str(n) for n in promoted]
         promoted = list(promoted.values())

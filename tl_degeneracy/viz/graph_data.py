@@ -1,10 +1,13 @@
 """The graph widget's data from fitted results: a basis per site, edges per section, and
 optionally modules, top-activating examples and logit effects per feature.
 
-Per target feature, only its strongest inputs are listed (those before `max_share` of its input
-is reached, at most `max_inputs`), so a language model's 60 sections with 576 inputs each stay a
-few hundred kilobytes; the total input over all inputs travels with the feature, so the widget's
-shares are shares of everything the feature receives.
+Each site lists its most important features (`SiteBasis.importance_order`: a sorted basis's
+first columns, a raw site's coordinates of largest variance). Per target feature, only its
+strongest inputs are listed (those before `max_share` of its input is reached, at most
+`max_inputs`), so a language model's 60 sections with 576 inputs each stay a few hundred
+kilobytes; the total input over all inputs travels with the feature, so the widget's shares
+are shares of everything the feature receives. The study report and `InteractionGraph`'s own
+view both draw this data, opening with the same settings (`GRAPH_FEATURES`, `GRAPH_SHARE`).
 """
 
 from __future__ import annotations
@@ -14,31 +17,48 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tl_degeneracy.viz.feature_views import visible_token
+from tl_degeneracy.viz.graph_widget import module_label
+
 if TYPE_CHECKING:
     from tl_degeneracy.engine.bases import SiteBasis
     from tl_degeneracy.engine.basis_result import BasisResult
     from tl_degeneracy.engine.edges import SectionEdges
     from tl_degeneracy.viz.feature_views import LogitEffects, TopkExamples
 
-__all__ = ["result_graph_data", "token_labels"]
+__all__ = [
+    "GRAPH_FEATURES",
+    "GRAPH_MAX_FEATURES",
+    "GRAPH_SHARE",
+    "result_graph_data",
+    "token_labels",
+]
+
+GRAPH_FEATURES = 12
+"""Features per site a graph opens with."""
+GRAPH_MAX_FEATURES = 16
+"""Features per site a graph's page holds (the reader can show up to this many)."""
+GRAPH_SHARE = 0.8
+"""Share of each feature's input its drawn edges carry when a graph opens."""
 
 
 def token_labels(effects: LogitEffects, n_tokens: int = 3) -> list[str]:
     """A label per feature made of the tokens it promotes most, `·`-separated (surrounding
-    spaces dropped, a blank token shown as ␣, newlines as ↵)."""
+    spaces dropped, a blank token shown as ␣, newlines as ↵: `feature_views.visible_token`)."""
 
     def show(tok: str) -> str:
-        return tok.replace("\n", "\u21b5").replace("\t", "\u2192").strip() or "\u2423"
+        return visible_token(tok).strip() or "\u2423"
 
     return [" · ".join(show(t) for t, _ in row[:n_tokens]) for row in effects.promoted]
 
 
 def _section_edges(
-    sec: SectionEdges, n_out: int, max_share: float, max_inputs: int
+    sec: SectionEdges, rows: Sequence[int], max_share: float, max_inputs: int
 ) -> tuple[list[tuple[int, int, float]], list[float], list[float]]:
     """(output, input, weight) of each output's strongest inputs, its total input and its
-    input from the mean node, for the first `n_out` outputs."""
-    e = sec.edges[:n_out].to(torch.float64)
+    input from the mean node, for the output features `rows` (rows of the section's edges)."""
+    index = torch.tensor(list(rows), dtype=torch.long)
+    e = sec.edges.detach().cpu()[index].to(torch.float64)
     mag = e.abs()
     total = mag.sum(1)
     vals, idx = mag.sort(dim=1, descending=True, stable=True)
@@ -46,10 +66,11 @@ def _section_edges(
     rank = torch.arange(e.shape[1])[None, :]
     keep = (before < max_share * total[:, None]) & (rank < max_inputs) & (vals > 0)
     out = [
-        (i, int(idx[i, r]), float(e[i, idx[i, r]]))
-        for i, r in keep.nonzero().tolist()  # row-major: each output's inputs strongest first
+        (int(rows[r]), int(idx[r, c]), float(e[r, idx[r, c]]))
+        for r, c in keep.nonzero().tolist()  # row-major: each output's inputs strongest first
     ]
-    mean = sec.mean_edges[:n_out].tolist() if sec.mean_edges.numel() else [0.0] * len(total)
+    mean_edges = sec.mean_edges.detach().cpu()
+    mean = mean_edges[index].tolist() if mean_edges.numel() else [0.0] * len(rows)
     return out, total.tolist(), mean
 
 
@@ -68,27 +89,32 @@ def result_graph_data(
 ) -> dict[str, Any]:
     """The widget's dict (see `graph_widget`) for every site of `result`, in forward order.
 
-    Feature `i` of a site is column `i` of its basis; `modules`, `examples`, `logit_effects`
-    and `labels` are keyed by site name and indexed by feature (any may cover fewer features
-    or sites). Features are labelled by their index unless `labels` says otherwise.
+    Each site lists its `max_features` most important features, most important first
+    (`SiteBasis.importance_order`). Feature `i` is column `i` of its basis (id `"site:i"`,
+    labelled `i` unless `labels` says otherwise) and row `i` of the edges into its site (edges
+    computed into `basis.truncated(n)` cover its first n columns). `modules`, `examples`,
+    `logit_effects` and `labels` are keyed by site name and indexed by feature (any may cover
+    fewer features or sites); a module label of −1 means no module (`module_label`).
     """
     bases = result if isinstance(result, Mapping) else result.bases
     layers: list[dict[str, Any]] = []
     feats: dict[str, dict[str, Any]] = {}
+    shown: dict[str, list[int]] = {}
     for name, b in bases.items():
         site_feats = []
         mods = (modules or {}).get(name)
         ex = (examples or {}).get(name)
         le = (logit_effects or {}).get(name)
         names = (labels or {}).get(name)
-        for i in range(min(max_features, b.k)):
+        shown[name] = b.importance_order()[: max(0, max_features)].tolist()
+        for i in shown[name]:
             f: dict[str, Any] = {
                 "id": f"{name}:{i}",
                 "label": str(names[i]) if names is not None and i < len(names) else str(i),
                 "importance": float(b.importance[i]),
             }
             if mods is not None and i < len(mods):
-                f["module"] = int(mods[i])
+                f["module"] = module_label(mods[i])
             if ex is not None and i < ex.n_features:
                 f["examples"] = ex.graph_examples(i)[:n_examples]
             if le is not None and i < le.n_features:
@@ -104,10 +130,12 @@ def result_graph_data(
         src, dst = sec.section.inp.name, sec.section.out.name
         if src not in bases or dst not in bases:
             continue
-        n_out = min(max_features, bases[dst].k, sec.edges.shape[0])
-        kept, totals, means = _section_edges(sec, n_out, max_share, max_inputs)
-        for i in range(n_out):
-            feats[f"{dst}:{i}"]["input_total"] = totals[i]
-            feats[f"{dst}:{i}"]["mean_input"] = means[i]
+        rows = [i for i in shown[dst] if i < sec.edges.shape[0]]
+        if not rows:
+            continue
+        kept, totals, means = _section_edges(sec, rows, max_share, max_inputs)
+        for i, total, mean in zip(rows, totals, means):
+            feats[f"{dst}:{i}"]["input_total"] = total
+            feats[f"{dst}:{i}"]["mean_input"] = mean
         edges += [{"source": f"{src}:{j}", "target": f"{dst}:{i}", "weight": w} for i, j, w in kept]
     return {"layers": layers, "edges": edges}

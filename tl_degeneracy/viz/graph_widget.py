@@ -3,7 +3,8 @@
 Input is a plain dict, so the widget does not depend on the core::
 
     {"layers": [{"site": "blocks.0.hook_resid_pre",            # "label", "block": optional
-                 "features": [{"id": "0:3", "label": "3", "importance": 1.2, "module": 0,
+                 "features": [{"id": "0:3", "label": "3", "importance": 1.2,
+                               "module": 0,                     # None or −1: no module
                                "input_total": 7.5,              # optional, see below
                                "examples": ["a [[b]] c", {"tokens": [...], "values": [...],
                                                           "center": 1}],
@@ -40,6 +41,7 @@ __all__ = [
     "d3_asset",
     "graph_assets",
     "graph_widget_html",
+    "module_label",
     "prepare_graph",
     "short_site_label",
     "synthetic_graph",
@@ -97,6 +99,17 @@ def short_site_label(site: str) -> str:
     return base.replace("hook_", "") + pos
 
 
+def module_label(label: Any) -> int | None:
+    """A feature's module as the widget draws it: None (grey, no legend entry) for no module,
+    which a module labelling marks with −1 (`module_finding.UNASSIGNED`, as
+    `Modules.by_site()` gives it) or leaves out; the label itself otherwise. The one place
+    that decides it, for every graph the package draws."""
+    if label is None:
+        return None
+    value = int(label)
+    return None if value < 0 else value
+
+
 def _finite(x: Any, default: float = 0.0) -> float:
     try:
         v = float(x)
@@ -110,11 +123,18 @@ def _round(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def _missing_or_round(x: Any, digits: int = 2) -> float | None:
+    """An example's activation rounded, or None where it is not a finite number."""
+    v = _finite(x, math.nan)
+    return _round(v, digits) if math.isfinite(v) else None
+
+
 def _example(ex: Any) -> str | dict[str, Any]:
     if isinstance(ex, Mapping):
         out: dict[str, Any] = {
             "tokens": [str(t) for t in ex.get("tokens", [])],
-            "values": [_round(_finite(v), 2) for v in ex.get("values", [])],
+            # a NaN or infinite activation travels as null: the panel marks it missing
+            "values": [_missing_or_round(v) for v in ex.get("values", [])],
         }
         if ex.get("center") is not None:
             out["center"] = int(ex["center"])
@@ -127,12 +147,11 @@ def _token_values(items: Any) -> list[list[Any]]:
 
 
 def _feature(f: Mapping[str, Any]) -> dict[str, Any]:
-    module = f.get("module")
     out: dict[str, Any] = {
         "id": str(f["id"]),
         "label": str(f.get("label", f["id"])),
         "importance": _round(_finite(f.get("importance", 0.0))),
-        "module": None if module is None else int(module),
+        "module": module_label(f.get("module")),
         "examples": [_example(e) for e in f.get("examples", []) or []],
     }
     if f.get("input_total") is not None:
@@ -163,8 +182,10 @@ def prepare_graph(
     per site and, per target feature, its strongest inputs up to `max_share` of its input (at
     most `max_inputs`), each edge with its `share` and `cum` (see the module docstring).
 
-    Strings are coerced with `str()`, non-finite numbers become 0, zero-weight edges and edges
-    to unknown features are removed. Feature ids must be unique across sites.
+    Strings are coerced with `str()`, non-finite numbers become 0 (an example's activation
+    becomes None, which the panel shows as missing), a negative module is no module
+    (`module_label`), zero-weight edges and edges to unknown features are removed. Feature ids
+    must be unique across sites.
     """
     if not 0 < max_share <= 1:
         raise ValueError(f"max_share must be in (0, 1], got {max_share}")

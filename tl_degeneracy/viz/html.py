@@ -202,11 +202,13 @@ BASE_CSS = """
   text-align: left; }
 .tld-table th { background: #f5f5f5; }
 .tld-tok { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre;
-  border-radius: 3px; padding: 0 3px; margin: 1px 2px; display: inline-block; }
+  border-radius: 3px; padding: 0 3px; margin: 1px 2px; display: inline-block;
+  max-width: 16em; overflow: hidden; text-overflow: ellipsis; vertical-align: bottom; }
 .tld-tok-pos { background: #e3f0e3; }
 .tld-tok-neg { background: #f6e0e0; }
 .tld-val { color: #666; font-size: 0.85em; margin-left: 2px; }
 .tld-figure img { max-width: 100%; height: auto; }
+.tld-scroll { overflow-x: auto; max-width: 100%; }
 """
 _BASE_ASSET = Asset("tld-base-css", BASE_CSS, "css")
 

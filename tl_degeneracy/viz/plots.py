@@ -164,7 +164,10 @@ def plot_edges_required(
     log_y: bool = False,
     path: str | Path | None = None,
 ) -> Figure:
-    """Grouped bars: for each section (e.g. a pair of sites), the edges each method needs."""
+    """For each section (e.g. a pair of sites), the edges each method needs: grouped bars on a
+    linear axis from 0 (a bar's length is its count), or with `log_y` points on a log axis (a
+    bar on a log axis has no meaningful length), each method's points joined in section
+    order."""
     sections = list(data)
     methods: list[str] = []
     for vals in data.values():
@@ -175,6 +178,12 @@ def plot_edges_required(
     width = 0.8 / max(len(methods), 1)
     for i, method in enumerate(methods):
         heights = [float(data[s].get(method, np.nan)) for s in sections]
+        if log_y:
+            shown = [h if h > 0 else np.nan for h in heights]  # a log axis has no 0
+            ax.plot(
+                x, shown, marker="o", ms=5, lw=1, alpha=0.9, label=method, color=_colour(method, i)
+            )
+            continue
         bars = ax.bar(
             x + (i - (len(methods) - 1) / 2) * width,
             heights,
@@ -191,9 +200,11 @@ def plot_edges_required(
     )
     if log_y:
         ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.grid(True, axis="y", alpha=0.25)
+    ax.grid(True, axis="y", which="both" if log_y else "major", alpha=0.25)
     ax.legend()
     return _maybe_save(fig, path)
 

@@ -26,7 +26,13 @@ import torch
 
 from tl_degeneracy.viz import report_summary as rs
 from tl_degeneracy.viz.feature_views import logit_effects_view, topk_examples_view
-from tl_degeneracy.viz.graph_data import result_graph_data, token_labels
+from tl_degeneracy.viz.graph_data import (
+    GRAPH_FEATURES,
+    GRAPH_MAX_FEATURES,
+    GRAPH_SHARE,
+    result_graph_data,
+    token_labels,
+)
 from tl_degeneracy.viz.graph_widget import graph_widget_html, short_site_label
 from tl_degeneracy.viz.html import Fragment, HtmlPage, HtmlReprMixin, PageSection, table, text
 
@@ -38,7 +44,7 @@ if TYPE_CHECKING:
     from tl_degeneracy.engine.edges import SectionEdges
     from tl_degeneracy.viz.feature_views import LogitEffects, TopkExamples
 
-__all__ = ["StudyReportInputs", "report_sections", "study_report"]
+__all__ = ["StudyReportInputs", "report_body", "report_sections", "study_report"]
 
 
 @dataclass
@@ -74,11 +80,11 @@ class StudyReportInputs(HtmlReprMixin):
     """Tolerance on the ablation metric for "features needed" (nats for a loss)."""
     tolerances: tuple[float, ...] = (0.01, 0.05, 0.1)
     metric: str = "held-out loss (nats)"
-    graph_features: int = 12
+    graph_features: int = GRAPH_FEATURES
     """Features per site the graph opens with."""
-    graph_max_features: int = 16
+    graph_max_features: int = GRAPH_MAX_FEATURES
     """Features per site the page holds (the reader can show up to this many)."""
-    graph_share: float = 0.8
+    graph_share: float = GRAPH_SHARE
     """Share of each feature's input its drawn edges carry when the graph opens."""
 
     def __post_init__(self) -> None:
@@ -101,9 +107,10 @@ class StudyReportInputs(HtmlReprMixin):
         return report_sections(self)
 
 
-def study_report(inputs: StudyReportInputs) -> HtmlPage:
-    """The report as a page: `study_report(inputs).save(out / "report.html")`."""
-    return HtmlPage(inputs._html_title()).extend(report_sections(inputs))
+def study_report(inputs: StudyReportInputs, body: list[PageSection] | None = None) -> HtmlPage:
+    """The report as a page: `study_report(inputs).save(out / "report.html")`; `body` as in
+    `report_sections`."""
+    return HtmlPage(inputs._html_title()).extend(report_sections(inputs, body))
 
 
 def _part(name: str, *content: Fragment | str) -> list[Fragment | str]:
@@ -111,10 +118,21 @@ def _part(name: str, *content: Fragment | str) -> list[Fragment | str]:
     return [f'<div class="tld-part" data-part="{name}">', *content, "</div>"]
 
 
-def report_sections(inputs: StudyReportInputs) -> list[PageSection]:
-    sections = [_summary(inputs), *_graphs(inputs), _features(inputs), _ablation(inputs)]
-    sections += [_attribution(inputs), _edges(inputs), _diagnostic(inputs), _spectra(inputs)]
-    sections.append(_settings(inputs))
+def report_sections(
+    inputs: StudyReportInputs, body: list[PageSection] | None = None
+) -> list[PageSection]:
+    """The summary, the body (`report_body`: the graphs, features, plots and tables, which take
+    nearly all of the rendering time) and the settings and timings. A `body` built already
+    lets a caller count its time in `inputs.timings` before the summary and the timings are
+    written (`experiments.study_output.write_study`)."""
+    body = report_body(inputs) if body is None else body
+    return [_summary(inputs), *body, _settings(inputs)]
+
+
+def report_body(inputs: StudyReportInputs) -> list[PageSection]:
+    """The sections between the summary and the settings, those without data left out."""
+    sections = [*_graphs(inputs), _features(inputs), _ablation(inputs), _attribution(inputs)]
+    sections += [_edges(inputs), _diagnostic(inputs), _spectra(inputs)]
     return [s for s in sections if s is not None]
 
 
@@ -270,7 +288,8 @@ def _ablation(inputs: StudyReportInputs) -> PageSection | None:
     desc = (
         "Only the top k features of one site (plus the site's mean) are kept, the rest set to "
         "their mean, and the model runs on. A basis that needs fewer features for the same "
-        "metric has put what matters first. '–': no evaluated k is within the tolerance."
+        "metric has put what matters first. '–': no evaluated k is within the tolerance, or "
+        "a NaN score leaves it undecided."
     )
     return PageSection(
         "Node ablation",
@@ -304,14 +323,14 @@ def _attribution(inputs: StudyReportInputs) -> PageSection | None:
             )
     first = inputs.attribution[rs.ordered_kinds(inputs.attribution)[0]]
     intro = (
-        f"Metric {meta.get('metric', 'metric')}: clean {first.clean_metric:.4g}, corrupted "
+        f"{rs.metric_intro(meta.get('metric'))}: clean {first.clean_metric:.4g}, corrupted "
         f"{first.corrupted_metric:.4g}, mean over {meta.get('n_pairs', '?')} prompt pairs."
     )
     example = meta.get("example")
     parts: list[Fragment | str] = [text(intro, "p")]
     if isinstance(example, (list, tuple)) and len(example) == 2:
         parts.append(text(f"Example pair: “{example[0]}” / “{example[1]}”.", "p"))
-    parts += ['<div class="tld-attribution">', table(rows), "</div>"]
+    parts += ['<div class="tld-attribution tld-scroll">', table(rows), "</div>"]
     desc = (
         "Attribution patching scores each feature by a first-order estimate of what patching "
         "it from the corrupted to the clean prompt does to the metric; patching does it. "
@@ -329,16 +348,19 @@ def _edges(inputs: StudyReportInputs) -> PageSection | None:
         return None
     from tl_degeneracy.viz.plots import figure_to_html, plot_edges_required
 
-    data = {short_site_label(s.split("->")[0]) + " →": v for s, v in needed.items()}
+    data = {
+        short_site_label(s.split("->")[0]) + " →": {k.upper(): v for k, v in by.items()}
+        for s, by in needed.items()
+    }  # LIB and PCA in their colours and legend names
     fig = plot_edges_required(data, "edges for 99% of the weight", "Edges per section", True)
     fig.set_size_inches(max(8.0, 0.3 * len(data) * max(1, len(inputs.edges))), 4.0)
-    data = {s: {k.upper(): v for k, v in by.items()} for s, by in data.items()}
     rows = [{"section": s, **{k.upper(): v for k, v in by.items()}} for s, by in needed.items()]
     details = Fragment("<details><summary>per section</summary>") + table(rows)
     return PageSection(
         "Edge sparsity",
         _part("edges", figure_to_html(fig, "edges for 99% of the weight"), details, "</details>"),
-        "Fewest edges that carry 99% of a section's edge weight (log scale; lower is sparser).",
+        "Fewest edges that carry 99% of a section's edge weight, one point per section and "
+        "basis (log scale; lower is sparser).",
     )
 
 

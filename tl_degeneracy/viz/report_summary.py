@@ -31,6 +31,7 @@ __all__ = [
     "edge_sentences",
     "edges_needed",
     "features_needed",
+    "metric_intro",
     "setting_rows",
     "timing_rows",
 ]
@@ -58,7 +59,8 @@ def features_needed(
     curves: Mapping[str, Mapping[str, AblationCurve]], tolerance: float
 ) -> dict[str, dict[str, int | None]]:
     """{site: {kind: the fewest kept features (of those evaluated) whose score stays within
-    `tolerance` of the unablated score, None if none does}}."""
+    `tolerance` of the unablated score, None if none does or it cannot be decided (a NaN
+    score; `AblationCurve.min_k`)}}."""
     return {
         site: {kind: c.min_k(tolerance) for kind, c in by_kind.items()}
         for site, by_kind in curves.items()
@@ -66,7 +68,11 @@ def features_needed(
 
 
 def _k_text(k: int | None, curve: AblationCurve) -> str:
-    return str(k) if k is not None else f"more than {max(curve.scores)}"
+    if k is not None:
+        return str(k)
+    if curve.undecided:
+        return "undecided (NaN scores)"
+    return f"more than {max(curve.scores)}"
 
 
 def ablation_sentences(
@@ -87,7 +93,13 @@ def ablation_sentences(
         "when only a basis's top k features are kept at one site: " + "; ".join(parts) + "."
     ]
     both = [(n["lib"], n["pca"]) for n in needed.values() if "lib" in n and "pca" in n]
-    pairs = [(a, b) for a, b in both if a is not None or b is not None]
+    decided = []  # sites where neither curve is undecided (NaN): only they are compared
+    for site, by_kind in curves.items():
+        if "lib" in by_kind and "pca" in by_kind:
+            if not (by_kind["lib"].undecided or by_kind["pca"].undecided):
+                decided.append((needed[site]["lib"], needed[site]["pca"]))
+    undecided = len(both) - len(decided)
+    pairs = [(a, b) for a, b in decided if a is not None or b is not None]
     if both:
         inf = float("inf")
         lib = [inf if a is None else a for a, _ in pairs]
@@ -99,12 +111,12 @@ def ablation_sentences(
             f"LIB needs fewer features than PCA at {fewer} of {len(both)} ablated sites, "
             f"as many at {same} and more at {more}"
         )
-        neither = len(both) - len(pairs)
-        tally += (
-            f"; at {neither} no evaluated k of either basis is within the tolerance."
-            if neither
-            else "."
-        )
+        neither = len(decided) - len(pairs)
+        if neither:
+            tally += f"; at {neither} no evaluated k of either basis is within the tolerance"
+        if undecided:
+            tally += f"; at {undecided} a NaN score leaves it undecided"
+        tally += "."
         if fewer > more:
             tally += (
                 " Fewer features for the same loss means LIB's ranking (by how strongly a "
@@ -210,6 +222,14 @@ def attribution_sentence(comparisons: Mapping[str, AttributionComparison]) -> st
         f"true patching with a median Spearman ρ of {', '.join(parts)} (over sites; 1 is the "
         "same order): how far a first-order estimate can stand in for patching each feature."
     )
+
+
+def metric_intro(name: object) -> str:
+    """The words "Metric NAME" for a sentence that goes on with ": clean …", or "Metric" alone
+    when no name was given (none, or a function's default name such as "metric" or
+    "<lambda>")."""
+    text = str(name or "").strip()
+    return "Metric" if text in ("", "metric", "<lambda>") else f"Metric {text}"
 
 
 def _value(v: Any) -> str:

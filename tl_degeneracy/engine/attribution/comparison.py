@@ -167,15 +167,20 @@ class AttributionComparison(Result):
     def _html_sections(self) -> list:
         from tl_degeneracy.viz.html import Fragment, PageSection, table
         from tl_degeneracy.viz.plots import figure_to_html, plot_scatter
+        from tl_degeneracy.viz.report_summary import metric_intro
 
-        metric = str(self.metadata.get("metric", "metric"))
         intro = (
-            f"Metric {metric}: clean {self.clean_metric:.6g}, corrupted "
-            f"{self.corrupted_metric:.6g}, {self.metadata.get('n_pairs', '?')} pairs. "
+            f"{metric_intro(self.metadata.get('metric'))}: clean {self.clean_metric:.6g}, "
+            f"corrupted {self.corrupted_metric:.6g}, {self.metadata.get('n_pairs', '?')} pairs. "
             "Attribution s_i = ((a − a')C)_i (g C⁺ᵀ)_i; patching = metric change when feature i "
             "alone is set to its clean value (batch means)."
         )
-        sections = [PageSection("Summary", table(self.summary()), intro)]
+        summary: list[Fragment | str] = [  # 14 columns: scroll sideways, not off the page
+            '<div class="tld-scroll">',
+            table(self.summary()),
+            "</div>",
+        ]
+        sections = [PageSection("Summary", summary, intro)]
         for name, sa in self.sites.items():
             labels = list(range(sa.k))
             a, p, lam = (t.numpy() for t in (sa.attribution, sa.patching, sa.importance))

@@ -115,13 +115,18 @@ class PatchingComparison(Result):
         return "Prompt graph against attribution patching"
 
     def _html_sections(self) -> list:
+        from tl_degeneracy.viz.graph_widget import short_site_label
         from tl_degeneracy.viz.html import PageSection, table
         from tl_degeneracy.viz.plots import figure_to_html, plot_scatter
 
         a = [r["attribution patching"] for r in self.nodes]
         p = [r["patching"] for r in self.nodes]
-        labels = [f"{r['site']}@{r['position']}:{r['feature']}" for r in self.nodes]
-        fig = plot_scatter(a, p, labels, "attribution patching", "patching", diagonal=True)
+        labels = [
+            f"{short_site_label(r['site'])}@{r['position']}:{r['feature']}" for r in self.nodes
+        ]  # as the attribution comparison: the 12 points farthest out, short site names
+        fig = plot_scatter(
+            a, p, labels, "attribution patching", "patching", diagonal=True, max_labels=12
+        )
         intro = (
             f"target: clean {self.clean_value:.4g}, corrupted {self.corrupted_value:.4g}; "
             f"Spearman ρ over {len(self.nodes)} nodes: {self.correlation():.3f}"
@@ -129,8 +134,11 @@ class PatchingComparison(Result):
         return [
             PageSection("Per site", table(self.sites), intro),
             PageSection(
-                "Per node", [figure_to_html(fig, "attribution vs patching"), table(self.nodes)]
-            ),  # fmt: skip
+                "Per node",
+                [figure_to_html(fig, "attribution vs patching"), table(self.nodes)],
+                "Each node's attribution patching against true patching (dashed: y = x); the 12 "
+                "points farthest from the median are labelled block site@position:feature.",
+            ),
         ]
 
 
