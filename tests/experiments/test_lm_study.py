@@ -217,3 +217,19 @@ def test_gram_peak_memory_does_not_grow_with_tokens():
     # its growth is judged against keeping the added tokens' activations (2.5 GB here)
     share = float(run.stdout.split("growth share ")[1].split(")")[0])
     assert share < 0.25, run.stdout
+
+
+def test_ablation_curves_are_checkpointed_and_read_back(tmp_path, fits):
+    """Node ablation, often the longest phase, was not checkpointed: a resume redid all of it.
+    Each finished curve is now saved in the run's folder and read back."""
+    model, tokens, fast, _ = fits
+    heldout = random_tokens(model, 6, seed=9)
+    first = fit_lm(model, tokens, CFG, tmp_path, heldout, log=_quiet)
+    assert list((tmp_path / "checkpoints" / "ablation").iterdir())
+    lines: list[str] = []
+    again = fit_lm(model, tokens, CFG, tmp_path, heldout, log=lines.append)
+    steps = [line for line in lines if line.startswith("[ablation ")]
+    assert steps and all("(restored)" in line for line in steps)
+    for site, by_kind in first.curves.items():
+        for kind, curve in by_kind.items():
+            assert again.curves[site][kind].scores == curve.scores == fast.curves[site][kind].scores

@@ -11,7 +11,7 @@ largest k) nothing can be decided (`undecided`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from tl_degeneracy.engine.artifacts import Result
 from tl_degeneracy.engine.bases import SiteBasis
@@ -217,9 +218,11 @@ def node_ablation_curve(
     ks: Sequence[int] | None = None,
     batch_size: int = 1024,
     higher_is_better: bool = True,
+    progress: bool = True,
 ) -> AblationCurve:
     """Score the model with only the top k features kept at `site` (a name, `Site` or short
-    form), for each k. `metric` returns one value per sequence (`per_sequence`).
+    form), for each k. `metric` returns one value per sequence (`per_sequence`); `progress`
+    shows a bar over the batches (each batch scores every k).
 
     The site is captured once per batch. When the rest of the model from the site has a
     written-out structure (`structures.structure_of`: a site of the last block of a model
@@ -242,14 +245,17 @@ def node_ablation_curve(
     metric_name = getattr(metric, "__name__", "")
     if metric_name and metric_name not in ("<lambda>", "metric"):  # says which metric it is
         meta["metric"] = metric_name
+    batches = iter_batches(tokens, batch_size, model)
+    label = f"ablation {name} ({basis.kind}, {len(ks)} k)"
+    bar = tqdm(batches, desc=label, unit="batch", disable=not progress, leave=False)
     if reads_last_position_only(metric):
         tail = structure_of(model, Section(basis.site.with_positions("all"), Site(LOGITS, "last")))
         if isinstance(tail, PlainTailStructure):
-            scores = _plain_node_scores(model, tail.tail, basis, tokens, metric, ks, batch_size)
+            scores = _plain_node_scores(model, tail.tail, basis, bar, metric, ks)
             return AblationCurve(
                 name, basis.kind, scores, baseline, higher_is_better, metadata=meta
             )
-    scores = _written_node_scores(model, basis, tokens, metric, ks, batch_size)
+    scores = _written_node_scores(model, basis, bar, metric, ks)
     return AblationCurve(name, basis.kind, scores, baseline, higher_is_better, metadata=meta)
 
 
@@ -257,15 +263,14 @@ def node_ablation_curve(
 def _written_node_scores(
     model: nn.Module,
     basis: SiteBasis,
-    tokens: Tensor,
+    batches: Iterable[Tensor],
     metric: Metric,
     ks: Sequence[int],
-    batch_size: int,
 ) -> dict[int, float]:
     """Scores with `μ + f̂_{:k} C⁺_{:k}` written at the site, one forward per k and batch."""
     totals = dict.fromkeys(ks, 0.0)
     count = 0
-    for batch in iter_batches(tokens, batch_size, model):
+    for batch in batches:
         (act,) = capture_sites(model, batch, [basis.site])
         b = basis.to(act.device)
         feats = b.features(act)
@@ -283,10 +288,9 @@ def _plain_node_scores(
     model: nn.Module,
     tail: Any,
     basis: SiteBasis,
-    tokens: Int[Tensor, "n pos"],
+    batches: Iterable[Tensor],
     metric: Metric,
     ks: Sequence[int],
-    batch_size: int,
 ) -> dict[int, float]:
     """Node-ablation scores for every k from one capture of the site (float64).
 
@@ -300,7 +304,7 @@ def _plain_node_scores(
     totals = dict.fromkeys(ks, 0.0)
     count = 0
     full = Site(site.hook, "all")
-    for batch in iter_batches(tokens, batch_size, model):
+    for batch in batches:
         (act,) = capture_sites(model, batch, [full])
         act = act.to(torch.float64)
         basis = basis.to(act.device)

@@ -152,7 +152,7 @@ def section_edges(
     states = stream_sharded(
         acc,
         batches,
-        f"edges {section.name}",
+        f"edges {basis_in.kind} {section.name}",
         ctx,
         checkpoint,
         key,

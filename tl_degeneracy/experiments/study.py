@@ -43,10 +43,10 @@ from tl_degeneracy.engine.fit import (
     open_fit,
     store_sites,
 )
-from tl_degeneracy.engine.jacobians import JacobianConfig
+from tl_degeneracy.engine.jacobians import JacobianConfig, checkpoint_key
 from tl_degeneracy.engine.progress import Log
 from tl_degeneracy.engine.sites import Site, SiteLike, validate_sites
-from tl_degeneracy.engine.streaming import iter_batches
+from tl_degeneracy.engine.streaming import Checkpointing, iter_batches
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,15 @@ def run_study(
     curves: dict[str, dict[str, AblationCurve]] = {}
     if heldout is not None and config.ablation_tokens > 0 and ctx.is_main:
         curves = _ablation_curves(
-            model, heldout, bases, config, resolved, metric, higher_is_better, state.clock
+            model,
+            heldout,
+            bases,
+            config,
+            resolved,
+            metric,
+            higher_is_better,
+            state.clock,
+            state.checkpoint,
         )
     timings = dict(state.clock.timings)
     meta = build_metadata(model, resolved, n_tokens=stats.n_tokens, site_counts=stats.site_counts)
@@ -318,8 +326,10 @@ def _graphs(model, state, bases, config, tokens) -> dict[str, InteractionGraph]:
 
 
 def _ablation_curves(
-    model, heldout, bases, config, sites, metric, higher_is_better, clock
+    model, heldout, bases, config, sites, metric, higher_is_better, clock, checkpoint=None
 ) -> dict[str, dict[str, AblationCurve]]:
+    """Node-ablation curves at the chosen sites for every kind. With `checkpoint` (the run's
+    stamped folder), each finished curve is saved there and read back by a resumed run."""
     rows = max(1, config.ablation_tokens // heldout.shape[1])
     data = iter_batches(heldout[:rows], rows, model)[0]
     by_hook = {s.hook: s.name for s in sites}
@@ -331,7 +341,13 @@ def _ablation_curves(
     clock.begin("ablation")
     for n, site in enumerate(chosen, start=1):
         curves[site] = {}
+        all_read = True
         for kind, result in bases.items():
+            saved = None if checkpoint is None else _ablation_folder(checkpoint, kind, site)
+            if saved is not None and (saved / "metadata.json").is_file():
+                curves[site][kind] = AblationCurve.load(saved)
+                continue
+            all_read = False
             basis = result.bases[site]
             ks = None
             if config.ablation_ks is not None:
@@ -345,10 +361,18 @@ def _ablation_curves(
                 ks,
                 batch_size=config.batch_rows,
                 higher_is_better=higher_is_better,
+                progress=config.progress,
             )
-        clock.step("ablation", n, len(chosen), site)
+            if saved is not None:
+                curves[site][kind].save(saved)
+        clock.step("ablation", n, len(chosen), site, all_read and checkpoint is not None)
     clock.end("ablation")
     return curves
+
+
+def _ablation_folder(checkpoint: Checkpointing, kind: str, site: str) -> Path:
+    """Where a checkpointed run keeps a finished ablation curve."""
+    return Path(checkpoint.path) / "ablation" / checkpoint_key(f"{kind}.{site}")
 
 
 def finish_timings(study: Study, start: float) -> None:
