@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from tl_degeneracy.viz import (
+    LogitEffects,
+    TopkExamples,
     feature_activations_view,
     logit_effects_view,
     top_logit_effects,
@@ -183,3 +185,43 @@ def test_long_and_blank_tokens_are_cut_and_shown():
     chip_rule = re.search(r"\.tld-chip \{([^}]*)\}", css).group(1)
     assert "text-overflow: ellipsis" in chip_rule and "max-width" in chip_rule
     assert "overflow-wrap: anywhere" in re.search(r"\.tld-ex-tok \{([^}]*)\}", css).group(1)
+
+
+def test_examples_and_logit_effects_are_found_by_feature_id():
+    """Rows hold the features `feature_ids` names (default 0..n-1); `row_of` finds a
+    feature's row, `subset` keeps the ids of its rows, the view labels rows by their ids."""
+    x = torch.rand(4, 3, 3, generator=torch.Generator().manual_seed(0))
+    strs = [["a", "b", "c"]] * 4
+    plain = topk_examples(x, strs, k=2)
+    assert plain.feature_ids == [0, 1, 2] and plain.row_of(2) == 2 and plain.row_of(3) is None
+    ex = topk_examples(x, strs, k=2, feature_ids=[57, 11, 82])
+    assert [ex.row_of(f) for f in (57, 11, 82, 0)] == [0, 1, 2, None]
+    assert torch.equal(ex.values, plain.values)  # the ids name the rows, nothing else changes
+    sub = ex.subset([2, 0])
+    assert sub.feature_ids == [82, 57] and sub.tokens == [ex.tokens[2], ex.tokens[0]]
+    props = _props(topk_examples_view(ex, site="s", features=[82, 5, 57]).html)
+    assert props["firstDimensionLabels"] == ["82", "57"]  # 5 has no examples: left out
+    assert props["activations"][0] == [ex.acts[2], ex.acts[0]]
+    le = LogitEffects.from_effects(torch.eye(3), ["a", "b", "c"], k=1, feature_ids=[57, 11, 82])
+    assert le.promoted[le.row_of(82)] == [("c", 1.0)] and le.row_of(0) is None
+    assert LogitEffects([[]], [[]]).feature_ids == [0]
+    with pytest.raises(ValueError, match="2 feature ids for 3 rows"):
+        topk_examples(x, strs, feature_ids=[1, 2])
+    with pytest.raises(ValueError, match="repeated"):
+        LogitEffects([[], []], [[], []], [4, 4])
+
+
+def test_feature_ids_round_trip_and_old_files_load():
+    """`to_json`/`from_json` keep the ids (through JSON text); a dict written before there
+    were ids (no `feature_ids`) loads as features 0..n-1."""
+    x = torch.rand(3, 4, 2, generator=torch.Generator().manual_seed(1))
+    ex = topk_examples(x, [["p", "q", "r", "s"]] * 3, k=2, feature_ids=[9, 3])
+    back = TopkExamples.from_json(json.loads(json.dumps(ex.to_json())))
+    assert back.feature_ids == [9, 3] and back.row_of(3) == 1
+    assert back.tokens == ex.tokens and torch.allclose(back.values, ex.values)
+    le = LogitEffects([[("a", 1.0)], [("b", 2.0)]], [[("c", -1.0)], []], [9, 3])
+    assert LogitEffects.from_json(json.loads(json.dumps(le.to_json()))) == le
+    old_ex = {k: v for k, v in ex.to_json().items() if k != "feature_ids"}
+    assert TopkExamples.from_json(old_ex).feature_ids == [0, 1]
+    old_le = {"promoted": [[["a", 1.0]]], "suppressed": [[["b", -1.0]]]}
+    assert LogitEffects.from_json(old_le) == LogitEffects([[("a", 1.0)]], [[("b", -1.0)]], [0])

@@ -8,6 +8,7 @@ import json
 import math
 import re
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
@@ -100,6 +101,7 @@ def test_loader_reads_back_what_was_saved(small_study):
             assert got.section.name == se.section.name
         for site, ex in inputs.examples[kind].items():
             assert loaded.examples[kind][site].tokens == ex.tokens
+            assert loaded.examples[kind][site].feature_ids == ex.feature_ids
         assert loaded.logit_effects[kind] == inputs.logit_effects[kind]
         saved = json.loads(json.dumps(inputs.attribution[kind].to_json()))  # tuples -> lists
         assert loaded.attribution[kind].to_json() == saved
@@ -301,6 +303,56 @@ def test_a_raw_sites_most_important_coordinates_are_shown_with_their_edges():
     assert {x["target"] for x in data["edges"]} == {f"{b.name}:1"}
     outs = {f["label"]: f for f in data["layers"][1]["features"]}
     assert outs["1"]["input_total"] == float(e[1].sum()) and "input_total" not in outs["3"]
+
+
+def test_a_raw_sites_views_are_saved_and_found_by_feature_id(tmp_path):
+    """Examples and logit effects of a raw site's most important coordinates (3, 1, 5) keep
+    their feature ids through `save_report_views`/`load_report_views`: the graph and the
+    feature tables give each coordinate its own, before and after (on the old code, a saved
+    file had no ids and the graph looked rows up by position)."""
+    from tl_degeneracy.engine.basis_result import BasisResult
+    from tl_degeneracy.viz.report_artifacts import load_report_views, save_report_views
+
+    site = Site("blocks.0.hook_resid_post")
+    eye = torch.eye(6, dtype=torch.float64)
+    imp = torch.tensor([1.0, 5.0, 2.0, 6.0, 0.5, 3.0], dtype=torch.float64)
+    raw = SiteBasis(site, "raw", eye, eye.clone(), imp, torch.zeros(6, dtype=torch.float64), imp)
+    top = raw.importance_order()[:3].tolist()
+    assert top == [3, 1, 5]
+    acts = torch.randn(5, 4, 6, generator=torch.Generator().manual_seed(0))
+    strs = [[f" w{s}{p}" for p in range(4)] for s in range(5)]
+    ex = topk_examples(acts[..., top], strs, k=2, feature_ids=top)
+    le = LogitEffects([[(f" up{j}", 1.0)] for j in top], [[(f" dn{j}", -1.0)] for j in top], top)
+    inputs = StudyReportInputs(
+        {"lib": BasisResult({site.name: raw}, {})},
+        examples={"lib": {site.name: ex}},
+        logit_effects={"lib": {site.name: le}},
+    )
+    save_report_views(inputs, tmp_path)
+    saved = json.loads((tmp_path / "examples_lib.json").read_text())
+    assert saved[site.name]["feature_ids"] == [3, 1, 5]
+    views = load_report_views(tmp_path, ["lib"])
+    back_ex, back_le = views["examples"]["lib"][site.name], views["logit_effects"]["lib"][site.name]
+    assert back_ex.feature_ids == back_le.feature_ids == [3, 1, 5] and back_le == le
+    for examples, effects in ((ex, le), (back_ex, back_le)):
+        data = result_graph_data(
+            {site.name: raw}, {}, max_features=4, examples={site.name: examples},
+            logit_effects={site.name: effects}, labels={site.name: token_labels(effects)},
+        )  # fmt: skip
+        feats = data["layers"][0]["features"]
+        assert [f["id"].split(":")[1] for f in feats] == ["3", "1", "5", "2"]
+        for f in feats[:3]:
+            j = int(f["id"].split(":")[1])
+            peak = max(acts[:, :, j].max(dim=1).values.tolist())
+            first = f["examples"][0]
+            assert first["values"][first["center"]] == pytest.approx(peak, abs=1e-4)
+            assert f["logits"]["promoted"] == [(f" up{j}", 1.0)] and f["label"] == f"up{j}"
+        assert "examples" not in feats[3] and "logits" not in feats[3]  # 2: row 2 is 5's
+    loaded = replace(inputs, examples=views["examples"], logit_effects=views["logit_effects"])
+    page = study_report(loaded).to_html()
+    features = _part(page, "features")
+    assert re.findall(r"<tr><td>(LIB \d+)</td>", features) == ["LIB 3", "LIB 1", "LIB 5"]
+    assert '"firstDimensionLabels":["LIB 3","LIB 1","LIB 5"]' in features
 
 
 def test_nan_ablation_scores_leave_the_count_undecided():

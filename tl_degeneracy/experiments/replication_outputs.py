@@ -127,7 +127,7 @@ def plot_graph(graph, path: Path, top_n: int = 12) -> None:
     for layer in data["layers"]:
         for feat in layer["features"]:
             x, y = pos[feat["id"]]
-            module = feat["module"]
+            module = feat.get("module")  # absent when the graph has no modules
             colour = "lightgrey" if module is None else palette(module % 10)
             ax.scatter([x], [y], s=60, color=colour, zorder=3)
     ax.set_xticks(

@@ -1,5 +1,6 @@
-"""The parts of a study report that need the model: top-activating examples of each site's first
-features on held-out text, the tokens late features promote and suppress through the
+"""The parts of a study report that need the model: top-activating examples of each site's most
+important features (`SiteBasis.importance_order`, the features the report's views show) on
+held-out text, the tokens late features promote and suppress through the
 unembedding, and the dominant-direction diagnostic traced to its tokens.
 
     inputs = study_output.report_inputs(study)          # or study_output.load_study_artifacts(out)
@@ -29,13 +30,26 @@ from tl_degeneracy.engine.streaming import iter_batches
 from tl_degeneracy.viz.feature_views import LogitEffects, TopkExamples, topk_examples
 from tl_degeneracy.viz.report import StudyReportInputs
 
-__all__ = ["add_model_views", "feature_examples", "feature_logit_effects"]
+__all__ = [
+    "add_model_views",
+    "all_feature_examples",
+    "feature_examples",
+    "feature_logit_effects",
+    "top_features",
+]
 
 Decoder = Callable[[int], str]
 
 
 def _bases(result: BasisResult | Mapping[str, SiteBasis]) -> Mapping[str, SiteBasis]:
     return result.bases if isinstance(result, BasisResult) else result
+
+
+def top_features(basis: SiteBasis, n_features: int) -> list[int]:
+    """The `n_features` most important features of a site (`SiteBasis.importance_order`): the
+    first columns of a sorted basis (LIB, PCA, neuron), a raw site's coordinates of largest
+    variance. The examples and logit effects below cover these, by feature id."""
+    return basis.importance_order()[: max(0, min(n_features, basis.k))].tolist()
 
 
 @torch.no_grad()
@@ -54,19 +68,22 @@ def all_feature_examples(
     sites = {s.name: s for r in results.values() for s in r.sites}
     names = list(sites)
     parts: dict[tuple[str, str], list[Tensor]] = {}
+    wanted: dict[tuple[str, str], list[int]] = {}
     for batch in iter_batches(tokens, batch_size, model):
         acts = dict(zip(names, capture_sites(model, batch, [sites[n] for n in names])))
         for kind, result in results.items():
             for name, b in result.bases.items():
-                m = min(n_features, b.k)
-                feats = b.features(acts[name])[..., :m].float().cpu()
+                cols = wanted.setdefault((kind, name), top_features(b, n_features))
+                feats = b.features(acts[name])[..., cols].float().cpu()
                 parts.setdefault((kind, name), []).append(feats)
     strings = [[decode(int(t)) for t in row] for row in tokens.tolist()]
     out: dict[str, dict[str, TopkExamples]] = {kind: {} for kind in results}
     for (kind, name), chunks in parts.items():
         pos = sites[name].index(tokens.shape[1]).tolist()
         rows = [[row[p] for p in pos] for row in strings]
-        out[kind][name] = topk_examples(torch.cat(chunks), rows, k=k, context=context)
+        out[kind][name] = topk_examples(
+            torch.cat(chunks), rows, k=k, context=context, feature_ids=wanted[(kind, name)]
+        )
     return out
 
 
@@ -82,24 +99,26 @@ def feature_examples(
     context: tuple[int, int] = (8, 2),
     batch_size: int = 8,
 ) -> dict[str, TopkExamples]:
-    """Top-`k` activating contexts of the first `n_features` features of each site (one
-    example per sequence), at the site's own positions. Holds `n · pos · n_features` floats
-    per site: pick `tokens` to fit (a few hundred sequences)."""
+    """Top-`k` activating contexts of the `n_features` most important features of each site
+    (`top_features`; their ids travel with the examples, `TopkExamples.row_of`), one example
+    per sequence, at the site's own positions. Holds `n · pos · n_features` floats per site:
+    pick `tokens` to fit (a few hundred sequences)."""
     bases = _bases(result)
     names = list(sites) if sites is not None else list(bases)
     objs = [bases[n].site for n in names]
+    wanted = {n: top_features(bases[n], n_features) for n in names}
     parts: dict[str, list[Tensor]] = {n: [] for n in names}
     for batch in iter_batches(tokens, batch_size, model):
         for name, act in zip(names, capture_sites(model, batch, objs)):
-            b = bases[name]
-            m = min(n_features, b.k)
-            parts[name].append(b.features(act)[..., :m].float().cpu())
+            parts[name].append(bases[name].features(act)[..., wanted[name]].float().cpu())
     strings = [[decode(int(t)) for t in row] for row in tokens.tolist()]
     out = {}
     for name, site in zip(names, objs):
         pos = site.index(tokens.shape[1]).tolist()
         rows = [[row[p] for p in pos] for row in strings]
-        out[name] = topk_examples(torch.cat(parts[name]), rows, k=k, context=context)
+        out[name] = topk_examples(
+            torch.cat(parts[name]), rows, k=k, context=context, feature_ids=wanted[name]
+        )
     return out
 
 
@@ -112,7 +131,8 @@ def feature_logit_effects(
     k: int = 8,
     readout: Tensor | None = None,
 ) -> dict[str, LogitEffects]:
-    """The `k` tokens each of the first `n_features` features of `sites` raises and lowers
+    """The `k` tokens each of the `n_features` most important features of `sites`
+    (`top_features`; their ids travel with the effects, `LogitEffects.row_of`) raises and lowers
     most, by its direct effect on the logits (`engine.logit_effects`; residual, MLP and
     attention sites alike, except composite sites of blocks that normalise their outputs,
     left out with a warning); `readout` defaults to `logit_readout(model)`."""
@@ -121,12 +141,13 @@ def feature_logit_effects(
     out = {}
     for name in sites:
         b = bases[name]
+        feats = top_features(b, n_features)
         try:
-            effects = direct_logit_effects(model, b, range(min(n_features, b.k)), readout)
+            effects = direct_logit_effects(model, b, feats, readout)
         except ValueError as error:  # a composite site whose writes go through a norm
             warnings.warn(f"no logit effects at {name}: {error}", stacklevel=2)
             continue
-        out[name] = LogitEffects.from_effects(effects, decode, k)
+        out[name] = LogitEffects.from_effects(effects, decode, k, feature_ids=feats)
     return out
 
 
@@ -142,7 +163,8 @@ def add_model_views(
     batch_size: int = 8,
     threshold: float = 0.5,
 ) -> StudyReportInputs:
-    """`inputs` with examples and logit effects of every fitted kind and the dominant-direction
+    """`inputs` with examples and logit effects of every fitted kind (of each site's
+    `n_features` most important features, `top_features`) and the dominant-direction
     diagnostic (from the PCA fit when there is one), all on `tokens` (held-out text).
 
     Logit effects are computed at `logit_sites` (default: the last third of the sites);

@@ -23,7 +23,7 @@ import importlib.metadata
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from numbers import Real
 from pathlib import Path
@@ -179,9 +179,28 @@ def feature_activations_view(
     return _missing_note(int(bad.sum()), "value") + widget
 
 
+def _feature_ids(ids: Sequence[int], n_rows: int, owner: str) -> list[int]:
+    """`ids` checked against `n_rows` rows (one distinct id per row); empty means 0..n-1."""
+    out = [int(i) for i in ids] if len(ids) else list(range(n_rows))
+    if len(out) != n_rows:
+        raise ValueError(f"{owner}: {len(out)} feature ids for {n_rows} rows")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{owner}: repeated feature ids {out}")
+    return out
+
+
+def _row_of(ids: list[int], feature: int) -> int | None:
+    try:
+        return ids.index(int(feature))
+    except ValueError:
+        return None
+
+
 @dataclass
 class TopkExamples:
-    """The top-k activating contexts of each feature; lists are indexed `[feature][example]`."""
+    """The top-k activating contexts of some features of a site. Tensors and lists are indexed
+    `[row][example]`; row `r` holds feature `feature_ids[r]` (a column of the site's basis), so
+    look a feature up with `row_of(feature)`. Without ids, row `r` is feature `r`."""
 
     values: Float[Tensor, "n_features k"]
     seq_idx: Tensor
@@ -189,28 +208,38 @@ class TopkExamples:
     tokens: list[list[list[str]]]
     acts: list[list[list[float]]]
     center: list[list[int]]
+    feature_ids: list[int] = field(default_factory=list)
+    """The feature each row holds, in row order (empty when given: `0, 1, …, n_features − 1`)."""
+
+    def __post_init__(self) -> None:
+        self.feature_ids = _feature_ids(self.feature_ids, self.n_features, "TopkExamples")
 
     @property
     def n_features(self) -> int:
+        """The number of rows (features held)."""
         return self.values.shape[0]
 
-    def snippets(self, feature: int, mark: tuple[str, str] = ("[[", "]]")) -> list[str]:
-        """Plain-text contexts of one feature with the peak token marked."""
+    def row_of(self, feature: int) -> int | None:
+        """The row that holds `feature`, or None when it has no examples here."""
+        return _row_of(self.feature_ids, feature)
+
+    def snippets(self, row: int, mark: tuple[str, str] = ("[[", "]]")) -> list[str]:
+        """Plain-text contexts of one row's feature with the peak token marked."""
         out = []
-        for toks, c in zip(self.tokens[feature], self.center[feature]):
+        for toks, c in zip(self.tokens[row], self.center[row]):
             out.append("".join(toks[:c]) + mark[0] + toks[c] + mark[1] + "".join(toks[c + 1 :]))
         return out
 
-    def graph_examples(self, feature: int) -> list[dict[str, Any]]:
-        """Examples of one feature in the graph widget's format (tokens, values, peak)."""
+    def graph_examples(self, row: int) -> list[dict[str, Any]]:
+        """Examples of one row's feature in the graph widget's format (tokens, values, peak)."""
         return [
             {"tokens": toks, "values": [round(a, 4) for a in acts], "center": c}
-            for toks, acts, c in zip(self.tokens[feature], self.acts[feature], self.center[feature])
+            for toks, acts, c in zip(self.tokens[row], self.acts[row], self.center[row])
         ]
 
-    def subset(self, features: Sequence[int]) -> TopkExamples:
-        """The examples of some features only, in the given order."""
-        idx = [int(i) for i in features]
+    def subset(self, rows: Sequence[int]) -> TopkExamples:
+        """Some rows only, in the given order, with their feature ids."""
+        idx = [int(i) for i in rows]
         return TopkExamples(
             self.values[idx],
             self.seq_idx[idx],
@@ -218,6 +247,7 @@ class TopkExamples:
             [self.tokens[i] for i in idx],
             [self.acts[i] for i in idx],
             [self.center[i] for i in idx],
+            [self.feature_ids[i] for i in idx],
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -228,10 +258,12 @@ class TopkExamples:
             "tokens": self.tokens,
             "acts": self.acts,
             "center": self.center,
+            "feature_ids": self.feature_ids,
         }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TopkExamples:
+        """From `to_json`'s dict; one written without `feature_ids` holds features 0..n-1."""
         return cls(
             torch.tensor(d["values"], dtype=torch.float32),
             torch.tensor(d["seq_idx"], dtype=torch.long),
@@ -239,6 +271,7 @@ class TopkExamples:
             d["tokens"],
             d["acts"],
             d["center"],
+            d.get("feature_ids") or [],
         )
 
 
@@ -250,9 +283,11 @@ def topk_examples(
     one_per_sequence: bool = True,
     absolute: bool = False,
     vocab: Sequence[str] | Callable[[int], str] | None = None,
+    feature_ids: Sequence[int] | None = None,
 ) -> TopkExamples:
     """Top-k examples of every feature at once (one `torch.topk`), with `context` =
-    (tokens before, tokens after) around the peak.
+    (tokens before, tokens after) around the peak. `feature_ids` names the feature of each
+    column of `features` (e.g. the columns of a basis they were taken from; default 0..n-1).
 
     `str_tokens` are the token strings of each sequence, or token ids with `vocab` (a list of
     strings, or a function id -> string) to name them. Positions past the end of a sequence's
@@ -302,7 +337,8 @@ def topk_examples(
         tokens.append(f_toks)
         acts.append(f_acts)
         center.append(f_center)
-    return TopkExamples(values, seq, pos, tokens, acts, center)
+    ids = list(feature_ids) if feature_ids is not None else []
+    return TopkExamples(values, seq, pos, tokens, acts, center, ids)
 
 
 def topk_examples_view(
@@ -312,12 +348,18 @@ def topk_examples_view(
     features: Sequence[int] | None = None,
 ) -> Fragment:
     """The top-k contexts of each feature (circuitsvis `TopkSamples`: pick a feature, see its
-    examples coloured by that feature). `features` selects a subset, in the given order."""
-    idx = list(range(examples.n_features)) if features is None else [int(i) for i in features]
+    examples coloured by that feature). `features` selects some features (ids, looked up with
+    `examples.row_of`; those without examples are left out), in the given order;
+    `feature_names` has one name per row of `examples` (default: the feature ids)."""
+    if features is None:
+        idx = list(range(examples.n_features))
+    else:
+        found = (examples.row_of(f) for f in features)
+        idx = [r for r in found if r is not None]
     if not idx or not examples.tokens[idx[0]]:
         return Fragment('<p class="tld-desc">No examples.</p>')
     names = [str(n) for n in feature_names] if feature_names is not None else None
-    labels = [names[i] if names is not None else str(i) for i in idx]
+    labels = [names[i] if names is not None else str(examples.feature_ids[i]) for i in idx]
     n_missing = 0
     tokens_shown: list[list[list[str]]] = []
     for i in idx:
@@ -370,10 +412,22 @@ def top_logit_effects(
 
 @dataclass
 class LogitEffects:
-    """The tokens each feature of a site promotes and suppresses (lists indexed by feature)."""
+    """The tokens some features of a site promote and suppress. Lists are indexed by row; row
+    `r` holds feature `feature_ids[r]` (look a feature up with `row_of(feature)`). Without ids,
+    row `r` is feature `r`."""
 
     promoted: list[list[tuple[str, float]]]
     suppressed: list[list[tuple[str, float]]]
+    feature_ids: list[int] = field(default_factory=list)
+    """The feature each row holds, in row order (empty when given: `0, 1, …, n_features − 1`)."""
+
+    def __post_init__(self) -> None:
+        if len(self.promoted) != len(self.suppressed):
+            raise ValueError(
+                f"LogitEffects: {len(self.promoted)} promoted rows, {len(self.suppressed)} "
+                "suppressed"
+            )
+        self.feature_ids = _feature_ids(self.feature_ids, self.n_features, "LogitEffects")
 
     @classmethod
     def from_effects(
@@ -381,22 +435,37 @@ class LogitEffects:
         effects: Float[Tensor, "n_features d_vocab"],
         vocab: Sequence[str] | Callable[[int], str],
         k: int = 10,
+        feature_ids: Sequence[int] | None = None,
     ) -> LogitEffects:
-        return cls(*top_logit_effects(effects, vocab, k))
+        """From each feature's effect on the logits (one row per feature; `feature_ids` names
+        them, default 0..n-1)."""
+        ids = list(feature_ids) if feature_ids is not None else []
+        return cls(*top_logit_effects(effects, vocab, k), ids)
 
     @property
     def n_features(self) -> int:
+        """The number of rows (features held)."""
         return len(self.promoted)
 
+    def row_of(self, feature: int) -> int | None:
+        """The row that holds `feature`, or None when it has no logit effects here."""
+        return _row_of(self.feature_ids, feature)
+
     def to_json(self) -> dict[str, Any]:
-        return {"promoted": self.promoted, "suppressed": self.suppressed}
+        return {
+            "promoted": self.promoted,
+            "suppressed": self.suppressed,
+            "feature_ids": self.feature_ids,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> LogitEffects:
+        """From `to_json`'s dict; one written without `feature_ids` holds features 0..n-1."""
+
         def pairs(rows: Any) -> list[list[tuple[str, float]]]:
             return [[(str(t), float(v)) for t, v in row] for row in rows]
 
-        return cls(pairs(d["promoted"]), pairs(d["suppressed"]))
+        return cls(pairs(d["promoted"]), pairs(d["suppressed"]), d.get("feature_ids") or [])
 
 
 def _token_cells(items: TokenValues, cls: str) -> str:

@@ -42,14 +42,18 @@ GRAPH_SHARE = 0.8
 """Share of each feature's input its drawn edges carry when a graph opens."""
 
 
-def token_labels(effects: LogitEffects, n_tokens: int = 3) -> list[str]:
-    """A label per feature made of the tokens it promotes most, `·`-separated (surrounding
-    spaces dropped, a blank token shown as ␣, newlines as ↵: `feature_views.visible_token`)."""
+def token_labels(effects: LogitEffects, n_tokens: int = 3) -> dict[int, str]:
+    """{feature: label} for each feature of `effects`, made of the tokens it promotes most,
+    `·`-separated (surrounding spaces dropped, a blank token shown as ␣, newlines as ↵:
+    `feature_views.visible_token`)."""
 
     def show(tok: str) -> str:
         return visible_token(tok).strip() or "\u2423"
 
-    return [" · ".join(show(t) for t, _ in row[:n_tokens]) for row in effects.promoted]
+    return {
+        f: " · ".join(show(t) for t, _ in row[:n_tokens])
+        for f, row in zip(effects.feature_ids, effects.promoted)
+    }
 
 
 def _section_edges(
@@ -74,6 +78,16 @@ def _section_edges(
     return out, total.tolist(), mean
 
 
+def _label(names: Sequence[str] | Mapping[int, str] | None, feature: int) -> str:
+    """Feature `feature`'s label from a list indexed by feature or a {feature: label} dict;
+    the feature's number when it has none."""
+    if isinstance(names, Mapping):
+        return str(names[feature]) if feature in names else str(feature)
+    if names is not None and feature < len(names):
+        return str(names[feature])
+    return str(feature)
+
+
 def result_graph_data(
     result: BasisResult | Mapping[str, SiteBasis],
     sections: Mapping[str, SectionEdges],
@@ -83,7 +97,7 @@ def result_graph_data(
     modules: Mapping[str, Sequence[int]] | None = None,
     examples: Mapping[str, TopkExamples] | None = None,
     logit_effects: Mapping[str, LogitEffects] | None = None,
-    labels: Mapping[str, Sequence[str]] | None = None,
+    labels: Mapping[str, Sequence[str] | Mapping[int, str]] | None = None,
     n_examples: int = 3,
     n_tokens: int = 6,
 ) -> dict[str, Any]:
@@ -93,8 +107,10 @@ def result_graph_data(
     (`SiteBasis.importance_order`). Feature `i` is column `i` of its basis (id `"site:i"`,
     labelled `i` unless `labels` says otherwise) and row `i` of the edges into its site (edges
     computed into `basis.truncated(n)` cover its first n columns). `modules`, `examples`,
-    `logit_effects` and `labels` are keyed by site name and indexed by feature (any may cover
-    fewer features or sites); a module label of −1 means no module (`module_label`).
+    `logit_effects` and `labels` are keyed by site name (any may cover fewer features or
+    sites); `modules` and `labels` are indexed by feature (`labels` may be a {feature: label}
+    dict, as `token_labels` makes), and a feature's examples and logit effects are the rows
+    their `row_of(feature)` names. A module label of −1 means no module (`module_label`).
     """
     bases = result if isinstance(result, Mapping) else result.bases
     layers: list[dict[str, Any]] = []
@@ -110,17 +126,19 @@ def result_graph_data(
         for i in shown[name]:
             f: dict[str, Any] = {
                 "id": f"{name}:{i}",
-                "label": str(names[i]) if names is not None and i < len(names) else str(i),
+                "label": _label(names, i),
                 "importance": float(b.importance[i]),
             }
             if mods is not None and i < len(mods):
                 f["module"] = module_label(mods[i])
-            if ex is not None and i < ex.n_features:
-                f["examples"] = ex.graph_examples(i)[:n_examples]
-            if le is not None and i < le.n_features:
+            row = ex.row_of(i) if ex is not None else None
+            if ex is not None and row is not None:
+                f["examples"] = ex.graph_examples(row)[:n_examples]
+            row = le.row_of(i) if le is not None else None
+            if le is not None and row is not None:
                 f["logits"] = {
-                    "promoted": le.promoted[i][:n_tokens],
-                    "suppressed": le.suppressed[i][:n_tokens],
+                    "promoted": le.promoted[row][:n_tokens],
+                    "suppressed": le.suppressed[row][:n_tokens],
                 }
             site_feats.append(f)
             feats[f["id"]] = f

@@ -107,9 +107,11 @@ def graph_details(
         acts = corpus_features(model, basis, corpus, wanted, batch_size)
         rows = [[name(t) for t in row] for row in corpus.tolist()]
         for site, values in acts.items():
-            ex = topk_examples(values, rows, k=k, context=context)
-            for col, feat in enumerate(wanted[site]):
-                out[f"{site}:{feat}"]["examples"] = ex.graph_examples(col)
+            ex = topk_examples(values, rows, k=k, context=context, feature_ids=wanted[site])
+            for feat in wanted[site]:
+                row = ex.row_of(feat)
+                if row is not None:
+                    out[f"{site}:{feat}"]["examples"] = ex.graph_examples(row)
     try:
         effects = feature_logit_effects(model, basis, wanted)
     except ValueError:

@@ -52,7 +52,8 @@ class StudyReportInputs(HtmlReprMixin):
     """Everything the report shows. Only `bases` is required; a part without data is left out.
 
     Dicts are keyed by basis kind ("lib", "pca", ...) and then by site or section name, as the
-    engine names them; feature `i` is column `i` of the site's basis.
+    engine names them; feature `i` is column `i` of the site's basis (examples and logit effects
+    hold some features, each found by its `row_of(i)`).
     """
 
     bases: dict[str, BasisResult]
@@ -64,9 +65,11 @@ class StudyReportInputs(HtmlReprMixin):
     attribution: dict[str, AttributionComparison] = field(default_factory=dict)
     """{kind: attribution vs patching on indirect-object prompt pairs}."""
     examples: dict[str, dict[str, TopkExamples]] = field(default_factory=dict)
-    """{kind: {site: top-activating contexts of the site's first features}}."""
+    """{kind: {site: top-activating contexts of the site's most important features}} (each
+    feature's row found by `TopkExamples.row_of`)."""
     logit_effects: dict[str, dict[str, LogitEffects]] = field(default_factory=dict)
-    """{kind: {site: tokens each feature promotes and suppresses}} (late sites)."""
+    """{kind: {site: tokens each feature promotes and suppresses}} (late sites; rows found by
+    `LogitEffects.row_of`)."""
     diagnostic: SinkDiagnostic | None = None
     modules: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     """{kind: {site: module label per feature}} (colours the graph)."""
@@ -230,6 +233,26 @@ def _same_basis_groups(inputs: StudyReportInputs, site: str) -> list[list[str]]:
     return groups
 
 
+def _importance_order(inputs: StudyReportInputs, kind: str, site: str) -> list[int] | None:
+    """The site's features from the most to the least important (`SiteBasis.importance_order`),
+    or None without its basis."""
+    b = inputs.bases.get(kind)
+    basis = b.bases.get(site) if b is not None else None
+    return None if basis is None else basis.importance_order().tolist()
+
+
+def _shown_rows(
+    views: TopkExamples | LogitEffects, order: list[int] | None, n_show: int
+) -> tuple[list[int], list[int]]:
+    """The features (and their rows in `views`) a feature table shows: the `n_show` most
+    important of those `views` holds (in `order`; in row order without one)."""
+    held = set(views.feature_ids)
+    feats = order if order is not None else list(views.feature_ids)
+    feats = [f for f in feats if f in held][: max(0, n_show)]
+    rows = [views.row_of(f) for f in feats]
+    return feats, [r for r in rows if r is not None]
+
+
 def _features(inputs: StudyReportInputs, n_show: int = 8) -> PageSection | None:
     body: list[Fragment | str] = []
     for site in _feature_sites(inputs):
@@ -242,17 +265,18 @@ def _features(inputs: StudyReportInputs, n_show: int = 8) -> PageSection | None:
             same = " (the same basis)" if len(kinds) > 1 else ""
             title = f"{' and '.join(k.upper() for k in kinds)} features at {site}{same}"
             body.append(text(title, "h3"))
+            order = _importance_order(inputs, kind, site)
             if ex is not None:
-                idx = list(range(min(n_show, ex.n_features)))
-                names = [f"{kind.upper()} {i}" for i in idx]
-                body.append(topk_examples_view(ex.subset(idx), names, site=site))
+                feats, rows = _shown_rows(ex, order, n_show)
+                names = [f"{kind.upper()} {f}" for f in feats]
+                body.append(topk_examples_view(ex.subset(rows), names, site=site))
             if le is not None:
-                idx = list(range(min(n_show, le.n_features)))
+                feats, rows = _shown_rows(le, order, n_show)
                 body.append(
                     logit_effects_view(
-                        [le.promoted[i][:8] for i in idx],
-                        [le.suppressed[i][:8] for i in idx],
-                        [f"{kind.upper()} {i}" for i in idx],
+                        [le.promoted[r][:8] for r in rows],
+                        [le.suppressed[r][:8] for r in rows],
+                        [f"{kind.upper()} {f}" for f in feats],
                     )
                 )
     if not body:
