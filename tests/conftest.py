@@ -43,3 +43,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def drawn_figures(monkeypatch):
+    """The matplotlib figures the package embeds in HTML during the test, in order (to read
+    their axes, labels and lines)."""
+    import tl_degeneracy.viz.plots as plots
+
+    seen: list = []
+    original = plots.figure_to_html
+
+    def keep(fig, *args, **kwargs):
+        seen.append(fig)
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "figure_to_html", keep)
+    return seen

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-import tl_degeneracy.viz.plots as plots
 from tl_degeneracy.engine.ablation import (
     AblationCurve,
     last_position_accuracy,
@@ -116,17 +115,10 @@ def test_a_nan_score_is_never_within_the_tolerance():
     assert curve({0: 9.0, 16: 4.0}).min_k(0.05) is None  # decided: none is within
 
 
-def test_the_curve_view_names_its_metric_and_draws_the_unablated_score(monkeypatch):
+def test_the_curve_view_names_its_metric_and_draws_the_unablated_score(drawn_figures):
     """An accuracy curve is not labelled "loss"; the unablated score is the dashed line the
     report's ablation plots draw."""
-    seen = []
-    original = plots.figure_to_html
-
-    def keep(fig, *args, **kwargs):
-        seen.append(fig)
-        return original(fig, *args, **kwargs)
-
-    monkeypatch.setattr(plots, "figure_to_html", keep)
+    seen = drawn_figures
     scores = {0: 0.10, 4: 0.62, 16: 0.97}
     accuracy = AblationCurve("blocks.0.hook_resid_mid", "lib", scores, 0.97, higher_is_better=True)
     page = accuracy._repr_html_()

@@ -381,20 +381,12 @@ def test_rotary_models_on_the_bridge(arch):
     assert graph.kept_nodes.any() and "tld-pg" in graph._repr_html_()
 
 
-def test_the_patching_scatter_labels_a_few_points_with_short_names(monkeypatch):
+def test_the_patching_scatter_labels_a_few_points_with_short_names(drawn_figures):
     """As the attribution comparison does: at most 12 labels, `0 pre@2:7` rather than
     `blocks.0.hook_resid_pre@2:7`, so 25 nodes do not pile their names into one block."""
-    import tl_degeneracy.viz.plots as plots
     from tl_degeneracy.engine.prompt_graph.compare import PatchingComparison
 
-    seen = []
-    original = plots.figure_to_html
-
-    def keep(fig, *args, **kwargs):
-        seen.append(fig)
-        return original(fig, *args, **kwargs)
-
-    monkeypatch.setattr(plots, "figure_to_html", keep)
+    seen = drawn_figures
 
     def node(i: int) -> dict:
         site = f"blocks.{i % 2}.hook_resid_{'pre' if i % 3 else 'mid'}"

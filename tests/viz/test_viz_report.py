@@ -389,20 +389,11 @@ def _result():
     return BasisResult({site.name: _basis(site, 4)}, {"model": {"model_name": "m"}})
 
 
-def test_edge_sparsity_is_drawn_as_points_on_a_log_axis(small_study, monkeypatch):
+def test_edge_sparsity_is_drawn_as_points_on_a_log_axis(small_study, drawn_figures):
     """Bars on a log axis whose bottom depends on the data misstate the ratios: the report
     draws one point per section and basis on its log axis."""
-    import tl_degeneracy.viz.plots as plots
-
     _, inputs, _ = small_study
-    seen = []
-    original = plots.figure_to_html
-
-    def keep(fig, *args, **kwargs):
-        seen.append(fig)
-        return original(fig, *args, **kwargs)
-
-    monkeypatch.setattr(plots, "figure_to_html", keep)
+    seen = drawn_figures
     html_text = study_report(StudyReportInputs(inputs.bases, edges=inputs.edges)).to_html()
     (ax,) = next(f for f in seen if f.axes[0].get_ylabel() == "edges for 99% of the weight").axes
     assert ax.get_yscale() == "log" and not ax.patches  # no bars
