@@ -112,8 +112,9 @@ def _save_checkpoint(
     os.replace(tmp_meta, meta_path)
 
 
-def _load_checkpoint(path: Path, key: str) -> tuple[int, dict[str, Tensor], object] | None:
-    """(batches done, state, the fingerprint it was saved with or None) of a saved state."""
+def _saved_header(path: Path, key: str) -> tuple[int, object] | None:
+    """(batches done, the fingerprint it was saved with or None) of a state saved under
+    `key`, from the state file's header alone; None when there is none."""
     meta, tensors = path / f"{key}.json", path / f"{key}.safetensors"
     if not tensors.exists():
         return None
@@ -125,23 +126,23 @@ def _load_checkpoint(path: Path, key: str) -> tuple[int, dict[str, Tensor], obje
             return None
         stored = json.loads(meta.read_text())["batches_done"]
     saved = header.get("fingerprint")
-    return int(stored), load_file(str(tensors)), None if saved is None else json.loads(saved)
+    return int(stored), None if saved is None else json.loads(saved)
+
+
+def _load_checkpoint(path: Path, key: str) -> tuple[int, dict[str, Tensor], object] | None:
+    """(batches done, state, the fingerprint it was saved with or None) of a saved state."""
+    header = _saved_header(path, key)
+    if header is None:
+        return None
+    done, fingerprint = header
+    return done, load_file(str(path / f"{key}.safetensors")), fingerprint
 
 
 def saved_batches(checkpoint: Checkpointing | None, key: str) -> int:
     """Batches a saved state under `key` has folded in (0: none saved); reads only the
     state file's header."""
-    if checkpoint is None:
-        return 0
-    path = Path(checkpoint.path)
-    tensors = path / f"{key}.safetensors"
-    if not tensors.exists():
-        return 0
-    with safe_open(str(tensors), "pt") as f:
-        stored = (f.metadata() or {}).get("batches_done")
-    if stored is None and (path / f"{key}.json").exists():
-        stored = json.loads((path / f"{key}.json").read_text())["batches_done"]
-    return int(stored or 0)
+    header = None if checkpoint is None else _saved_header(Path(checkpoint.path), key)
+    return 0 if header is None else header[0]
 
 
 def stream(
