@@ -262,3 +262,21 @@ def test_sites_too_wide_for_memory_end_in_one_line(folder, tmp_path, monkeypatch
     assert main([*args, "--sites", "blocks.1.hook_resid_pre", "logits@-1", *SMALL]) == 2
     err = capsys.readouterr().err
     assert "StatisticsMemoryError" in err and "logits[-1]: 50 units" in err
+
+
+def test_the_log_announces_each_long_step(folder, tmp_path, monkeypatch, capsys):
+    """Steps that run without a bar say so when they start: the basis solve of a wide site
+    (every site is "wide" here) and each part of the report."""
+    import tl_degeneracy.engine.fit as fit
+
+    monkeypatch.setattr(fit, "WIDE_SOLVE", 1)
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    loud = [a for a in SMALL if a != "--quiet"]
+    args = ["fit", "--model", str(folder), "--text", str(text), "--mlp-sites", "1"]
+    assert main([*args, *loud, "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "blocks.1.mlp.hook_post[1:]->blocks.1.hook_resid_post[1:]: rotating 48 units" in printed
+    parts = ["report: attribution patching", "report: feature examples", "report: graphs"]
+    where = [printed.find(p) for p in parts]
+    assert min(where) > printed.find("rotating") and where == sorted(where), printed[-2000:]

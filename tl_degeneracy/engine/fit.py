@@ -385,6 +385,12 @@ def _check_count(stats: GramStatistics, site: Site, jacobian: JacobianGram) -> N
         )
 
 
+WIDE_SOLVE = 1024
+"""Sites at least this wide say so before their basis is solved: the eigendecompositions grow
+as the cube of the width (a few seconds at an MLP site of 2,000 units on one core) and run
+after the `M'` pass's bar has closed."""
+
+
 def bases_pass(
     state: FitState,
     sites: list[Site],
@@ -415,6 +421,11 @@ def bases_pass(
         jgrams[site.name] = jg
         st = stats[site]
         m_prime = jg.matrix.to(st.mean.device)
+        if st.gram.shape[0] >= WIDE_SOLVE:
+            state.clock.log(
+                f"[M' {done}/{len(sections)}] {section.name}: rotating {st.gram.shape[0]} "
+                "units (two eigendecompositions, seconds at this width)"
+            )
         bases[site.name] = interaction_basis(
             site, st.mean, st.gram, m_prime, config.truncation, kind=config.kind
         )

@@ -239,7 +239,7 @@ def run_fit_job(job: FitJob, ctx: DistContext | None = None, log: Log = print) -
         if preset.language_model:
             write_language_model_study(study, job.out, preset.model, heldout, log)
         else:
-            write_study(study, job.out)
+            write_study(study, job.out, log=log)
         finish_checkpoint_folder(Path(job.out) / "checkpoints")
     ctx.barrier()
     return study

@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.artifacts import jsonable
-from tl_degeneracy.engine.progress import Log
+from tl_degeneracy.engine.progress import Log, quiet
 from tl_degeneracy.experiments.study import Study
 
 
@@ -50,6 +50,7 @@ def write_study(
     attribution: dict[str, Any] | None = None,
     example_rows: int = 16,
     inputs: Any = None,
+    log: Log = quiet,
 ) -> Path:
     """Save the study, `summary.json` and the report (`report.html` and the views beside it)
     under `out`. With the model, held-out rows and a token decoder, the report shows each
@@ -60,7 +61,9 @@ def write_study(
     The report's time (its views and the page's body: graphs, features, plots) is added to
     the timings (`report_s`, and `total_s`) before the summary and the timings are written
     into the page, so the page, the saved study, `summary.json`, the terminal and a later
-    `tl-degeneracy report` all state the same times (only writing the files is not counted)."""
+    `tl-degeneracy report` all state the same times (only writing the files is not counted).
+    `log` gets a line as each part of the report starts (the views take tens of seconds on a
+    language model)."""
     from tl_degeneracy.experiments.lm_report import lm_summary
     from tl_degeneracy.experiments.report_views import add_model_views
     from tl_degeneracy.viz.report import report_body, study_report
@@ -74,7 +77,12 @@ def write_study(
     if model is not None and heldout is not None and decode is not None:
         step = max(1, heldout.shape[0] // example_rows)
         rows = heldout[::step][:example_rows]
+        log(
+            f"report: feature examples, logit effects and dominant directions on "
+            f"{rows.shape[0]} held-out rows"
+        )
         inputs = add_model_views(inputs, model, rows, decode)
+    log("report: graphs, tables and figures")
     save_report_views(inputs, out)
     body = report_body(inputs)
     _add_report_time(study, time.perf_counter() - start)
@@ -111,10 +119,13 @@ def write_language_model_study(
     start = time.perf_counter()
     before = study.timings.get("report_s", 0.0)
     tokenizer = getattr(model, "tokenizer", None)
-    attribution = ioi_report_attribution(model, study.bases) if tokenizer is not None else {}
+    attribution = {}
+    if tokenizer is not None:
+        log("report: attribution patching on indirect-object prompt pairs")
+        attribution = ioi_report_attribution(model, study.bases)
     decode = None if tokenizer is None else (lambda i: tokenizer.decode([i]))
     _add_report_time(study, time.perf_counter() - start)  # write_study adds the rest
-    out = write_study(study, out, model, heldout, decode, attribution)
+    out = write_study(study, out, model, heldout, decode, attribution, log=log)
     log(f"report in {study.timings['report_s'] - before:.1f} s")
     return out
 
