@@ -7,6 +7,7 @@ Subcommands (`tl-degeneracy COMMAND --help`, docs/cli.md):
   fit-lm            the `fit` preset for SmolLM2-135M at every residual cut
   fit-modadd        LIB and PCA on a modular-addition checkpoint, node ablation, plots
   report            re-render a study's report.html from its saved artifacts
+  prompt-graph      explain one prediction on your own prompt in a study's basis
   replicate-modadd  the LIB paper's modular-addition study per checkpoint
   replicate-mlp     LIB vs PCA on the digits MLP (the paper's image-classifier setting)
   degeneracy        the degeneracy report: three sources, SGLD N_eff, modularity
@@ -19,12 +20,21 @@ import os
 import sys
 from typing import NoReturn
 
-from tl_degeneracy.cli import fit, report, studies  # noqa: F401  (they register their commands)
+from tl_degeneracy.cli import fit, prompt, report, studies  # noqa: F401  (they register their commands)
 from tl_degeneracy.cli.checks import SETTING_FLAGS, check_out
 from tl_degeneracy.cli.fit import demo_checkpoint
 from tl_degeneracy.cli.registry import COMMANDS, command
 
-ORDER = ("demo", "fit", "fit-lm", "fit-modadd", "report", "replicate-modadd", "replicate-mlp")
+ORDER = (
+    "demo",
+    "fit",
+    "fit-lm",
+    "fit-modadd",
+    "report",
+    "prompt-graph",
+    "replicate-modadd",
+    "replicate-mlp",
+)
 RESUMABLE = ("demo", "fit", "fit-lm")
 """Commands that checkpoint into `--out` and resume when run again."""
 TRACEBACK_HELP = "show the full trace of an input error (before or after COMMAND)"

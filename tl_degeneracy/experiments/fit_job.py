@@ -18,23 +18,29 @@ from tl_degeneracy.engine.distributed import DistContext
 from tl_degeneracy.engine.edges import EdgeConfig
 from tl_degeneracy.engine.jacobians import JacobianConfig
 from tl_degeneracy.engine.progress import Log
-from tl_degeneracy.engine.sites import Site, SiteError, residual_sites
+from tl_degeneracy.engine.sites import Positions, Site, SiteError, residual_sites
 from tl_degeneracy.engine.streaming import finish_checkpoint_folder
 from tl_degeneracy.experiments.study import Study, StudyConfig, finish_timings, run_study
 from tl_degeneracy.experiments.study_output import write_language_model_study, write_study
 from tl_degeneracy.models.presets import Preset, load_preset
 
 
+def parse_positions(text: str) -> Positions:
+    """Positions as the command line writes them: `all`, `last`, a slice like `1:`, or
+    comma-separated indices like `0,3,-1` (a `ValueError` for anything else)."""
+    if text in ("all", "last") or ":" in text:
+        return Site("x", text).positions  # a slice Site refuses raises here
+    return tuple(int(p) for p in text.split(","))
+
+
 def parse_site(text: str) -> Site:
-    """`hook` or `hook@positions` (`all`, `last`, a slice like `1:`, or `0,3,-1`); other
-    positions are a `SiteError` naming the site and the accepted forms."""
+    """`hook` or `hook@positions` (`parse_positions`); other positions are a `SiteError`
+    naming the site and the accepted forms."""
     hook, _, pos = text.partition("@")
     if not pos:
         return Site(hook)
     try:
-        if pos in ("all", "last") or ":" in pos:
-            return Site(hook, pos)
-        return Site(hook, tuple(int(p) for p in pos.split(",")))
+        return Site(hook, parse_positions(pos))
     except ValueError:  # int() of a non-number, or a slice Site refuses
         raise SiteError(
             f"site {text!r}: positions {pos!r} are not understood; after '@' give all, last, "

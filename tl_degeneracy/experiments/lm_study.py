@@ -155,6 +155,8 @@ def run_lm_fit(
     )
     study = fit_lm(model, tokens, config, out, heldout, ctx, log)
     finish_timings(study, start)
+    # how the model was loaded, as `fit` records it (`prompt-graph` loads it again from this)
+    study.metadata["job"] = {"model": "smollm2", "api": config.api, "keep_bos": not config.skip_bos}
     if ctx.is_main:
         write_language_model_study(study, out, model, heldout, log)
         finish_checkpoint_folder(Path(out) / "checkpoints")

@@ -1,0 +1,129 @@
+"""`tl-degeneracy prompt-graph`: a study written by `fit` explains a prediction on the user's own
+prompt, loading the model again as the fit did, and checks what it writes against the model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tl_degeneracy.cli import main
+from tl_degeneracy.engine.prompt_graph import PromptGraph
+from tl_degeneracy.models import load_local, tiny_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = ["--n-tokens", "480", "--seq-len", "16", "--batch-rows", "8", "--sources", "2",
+         "--edge-tokens", "64", "--ablation-tokens", "64", "--quiet"]  # fmt: skip
+PROMPT, CORRUPTED = "the quick fox", "the quick dog"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A tiny GPT-2 checkpoint folder and a study fitted on it (BOS left out, as by default)."""
+    root = tmp_path_factory.mktemp("prompt")
+    folder = tiny_checkpoint("gpt2", root / "tiny-gpt2", seed=0)
+    text = root / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    out = root / "study"
+    assert (
+        main(["fit", "--model", str(folder), "--text", str(text), *SMALL, "--out", str(out)]) == 0
+    )
+    return folder, out
+
+
+def _tokens(model, text):
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    return torch.tensor([[model.tokenizer.bos_token_id, *ids]])
+
+
+def test_the_default_target_is_the_models_first_choice_against_its_second(study, tmp_path, capsys):
+    """Without --answer/--vs the target is the logit difference of the model's two most likely
+    next tokens, read from the model directly; the graph, its summary and the intervention
+    check agree on its value, and the graph leaves out BOS as the fit did."""
+    folder, out = study
+    args = ["prompt-graph", str(out), "--prompt", PROMPT, "--details-rows", "4"]
+    assert main([*args, "--out", str(tmp_path / "g")]) == 0
+    model = load_local(folder)
+    tokens = _tokens(model, PROMPT)
+    with torch.no_grad():
+        last = model(tokens)[0, -1].double()
+    first, second = last.topk(2).indices.tolist()
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert summary["tokens"] == tokens[0].tolist()
+    assert (summary["target"]["good"], summary["target"]["bad"]) == (first, second)
+    assert summary["value"] == pytest.approx(float(last[first] - last[second]), rel=1e-5)
+    assert summary["intervention"]["before"] == pytest.approx(summary["value"], rel=1e-6)
+    graph = PromptGraph.load(tmp_path / "g" / "graph")
+    assert graph.value == pytest.approx(summary["value"], rel=1e-12)
+    assert min(n.position for n in graph.top_nodes(100, kept=False)) == 1  # BOS carries none
+    assert len(summary["top_supporting_nodes"]) == 10
+    assert all(r["attribution"] * summary["value"] > 0 for r in summary["top_supporting_nodes"])
+    assert "tld-prompt-graph" in (tmp_path / "g" / "graph.html").read_text()
+    printed = capsys.readouterr().out
+    assert "most influential supporting nodes set to their mean together" in printed
+
+
+def test_answer_vs_and_a_corrupted_prompt_match_patching_by_hand(study, capsys):
+    """Named tokens set the target; with a corrupted prompt, patching the last residual site
+    at every position but BOS (which both prompts share) restores the clean value exactly, so
+    the comparison's site patching there is value(clean) − value(corrupted), computed here
+    from the model. Each run writes the next numbered folder, never over an earlier one."""
+    folder, out = study
+    shutil.rmtree(out / "prompt_graphs", ignore_errors=True)
+    model = load_local(folder)
+    good, bad = (model.tokenizer.encode(t, add_special_tokens=False)[0] for t in ("x", "5"))
+    args = ["prompt-graph", str(out), "--prompt", PROMPT, "--answer", "x", "--vs", "5"]
+    for _ in range(2):
+        assert main([*args, "--corrupted", CORRUPTED, "--details-rows", "0", "--kind", "pca"]) == 0
+    written = sorted(p.name for p in (out / "prompt_graphs").iterdir())
+    assert written == ["001_pca", "002_pca"]
+    summary = json.loads((out / "prompt_graphs" / "002_pca" / "summary.json").read_text())
+    assert (summary["target"]["good"], summary["target"]["bad"]) == (good, bad)
+
+    def value(text):
+        with torch.no_grad():
+            last = model(_tokens(model, text))[0, -1].double()
+        return float(last[good] - last[bad])
+
+    sites = summary["patching"]["sites"]
+    final = next(s for s in sites if s["site"].startswith("blocks.1.hook_resid_post"))
+    assert final["site patching"] == pytest.approx(value(PROMPT) - value(CORRUPTED), rel=1e-5)
+    assert (out / "prompt_graphs" / "002_pca" / "patching.html").is_file()
+    assert "TransformerLens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--answer", "xyz"], "--answer 'xyz' is 3 tokens for this tokenizer"),
+        (["--answer", "x", "--vs", "x"], "--answer and --vs name the same token"),
+        (["--kind", "ib"], "has no ib basis (it has: lib, pca); pass --kind lib"),
+        (["--corrupted", "the quick foxes"], "--corrupted is 16 tokens and the prompt 14"),
+        (["--positions", "one"], "--positions 'one' is not understood"),
+    ],
+)
+def test_bad_requests_end_in_one_line_naming_the_fix(study, extra, message, capsys):
+    _, out = study
+    assert main(["prompt-graph", str(out), "--prompt", PROMPT, "--details-rows", "0", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_study_that_does_not_record_its_model_asks_for_it(study, tmp_path, capsys):
+    """A folder whose fit did not record how it loaded the model (an older one) names --model,
+    and works once it is given; token ids stand in for text."""
+    folder, out = study
+    old = tmp_path / "old"
+    shutil.copytree(out, old, ignore=shutil.ignore_patterns("prompt_graphs", "checkpoints"))
+    record = json.loads((old / "study.json").read_text())
+    del record["metadata"]["job"]
+    (old / "study.json").write_text(json.dumps(record))
+    ids = " ".join(map(str, _tokens(load_local(folder), PROMPT)[0].tolist()))
+    args = ["prompt-graph", str(old), "--token-ids", ids, "--details-rows", "0"]
+    assert main(args) == 2
+    assert "does not record its model" in capsys.readouterr().err
+    assert main([*args, "--model", str(folder)]) == 0
+    summary = json.loads((old / "prompt_graphs" / "001_lib" / "summary.json").read_text())
+    assert " ".join(map(str, summary["tokens"])) == ids

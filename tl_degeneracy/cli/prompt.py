@@ -1,0 +1,109 @@
+"""`prompt-graph`: explain one prediction on one's own prompt in a fitted study's basis."""
+
+from __future__ import annotations
+
+import argparse
+
+from tl_degeneracy.cli.checks import check_device, count
+from tl_degeneracy.cli.registry import command
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a share in (0, 1], got {text}")
+    return value
+
+
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", help="a folder written by tl-degeneracy fit (or fit-lm, demo)")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="the prompt, as text (BOS first where the model has one)")
+    given.add_argument(
+        "--token-ids",
+        type=lambda s: tuple(int(t) for t in s.replace(",", " ").split()),
+        help="the prompt as token ids, e.g. '5 7 113' (a model without a tokenizer)",
+    )
+    p.add_argument(
+        "--answer",
+        default=None,
+        help="the token whose logit is explained, as text (e.g. ' Mary', mind the space); "
+        "default: the model's most likely next token",
+    )
+    p.add_argument(
+        "--vs",
+        default=None,
+        help="the token it is compared with: the target is logit(answer) - logit(vs); "
+        "default: the most likely other token",
+    )
+    p.add_argument(
+        "--corrupted",
+        default=None,
+        help="a prompt of the same token length (ids with --token-ids): the graph's nodes "
+        "beside attribution patching and activation patching from it",
+    )
+    p.add_argument("--kind", default="lib", help="which of the study's bases (default: lib)")
+    p.add_argument(
+        "--positions",
+        default=None,
+        help="positions that carry nodes (all, last, 1:, or 0,3,-1); default: the fit's own",
+    )
+    p.add_argument(
+        "--top",
+        type=count(1),
+        default=10,
+        help="supporting nodes set to their mean together to check the graph (default: 10)",
+    )
+    p.add_argument(
+        "--node-share",
+        type=_share,
+        default=0.8,
+        help="share of the influence the kept nodes hold (default: %(default)s)",
+    )
+    p.add_argument(
+        "--details-rows",
+        type=count(0, " (0 shows no contexts)"),
+        default=48,
+        help="corpus rows of 64 tokens whose top contexts the viewer shows per feature "
+        "(default: %(default)s; 0: none)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the model (a preset or a folder), when the study does not record it",
+    )
+    p.add_argument("--device", default=None, help="where to run the model (default: the fit's)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: STUDY/prompt_graphs/NNN_KIND, the first unused)",
+    )
+
+
+@command(
+    "prompt-graph",
+    "explain one prediction on your own prompt in a fitted study's basis: the prompt graph, "
+    "checked by intervention, and beside patching given a corrupted prompt",
+)(_prompt_args)
+def run_prompt_graph(args: argparse.Namespace) -> int:
+    from tl_degeneracy.experiments.prompt_job import PromptJob, run_prompt_job
+
+    check_device("--device", args.device)
+    job = PromptJob(
+        study=args.study,
+        prompt=args.prompt,
+        token_ids=args.token_ids,
+        answer=args.answer,
+        vs=args.vs,
+        corrupted=args.corrupted,
+        kind=args.kind,
+        positions=args.positions,
+        top=args.top,
+        node_share=args.node_share,
+        details_rows=args.details_rows,
+        model=args.model,
+        device=args.device,
+        out=args.out,
+    )
+    run_prompt_job(job)
+    return 0
