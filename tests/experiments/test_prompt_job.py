@@ -127,3 +127,20 @@ def test_a_study_that_does_not_record_its_model_asks_for_it(study, tmp_path, cap
     assert main([*args, "--model", str(folder)]) == 0
     summary = json.loads((old / "prompt_graphs" / "001_lib" / "summary.json").read_text())
     assert " ".join(map(str, summary["tokens"])) == ids
+
+
+def test_a_study_fitted_on_a_device_this_machine_lacks_names_the_flag(study, tmp_path, capsys):
+    """A study fitted on a GPU, read on a machine without one (this test's), names --device;
+    given it, the model runs where asked."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has the device the study names")
+    _, out = study
+    moved = tmp_path / "gpu_fit"
+    shutil.copytree(out, moved, ignore=shutil.ignore_patterns("prompt_graphs", "checkpoints"))
+    record = json.loads((moved / "study.json").read_text())
+    record["metadata"]["job"]["device"] = "cuda"
+    (moved / "study.json").write_text(json.dumps(record))
+    args = ["prompt-graph", str(moved), "--prompt", PROMPT, "--details-rows", "0"]
+    assert main(args) == 2
+    assert "was fitted on cuda" in capsys.readouterr().err
+    assert main([*args, "--device", "cpu"]) == 0

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from tl_degeneracy.engine.artifacts import jsonable
 from tl_degeneracy.engine.basis_result import BasisResult
-from tl_degeneracy.engine.compat import as_dtype
+from tl_degeneracy.engine.compat import as_dtype, usable_device
 from tl_degeneracy.engine.progress import Log
 from tl_degeneracy.engine.prompt_graph import PromptGraph, Target, prompt_graph
 from tl_degeneracy.engine.prompt_graph.interventions import InterventionResult, intervene
@@ -105,11 +105,19 @@ def load_study_model(job: PromptJob) -> tuple[nn.Module, BasisResult, dict[str, 
             f"pass --kind {kinds[0] if kinds else 'lib'}"
         )
     dtype = recorded.get("dtype")
+    device = job.device or recorded.get("device")
+    if job.device is None and device is not None:
+        try:
+            usable_device(device)
+        except ValueError as error:
+            raise ValueError(
+                f"{folder} was fitted on {device}: {error}; pass --device cpu (or another)"
+            ) from None
     preset = load_preset(
         str(spec),
         api=recorded.get("api", "auto"),
         dtype=None if dtype is None else as_dtype(dtype),
-        device=job.device or recorded.get("device"),
+        device=device,
         tokenizer=recorded.get("tokenizer") if job.model is None else None,
     )
     basis = BasisResult.load(folder / "bases" / job.kind, model=preset.model)
