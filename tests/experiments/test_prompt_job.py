@@ -92,7 +92,8 @@ def test_answer_vs_and_a_corrupted_prompt_match_patching_by_hand(study, capsys):
     final = next(s for s in sites if s["site"].startswith("blocks.1.hook_resid_post"))
     assert final["site patching"] == pytest.approx(value(PROMPT) - value(CORRUPTED), rel=1e-5)
     assert (out / "prompt_graphs" / "002_pca" / "patching.html").is_file()
-    assert "TransformerLens" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "TransformerLens" in printed and "Spearman rho with patching" in printed
 
 
 @pytest.mark.parametrize(

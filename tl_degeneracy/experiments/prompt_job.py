@@ -27,6 +27,10 @@ from tl_degeneracy.engine.prompt_graph.interventions import InterventionResult, 
 __all__ = ["PromptJob", "PromptJobResult", "load_study_model", "prompt_tokens", "run_prompt_job"]
 
 
+PATCHED_NODES = 5
+"""Nodes per site patched one at a time beside attribution patching (a forward each)."""
+
+
 @dataclass(frozen=True)
 class PromptJob:
     """One prompt to explain in a saved study's basis."""
@@ -242,9 +246,14 @@ def run_prompt_job(job: PromptJob, log: Log = print) -> PromptJobResult:
                 "patching compares positions one to one, so give prompts of equal token length"
             )
         comparison = compare_with_patching(
-            model, basis, tokens, corrupted, target, positions=positions, top=5
+            model, basis, tokens, corrupted, target, positions=positions, top=PATCHED_NODES
         )
         log(comparison.sites_table())
+        log(
+            f"per node (each site's {PATCHED_NODES} largest |attribution patching|, each patched "
+            f"alone): Spearman rho with patching {comparison.correlation():.3f} over "
+            f"{len(comparison.nodes)} nodes"
+        )
     out = _write(job, graph, check, estimate, comparison, top)
     log(f"wrote {out} (graph.html, graph/, summary.json{', patching.html' if comparison else ''})")
     return PromptJobResult(graph, check, estimate, comparison, out)
