@@ -231,7 +231,9 @@ def transform_hooks(
 
     A composite site is known whole only when its component fires, after its stream part: the
     component's part is written there and the stream part's change is added at the next
-    residual hook (`sites.carry_hook`). That is exact in sequential blocks; in a parallel-
+    residual hook (`sites.carry_hook`). That is exact in sequential blocks, but for the stream
+    part of an attention site read at some positions and not at a later one, which attention
+    there would read unchanged (`_check_attention_carry` refuses it); in a parallel-
     attention model the stream also feeds the other component (`rewritable`), so there `fn`
     only reads, and a change it returns raises `SiteError` (write known values with
     `injection_hooks` instead, as node ablation does)."""
@@ -251,6 +253,7 @@ def transform_hooks(
     if not rewritable(model, site):
         return _read_only_hooks(model, site, fn)
     component, stream = parts
+    attention = component.endswith("attn.hook_z")
     state: dict[str, Tensor] = {}
 
     def read_stream(act: Tensor, hook: Any = None) -> None:
@@ -269,6 +272,8 @@ def transform_hooks(
         width = comp.shape[-1]
         delta = new[..., width:].to(stream_clean.dtype) - stream_clean
         if bool(delta.any()):
+            if attention:
+                _check_attention_carry(site, idx, delta, flat.shape[1])
             state["delta"] = delta
         return _restore(flat.index_copy(1, idx, new[..., :width].to(flat.dtype)), act)
 
@@ -285,6 +290,25 @@ def transform_hooks(
         *replace_hooks(model, component, write_component),
         *replace_hooks(model, after, carry),
     ]
+
+
+def _check_attention_carry(site: Site, idx: Tensor, delta: Tensor, n_pos: int) -> None:
+    """The stream part's change at an attention site reaches the stream after attention
+    (`transform_hooks`), so attention at a later position outside the site would still read
+    the old stream there: refused, naming the positions (the inside of the site is exact, its
+    heads' outputs being written)."""
+    changed = idx[delta.flatten(2).ne(0).any(-1).any(0)]
+    later = set(range(int(changed.min()), n_pos)) - set(idx.tolist())
+    if later:
+        raise SiteError(
+            f"{site.name}: a change to the stream part of an attention site at position "
+            f"{int(changed.min())} would be read by attention at position {min(later)}, which "
+            "the site leaves out, before it is written (after attention), so this edit from "
+            "inside the forward would be wrong. Read the site at every position from the "
+            "first one edited on (e.g. positions '1:' or 'last'), edit only its heads' part, or "
+            "use node_ablation_curve, feature_patching_effects or intervene, which write "
+            "known values before the block"
+        )
 
 
 def rewritable(model: nn.Module, site: Site) -> bool:
