@@ -269,6 +269,34 @@ def test_input_errors(api, tiny, tokens_for):
         )
     with pytest.raises(ValueError, match="one value per sequence"):
         compare_attribution(model, result, None, clean, corrupted, lambda lg, t: lg[:, -1])
+    with pytest.raises(ValueError, match=r"in a column; drop the last axis \(.squeeze\(-1\)\)"):
+        compare_attribution(model, result, None, clean, corrupted, lambda lg, t: lg[:, -1, :1])
+    one = "blocks.0.hook_resid_mid"
+    with pytest.raises(TypeError, match=r"not one site: pass sites=\['blocks.0.hook_resid_mid'\]"):
+        compare_attribution(model, result, one, clean, corrupted, logit_difference)
+    with pytest.raises(ValueError, match="sites is empty"):
+        compare_attribution(model, result, [], clean, corrupted, logit_difference)
+    with pytest.raises(ValueError, match="max_rows must be a whole number of at least 1"):
+        compare_attribution(model, result, [one], clean, corrupted, logit_difference, max_rows=0)
+    basis = result[one]
+    for bad in (-1, basis.k):
+        with pytest.raises(IndexError, match=f"feature {bad} in groups is not a feature"):
+            feature_patching_effects(model, basis, clean, corrupted, logit_difference, [[0, bad]])
+
+
+def test_a_metric_that_is_nan_on_some_prompts_is_refused_where_it_arises(api, tiny, tokens_for):
+    """It spread as NaN through every score, gave an infinite relative gap and a warning that
+    blamed the basis's fit data."""
+    model, result, clean, corrupted = setting(api, tiny, tokens_for)
+
+    def nan_on_two(logits, tokens):
+        value = logit_difference(logits, tokens)
+        return torch.where(torch.arange(len(value)) < 2, torch.nan, value)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AttributionGapWarning)
+        with pytest.raises(ValueError, match=r"NaN or infinite \(2 of 12 sequences\)"):
+            compare_attribution(model, result, None, clean, corrupted, nan_on_two)
 
 
 def test_spearman_matches_scipy():

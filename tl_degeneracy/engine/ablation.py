@@ -54,6 +54,8 @@ def per_sequence(
             "each sequence instead (reduction='none', then .mean(-1) over its positions), as "
             "next_token_loss does"
         )
+    elif value.ndim == 2 and tuple(value.shape) == (batch, 1):
+        hint = ": one value per sequence in a column; drop the last axis (.squeeze(-1))"
     elif value.ndim >= 2 and value.shape[0] == batch:
         hint = ": a value per token; average over the positions of each sequence (.mean(-1))"
     raise ValueError(

@@ -50,7 +50,7 @@ from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.capture import capture_sites
 from tl_degeneracy.engine.compat import model_cfg
 from tl_degeneracy.engine.model_match import check_fits, warn_if_fitted_elsewhere
-from tl_degeneracy.engine.sites import SiteLike, site_key, site_parts
+from tl_degeneracy.engine.sites import Site, SiteLike, site_key, site_parts
 from tl_degeneracy.engine.tokens import validate_pair
 
 
@@ -250,15 +250,24 @@ def compare_attribution(
     tl_check: bool = True,
     metric_name: str | None = None,
 ) -> AttributionComparison:
-    """Per-feature attribution patching at each site (default: every non-final site of the
-    result), true patching of each feature, importances, and site-level sums (ours,
-    TransformerLens's when `tl_check`, and the truncation gap).
+    """Per-feature attribution patching at each site (default: every fitted site of the
+    result, neither the logits nor a raw final site), true patching of each feature,
+    importances, and site-level sums (ours, TransformerLens's when `tl_check`, and the
+    truncation gap).
 
     One forward + backward on the corrupted tokens serves all sites' gradients; patching runs
     `k` groups per site, `max_rows` sequences per forward.
     """
     clean_tokens, corrupted_tokens = validate_pair(model, clean_tokens, corrupted_tokens)
     bases = _bases(basis_result)
+    if isinstance(sites, (str, Site)) or (
+        isinstance(sites, tuple) and len(sites) == 2 and isinstance(sites[1], int)
+    ):
+        raise TypeError(
+            f"sites must be a list of sites (or None for all), not one site: pass sites=[{sites!r}]"
+        )
+    if sites is not None and not list(sites):
+        raise ValueError("sites is empty: pass a list of sites, or None for every fitted site")
     if sites is None:
         chosen = [b for b in bases.values() if not b.site.is_logits and b.kind != "raw"]
     else:

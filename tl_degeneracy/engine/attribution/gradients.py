@@ -45,8 +45,20 @@ def reduce_metric(value: Tensor | float, batch: int) -> Float[Tensor, ""]:
 
 
 def batch_metric(metric: AttributionMetric, logits: Tensor, tokens: Tensor) -> Tensor:
-    """The batch-mean metric of one run."""
-    return reduce_metric(metric(logits, tokens), tokens.shape[0])
+    """The batch-mean metric of one run; a NaN or infinite value is refused here, where it
+    arises, rather than spread through every score as NaN."""
+    values = per_sequence(metric(logits, tokens), tokens.shape[0], scalar_ok=True)
+    bad = ~torch.isfinite(values.detach())
+    if bool(bad.any()):
+        where = (
+            "its value" if values.ndim == 0 else f"{int(bad.sum())} of {values.numel()} sequences"
+        )
+        raise ValueError(
+            f"the metric is NaN or infinite ({where}) on this run: a metric must be finite on "
+            "the prompts (check its logs and divisions, and that the model's logits are finite "
+            "in its dtype)"
+        )
+    return values.mean()
 
 
 def _groups(model: nn.Module, sites: Sequence[Site]) -> list[list[Site]]:

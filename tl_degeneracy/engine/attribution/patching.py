@@ -80,6 +80,16 @@ def feature_patching_effects(
     (clean,) = capture_sites(model, clean_tokens, [site])
     (corrupt,) = capture_sites(model, corrupted_tokens, [site])
     groups = [[i] for i in range(basis.k)] if groups is None else [list(g) for g in groups]
+    for g in groups:
+        bad = [
+            i for i in g if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < basis.k
+        ]
+        if bad:
+            raise IndexError(
+                f"{site.name}: feature {bad[0]!r} in groups is not a feature of this basis, "
+                f"whose features are 0 to {basis.k - 1} (k = {basis.k}; negative indices are "
+                "not read from the end)"
+            )
     masks = torch.zeros(len(groups), basis.k, dtype=torch.float64, device=clean.device)
     for j, g in enumerate(groups):
         masks[j, g] = 1.0
@@ -99,6 +109,11 @@ def feature_patching(
     max_rows: int,
 ) -> Float[Tensor, " groups"]:
     """Metric change per group of features patched by `dfeat` (see `feature_patching_effects`)."""
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(
+            f"max_rows must be a whole number of at least 1 (sequences per patching forward), "
+            f"got {max_rows!r}"
+        )
     with torch.no_grad():
         raw = metric(model(corrupted_tokens), corrupted_tokens)
     scalar = not isinstance(raw, Tensor) or raw.ndim == 0

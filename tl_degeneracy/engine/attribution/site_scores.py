@@ -107,6 +107,8 @@ class SiteAttribution(BriefRepr):
     @property
     def relative_gap(self) -> float:
         scale = abs(self.site_attribution)
+        if math.isnan(scale) or math.isnan(self.gap):
+            return math.nan
         return abs(self.gap) / scale if scale > 0 else (0.0 if self.gap == 0 else math.inf)
 
     @property
