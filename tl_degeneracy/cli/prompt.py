@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tl_degeneracy.cli.checks import check_device, count
+from tl_degeneracy.cli.checks import THREADS, check_device, count
 from tl_degeneracy.cli.registry import command
 
 
@@ -72,7 +72,15 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the model (a preset or a folder), when the study does not record it",
     )
+    p.add_argument(
+        "--compare-sites",
+        nargs="+",
+        default=None,
+        help="sites compared with patching when --corrupted is given (default: every site of "
+        "the graph; each costs about three forwards and a backward, plus one per patched node)",
+    )
     p.add_argument("--device", default=None, help="where to run the model (default: the fit's)")
+    p.add_argument("--threads", type=THREADS, default=None, help="torch threads (default: torch's)")
     p.add_argument(
         "--out",
         default=None,
@@ -89,6 +97,10 @@ def run_prompt_graph(args: argparse.Namespace) -> int:
     from tl_degeneracy.experiments.prompt_job import PromptJob, run_prompt_job
 
     check_device("--device", args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     job = PromptJob(
         study=args.study,
         prompt=args.prompt,
@@ -100,6 +112,7 @@ def run_prompt_graph(args: argparse.Namespace) -> int:
         positions=args.positions,
         top=args.top,
         node_share=args.node_share,
+        compare_sites=tuple(args.compare_sites) if args.compare_sites else None,
         details_rows=args.details_rows,
         model=args.model,
         device=args.device,

@@ -29,6 +29,8 @@ __all__ = ["PromptJob", "PromptJobResult", "load_study_model", "prompt_tokens", 
 
 PATCHED_NODES = 5
 """Nodes per site patched one at a time beside attribution patching (a forward each)."""
+SHOWN_SITES = 16
+"""The per-site comparison is printed up to this many sites (always in `patching.html`)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class PromptJob:
     """Positions that carry nodes; default: those the study fitted (BOS left out)."""
     top: int = 10
     node_share: float = 0.8
+    compare_sites: tuple[str, ...] | None = None
+    """Sites compared with patching (default: every site of the graph)."""
     details_rows: int = 48
     """Corpus rows whose contexts the viewer shows for each kept feature (0: none)."""
     model: str | None = None
@@ -245,10 +249,17 @@ def run_prompt_job(job: PromptJob, log: Log = print) -> PromptJobResult:
                 f"--corrupted is {corrupted.shape[1]} tokens and the prompt {tokens.shape[1]}: "
                 "patching compares positions one to one, so give prompts of equal token length"
             )
+        sites = list(job.compare_sites) if job.compare_sites else None
         comparison = compare_with_patching(
-            model, basis, tokens, corrupted, target, positions=positions, top=PATCHED_NODES
+            model, basis, tokens, corrupted, target, sites, positions, top=PATCHED_NODES
         )
-        log(comparison.sites_table())
+        if len(comparison.sites) <= SHOWN_SITES:
+            log(comparison.sites_table())
+        log(
+            f"{len(comparison.sites)} sites: the nodes' attribution patching adds up to "
+            f"TransformerLens's within {comparison.max_site_discrepancy():.2g} (relative); "
+            f"clean {comparison.clean_value:.4g}, corrupted {comparison.corrupted_value:.4g}"
+        )
         log(
             f"per node (each site's {PATCHED_NODES} largest |attribution patching|, each patched "
             f"alone): Spearman rho with patching {comparison.correlation():.3f} over "
