@@ -95,7 +95,8 @@ def test_answer_vs_and_a_corrupted_prompt_match_patching_by_hand(study, capsys):
     printed = capsys.readouterr().out
     assert "TransformerLens" in printed and "Spearman rho with patching" in printed
     one = "blocks.1.hook_resid_pre"
-    assert main([*args, "--corrupted", CORRUPTED, "--details-rows", "0", "--compare-sites", one]) == 0
+    only = ["--corrupted", CORRUPTED, "--details-rows", "0", "--compare-sites", one]
+    assert main([*args, *only]) == 0
     summary = json.loads((out / "prompt_graphs" / "003_lib" / "summary.json").read_text())
     assert [s["site"] for s in summary["patching"]["sites"]] == [one]
 

@@ -11,6 +11,7 @@ from tl_degeneracy.engine.attribution.gradients import (
     AttributionMetric,
     site_gradients,
     tl_site_attribution,
+    tl_sites_attribution,
 )
 from tl_degeneracy.engine.attribution.patching import (
     feature_patching_effects,
@@ -34,4 +35,5 @@ __all__ = [
     "site_patching_effect",
     "spearman",
     "tl_site_attribution",
+    "tl_sites_attribution",
 ]

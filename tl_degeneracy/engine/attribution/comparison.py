@@ -38,7 +38,11 @@ from tl_degeneracy.engine.attribution.gradients import (
     site_gradients,
     tl_site_attribution,
 )
-from tl_degeneracy.engine.attribution.patching import feature_patching, site_patching
+from tl_degeneracy.engine.attribution.patching import (
+    corrupted_baseline,
+    feature_patching,
+    site_patching,
+)
 from tl_degeneracy.engine.attribution.site_scores import (
     GAP_WARNING,
     AttributionGapWarning,
@@ -292,6 +296,7 @@ def compare_attribution(
             UserWarning,
             stacklevel=2,
         )
+    baseline = corrupted_baseline(model, corrupted_tokens, metric)  # one forward for all sites
     results: dict[str, SiteAttribution] = {}
     for basis, clean in zip(chosen, clean_acts):
         start = time.perf_counter()
@@ -306,9 +311,11 @@ def compare_attribution(
         site_value = float((delta * g).sum())
         masks = torch.eye(basis.k, dtype=torch.float64, device=clean.device)
         patching = feature_patching(
-            model, basis, corrupted_tokens, metric, corrupt, dfeat, masks, max_rows
+            model, basis, corrupted_tokens, metric, corrupt, dfeat, masks, max_rows, baseline
         )
-        site_patch = site_patching(model, basis.site, corrupted_tokens, metric, clean, corrupt)
+        site_patch = site_patching(
+            model, basis.site, corrupted_tokens, metric, clean, corrupt, baseline
+        )
         tl_value, tl_ours = None, None
         if tl_check:
             tl_value = tl_site_attribution(

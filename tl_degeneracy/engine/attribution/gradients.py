@@ -38,16 +38,16 @@ AttributionMetric = Callable[
 the tokens the run was fed (the corrupted ones for corrupted and patched runs)."""
 
 
-def reduce_metric(value: Tensor | float, batch: int) -> Float[Tensor, ""]:
-    """A metric's output as one float64 scalar: the mean over sequences (a scalar as it is;
-    `ablation.per_sequence` checks the shape)."""
-    return per_sequence(value, batch, scalar_ok=True).mean()
-
-
 def batch_metric(metric: AttributionMetric, logits: Tensor, tokens: Tensor) -> Tensor:
-    """The batch-mean metric of one run; a NaN or infinite value is refused here, where it
-    arises, rather than spread through every score as NaN."""
-    values = per_sequence(metric(logits, tokens), tokens.shape[0], scalar_ok=True)
+    """The batch-mean metric of one run (`checked_mean`)."""
+    return checked_mean(metric(logits, tokens), tokens.shape[0])
+
+
+def checked_mean(value: Tensor | float, batch: int) -> Float[Tensor, ""]:
+    """A metric's output as one float64 scalar, the mean over sequences (a scalar as it is;
+    `ablation.per_sequence` checks the shape); a NaN or infinite value is refused here, where
+    it arises, rather than spread through every score as NaN."""
+    values = per_sequence(value, batch, scalar_ok=True)
     bad = ~torch.isfinite(values.detach())
     if bool(bad.any()):
         where = (
@@ -170,14 +170,28 @@ def tl_site_attribution(
     On the Bridge `hook_resid_mid` is an alias of the MLP's input, whose gradient misses the
     residual path; there the gradient at `hook_resid_post` (that path) is added.
     """
+    return tl_sites_attribution(model, [site], clean_tokens, corrupted_tokens, metric)[0]
+
+
+def tl_sites_attribution(
+    model: nn.Module,
+    sites: Sequence[Site],
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    metric: AttributionMetric,
+) -> list[float]:
+    """`tl_site_attribution` of every site from one clean and one corrupted run of the cache
+    (a forward, and a forward and a backward), not three passes per site."""
     clean_tokens, corrupted_tokens = validate_pair(model, clean_tokens, corrupted_tokens)
     cache = _tl_gradient_cache()
-    hook = tl_hook(model, site)
-    names = [hook]
-    alias = is_bridge(model) and hook.endswith("hook_resid_mid")
-    if alias:
-        names.append(hook.replace("hook_resid_mid", "hook_resid_post"))
-    if "hook_embed" in hook_names(model) and hook != "hook_embed":
+    hooks = [tl_hook(model, site) for site in sites]
+    alias = {
+        h: h.replace("hook_resid_mid", "hook_resid_post")
+        for h in hooks
+        if is_bridge(model) and h.endswith("hook_resid_mid")
+    }
+    names = list(dict.fromkeys([*hooks, *alias.values()]))
+    if "hook_embed" in hook_names(model) and "hook_embed" not in names:
         # The cache drives its backward to the tensors its forward hooks saw. On the Bridge a
         # converted hook point (`attn.hook_z`) hands its hooks a view the model never uses, so
         # the backward would stop short of it and its gradient read None (taken as 0). The
@@ -187,7 +201,7 @@ def tl_site_attribution(
         model,
         clean_tokens,
         lambda logits: batch_metric(metric, logits, clean_tokens),
-        names_filter=[hook],
+        names_filter=list(dict.fromkeys(hooks)),
         compute_gradient=False,
     )
     with torch.enable_grad(), parameters_requiring_grad(model, True):
@@ -197,14 +211,18 @@ def tl_site_attribution(
             lambda logits: batch_metric(metric, logits, corrupted_tokens),
             names_filter=names,
         )
-    grad = corrupt.gradients[hook]
-    if grad is None:  # the hook does not reach the metric
-        return 0.0
-    grad = as_positions(grad.to(torch.float64))
-    if alias and corrupt.gradients[names[1]] is not None:
-        grad = grad + as_positions(corrupt.gradients[names[1]].to(torch.float64))
-    delta = as_positions(clean.activations[hook].to(torch.float64)) - as_positions(
-        corrupt.activations[hook].to(torch.float64)
-    )
-    idx = site.index(delta.shape[1], delta.device)
-    return float((delta[:, idx] * grad[:, idx]).sum())
+    values = []
+    for site, hook in zip(sites, hooks):
+        grad = corrupt.gradients[hook]
+        if grad is None:  # the hook does not reach the metric
+            values.append(0.0)
+            continue
+        grad = as_positions(grad.to(torch.float64))
+        if hook in alias and corrupt.gradients[alias[hook]] is not None:
+            grad = grad + as_positions(corrupt.gradients[alias[hook]].to(torch.float64))
+        delta = as_positions(clean.activations[hook].to(torch.float64)) - as_positions(
+            corrupt.activations[hook].to(torch.float64)
+        )
+        idx = site.index(delta.shape[1], delta.device)
+        values.append(float((delta[:, idx] * grad[:, idx]).sum()))
+    return values

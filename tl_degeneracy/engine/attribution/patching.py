@@ -4,6 +4,7 @@ attribution patching estimates (docs/attribution.md)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from tl_degeneracy.engine.attribution.gradients import (
     AttributionMetric,
     batch_metric,
-    reduce_metric,
+    checked_mean,
 )
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.capture import capture_sites, injection_hooks
@@ -98,6 +99,26 @@ def feature_patching_effects(
     return feature_patching(model, b, corrupted_tokens, metric, corrupt, dfeat, masks, max_rows)
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """The unpatched corrupted run: its batch-mean metric, and whether the metric returns one
+    scalar per batch (then groups are patched one per forward). Made once and shared by every
+    site's patching (`corrupted_baseline`), it saves a forward per site."""
+
+    value: Float[Tensor, ""]
+    scalar: bool
+
+
+@torch.no_grad()
+def corrupted_baseline(
+    model: nn.Module, corrupted_tokens: Tensor, metric: AttributionMetric
+) -> Baseline:
+    """The metric of the corrupted run, once (see `Baseline`)."""
+    raw = metric(model(corrupted_tokens), corrupted_tokens)
+    scalar = not isinstance(raw, Tensor) or raw.ndim == 0
+    return Baseline(checked_mean(raw, corrupted_tokens.shape[0]), scalar)
+
+
 def feature_patching(
     model: nn.Module,
     basis: SiteBasis,
@@ -105,22 +126,23 @@ def feature_patching(
     metric: AttributionMetric,
     corrupt_act: Tensor,
     dfeat: Float[Tensor, "batch site_pos k"],
-    masks: Float[Tensor, "groups k"],
+    masks: Float[Tensor, "groups k"] | Float[Tensor, "groups site_pos k"],
     max_rows: int,
+    baseline: Baseline | None = None,
 ) -> Float[Tensor, " groups"]:
-    """Metric change per group of features patched by `dfeat` (see `feature_patching_effects`)."""
+    """Metric change per group of features patched by `dfeat` (see `feature_patching_effects`):
+    a `[groups, k]` mask patches its features at every position of the site, a `[groups,
+    site_pos, k]` one each feature at its own positions."""
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
         raise ValueError(
             f"max_rows must be a whole number of at least 1 (sequences per patching forward), "
             f"got {max_rows!r}"
         )
-    with torch.no_grad():
-        raw = metric(model(corrupted_tokens), corrupted_tokens)
-    scalar = not isinstance(raw, Tensor) or raw.ndim == 0
-    base_value = reduce_metric(raw, corrupted_tokens.shape[0])
+    baseline = baseline or corrupted_baseline(model, corrupted_tokens, metric)
+    pattern = "bpk,rk,kd->rbpd" if masks.ndim == 2 else "bpk,rpk,kd->rbpd"
 
     def deltas(start: int, stop: int) -> Tensor:
-        return torch.einsum("bpk,rk,kd->rbpd", dfeat, masks[start:stop], basis.C_pinv)
+        return torch.einsum(pattern, dfeat, masks[start:stop], basis.C_pinv)
 
     values = patched_metrics(
         model,
@@ -131,9 +153,9 @@ def feature_patching(
         deltas,
         masks.shape[0],
         max_rows,
-        scalar,
+        baseline.scalar,
     )
-    return values - base_value.cpu()
+    return values - baseline.value.cpu()
 
 
 def site_patching_effect(
@@ -158,9 +180,12 @@ def site_patching(
     metric: AttributionMetric,
     clean_act: Tensor,
     corrupt_act: Tensor,
+    baseline: Baseline | None = None,
 ) -> float:
+    """`site_patching_effect` from captured activations (and the shared `baseline`)."""
+    baseline = baseline or corrupted_baseline(model, corrupted_tokens, metric)
     with torch.no_grad():
-        base = batch_metric(metric, model(corrupted_tokens), corrupted_tokens)
+        base = baseline.value
         hooks = injection_hooks(model, site, clean_act)
         value = batch_metric(
             metric, run_with_hooks(model, corrupted_tokens, hooks), corrupted_tokens

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +23,19 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.artifacts import Result
-from tl_degeneracy.engine.attribution import (
-    feature_patching_effects,
-    site_patching_effect,
-    spearman,
-    tl_site_attribution,
+from tl_degeneracy.engine.attribution import spearman, tl_sites_attribution
+from tl_degeneracy.engine.attribution.patching import (
+    corrupted_baseline,
+    feature_patching,
+    site_patching,
 )
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
+from tl_degeneracy.engine.capture import capture_sites
 from tl_degeneracy.engine.model_match import check_fits, warn_if_fitted_elsewhere
 from tl_degeneracy.engine.prompt_graph.nodes import check_prompt, node_attributions, site_chain
 from tl_degeneracy.engine.prompt_graph.target import TargetLike, as_target
-from tl_degeneracy.engine.sites import Positions, Site, SiteLike
+from tl_degeneracy.engine.sites import Positions, SiteLike
 from tl_degeneracy.engine.tokens import validate_pair
 
 
@@ -142,6 +143,10 @@ class PatchingComparison(Result):
         ]
 
 
+PATCH_ROWS = 4096
+"""Patched copies of the prompt per forward when its nodes are patched one at a time."""
+
+
 def compare_with_patching(
     model: nn.Module,
     basis: BasisResult | Mapping[str, SiteBasis],
@@ -168,51 +173,60 @@ def compare_with_patching(
     # patching
     at_corrupted = node_attributions(model, chain, corrupted_tokens, tgt, clean_tokens, False)
     at_clean = node_attributions(model, chain, clean_tokens, tgt, corrupted_tokens, False)
+    # every site's activations, the unpatched corrupted run and TransformerLens's cache are
+    # shared by all sites: per site there remain one forward for the site and one for its nodes
+    site_list = [c.site for c in chain]
+    clean_acts = capture_sites(model, clean_tokens, site_list)
+    corrupt_acts = capture_sites(model, corrupted_tokens, site_list)
+    baseline = corrupted_baseline(model, corrupted_tokens, metric)
+    tl_values: list[float | None] = (
+        list(tl_sites_attribution(model, site_list, clean_tokens, corrupted_tokens, metric))
+        if tl_check
+        else [None] * len(chain)
+    )
     site_rows, node_rows = [], []
     for layer, c in enumerate(chain):
+        clean, corrupt = clean_acts[layer], corrupt_acts[layer]
         ap = -at_corrupted.attributions[layer]  # [p, k]
         ap_rest = -at_corrupted.rest[layer]
         graph_sum = float(at_clean.attributions[layer].sum() + at_clean.rest[layer].sum())
-        tl = (
-            tl_site_attribution(model, c.site, clean_tokens, corrupted_tokens, metric)
-            if tl_check
-            else None
-        )
         site_rows.append(
             {
                 "site": c.name,
                 "nodes (attribution patching)": float(ap.sum() + ap_rest.sum()),
                 "rest (attribution patching)": float(ap_rest.sum()),
-                "TransformerLens": tl,
+                "TransformerLens": tl_values[layer],
                 "nodes (graph)": graph_sum,
-                "site patching": site_patching_effect(
-                    model, c.site, clean_tokens, corrupted_tokens, metric
+                "site patching": site_patching(
+                    model, c.site, corrupted_tokens, metric, clean, corrupt, baseline
                 ),
             }
         )
         k = ap.shape[1]
-        order = torch.argsort(ap.abs().flatten(), descending=True)[:top]
-        positions_local = (order // k).tolist()
-        feats = (order % k).tolist()
+        order = torch.argsort(ap.abs().flatten(), descending=True)[:top].tolist()
+        nodes = sorted((i // k, n, i % k) for n, i in enumerate(order))  # by position
+        if not nodes:
+            continue
+        b = c.basis.to(clean.device)
+        dfeat = (clean.to(torch.float64) - corrupt.to(torch.float64)) @ b.C
+        masks = torch.zeros(len(nodes), *dfeat.shape[1:], dtype=torch.float64, device=dfeat.device)
+        for row, (p_local, _, f) in enumerate(nodes):
+            masks[row, p_local, f] = 1.0  # that feature at that position alone
+        effects = feature_patching(
+            model, b, corrupted_tokens, metric, corrupt, dfeat, masks, PATCH_ROWS, baseline
+        )
         pos_abs = at_corrupted.positions[layer]
-        for p_local in sorted(set(positions_local)):
-            chosen = [f for q, f in zip(positions_local, feats) if q == p_local]
-            pos = int(pos_abs[p_local])
-            at_pos = replace(c.basis, site=Site(c.site.hook, (pos,)))
-            effects = feature_patching_effects(
-                model, at_pos, clean_tokens, corrupted_tokens, metric, [[f] for f in chosen]
+        for (p_local, _, f), e in zip(nodes, effects.tolist()):
+            node_rows.append(
+                {
+                    "site": c.name,
+                    "position": int(pos_abs[p_local]),
+                    "feature": f,
+                    "attribution patching": float(ap[p_local, f]),
+                    "graph attribution": float(at_clean.attributions[layer][p_local, f]),
+                    "patching": e,
+                }
             )
-            for f, e in zip(chosen, effects.tolist()):
-                node_rows.append(
-                    {
-                        "site": c.name,
-                        "position": pos,
-                        "feature": f,
-                        "attribution patching": float(ap[p_local, f]),
-                        "graph attribution": float(at_clean.attributions[layer][p_local, f]),
-                        "patching": e,
-                    }
-                )
     return PatchingComparison(
         site_rows,
         node_rows,
