@@ -217,11 +217,14 @@ def test_a_basis_with_mlp_and_attention_sites_and_how_a_graph_is_asked_for(api):
     assert by_metric.effect.tolist() == pytest.approx(by_logits.effect.tolist(), abs=1e-12)
 
 
-def test_nodes_are_patched_side_by_side_as_each_alone_in_few_forwards(api):
+@pytest.mark.parametrize("positions", ["all", (1, 3), "last"])
+def test_nodes_are_patched_side_by_side_as_each_alone_in_few_forwards(api, positions):
     """A site's top nodes are patched side by side in one forward (each its feature at its
     position), sharing the sites' activations, the unpatched run and TransformerLens's cache:
     each equals patching that feature at that position alone (`feature_patching_effects`),
-    in two forwards per site plus a fixed ten (20 for these five sites; there were 55)."""
+    in two forwards per site plus a fixed ten (20 for these five sites; there were 55). At
+    positions other than those the basis was fitted at, too (the nodes were patched at the
+    fit's positions: wrong values, or an IndexError)."""
     from dataclasses import replace
 
     model, result = fitted(api, "mlp", False)
@@ -230,7 +233,9 @@ def test_nodes_are_patched_side_by_side_as_each_alone_in_few_forwards(api):
     forwards = []
     handle = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     try:
-        comparison = compare_with_patching(model, result, clean, corrupted, target, top=4)
+        comparison = compare_with_patching(
+            model, result, clean, corrupted, target, positions=positions, top=4
+        )
     finally:
         handle.remove()
     n_sites = len(comparison.sites)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +207,7 @@ def compare_with_patching(
         nodes = sorted((i // k, n, i % k) for n, i in enumerate(order))  # by position
         if not nodes:
             continue
-        b = c.basis.to(clean.device)
+        b = replace(c.basis, site=c.site).to(clean.device)  # at the graph's positions
         dfeat = (clean.to(torch.float64) - corrupt.to(torch.float64)) @ b.C
         masks = torch.zeros(len(nodes), *dfeat.shape[1:], dtype=torch.float64, device=dfeat.device)
         for row, (p_local, _, f) in enumerate(nodes):
