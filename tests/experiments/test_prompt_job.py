@@ -150,3 +150,141 @@ def test_a_study_fitted_on_a_device_this_machine_lacks_names_the_flag(study, tmp
     assert main(args) == 2
     assert "was fitted on cuda" in capsys.readouterr().err
     assert main([*args, "--device", "cpu"]) == 0
+
+
+def _fit(folder, root, *extra):
+    text = root / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    out = root / "study"
+    assert main(["fit", "--model", str(folder), "--text", str(text), *SMALL, *extra,
+                 "--out", str(out)]) == 0  # fmt: skip
+    return out
+
+
+def test_a_study_fitted_with_relative_paths_is_used_from_anywhere(study, tmp_path, monkeypatch):
+    """fit records the model and tokenizer folders as absolute paths (it recorded them as
+    typed, so a study fitted with `--model ck` could only be read from where it ran); a
+    study that does record a relative path names --model; --model keeps the recorded
+    tokenizer (a checkpoint saved without tokenizer files takes another folder's)."""
+    folder, _ = study
+    bare = tmp_path / "fine-tune"
+    shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("tokenizer*", "vocab*"))
+    monkeypatch.chdir(tmp_path)
+    out = _fit("fine-tune", tmp_path, "--tokenizer", str(folder))
+    record = json.loads((out / "study.json").read_text())["metadata"]["job"]
+    assert record["model"] == str(bare.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    args = ["prompt-graph", str(out), "--prompt", PROMPT, "--details-rows", "0"]
+    assert main([*args, "--out", "g1"]) == 0
+    assert main([*args, "--model", str(bare), "--out", "g2"]) == 0  # the recorded tokenizer
+    record["model"] = "fine-tune"  # as an older fit recorded it
+    study_json = json.loads((out / "study.json").read_text())
+    study_json["metadata"]["job"] = record
+    (out / "study.json").write_text(json.dumps(study_json))
+    assert main([*args, "--out", "g3"]) == 2
+
+
+def test_the_default_positions_are_those_every_site_was_fitted_at(study, tmp_path, capsys):
+    """Sites read at the last position only give nodes there only (every site's positions
+    were taken from the first site); positions a site was not fitted at are warned about;
+    positions without the last one, where the target is read, are refused."""
+    folder, _ = study
+    sites = ["blocks.0.hook_resid_pre@1:", "blocks.1.hook_resid_pre@last",
+             "blocks.1.hook_resid_post@last"]  # fmt: skip
+    out = _fit(folder, tmp_path, "--sites", *sites)
+    args = ["prompt-graph", str(out), "--prompt", PROMPT, "--details-rows", "0"]
+    assert main([*args, "--out", str(tmp_path / "g")]) == 0
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    n = len(summary["tokens"])
+    assert summary["positions"] == [n - 1]
+    graph = PromptGraph.load(tmp_path / "g" / "graph")
+    assert {int(p) for positions in graph.site_positions for p in positions} == {n - 1}
+    with pytest.warns(UserWarning, match=r"blocks.1.hook_resid_post was fitted at positions"):
+        assert main([*args, "--positions", "1:", "--out", str(tmp_path / "g2")]) == 0
+    assert main([*args, "--positions", "1:4", "--out", str(tmp_path / "g3")]) == 2
+    assert "leave out the last position" in capsys.readouterr().err
+
+
+def test_the_check_sets_random_nodes_beside_the_top_ones(study, tmp_path, capsys):
+    """The top nodes' change is set beside random sets of as many nodes at least as active
+    (the summed first-order estimate it printed double-counted nodes on one path: −19.7
+    against a joint first order of −8.7); each random set's change is recorded and agrees
+    with setting those nodes by hand."""
+    from tl_degeneracy.engine.basis_result import BasisResult
+    from tl_degeneracy.engine.prompt_graph import Target
+    from tl_degeneracy.engine.prompt_graph.interventions import intervene
+    from tl_degeneracy.experiments.prompt_graph_ioi import random_nodes_like
+
+    folder, out = study
+    args = ["prompt-graph", str(out), "--prompt", PROMPT, "--details-rows", "0"]
+    assert main([*args, "--out", str(tmp_path / "g")]) == 0
+    assert "20 random sets of as many nodes at least as active" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    changes = summary["intervention"]["random_changes"]
+    assert len(changes) == 20
+    model = load_local(folder)
+    graph = PromptGraph.load(tmp_path / "g" / "graph")
+    top = graph.top_nodes(10, sign="supporting")
+    draws, _ = random_nodes_like(graph, top, 20, torch.Generator().manual_seed(0))
+    lib = BasisResult.load(out / "bases" / "lib", model=model)
+    target = Target.logit_difference(summary["target"]["good"], summary["target"]["bad"])
+    alone = intervene(model, lib, _tokens(model, PROMPT), target, draws[3], mode="mean")
+    assert changes[3] == pytest.approx(alone.delta, abs=1e-5)
+
+
+def test_out_never_replaces_a_study_or_other_files_and_leaves_nothing_stale(study, tmp_path):
+    _, out = study
+    args = ["prompt-graph", str(out), "--prompt", PROMPT, "--details-rows", "0"]
+    assert main([*args, "--out", str(out)]) == 2
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    assert main([*args, "--out", str(other)]) == 2
+    again = tmp_path / "again"
+    assert main([*args, "--corrupted", CORRUPTED, "--out", str(again)]) == 0
+    assert (again / "patching.json").is_file()
+    assert main([*args, "--out", str(again)]) == 0  # another run, without --corrupted
+    assert not (again / "patching.json").exists() and not (again / "patching.html").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--compare-sites", "blocks.1.hook_resid_pre"], "add --corrupted"),
+        (["--corrupted", CORRUPTED, "--compare-sites", "nonsense"], "--compare-sites: "),
+        (["--corrupted", PROMPT], "--corrupted is the prompt itself"),
+        (["--prompt", " "], "--prompt is empty"),
+    ],
+)
+def test_requests_are_checked_before_the_graph_is_built(study, extra, message, capsys):
+    _, out = study
+    args = ["prompt-graph", str(out), "--prompt", PROMPT, "--details-rows", "0", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr()
+    assert message in err.err and "prompt:" not in err.out
+
+
+def test_compare_sites_in_any_order_are_compared_in_forward_order(study, tmp_path):
+    _, out = study
+    sites = ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.1.hook_resid_pre"]
+    args = ["prompt-graph", str(out), "--prompt", PROMPT, "--details-rows", "0"]
+    assert main([*args, "--corrupted", CORRUPTED, "--compare-sites", *sites,
+                 "--out", str(tmp_path / "g")]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert [s["site"] for s in summary["patching"]["sites"]] == sites[1::-1]
+    assert summary["corrupted"] == CORRUPTED and len(summary["corrupted_tokens"]) == 14
+    assert CORRUPTED in (tmp_path / "g" / "patching.html").read_text()
+
+
+def test_token_ids_without_a_tokenizer_are_checked_against_the_vocabulary():
+    from types import SimpleNamespace
+
+    from tl_degeneracy.experiments.prompt_job import _token_id
+
+    model = SimpleNamespace(cfg=SimpleNamespace(d_vocab=114))
+    assert _token_id(model, "113", "--answer") == 113
+    for bad in ("114", "-1"):
+        with pytest.raises(ValueError, match="outside this model's vocabulary of 114 tokens"):
+            _token_id(model, bad, "--answer")

@@ -46,13 +46,15 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--positions",
         default=None,
-        help="positions that carry nodes (all, last, 1:, or 0,3,-1); default: the fit's own",
+        help="positions that carry nodes (all, last, 1:, or 0,3,-1), the last included; "
+        "default: those every site of the graph was fitted at",
     )
     p.add_argument(
         "--top",
         type=count(1),
         default=10,
-        help="supporting nodes set to their mean together to check the graph (default: 10)",
+        help="supporting nodes set to their mean together to check the graph, beside random "
+        "sets of as many nodes (default: 10)",
     )
     p.add_argument(
         "--node-share",
@@ -70,7 +72,13 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="the model (a preset or a folder), when the study does not record it",
+        help="the model (a preset or a folder), when the study does not record it or records "
+        "a path not found from here",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a tokenizer folder, in place of the one the study's fit recorded",
     )
     p.add_argument(
         "--compare-sites",
@@ -115,6 +123,7 @@ def run_prompt_graph(args: argparse.Namespace) -> int:
         compare_sites=tuple(args.compare_sites) if args.compare_sites else None,
         details_rows=args.details_rows,
         model=args.model,
+        tokenizer=args.tokenizer,
         device=args.device,
         out=args.out,
     )

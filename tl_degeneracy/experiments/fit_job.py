@@ -197,6 +197,22 @@ def _too_little_data(job: FitJob, rows: Tensor) -> str:
     )
 
 
+def recorded_job(job: FitJob) -> dict[str, Any]:
+    """The job as the study records it, paths made absolute (`prompt-graph` loads the model
+    again from this record, from wherever it runs)."""
+
+    def absolute(value: str | None) -> str | None:
+        if value is None or value in ("smollm2", "modadd") or not Path(value).expanduser().exists():
+            return value
+        return str(Path(value).expanduser().resolve())
+
+    record = {k: v for k, v in vars(job).items() if k != "study"}
+    record["model"], record["tokenizer"] = absolute(job.model), absolute(job.tokenizer)
+    record["tokens"] = absolute(job.tokens)
+    record["text"] = None if job.text is None else [absolute(t) for t in job.text]
+    return record
+
+
 def run_fit_job(job: FitJob, ctx: DistContext | None = None, log: Log = print) -> Study:
     """Load, fit, write to `job.out` (rank 0). Resumes from `job.out`."""
     ctx = ctx or DistContext()
@@ -240,7 +256,7 @@ def run_fit_job(job: FitJob, ctx: DistContext | None = None, log: Log = print) -
         log,
     )
     finish_timings(study, start)
-    study.metadata["job"] = {k: v for k, v in vars(job).items() if k != "study"}
+    study.metadata["job"] = recorded_job(job)
     if ctx.is_main:
         if preset.language_model:
             write_language_model_study(study, job.out, preset.model, heldout, log)

@@ -132,6 +132,9 @@ class PatchingComparison(Result):
             f"target: clean {self.clean_value:.4g}, corrupted {self.corrupted_value:.4g}; "
             f"Spearman ρ over {len(self.nodes)} nodes: {self.correlation():.3f}"
         )
+        prompts = [(k, self.metadata.get(f"{k}_prompt")) for k in ("clean", "corrupted")]
+        if all(text is not None for _, text in prompts):  # as the caller recorded them
+            intro += "".join(f"; {k} prompt: {text!r}" for k, text in prompts)
         return [
             PageSection("Per site", table(self.sites), intro),
             PageSection(

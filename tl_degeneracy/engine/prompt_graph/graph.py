@@ -230,9 +230,9 @@ class PromptGraph(Result):
         rest = [abs(float(r["rest"])) / abs(self.value) for r in rows] if self.value else [0.0]
         return (
             f"{self.n_kept} kept nodes, {int(self.kept_edges.sum())} edges; target "
-            f"{self.target['name']} = {self.value:.4g}; kept features + rest nodes account for "
-            f"it within {min(gaps):.3g}–{max(gaps):.3g} (relative gap over {len(rows)} sites); "
-            f"|rest| up to {max(rest):.3g} of the target"
+            f"{self.target['name']} = {self.value:.4g}; the kept features and rest nodes of a "
+            f"site miss it by {min(gaps):.3g}–{max(gaps):.3g} of its value over {len(rows)} "
+            f"sites (the completeness gap); |rest| up to {max(rest):.3g} of the target"
         )
 
     # -- display -------------------------------------------------------------------------------
