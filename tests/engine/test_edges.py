@@ -199,6 +199,8 @@ def test_seed0_edges_match_reference(reference_dir, section):
         ({"n_sources": 0}, "n_sources must be a whole number of at least 1, got 0"),
         ({"integration_points": 0}, "integration_points must be a whole number of at least 1"),
         ({"chunk_size": -1}, "chunk_size must be a whole number of at least 1, got -1"),
+        ({"stats_device": "gpu"}, "'gpu' is not a device"),
+        ({"stats_device": "cuda:99"}, "device 'cuda:99'"),  # named before a fit, as LIBConfig
     ],
 )
 def test_a_setting_out_of_range_is_refused_when_made(setting, message):

@@ -195,9 +195,29 @@ def test_both_apis_give_the_same_m_prime(tiny, tokens_for):
         ({"n_sources": 2.5}, "n_sources must be a whole number of at least 1, got 2.5"),
         ({"chunk_size": 0}, "chunk_size must be a whole number of at least 1, got 0"),
         ({"sources_over": "rows"}, "sources_over must be one of both, positions, units"),
+        ({"stats_device": "gpu"}, "'gpu' is not a device"),
+        ({"stats_device": "cuda:99"}, "device 'cuda:99'"),  # named before a fit, as LIBConfig
     ],
 )
 def test_a_setting_out_of_range_is_refused_when_made(setting, message):
     """`n_sources=0` used to reach a division by zero inside the first M' pass."""
     with pytest.raises(ValueError, match=message):
         JacobianConfig(method="stochastic", **setting)
+
+
+def test_out_basis_may_be_the_output_sites_basis(tiny, tokens_for):
+    """`jacobian_gram(..., lib[section.out])` used to fail deep inside with "'SiteBasis' object
+    has no attribute 'T'": a SiteBasis stands for its `C`; another site's basis, or anything
+    but a basis or a tensor, is named."""
+    model = tiny(available_apis()[0])
+    toks = tokens_for(model, 6)
+    sites = (PRE, MID, POST)
+    lib = fit_basis(model, toks, LIBConfig(sites, batch_size=64, progress=False))
+    section = Section(MID, POST)
+    given = jacobian_gram(model, toks, section, lib[POST], progress=False)
+    as_matrix = jacobian_gram(model, toks, section, lib[POST].C, progress=False)
+    torch.testing.assert_close(given.matrix, as_matrix.matrix, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out_basis is the basis of blocks.0.hook_resid_mid"):
+        jacobian_gram(model, toks, section, lib[MID], progress=False)
+    with pytest.raises(TypeError, match=r"out_basis must be the output site's SiteBasis"):
+        jacobian_gram(model, toks, section, lib, progress=False)  # type: ignore[arg-type]

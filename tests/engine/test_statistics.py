@@ -263,3 +263,15 @@ def test_sites_too_wide_for_memory_are_refused_before_allocating(monkeypatch, ap
     assert "residual_sites(model)" in str(error.value)
     monkeypatch.setattr(statistics, "_available_bytes", lambda device: need)
     fit_basis(model, toks, LIBConfig(sites, progress=False))  # exactly enough: runs
+
+
+def test_a_statistics_device_this_machine_lacks_is_named_before_the_data(api, tiny, tokens_for):
+    """`collect_statistics(device=...)` names a device this machine lacks (it ended in torch's
+    `AssertionError: Torch not compiled with CUDA enabled` inside the first batch)."""
+    from tl_degeneracy.engine.statistics import collect_statistics
+
+    model = tiny(api)
+    with pytest.raises(ValueError, match="'gpu' is not a device"):
+        collect_statistics(
+            model, [Site("blocks.0.hook_resid_pre")], tokens_for(model, 4), device="gpu"
+        )

@@ -10,7 +10,7 @@ Subcommands (`tl-degeneracy COMMAND --help`, docs/cli.md):
   prompt-graph      explain one prediction on your own prompt in a study's basis
   replicate-modadd  the LIB paper's modular-addition study per checkpoint
   replicate-mlp     LIB vs PCA on the digits MLP (the paper's image-classifier setting)
-  degeneracy        the degeneracy report: three sources, SGLD N_eff, modularity
+  degeneracy        the degeneracy report: three sources, SGLD N_eff, additivity of modules
 """
 
 from __future__ import annotations

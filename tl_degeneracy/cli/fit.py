@@ -227,7 +227,12 @@ def _fit_lm_args(p: argparse.ArgumentParser) -> None:
 
     d = LMFitConfig()
     p.add_argument(
-        "--tokens", type=count(1), default=d.n_tokens, help="training tokens (%(default)s)"
+        "--tokens",
+        type=count(1),
+        default=d.n_tokens,
+        metavar="N",
+        help="the number of training tokens (%(default)s); a count here, where fit takes "
+        "--n-tokens N (fit's --tokens is a token file)",
     )
     p.add_argument(
         "--sources",

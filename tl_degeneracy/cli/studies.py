@@ -235,7 +235,7 @@ def _degeneracy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-@command("degeneracy", "the degeneracy report: three sources, SGLD N_eff, modularity")(
+@command("degeneracy", "the degeneracy report: three sources, SGLD N_eff, additivity of modules")(
     _degeneracy_args
 )
 def run_degeneracy(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.brief_repr import BriefRepr
 from tl_degeneracy.engine.checks import whole_number
+from tl_degeneracy.engine.compat import usable_device
 from tl_degeneracy.engine.jacobians import checkpoint_key
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import Site
@@ -64,6 +65,8 @@ class EdgeConfig:
             raise ValueError(f"method must be 'exact' or 'stochastic', got {self.method!r}")
         for name in ("n_sources", "integration_points", "chunk_size"):
             object.__setattr__(self, name, whole_number(name, getattr(self, name)))
+        if self.stats_device is not None:
+            usable_device(self.stats_device)  # before anything is loaded or computed
 
 
 def quadrature(n: int) -> tuple[list[float], list[float]]:

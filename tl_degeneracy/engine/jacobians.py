@@ -18,7 +18,9 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.artifacts import Result, build_metadata
+from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.checks import whole_number
+from tl_degeneracy.engine.compat import usable_device
 from tl_degeneracy.engine.cotangents import SourcesOver
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import Site
@@ -65,6 +67,8 @@ class JacobianConfig:
             )
         for name in ("n_sources", "chunk_size"):
             object.__setattr__(self, name, whole_number(name, getattr(self, name)))
+        if self.stats_device is not None:
+            usable_device(self.stats_device)  # before anything is loaded or computed
 
 
 @dataclass(repr=False)
@@ -173,7 +177,7 @@ def jacobian_gram(
     model: nn.Module,
     tokens: Int[Tensor, "n pos"] | Iterable[Tensor],
     section: Section,
-    out_basis: Float[Tensor, "d_out k_out"] | None = None,
+    out_basis: SiteBasis | Float[Tensor, "d_out k_out"] | None = None,
     config: JacobianConfig | None = None,
     batch_size: int = 256,
     checkpoint: Checkpointing | None = None,
@@ -182,12 +186,14 @@ def jacobian_gram(
     ctx: Any = None,
 ) -> JacobianGram:
     """Stream `M'` of `section` over the data: the Gram of Jacobians of the output features
-    `(F(f) − μ) out_basis` (raw output coordinates when `out_basis` is None). `source` supplies
-    input activations (an activation store); `ctx` shards the batches over processes
-    (`distributed.DistContext`)."""
+    `(F(f) − μ) out_basis` (raw output coordinates when `out_basis` is None). `out_basis` is
+    the output site's fitted basis (`lib[section.out]`, a `SiteBasis`) or its matrix `C`,
+    `[d_out, k_out]`. `source` supplies input activations (an activation store); `ctx` shards
+    the batches over processes (`distributed.DistContext`)."""
     from tl_degeneracy.engine.distributed import DistContext, stream_sharded, sum_states
     from tl_degeneracy.engine.structures import structure_of
 
+    out_basis = _out_matrix(section, out_basis)
     config = config or JacobianConfig()
     ctx = ctx or DistContext()
     source = source or ActivationSource(model)
@@ -218,6 +224,25 @@ def jacobian_gram(
     if ctx.active:
         acc.load_state_dict(sum_states([s for s in states if s]))
     return finish_jacobian_gram(acc, model)
+
+
+def _out_matrix(section: Section, out_basis: Any) -> Tensor | None:
+    """The readout matrix `C` of `out_basis`: a `SiteBasis` of the section's output site gives
+    its `C`; a tensor is taken as it is."""
+    if out_basis is None or isinstance(out_basis, Tensor):
+        return out_basis
+    if isinstance(out_basis, SiteBasis):
+        if out_basis.site != section.out:
+            raise ValueError(
+                f"out_basis is the basis of {out_basis.site.name}, but the section "
+                f"{section.name} ends at {section.out.name}: pass the output site's basis"
+            )
+        return out_basis.C
+    raise TypeError(
+        "out_basis must be the output site's SiteBasis (e.g. lib[section.out]), its matrix "
+        f"C as a [d_out, k_out] tensor, or None for raw coordinates; got "
+        f"{type(out_basis).__name__}"
+    )
 
 
 def jacobian_key(section: Section) -> str:

@@ -444,6 +444,8 @@ def collect_statistics(
     from tl_degeneracy.engine.distributed import DistContext, merge_gram_states, stream_sharded
 
     ctx = ctx or DistContext()
+    if device is not None:
+        usable_device(device)  # before the data is read (torch would fail at the first sum)
     resolved = validate_sites(model, sites)
     batches = iter_batches(tokens, batch_size, model)
     acc = GramAccumulator(model, resolved, device)

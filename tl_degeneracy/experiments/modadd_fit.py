@@ -59,7 +59,14 @@ def fit_modadd(
         start = time.perf_counter()
         curves[kind] = {
             site.name: node_ablation_curve(
-                model, bases[kind], site.name, test, metric, ks=ks, batch_size=4096
+                model,
+                bases[kind],
+                site.name,
+                test,
+                metric,
+                ks=ks,
+                batch_size=4096,
+                progress=progress,
             )
             for site in REFERENCE_SITES[:-1]
         }
