@@ -169,3 +169,25 @@ def test_pairs_whose_io_is_their_s_are_left_out(tokenizer, monkeypatch):
     monkeypatch.setattr(ioi, "ioi_prompt_pairs", lambda *a, **k: same)
     study = {"lib": SimpleNamespace(bases={"blocks.0.hook_resid_mid": None})}
     assert ioi.ioi_report_attribution(None, study, tokenizer=tokenizer) == {}
+
+
+def test_the_report_table_keeps_its_chosen_gap_to_itself(tiny, api, tokenizer):
+    """The report's table compares a site's top features only: the attribution they miss is
+    its own choice (shown in the report), not a warning to the user about the basis (each
+    fit printed two AttributionGapWarnings that blamed the fit's data)."""
+    import warnings
+
+    from tl_degeneracy.engine.attribution import AttributionGapWarning
+    from tl_degeneracy.engine.fit import LIBConfig, fit_basis
+    from tl_degeneracy.engine.sites import Site
+    from tl_degeneracy.experiments.ioi import ioi_report_attribution
+
+    pairs = ioi_prompt_pairs(tokenizer, 64, seed=1)  # fill the vocabulary
+    model = tiny(api, "mlp", n_layers=2, n_ctx=16, d_vocab=len(tokenizer.vocab) + 1)
+    sites = (Site("blocks.0.hook_resid_mid"), Site("blocks.1.hook_resid_post"))
+    lib = fit_basis(model, pairs.clean_tokens, LIBConfig(sites, progress=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AttributionGapWarning)
+        table = ioi_report_attribution(model, {"lib": lib}, tokenizer, n_features=2)
+    sa = table["lib"]["blocks.0.hook_resid_mid"]
+    assert sa.k == 2 and sa.relative_gap > 0.05  # a gap that warned before
