@@ -282,6 +282,11 @@ def test_input_errors(api, tiny, tokens_for):
     for bad in (-1, basis.k):
         with pytest.raises(IndexError, match=f"feature {bad} in groups is not a feature"):
             feature_patching_effects(model, basis, clean, corrupted, logit_difference, [[0, bad]])
+    by_numpy = [[np.int64(0), torch.tensor(1)]]  # integers of any kind are feature ids
+    torch.testing.assert_close(
+        feature_patching_effects(model, basis, clean, corrupted, logit_difference, by_numpy),
+        feature_patching_effects(model, basis, clean, corrupted, logit_difference, [[0, 1]]),
+    )
 
 
 def test_a_metric_that_is_nan_on_some_prompts_is_refused_where_it_arises(api, tiny, tokens_for):

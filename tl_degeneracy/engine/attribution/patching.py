@@ -3,6 +3,7 @@ attribution patching estimates (docs/attribution.md)."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -82,9 +83,7 @@ def feature_patching_effects(
     (corrupt,) = capture_sites(model, corrupted_tokens, [site])
     groups = [[i] for i in range(basis.k)] if groups is None else [list(g) for g in groups]
     for g in groups:
-        bad = [
-            i for i in g if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < basis.k
-        ]
+        bad = [i for i in g if not _is_feature(i, basis.k)]
         if bad:
             raise IndexError(
                 f"{site.name}: feature {bad[0]!r} in groups is not a feature of this basis, "
@@ -97,6 +96,17 @@ def feature_patching_effects(
     b = basis.to(clean.device)
     dfeat = (clean.to(torch.float64) - corrupt.to(torch.float64)) @ b.C
     return feature_patching(model, b, corrupted_tokens, metric, corrupt, dfeat, masks, max_rows)
+
+
+def _is_feature(i: object, k: int) -> bool:
+    """Whether `i` is a feature id of a basis of `k` features: an integer (Python, NumPy or a
+    0-d tensor; not a bool) in `[0, k)`."""
+    if isinstance(i, bool):
+        return False
+    try:
+        return 0 <= operator.index(i) < k  # type: ignore[arg-type]
+    except TypeError:
+        return False
 
 
 @dataclass(frozen=True)
