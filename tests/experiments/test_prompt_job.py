@@ -201,10 +201,26 @@ def test_the_default_positions_are_those_every_site_was_fitted_at(study, tmp_pat
     assert summary["positions"] == [n - 1]
     graph = PromptGraph.load(tmp_path / "g" / "graph")
     assert {int(p) for positions in graph.site_positions for p in positions} == {n - 1}
-    with pytest.warns(UserWarning, match=r"blocks.1.hook_resid_post was fitted at positions"):
-        assert main([*args, "--positions", "1:", "--out", str(tmp_path / "g2")]) == 0
+    capsys.readouterr()
+    assert main([*args, "--positions", "1:", "--out", str(tmp_path / "g2")]) == 0
+    assert "note: blocks.1.hook_resid_post was fitted at positions" in capsys.readouterr().out
     assert main([*args, "--positions", "1:4", "--out", str(tmp_path / "g3")]) == 2
     assert "leave out the last position" in capsys.readouterr().err
+
+
+def test_default_positions_that_cannot_serve_name_each_sites_fit(study, tmp_path, capsys):
+    """Sites whose fitted positions do not all hold the last one are named with their
+    positions (the message spoke of an empty list, or of positions as if given); a site
+    fitted at listed positions past a short prompt's end does not stop other positions."""
+    folder, _ = study
+    sites = ["blocks.0.hook_resid_pre@2,10,15", "blocks.1.hook_resid_pre@1:",
+             "blocks.1.hook_resid_post@1:"]  # fmt: skip
+    out = _fit(folder, tmp_path, "--sites", *sites)
+    args = ["prompt-graph", str(out), "--prompt", "the cat sat o", "--details-rows", "0"]
+    assert main(args) == 2
+    assert "blocks.0.hook_resid_pre at [2, 10]" in capsys.readouterr().err
+    assert main([*args, "--positions", "1:", "--out", str(tmp_path / "g")]) == 0
+    assert "blocks.0.hook_resid_pre was fitted at positions [2, 10]" in capsys.readouterr().out
 
 
 def test_the_check_sets_random_nodes_beside_the_top_ones(study, tmp_path, capsys):
@@ -288,3 +304,35 @@ def test_token_ids_without_a_tokenizer_are_checked_against_the_vocabulary():
     for bad in ("114", "-1"):
         with pytest.raises(ValueError, match="outside this model's vocabulary of 114 tokens"):
             _token_id(model, bad, "--answer")
+
+
+@pytest.fixture(scope="module")
+def modadd_study(tmp_path_factory):
+    """A study of the package's modular-addition model (no tokenizer; sites after the first
+    read at the last position only)."""
+    out = tmp_path_factory.mktemp("modadd") / "study"
+    args = ["fit", "--model", "modadd", "--edge-tokens", "0", "--ablation-tokens", "300"]
+    assert main([*args, "--quiet", "--out", str(out)]) == 0
+    return out
+
+
+def test_a_task_model_by_token_ids_with_a_corrupted_prompt(modadd_study, tmp_path, capsys):
+    """On modular addition the graph sits at the last position (where its later sites were
+    fitted), the comparison with patching runs there (it crashed), and where fewer other nodes
+    are as active as the top ones no random comparison is claimed (20 copies of one set were
+    reported as 20 random sets); out-of-vocabulary ids are named by flag before any work."""
+    args = ["prompt-graph", str(modadd_study), "--token-ids", "5 7 113", "--details-rows", "0"]
+    assert main([*args, "--corrupted", "5 200 113"]) == 2
+    err = capsys.readouterr()
+    assert "--corrupted: token id 200" in err.err and "prompt:" not in err.out
+    run = [*args, "--answer", "12", "--vs", "13", "--corrupted", "6 7 113"]
+    assert main([*run, "--out", str(tmp_path / "g")]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert summary["positions"] == [2] and len(summary["patching"]["sites"]) == 3
+    assert summary["intervention"]["random_changes"] == []  # 4 top nodes, 2 others as active
+    assert "fewer than 5 other nodes are at least as active" in printed
+    assert main([*args, "--out", str(tmp_path / "g2")]) == 0  # 2 top nodes, 3 others
+    changes = json.loads((tmp_path / "g2" / "summary.json").read_text())["intervention"]
+    assert len(changes["random_changes"]) == len(set(changes["random_changes"])) == 3
+    assert "3 random sets of as many nodes" in capsys.readouterr().out

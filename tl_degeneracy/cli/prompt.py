@@ -66,8 +66,8 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
         "--details-rows",
         type=count(0, " (0 shows no contexts)"),
         default=48,
-        help="corpus rows of 64 tokens whose top contexts the viewer shows per feature "
-        "(default: %(default)s; 0: none)",
+        help="corpus rows of 64 tokens (the context, if shorter) whose top contexts the "
+        "viewer shows per feature (default: %(default)s; 0: none)",
     )
     p.add_argument(
         "--model",
@@ -85,7 +85,8 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         help="sites compared with patching when --corrupted is given (default: every site of "
-        "the graph; each costs about three forwards and a backward, plus one per patched node)",
+        "the graph; each costs two forwards: the site patched, and its nodes patched side by "
+        "side)",
     )
     p.add_argument("--device", default=None, help="where to run the model (default: the fit's)")
     p.add_argument("--threads", type=THREADS, default=None, help="torch threads (default: torch's)")

@@ -38,7 +38,8 @@ __all__ = ["PromptJob", "PromptJobResult", "load_study_model", "prompt_tokens", 
 
 
 PATCHED_NODES = 5
-"""Nodes per site patched one at a time beside attribution patching (a forward each)."""
+"""Nodes per site patched each alone (side by side, in one forward) beside attribution
+patching."""
 SHOWN_SITES = 16
 """The per-site comparison is printed up to this many sites (always in `patching.html`)."""
 RANDOM_DRAWS = 20
@@ -163,7 +164,8 @@ def load_study_model(job: PromptJob) -> tuple[nn.Module, BasisResult, dict[str, 
         tokenizer=tokenizer,
     )
     basis = BasisResult.load(folder / "bases" / job.kind, model=preset.model)
-    return preset.model, basis, {**recorded, "language_model": preset.language_model}
+    used = {"model": str(spec), "tokenizer": tokenizer, "language_model": preset.language_model}
+    return preset.model, basis, {**recorded, "used": used}
 
 
 # -- the request ------------------------------------------------------------------------------
@@ -186,6 +188,23 @@ def prompt_tokens(
     from tl_degeneracy.models.corpus import prompt_batches
 
     return prompt_batches([str(text)], tokenizer)[0]
+
+
+def checked_prompt(model: nn.Module, tokens: Tensor, flag: str) -> Tensor:
+    """`tokens` checked against the model's context and vocabulary, the error naming `flag`
+    (before anything is computed)."""
+    from tl_degeneracy.engine.tokens import TokenError, validate_tokens
+
+    n_ctx = getattr(model_cfg(model), "n_ctx", None)
+    if n_ctx is not None and tokens.shape[1] > int(n_ctx):
+        raise ValueError(
+            f"{flag} is {tokens.shape[1]} tokens, longer than the model's context of {n_ctx}: "
+            "give a shorter prompt"
+        )
+    try:
+        return validate_tokens(model, tokens)
+    except TokenError as error:
+        raise ValueError(f"{flag}: {str(error).split('. ')[0]}") from None
 
 
 def _token_ids(text: str, flag: str) -> tuple[int, ...]:
@@ -273,9 +292,16 @@ def graph_positions(
     """The positions that carry nodes, and a warning per site read where it was not fitted.
     Default: the positions every site of the graph was fitted at on this prompt (the fit's
     `1:` on a language model; the last where a site was fitted there only)."""
-    fitted = {c.name: set(c.basis.site.index(n_pos).tolist()) for c in chain}
+    fitted = {c.name: _fitted_positions(c.basis.site, n_pos) for c in chain}
     if job.positions is None:
         shared = sorted(set.intersection(*fitted.values()))
+        if n_pos - 1 not in shared:
+            each = "; ".join(f"{name} at {sorted(f)}" for name, f in fitted.items())
+            raise ValueError(
+                f"the graph's sites were fitted at positions that do not all include the last "
+                f"one ({n_pos - 1}), where the target is read ({each}): choose positions with "
+                "--positions (e.g. last), which warns where a site was not fitted"
+            )
         first = chain[0].basis.site.positions
         positions: Positions = (
             first if all(set(shared) == f for f in fitted.values()) else tuple(shared)
@@ -305,6 +331,14 @@ def graph_positions(
         if wanted - f
     ]
     return positions, notes
+
+
+def _fitted_positions(site: Any, n_pos: int) -> set[int]:
+    """The positions of an `n_pos`-token prompt a site was fitted at (listed positions past
+    its end left out)."""
+    if isinstance(site.positions, tuple):
+        return {p % n_pos for p in site.positions if -n_pos <= p < n_pos}
+    return set(site.index(n_pos).tolist())
 
 
 def _compare_sites(
@@ -338,11 +372,13 @@ def run_prompt_job(job: PromptJob, log: Log = print) -> PromptJobResult:
         raise ValueError("give the prompt as text (--prompt) or as token ids (--token-ids)")
     out = _out_folder(job)
     model, basis, recorded = load_study_model(job)
-    tokens = prompt_tokens(model, job.prompt, job.token_ids, "--prompt")
+    given = "--prompt" if job.token_ids is None else "--token-ids"
+    tokens = checked_prompt(model, prompt_tokens(model, job.prompt, job.token_ids, given), given)
     corrupted = None
     if job.corrupted is not None:
         ids = _token_ids(job.corrupted, "--corrupted") if job.token_ids is not None else None
         corrupted = prompt_tokens(model, job.corrupted, ids, "--corrupted")
+        corrupted = checked_prompt(model, corrupted, "--corrupted")
         if corrupted.shape != tokens.shape:
             raise ValueError(
                 f"--corrupted is {corrupted.shape[1]} tokens and the prompt {tokens.shape[1]}: "
@@ -353,13 +389,13 @@ def run_prompt_job(job: PromptJob, log: Log = print) -> PromptJobResult:
     target = choose_target(model, tokens, job.answer, job.vs)
     positions, notes = graph_positions(job, site_chain(model, basis), tokens.shape[1])
     for note in notes:
-        warnings.warn(note, UserWarning, stacklevel=2)
+        log(f"note: {note}")
     compare_sites = _compare_sites(model, basis, job, positions)
     log(f"prompt: {tokens.shape[1]} tokens; target {target.name} at the last position")
     graph = prompt_graph(
         model, basis, tokens, target, positions=positions, node_share=job.node_share
     )
-    if job.details_rows > 0 and recorded["language_model"]:
+    if job.details_rows > 0 and recorded["used"]["language_model"]:
         graph = _with_details(model, graph, job.details_rows)
     log(graph.completeness_summary())
     top = graph.top_nodes(job.top, sign="supporting")
@@ -385,7 +421,18 @@ def run_prompt_job(job: PromptJob, log: Log = print) -> PromptJobResult:
             f"alone): Spearman rho with patching {comparison.correlation():.3f} over "
             f"{len(comparison.nodes)} nodes"
         )
-    _write(out, job, positions, graph, top, check, random_changes, corrupted, comparison)
+    _write(
+        out,
+        job,
+        recorded["used"],
+        positions,
+        graph,
+        top,
+        check,
+        random_changes,
+        corrupted,
+        comparison,
+    )
     log(f"wrote {out} (graph.html, graph/, summary.json{', patching.html' if comparison else ''})")
     return PromptJobResult(graph, check, random_changes, comparison, out)
 
@@ -403,15 +450,18 @@ def _check(
     top: list,
     seed: int,
 ) -> tuple[InterventionResult, list[float]]:
-    """The top supporting nodes set to their mean together, and `RANDOM_DRAWS` random sets of
-    as many feature nodes whose |activation| is at least the smallest of theirs (the graph's
-    nodes carry the prediction when they move the target more than such nodes do)."""
+    """The top supporting nodes set to their mean together, and up to `RANDOM_DRAWS` distinct
+    random sets of as many feature nodes whose |activation| is at least the smallest of theirs
+    (the graph's nodes carry the prediction when they move the target more than such nodes
+    do); none where no more such nodes than the top ones exist."""
     from tl_degeneracy.experiments.prompt_graph_ioi import random_nodes_like
 
     check = intervene(model, basis, tokens, target, top, mode="mean")
-    draws, _ = random_nodes_like(graph, top, RANDOM_DRAWS, torch.Generator().manual_seed(seed))
-    if not draws:
+    draws, pool = random_nodes_like(graph, top, RANDOM_DRAWS, torch.Generator().manual_seed(seed))
+    if pool <= len(top):  # every draw would be the whole pool: no random comparison
         return check, []
+    distinct = {frozenset(d): d for d in draws}  # a small pool has fewer sets than draws
+    draws = list(distinct.values())
     before, after = intervene_many(model, basis, tokens, target, draws, mode="mean")
     return check, [float(a) - before for a in after.tolist()]
 
@@ -422,7 +472,10 @@ def _check_line(check: InterventionResult, random_changes: list[float]) -> str:
         f"{check.before:.4g} -> {check.after:.4g} (change {check.delta:+.4g})"
     )
     if not random_changes:
-        return line + "; no other nodes as active to compare with"
+        return line + (
+            f"; fewer than {len(check.nodes) + 1} other nodes are at least as active, so there "
+            "is no random set to compare with"
+        )
     beaten = sum(abs(r) < abs(check.delta) for r in random_changes) / len(random_changes)
     return line + (
         f"; {len(random_changes)} random sets of as many nodes at least as active: median "
@@ -470,6 +523,9 @@ def _out_folder(job: PromptJob) -> Path:
             "out (the study's prompt_graphs/ gets the next numbered folder) or give another"
         )
     others = [p.name for p in out.iterdir() if p.name not in OUTPUTS] if out.is_dir() else []
+    summary = out / "summary.json"
+    if summary.is_file() and not _is_prompt_summary(summary):
+        others.append(summary.name)
     if others:
         raise ValueError(
             f"--out {out} holds other files ({', '.join(sorted(others)[:3])}): give a new or "
@@ -478,9 +534,19 @@ def _out_folder(job: PromptJob) -> Path:
     return out
 
 
+def _is_prompt_summary(path: Path) -> bool:
+    """Whether `path` is the `summary.json` of an earlier prompt graph."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"study", "target", "intervention"} <= set(record)
+
+
 def _write(
     out: Path,
     job: PromptJob,
+    used: dict[str, Any],
     positions: Positions,
     graph: PromptGraph,
     top: list,
@@ -503,9 +569,13 @@ def _write(
     chosen = {tuple(n) for n in top}
     summary = {
         "study": str(Path(job.study).resolve()),
-        "model": job.model,
+        "model": used["model"],
+        "tokenizer": used["tokenizer"],
         "kind": job.kind,
         "prompt": job.prompt,
+        "answer": job.answer,
+        "vs": job.vs,
+        "top": job.top,
         "tokens": graph.tokens.tolist(),
         "target": graph.target,
         "value": graph.value,
