@@ -302,10 +302,9 @@ def graph_positions(
                 f"one ({n_pos - 1}), where the target is read ({each}): choose positions with "
                 "--positions (e.g. last), which warns where a site was not fitted"
             )
-        first = chain[0].basis.site.positions
-        positions: Positions = (
-            first if all(set(shared) == f for f in fitted.values()) else tuple(shared)
-        )
+        first = chain[0].basis.site.positions  # the fit's own spec ("1:") where it serves
+        same = isinstance(first, str) and all(set(shared) == f for f in fitted.values())
+        positions: Positions = first if same else tuple(shared)
     else:
         from tl_degeneracy.experiments.fit_job import parse_positions
 
