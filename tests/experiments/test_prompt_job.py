@@ -331,6 +331,8 @@ def test_a_task_model_by_token_ids_with_a_corrupted_prompt(modadd_study, tmp_pat
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())
     assert summary["positions"] == [2] and len(summary["patching"]["sites"]) == 3
     assert summary["intervention"]["random_changes"] == []  # 4 top nodes, 2 others as active
+    shared = [n for n in summary["patching"]["nodes"] if n["site"] == "blocks.0.hook_resid_pre"]
+    assert not shared  # the prompts agree there at the last position: no nodes to patch
     assert "fewer than 5 other nodes are at least as active" in printed
     assert main([*args, "--out", str(tmp_path / "g2")]) == 0  # 2 top nodes, 3 others
     changes = json.loads((tmp_path / "g2" / "summary.json").read_text())["intervention"]

@@ -162,8 +162,9 @@ def compare_with_patching(
     tl_check: bool = True,
 ) -> PatchingComparison:
     """Per-site sums of node attributions against TransformerLens's attribution patching and
-    true site patching, and each site's `top` nodes (largest |attribution patching|) against
-    true patching of that feature at that position (`feature_patching_effects`)."""
+    true site patching, and each site's `top` nodes (largest |attribution patching|, none
+    that is exactly 0: where the two prompts agree) against true patching of that feature at
+    that position (`feature_patching_effects`)."""
     tgt = as_target(target)
     metric = tgt.metric()
     for prompt in (clean_tokens, corrupted_tokens):
@@ -206,7 +207,9 @@ def compare_with_patching(
             }
         )
         k = ap.shape[1]
-        order = torch.argsort(ap.abs().flatten(), descending=True)[:top].tolist()
+        flat = ap.flatten()
+        order = torch.argsort(flat.abs(), descending=True)[:top].tolist()
+        order = [i for i in order if flat[i] != 0]  # a node the prompts share says nothing
         nodes = sorted((i // k, n, i % k) for n, i in enumerate(order))  # by position
         if not nodes:
             continue
