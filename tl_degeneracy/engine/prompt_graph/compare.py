@@ -147,7 +147,8 @@ class PatchingComparison(Result):
 
 
 PATCH_ROWS = 4096
-"""Patched copies of the prompt per forward when its nodes are patched one at a time."""
+"""Most patched copies of the prompt per forward when a site's nodes are patched each alone,
+side by side."""
 
 
 def compare_with_patching(
