@@ -338,3 +338,22 @@ def test_a_task_model_by_token_ids_with_a_corrupted_prompt(modadd_study, tmp_pat
     changes = json.loads((tmp_path / "g2" / "summary.json").read_text())["intervention"]
     assert len(changes["random_changes"]) == len(set(changes["random_changes"])) == 3
     assert "3 random sets of as many nodes" in capsys.readouterr().out
+
+
+def test_answers_by_id_and_composite_compare_sites(study, tmp_path, capsys):
+    """Tokens may be named by id on a model with a tokenizer too (the same target as by
+    text); an id outside the vocabulary and a composite site to compare are named by flag."""
+    folder, out = study
+    model = load_local(folder)
+    good, bad = (model.tokenizer.encode(t, add_special_tokens=False)[0] for t in ("x", "5"))
+    args = ["prompt-graph", str(out), "--prompt", PROMPT, "--details-rows", "0"]
+    by_id = ["--answer-id", str(good), "--vs-id", str(bad), "--out", str(tmp_path / "g")]
+    assert main([*args, *by_id]) == 0
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert (summary["target"]["good"], summary["target"]["bad"]) == (good, bad)
+    assert main([*args, "--answer-id", "100000"]) == 2
+    assert "--answer-id 100000 is outside this model's vocabulary" in capsys.readouterr().err
+    mlp = _fit(folder, tmp_path, "--mlp-sites", "1")
+    site = ["--compare-sites", "blocks.1.mlp.hook_post", "--corrupted", CORRUPTED]
+    assert main(["prompt-graph", str(mlp), "--prompt", PROMPT, "--details-rows", "0", *site]) == 2
+    assert "a composite MLP or attention site" in capsys.readouterr().err

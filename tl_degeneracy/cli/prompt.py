@@ -24,18 +24,22 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
         type=lambda s: tuple(int(t) for t in s.replace(",", " ").split()),
         help="the prompt as token ids, e.g. '5 7 113' (a model without a tokenizer)",
     )
-    p.add_argument(
+    answer = p.add_mutually_exclusive_group()
+    answer.add_argument(
         "--answer",
         default=None,
         help="the token whose logit is explained, as text (e.g. ' Mary', mind the space); "
         "default: the model's most likely next token",
     )
-    p.add_argument(
+    answer.add_argument("--answer-id", type=int, default=None, help="the answer as a token id")
+    vs = p.add_mutually_exclusive_group()
+    vs.add_argument(
         "--vs",
         default=None,
         help="the token it is compared with: the target is logit(answer) - logit(vs); "
         "default: the most likely other token",
     )
+    vs.add_argument("--vs-id", type=int, default=None, help="that token as a token id")
     p.add_argument(
         "--corrupted",
         default=None,
@@ -116,6 +120,8 @@ def run_prompt_graph(args: argparse.Namespace) -> int:
         token_ids=args.token_ids,
         answer=args.answer,
         vs=args.vs,
+        answer_id=args.answer_id,
+        vs_id=args.vs_id,
         corrupted=args.corrupted,
         kind=args.kind,
         positions=args.positions,

@@ -32,7 +32,7 @@ from tl_degeneracy.engine.prompt_graph.interventions import (
     intervene_many,
 )
 from tl_degeneracy.engine.prompt_graph.nodes import ChainSite, site_chain
-from tl_degeneracy.engine.sites import Positions
+from tl_degeneracy.engine.sites import Positions, site_parts
 
 __all__ = ["PromptJob", "PromptJobResult", "load_study_model", "prompt_tokens", "run_prompt_job"]
 
@@ -64,6 +64,10 @@ class PromptJob:
     vs: str | None = None
     """The token it is compared with (the target is `logit(answer) − logit(vs)`). Default:
     the most likely token other than the answer."""
+    answer_id: int | None = None
+    """The answer as a token id, in place of `answer` (any model)."""
+    vs_id: int | None = None
+    """The token it is compared with as an id, in place of `vs`."""
     corrupted: str | None = None
     """A prompt of the same token length to compare with patching (text, or ids)."""
     kind: str = "lib"
@@ -217,10 +221,19 @@ def _token_ids(text: str, flag: str) -> tuple[int, ...]:
         ) from None
 
 
+def _in_vocabulary(model: nn.Module, token_id: int, flag: str) -> int:
+    d_vocab = int(getattr(model_cfg(model), "d_vocab", 0) or 0)
+    if not 0 <= token_id < d_vocab:
+        raise ValueError(
+            f"{flag} {token_id} is outside this model's vocabulary of {d_vocab} tokens "
+            f"(ids 0 to {d_vocab - 1})"
+        )
+    return token_id
+
+
 def _token_id(model: nn.Module, token: str, flag: str) -> int:
     """A single token named by its text (or, without a tokenizer, its id), in the vocabulary."""
     tokenizer = getattr(model, "tokenizer", None)
-    d_vocab = int(getattr(model_cfg(model), "d_vocab", 0) or 0)
     if tokenizer is None:
         try:
             token_id = int(token)
@@ -229,12 +242,7 @@ def _token_id(model: nn.Module, token: str, flag: str) -> int:
                 f"{flag} {token!r}: this model has no tokenizer, so name the token by its id "
                 "(an integer)"
             ) from None
-        if not 0 <= token_id < d_vocab:
-            raise ValueError(
-                f"{flag} {token_id} is outside this model's vocabulary of {d_vocab} tokens "
-                f"(ids 0 to {d_vocab - 1})"
-            )
-        return token_id
+        return _in_vocabulary(model, token_id, flag)
     ids = list(tokenizer.encode(token, add_special_tokens=False))
     if len(ids) != 1:
         pieces = [tokenizer.decode([i]) for i in ids]
@@ -260,14 +268,24 @@ def _label(model: nn.Module, token: int) -> str:
 
 @torch.no_grad()
 def choose_target(
-    model: nn.Module, tokens: Int[Tensor, "1 pos"], answer: str | None, vs: str | None
+    model: nn.Module,
+    tokens: Int[Tensor, "1 pos"],
+    answer: str | int | None,
+    vs: str | int | None,
 ) -> Target:
-    """`logit(answer) − logit(vs)` at the last position; a token left out is the model's most
-    likely one (other than the answer, for `vs`)."""
+    """`logit(answer) − logit(vs)` at the last position, each a token's text (an id without
+    a tokenizer) or an `int` id; a token left out is the model's most likely one (other than
+    the answer, for `vs`)."""
     from tl_degeneracy.engine.tokens import validate_tokens
 
-    good = None if answer is None else _token_id(model, answer, "--answer")
-    bad = None if vs is None else _token_id(model, vs, "--vs")
+    def resolve(token: str | int | None, flag: str) -> int | None:
+        if token is None:
+            return None
+        if isinstance(token, int):
+            return _in_vocabulary(model, token, f"{flag}-id")
+        return _token_id(model, token, flag)
+
+    good, bad = resolve(answer, "--answer"), resolve(vs, "--vs")
     if good is None or bad is None:
         logits = model(validate_tokens(model, tokens))[0, -1].double()
         if good is not None:
@@ -340,6 +358,17 @@ def _fitted_positions(site: Any, n_pos: int) -> set[int]:
     return set(site.index(n_pos).tolist())
 
 
+def _composite(model: nn.Module, name: str) -> bool:
+    """Whether a site named on the command line (`hook`, `hook[positions]`) is a composite
+    one; an unknown name is left to `site_chain` to name."""
+    from tl_degeneracy.engine.sites import Site, SiteError
+
+    try:
+        return len(site_parts(model, Site(name.split("[", 1)[0]))) > 1
+    except (SiteError, KeyError):
+        return False
+
+
 def _compare_sites(
     model: nn.Module, basis: BasisResult, job: PromptJob, positions: Positions
 ) -> list[str] | None:
@@ -352,6 +381,11 @@ def _compare_sites(
         )
     chain: list[ChainSite] = []
     for name in dict.fromkeys(job.compare_sites):  # each once, put in forward order below
+        if _composite(model, name):
+            raise ValueError(
+                f"--compare-sites {name}: a composite MLP or attention site; the graph and its "
+                "comparison with patching take residual-stream sites (hook_resid_*)"
+            )
         try:
             chain += site_chain(model, basis, [name], positions)
         except KeyError as error:
@@ -385,7 +419,8 @@ def run_prompt_job(job: PromptJob, log: Log = print) -> PromptJobResult:
             )
         if torch.equal(corrupted, tokens):
             raise ValueError("--corrupted is the prompt itself: there is nothing to patch")
-    target = choose_target(model, tokens, job.answer, job.vs)
+    answer = job.answer_id if job.answer_id is not None else job.answer
+    target = choose_target(model, tokens, answer, job.vs_id if job.vs_id is not None else job.vs)
     positions, notes = graph_positions(job, site_chain(model, basis), tokens.shape[1])
     for note in notes:
         log(f"note: {note}")
