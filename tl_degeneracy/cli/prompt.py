@@ -21,7 +21,6 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
     given.add_argument("--prompt", help="the prompt, as text (BOS first where the model has one)")
     given.add_argument(
         "--token-ids",
-        type=lambda s: tuple(int(t) for t in s.replace(",", " ").split()),
         help="the prompt as token ids, e.g. '5 7 113' (a model without a tokenizer)",
     )
     answer = p.add_mutually_exclusive_group()
@@ -107,7 +106,7 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
     "checked by intervention, and beside patching given a corrupted prompt",
 )(_prompt_args)
 def run_prompt_graph(args: argparse.Namespace) -> int:
-    from tl_degeneracy.experiments.prompt_job import PromptJob, run_prompt_job
+    from tl_degeneracy.experiments.prompt_job import PromptJob, parse_token_ids, run_prompt_job
 
     check_device("--device", args.device)
     if args.threads:
@@ -117,7 +116,9 @@ def run_prompt_graph(args: argparse.Namespace) -> int:
     job = PromptJob(
         study=args.study,
         prompt=args.prompt,
-        token_ids=args.token_ids,
+        token_ids=None
+        if args.token_ids is None
+        else parse_token_ids(args.token_ids, "--token-ids"),
         answer=args.answer,
         vs=args.vs,
         answer_id=args.answer_id,

@@ -32,9 +32,16 @@ from tl_degeneracy.engine.prompt_graph.interventions import (
     intervene_many,
 )
 from tl_degeneracy.engine.prompt_graph.nodes import ChainSite, site_chain
-from tl_degeneracy.engine.sites import Positions, site_parts
+from tl_degeneracy.engine.sites import Positions, Site, SiteError, site_parts
 
-__all__ = ["PromptJob", "PromptJobResult", "load_study_model", "prompt_tokens", "run_prompt_job"]
+__all__ = [
+    "PromptJob",
+    "PromptJobResult",
+    "load_study_model",
+    "parse_token_ids",
+    "prompt_tokens",
+    "run_prompt_job",
+]
 
 
 PATCHED_NODES = 5
@@ -211,13 +218,14 @@ def checked_prompt(model: nn.Module, tokens: Tensor, flag: str) -> Tensor:
         raise ValueError(f"{flag}: {str(error).split('. ')[0]}") from None
 
 
-def _token_ids(text: str, flag: str) -> tuple[int, ...]:
+def parse_token_ids(text: str, flag: str) -> tuple[int, ...]:
+    """Token ids as the command line writes them (`5 7 113` or `5,7,113`)."""
     try:
         return tuple(int(t) for t in text.replace(",", " ").split())
     except ValueError:
         raise ValueError(
             f"{flag} {text!r}: give token ids as integers separated by spaces or commas "
-            "(the prompt was given as ids)"
+            "(as the prompt is given)"
         ) from None
 
 
@@ -333,8 +341,6 @@ def graph_positions(
                 f"--positions {job.positions!r} is not understood: give all, last, a slice "
                 "like 1: or 1:8, or comma-separated indices like 0,3,-1"
             ) from None
-    from tl_degeneracy.engine.sites import Site
-
     wanted = set(Site(chain[0].basis.site.hook, positions).index(n_pos).tolist())
     if n_pos - 1 not in wanted:
         raise ValueError(
@@ -361,8 +367,6 @@ def _fitted_positions(site: Any, n_pos: int) -> set[int]:
 def _composite(model: nn.Module, name: str) -> bool:
     """Whether a site named on the command line (`hook`, `hook[positions]`) is a composite
     one; an unknown name is left to `site_chain` to name."""
-    from tl_degeneracy.engine.sites import Site, SiteError
-
     try:
         return len(site_parts(model, Site(name.split("[", 1)[0]))) > 1
     except (SiteError, KeyError):
@@ -409,7 +413,7 @@ def run_prompt_job(job: PromptJob, log: Log = print) -> PromptJobResult:
     tokens = checked_prompt(model, prompt_tokens(model, job.prompt, job.token_ids, given), given)
     corrupted = None
     if job.corrupted is not None:
-        ids = _token_ids(job.corrupted, "--corrupted") if job.token_ids is not None else None
+        ids = parse_token_ids(job.corrupted, "--corrupted") if job.token_ids is not None else None
         corrupted = prompt_tokens(model, job.corrupted, ids, "--corrupted")
         corrupted = checked_prompt(model, corrupted, "--corrupted")
         if corrupted.shape != tokens.shape:
