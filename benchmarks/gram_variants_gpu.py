@@ -1,17 +1,19 @@
 """Where the Gram pass spends its time on a GPU, variants side by side: the forward, capturing
 all 61 residual sites (BOS left out) of a SmolLM2-shaped model, the whole Gram pass, and one
-batch's update three ways: as the package does it now (each activation copied once, selected
-and converted, into one float64 buffer, centred in place, one `bmm`, one merge for all sites),
-as it did before (stack, convert, centred copy, `bmm`, a merge per site), and a loop over
-sites; then the copying alone, the product alone and a torch.profiler table of one small Gram
-pass. Float32 and bfloat16.
+batch's update: as the package does it now (means read in place, each activation centred and
+converted in one pass into one float64 buffer, its Grams by two half products
+(`centred_gram`), one merge for all sites), as it did in the last round (means of copies, a
+copy then a second centring pass, one full `bmm`), as it did before that (stack, convert,
+centred copy, `bmm`, a merge per site), and a loop over sites; then the copying alone, the
+products alone and a torch.profiler table of one small Gram pass. Float32 and bfloat16.
 
     python benchmarks/gram_variants_gpu.py [--device cpu --rows 8 --batches 2]
 
 Written to find why the Gram pass cost 1.38× the forward in float32 on an H200 (target 1.3×,
-docs/devices.md). The pass is also timed as it ran before its update stopped waiting for its
-own products, and without its one remaining wait per batch (the NaN/Inf check: an upper bound
-on what deferring it could save), and on CUDA the synchronisations of a forward and of a Gram
+docs/devices.md), then 1.39× in bfloat16 on an H100. The pass is also timed as it ran before
+its update stopped waiting for its own products, without its one remaining wait per batch
+(the NaN/Inf check: an upper bound on what deferring it could save), and with
+TransformerLens's own hook context; on CUDA the synchronisations of a forward and of a Gram
 batch are counted.
 `--device cpu` is a smoke test (and a proxy for the copies saved; the CPU's own Gram pass uses
 one BLAS product per site).
@@ -36,6 +38,7 @@ from tl_degeneracy.engine.statistics import (  # noqa: E402
     GramStatistics,
     SiteStatistics,
     add_to_statistics,
+    centred_gram,
     collect_statistics,
 )
 from tl_degeneracy.engine.synchronisation import count_synchronisations  # noqa: E402
@@ -46,8 +49,25 @@ def sync():
         torch.cuda.synchronize()
 
 
+def update_last_round(stats, sites, acts, device):
+    """The batched update of the last round (kept here to compare): means of copies of the
+    selected positions, each activation copied into the float64 buffer, centred in place
+    (a second pass over it), one full `bmm`, one merge."""
+    from tl_degeneracy.engine.statistics import _merge_group, _site_statistics
+
+    n, d = acts[0].numel() // acts[0].shape[-1], acts[0].shape[-1]
+    mean = torch.stack([a.reshape(n, d).mean(0, dtype=torch.float64) for a in acts])
+    bool(torch.isfinite(mean).all())
+    x = torch.empty(len(acts), n, d, dtype=torch.float64, device=device)
+    for j, a in enumerate(acts):
+        x[j].view(a.shape).copy_(a)
+    x.sub_(mean[:, None])
+    m2 = torch.bmm(x.transpose(1, 2), x)
+    _merge_group([_site_statistics(stats, s, d, device) for s in sites], n, mean, m2)
+
+
 def update_before(stats, sites, acts, device):
-    """The batched update before this round (kept here to compare): stack the selected
+    """The batched update two rounds ago (kept here to compare): stack the selected
     activations (a copy each for non-contiguous ones, then the stack), convert the stack to
     float64, subtract the means into a new tensor, one `bmm`, then a merge per site."""
     flats = [a.reshape(-1, a.shape[-1]) for a in acts]
@@ -74,7 +94,25 @@ def syncs_per_batch(model, sites, batches) -> str:
         model(batches[1])
 
     gram = count_synchronisations(lambda: acc.update(1, batches[1]), "cuda")
-    return f"plain forward {count_synchronisations(forward, 'cuda')}, Gram batch {gram}"
+    return (
+        f"plain forward {count_synchronisations(forward, 'cuda')}, Gram batch {gram} at "
+        f"{where_synchronised(lambda: acc.update(2, batches[0]))}"
+    )
+
+
+def where_synchronised(fn) -> list[str]:
+    """The Python lines whose operations made the host wait for the GPU during `fn()`."""
+    import warnings
+
+    sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
 def timed(fn, repeats=3):
@@ -117,7 +155,7 @@ def profile_dtype(name: str, args: argparse.Namespace) -> None:
     @torch.no_grad()
     def capture_all():
         for i, b in enumerate(batches):
-            capture_sites(model, b, sites, i)
+            capture_sites(model, b, sites, i, check=False)  # as the Gram pass reads them
 
     def gram():
         collect_statistics(model, sites, tokens, args.rows, progress=False, device=device)
@@ -147,8 +185,21 @@ def profile_dtype(name: str, args: argparse.Namespace) -> None:
         finally:
             stats_module._check_means = check
 
+    def gram_tl_hooks():
+        """The pass with TransformerLens's own hook context (it walks every hook point on
+        exit), as before `compat.temporary_hooks`."""
+        from tl_degeneracy.engine import compat
+
+        own = compat.temporary_hooks
+        compat.temporary_hooks = lambda m, hooks: m.hooks(fwd_hooks=list(hooks))
+        try:
+            gram()
+        finally:
+            compat.temporary_hooks = own
+
     forward()
     t_f = timed(forward)
+    t_h = timed(gram_tl_hooks)
     t_c = timed(capture_all)
     t_g = timed(gram)
     t_w = timed(gram_waiting)
@@ -157,7 +208,8 @@ def profile_dtype(name: str, args: argparse.Namespace) -> None:
         f"{name}: forward {t_f:.3f} s, capture 61 sites {t_c:.3f} s ({t_c / t_f:.2f}x), "
         f"gram {t_g:.3f} s ({t_g / t_f:.2f}x), gram waiting for its products (before) "
         f"{t_w:.3f} s ({t_w / t_f:.2f}x), gram without its NaN check {t_u:.3f} s "
-        f"({t_u / t_f:.2f}x), {n} tokens"
+        f"({t_u / t_f:.2f}x), gram with TransformerLens's hook context {t_h:.3f} s "
+        f"({t_h / t_f:.2f}x), {n} tokens"
     )
     if device == "cuda":
         print(f"  synchronisations: {syncs_per_batch(model, sites, batches)}")
@@ -170,6 +222,17 @@ def profile_dtype(name: str, args: argparse.Namespace) -> None:
 
     def update_old():
         update_before(GramStatistics(sites), sites, acts, device)
+
+    def update_last():
+        update_last_round(GramStatistics(sites), sites, acts, device)
+
+    x64 = torch.stack([a.reshape(-1, a.shape[-1]) for a in acts]).to(torch.float64)
+
+    def full_bmm():
+        torch.bmm(x64.transpose(1, 2), x64)
+
+    def half_products():
+        centred_gram(x64)
 
     def copy_now():
         rows, width = acts[0].numel() // acts[0].shape[-1], acts[0].shape[-1]
@@ -192,7 +255,10 @@ def profile_dtype(name: str, args: argparse.Namespace) -> None:
 
     for label, fn in (
         ("update (now)", update_now),
+        ("update (last round)", update_last),
         ("update (before)", update_old),
+        ("bmm of the buffer", full_bmm),
+        ("centred_gram (now)", half_products),
         ("per-site loop", per_site),
         ("copy into f64 (now)", copy_now),
         ("stack + to f64", stacked_only),
@@ -205,6 +271,7 @@ def profile_dtype(name: str, args: argparse.Namespace) -> None:
         )
     for label, update in (
         ("now", lambda s: add_to_statistics(s, sites, acts, 1, device, batched=True)),
+        ("last round", lambda s: update_last_round(s, sites, acts, device)),
         ("before", lambda s: update_before(s, sites, acts, device)),
     ):
         print(f"  operators dispatched by one update ({label}): {operators(update, sites)}")

@@ -10,6 +10,10 @@ PY=${PY:-python3}
 {
   nvidia-smi -L
   $PY -m pip install -q --no-deps --no-index .gpu/*.whl 2>&1 | tail -3
+  # datasets (imported by TransformerLens) needs a recent pyarrow; an older one is carried in
+  # .gpu/alt for an image whose pyarrow is older
+  $PY -c "import datasets" 2>/dev/null || $PY -m pip install -q --no-deps --no-index .gpu/alt/*.whl 2>&1 | tail -3
+  $PY -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|transformer.lens|datasets|pyarrow) "
   $PY -c "import torch, transformer_lens; print('torch', torch.__version__, 'TL', transformer_lens.__version__ if hasattr(transformer_lens, '__version__') else '?', 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$OUT/setup.log"
 start=$(date +%s)

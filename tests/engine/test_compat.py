@@ -7,6 +7,7 @@ from tl_degeneracy.engine.compat import (
     rebuild,
     replace_hooks,
     run_with_hooks,
+    temporary_hooks,
 )
 from tl_degeneracy.engine.identity import model_identity
 
@@ -20,6 +21,45 @@ def test_same_weights_same_logits_on_both_apis(tiny, tokens_for, kind):
     with torch.no_grad():
         assert torch.allclose(hooked(toks), bridge(toks), atol=1e-12)
     assert model_identity(hooked)["weight_digest"] == model_identity(bridge)["weight_digest"]
+
+
+def test_temporary_hooks_remove_their_own_hooks_only(api, tiny, tokens_for):
+    """Hooks put on for a block run in it, on top of the caller's own (a permanent one and
+    one of an enclosing `model.hooks` at the same point), and leave with it, also when the
+    block raises; the caller's hooks stay, and still run after."""
+    model = tiny(api)
+    toks = tokens_for(model, 2)
+    calls: list[str] = []
+
+    def note(label):
+        def hook(act, hook=None):
+            calls.append(label)
+
+        return hook
+
+    point = "blocks.0.hook_resid_mid"
+    model.hook_dict[point].add_hook(note("permanent"), is_permanent=True)
+    level = getattr(model, "context_level", None)
+    try:
+        with torch.no_grad(), model.hooks(fwd_hooks=[(point, note("outer"))]):
+            with temporary_hooks(
+                model, [(point, note("mine")), ("blocks.0.hook_resid_pre", note("pre"))]
+            ):
+                model(toks)
+            assert calls == ["pre", "permanent", "outer", "mine"]
+            calls.clear()
+            with pytest.raises(KeyError, match="raised inside"):
+                with temporary_hooks(model, [(point, note("mine"))]):
+                    raise KeyError("raised inside")
+            model(toks)
+            assert calls == ["permanent", "outer"]
+            assert getattr(model, "context_level", None) == (None if level is None else level + 1)
+        calls.clear()
+        model(toks)
+        assert calls == ["permanent"]
+        assert getattr(model, "context_level", None) == level
+    finally:
+        model.reset_hooks(including_permanent=True)
 
 
 def test_writing_resid_mid_changes_the_residual(api, tiny, tokens_for):

@@ -25,7 +25,12 @@ from tl_degeneracy.engine.prompt_graph import (
     site_chain,
 )
 from tl_degeneracy.engine.prompt_graph.edges import FEATURE, REST, TARGET, CandidateGraph
-from tl_degeneracy.engine.prompt_graph.prune import influence, prune_edges, prune_nodes
+from tl_degeneracy.engine.prompt_graph.prune import (
+    influence,
+    prune_edges,
+    prune_nodes,
+    smallest_share,
+)
 from tl_degeneracy.engine.sections import Section, run_section
 from tl_degeneracy.engine.sites import Site
 from tl_degeneracy.models.rmsnorm import round_rmsnorm_like_hugging_face
@@ -281,6 +286,22 @@ def test_influence_is_the_sum_over_enumerated_paths():
     for n in range(10):
         assert float(u[n]) == pytest.approx(paths(n), rel=1e-12, abs=1e-15)
     assert float(u[10]) == 0.0
+
+
+def test_a_whole_share_keeps_every_nonzero_entry_and_no_zero_one():
+    """`share=1` keeps the nonzero entries, never the zeros, also where a separate sum of the
+    magnitudes rounds above their running sum (it did here, and every zero was kept: a GPU and
+    a CPU then kept different candidate nodes)."""
+    values = torch.cat(
+        [torch.rand(20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)]
+        + [torch.zeros(3, dtype=torch.float64)]
+    )
+    order = torch.argsort(values, descending=True, stable=True)
+    assert float(values.sum()) > float(values[order].cumsum(0)[-1])  # the rounding case
+    for v in (values, -values, values.flip(0)):
+        kept = smallest_share(v, 1.0)
+        assert sorted(kept.tolist()) == torch.nonzero(v)[:, 0].tolist()
+    assert smallest_share(torch.zeros(4), 1.0).numel() == 0
 
 
 def test_pruning_keeps_the_promised_shares():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -29,6 +28,7 @@ from tl_degeneracy.engine.capture import (
 )
 from tl_degeneracy.engine.compat import (
     register_hook_point,
+    temporary_hooks,
     unregister_hook_point,
 )
 from tl_degeneracy.engine.model_match import check_fits, warn_if_fitted_elsewhere, width_error
@@ -91,10 +91,9 @@ def _attached(
         register_hook_point(model, name, hp)
         hook_names.append(name)
         hooks += _site_hooks(model, b, hp, kept.get(b.site.name))
-    hooked: Any = model  # hooks() is a method of either API, not of nn.Module
     try:
         with ExitStack() as stack:
-            stack.enter_context(hooked.hooks(fwd_hooks=hooks))
+            stack.enter_context(temporary_hooks(model, hooks))
             yield model
     finally:
         for name in hook_names:

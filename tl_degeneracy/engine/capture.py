@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from tl_degeneracy.engine.compat import (
     StopForward,
-    frozen_parameters,
     is_transformer,
     model_cfg,
     replace_hooks,
@@ -96,8 +95,8 @@ def capture_sites(
 
         return hook
 
-    with frozen_parameters(model):
-        out = run_with_hooks(model, inputs, [(n, make_hook(n)) for n in needed], stop_early=True)
+    # no `frozen_parameters`: under no_grad nothing is tracked (and it took 0.8 ms a forward)
+    out = run_with_hooks(model, inputs, [(n, make_hook(n)) for n in needed], stop_early=True)
     silent = [n for n in needed if n not in store]
     if silent:
         raise SiteError(

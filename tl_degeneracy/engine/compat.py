@@ -408,14 +408,48 @@ def run_with_hooks(
     With `stop_early`, a hook may raise `StopForward` to end the pass; the function then
     returns None. Hooks are always removed, also on error.
     """
-    hooked: Any = model  # `hooks` is a method of both APIs, not of nn.Module
-    with hooked.hooks(fwd_hooks=list(fwd_hooks)):
+    with temporary_hooks(model, fwd_hooks):
         try:
             return model(tokens)
         except StopForward:
             if not stop_early:
                 raise
             return None
+
+
+def temporary_hooks(
+    model: nn.Module, fwd_hooks: Sequence[tuple[str, HookFn]]
+) -> AbstractContextManager[Any]:
+    """`model.hooks(fwd_hooks=...)`: forward hooks for the duration of a `with` block.
+
+    A `HookedTransformer` (or any `HookedRootModule`) gets them at a new context level, and
+    on exit they are removed from the hook points they were put on only. TransformerLens's own
+    context walks every hook point of the model on exit (785 in a 30-block model: 2.4 ms
+    against 0.3 ms for 61 hooks; on an H100 the bfloat16 Gram pass took 1.26× the forward with
+    it, 1.14× with this, docs/devices.md). A Bridge, which removes only its own hooks, keeps
+    its own context."""
+    hooked: Any = model  # `hooks` is a method of both APIs, not of nn.Module
+    if is_bridge(model) or not hasattr(model, "mod_dict") or not hasattr(model, "context_level"):
+        return hooked.hooks(fwd_hooks=list(fwd_hooks))
+    return _hooks_at_new_level(hooked, fwd_hooks)
+
+
+@contextmanager
+def _hooks_at_new_level(model: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[Any]:
+    """`HookedRootModule.hooks` for named forward hooks, undone where they were put."""
+    level = model.context_level + 1
+    model.context_level = level
+    touched: dict[int, Any] = {}
+    try:
+        for name, fn in fwd_hooks:
+            point = model.mod_dict[name]
+            point.add_hook(fn, dir="fwd", level=level)
+            touched[id(point)] = point
+        yield model
+    finally:
+        for point in touched.values():
+            point.remove_hooks("fwd", including_permanent=False, level=level)
+        model.context_level = level - 1
 
 
 def replace_hooks(

@@ -26,6 +26,7 @@ from tl_degeneracy.engine.compat import (
     is_bridge,
     parameters_requiring_grad,
     run_with_hooks,
+    temporary_hooks,
 )
 from tl_degeneracy.engine.sites import Site, site_parts
 from tl_degeneracy.engine.tokens import validate_pair, validate_tokens
@@ -126,9 +127,8 @@ def _hook_gradient_cache(
 
         return hook
 
-    hooked: Any = model  # hooks() is a method of either API, not of nn.Module
     with torch.set_grad_enabled(compute_gradient):
-        with hooked.hooks(fwd_hooks=[(n, keep(n)) for n in names_filter]):
+        with temporary_hooks(model, [(n, keep(n)) for n in names_filter]):
             value = metric_fn(model(tokens))
         acts = {n: t.detach().clone() for n, t in live.items()}
         grads: dict[str, Tensor | None] = dict.fromkeys(live)

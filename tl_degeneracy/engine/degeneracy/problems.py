@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.compat import is_bridge
+from tl_degeneracy.engine.compat import is_bridge, temporary_hooks
 from tl_degeneracy.engine.degeneracy.parameters import (
     ParamFilter,
     parameter_masks,
@@ -309,11 +309,11 @@ class ModelProblem(LLCProblem):
                 return plain.logits(None, self.query_positions, prefix[idx], self.start_layer)
             return plain.logits(tokens, self.query_positions)
         if idx is not None and prefix is not None:
-            with self.model.hooks(fwd_hooks=self.hooks):
+            with temporary_hooks(self.model, self.hooks):
                 out = self.model(prefix[idx], start_at_layer=self.start_layer)
             return out if self.hooks else out[:, self.pos]
         if self.hooks:
-            with self.model.hooks(fwd_hooks=self.hooks):
+            with temporary_hooks(self.model, self.hooks):
                 return self.model(tokens)
         return self.model(tokens)[:, self.pos]
 

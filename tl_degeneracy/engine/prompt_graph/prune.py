@@ -28,11 +28,13 @@ def smallest_share(values: Float[Tensor, " n"], share: float) -> Int[Tensor, " m
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"a share is between 0 and 1, got {share}")
     mag = values.abs().to(torch.float64)
-    total = float(mag.sum())
-    if total == 0.0 or share == 0.0:
-        return torch.zeros(0, dtype=torch.long)
     order = torch.argsort(mag, descending=True, stable=True)
     cum = mag[order].cumsum(0)
+    # the total as the running sum ends, not a separate sum: otherwise rounding decides
+    # whether `share=1` reaches it before the zero entries or never (then all are kept)
+    total = float(cum[-1]) if cum.numel() else 0.0
+    if total == 0.0 or share == 0.0:
+        return torch.zeros(0, dtype=torch.long)
     n = int(torch.searchsorted(cum, torch.tensor(share * total, dtype=torch.float64))) + 1
     return order[: min(n, order.numel())]
 

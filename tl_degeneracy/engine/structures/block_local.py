@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.capture import _read_hooks, injection_hooks
-from tl_degeneracy.engine.compat import StopForward, is_bridge, model_cfg
+from tl_degeneracy.engine.compat import StopForward, is_bridge, model_cfg, temporary_hooks
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import Site
 from tl_degeneracy.engine.structures.base import Structure
@@ -89,8 +89,7 @@ class BlockLocal(Structure):
         hooks = injection_hooks(self.model, self.section.inp, x)
         store: dict[str, Tensor] = {}
         hooks += _read_hooks(self.model, self.read_site, store)
-        hooked: Any = self.model
-        with hooked.hooks(fwd_hooks=hooks):
+        with temporary_hooks(self.model, hooks):
             try:
                 if self.mlp_half:
                     blk = self.block
