@@ -41,7 +41,10 @@ from tl_degeneracy.engine.statistics import (  # noqa: E402
     centred_gram,
     collect_statistics,
 )
-from tl_degeneracy.engine.synchronisation import count_synchronisations  # noqa: E402
+from tl_degeneracy.engine.synchronisation import (  # noqa: E402
+    count_synchronisations,
+    cuda_synchronisations,
+)
 
 
 def sync():
@@ -96,23 +99,8 @@ def syncs_per_batch(model, sites, batches) -> str:
     gram = count_synchronisations(lambda: acc.update(1, batches[1]), "cuda")
     return (
         f"plain forward {count_synchronisations(forward, 'cuda')}, Gram batch {gram} at "
-        f"{where_synchronised(lambda: acc.update(2, batches[0]))}"
+        f"{cuda_synchronisations(lambda: acc.update(2, batches[0]))}"
     )
-
-
-def where_synchronised(fn) -> list[str]:
-    """The Python lines whose operations made the host wait for the GPU during `fn()`."""
-    import warnings
-
-    sync()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
 def timed(fn, repeats=3):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["HostTransfers", "count_synchronisations", "device_index"]
+__all__ = ["HostTransfers", "count_synchronisations", "cuda_synchronisations", "device_index"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -70,6 +70,14 @@ def count_synchronisations(fn: Callable[[], Any], device: torch.device | str) ->
         with HostTransfers() as seen:
             fn()
         return seen.waits
+    return len(cuda_synchronisations(fn, device))
+
+
+def cuda_synchronisations(fn: Callable[[], Any], device: torch.device | str = "cuda") -> list[str]:
+    """The Python lines (`file:line`) whose operations made the host wait for the CUDA
+    `device` during `fn()`, one per wait, as torch's sync debug mode reports them."""
+    from pathlib import Path
+
     torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -78,4 +86,4 @@ def count_synchronisations(fn: Callable[[], Any], device: torch.device | str) ->
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
