@@ -37,6 +37,59 @@ def test_attached_features_are_cacheable_and_exact(api, tiny, tokens_for):
         assert torch.equal(model(toks), base)
 
 
+def test_an_attach_inside_another_gives_the_outer_features_back(api, tiny, tokens_for):
+    """`ablate_nodes` (or a second `attach`) inside `attach` shadows the outer feature hook
+    points and puts them back when it closes: they are cached, and an edit there still
+    applies (it used to be gone, a KeyError or, on a Bridge, silently not applied)."""
+    model = tiny(api)
+    toks = tokens_for(model, 10)
+    result = fit_basis(model, toks, LIBConfig(SITES, progress=False))
+    name = feature_hook_name(result[SITES[1]])
+
+    def zero_top(feats, hook=None):
+        feats = feats.clone()
+        feats[..., 0] = 0
+        return feats
+
+    with torch.no_grad(), attach(model, result):
+        edited = model.run_with_hooks(toks, fwd_hooks=[(name, zero_top)])
+        _, cache = model.run_with_cache(toks)
+        for inner in (ablate_nodes(model, result, SITES[1], 1), attach(model, result)):
+            with inner:
+                model(toks)
+            _, again = model.run_with_cache(toks)
+            assert sorted(k for k in again if k.endswith("_features")) == sorted(
+                k for k in cache if k.endswith("_features")
+            )
+            torch.testing.assert_close(again[name], cache[name], rtol=0, atol=0)
+            torch.testing.assert_close(
+                model.run_with_hooks(toks, fwd_hooks=[(name, zero_top)]), edited, rtol=0, atol=0
+            )
+    assert name not in model.hook_dict
+
+
+def test_a_callers_hook_context_closed_out_of_order_leaves_nothing_behind(api, tiny, tokens_for):
+    """`attach` closed before a `model.hooks` opened inside it: each removes its own hooks
+    and the caller's hook does not outlive its context."""
+    model = tiny(api)
+    toks = tokens_for(model, 4)
+    result = fit_basis(model, toks, LIBConfig(SITES, progress=False))
+    calls = []
+    outer = attach(model, result)
+    outer.__enter__()
+    mine = model.hooks(
+        fwd_hooks=[("blocks.0.hook_resid_mid", lambda a, hook=None: calls.append(1))]
+    )
+    mine.__enter__()
+    outer.__exit__(None, None, None)
+    mine.__exit__(None, None, None)
+    with torch.no_grad():
+        model(toks)
+    assert calls == []
+    assert getattr(model, "context_level", 0) == 0
+    assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
+
+
 def test_editing_a_feature_changes_the_output(api, tiny, tokens_for):
     model = tiny(api)
     toks = tokens_for(model, 10)

@@ -62,6 +62,27 @@ def test_temporary_hooks_remove_their_own_hooks_only(api, tiny, tokens_for):
         model.reset_hooks(including_permanent=True)
 
 
+def test_temporary_hooks_take_name_filters_and_name_what_is_not_a_hook_point(api, tiny, tokens_for):
+    """Named hooks go on where named; a name filter (a callable, as `model.hooks` takes) is
+    TransformerLens's own business; a name that is not a hook point is a KeyError naming it."""
+    model = tiny(api)
+    toks = tokens_for(model, 2)
+    seen: list[str] = []
+
+    def note(act, hook=None):
+        seen.append(hook.name)
+
+    with torch.no_grad(), temporary_hooks(model, [(lambda n: n.endswith("resid_mid"), note)]):
+        model(toks)
+    assert len(seen) == model.cfg.n_layers  # one resid_mid a block (a Bridge names it its way)
+    if api == "hooked":  # TL 3.9's Bridge ignores unknown names; TL 4 raises its own KeyError
+        for name in ("blocks.0.nope", "blocks.0.attn"):
+            with pytest.raises(KeyError, match=name.replace(".", r"\.")):
+                with temporary_hooks(model, [(name, note)]):
+                    pass
+    assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
+
+
 def test_writing_resid_mid_changes_the_residual(api, tiny, tokens_for):
     """A write at hook_resid_mid must reach hook_resid_post through the residual too (on the
     Bridge the hook is an alias of the MLP's input and needs the change carried)."""

@@ -118,6 +118,23 @@ def test_sign_flips_and_permutations_change_the_fingerprint(api, tiny, tokens_fo
     assert [k for k in after if after[k] != before[k]] == [name]
 
 
+def test_a_basis_applies_to_the_same_weights_under_another_name(api, tiny, tokens_for):
+    """A model is named after its folder by `load_local`: the same checkpoint moved or
+    renamed is the same model (its weights decide); other weights under the same name are
+    still refused."""
+    from tl_degeneracy.engine.artifacts import compare_model
+
+    model = tiny(api, "ln", n_layers=1)
+    sites = (Site("blocks.0.hook_resid_mid", "last"), Site("logits", "last"))
+    lib = fit_basis(model, tokens_for(model, 8), LIBConfig(sites, progress=False))
+    renamed = copy.deepcopy(model)
+    renamed.cfg.model_name = "renamed_copy"
+    assert compare_model(lib.metadata, renamed) == (None, None)
+    _edit(renamed, "blocks.0.mlp.W_in", lambda w: -w)
+    problem, _ = compare_model(lib.metadata, renamed)
+    assert problem is not None and "other weights" in problem
+
+
 def test_the_same_weights_in_another_dtype_agree_within_its_rounding(api, tiny):
     """Rounding every weight to float32 or bfloat16 moves each field by less than the
     tolerance of the coarser dtype; a sign flip of one neuron in float32 stays visible."""

@@ -140,8 +140,8 @@ def compare_model(
     caveats = []
     if isinstance(saved, dict):
         for key, value in saved.items():
-            if key in ("api", "weight_digest"):
-                continue
+            if key in ("api", "weight_digest", "model_name"):
+                continue  # a name (a folder's, on load_local) says nothing the weights don't
             if current.get(key) != value:
                 return (
                     f"this {what} was computed on a different model: {key} is {value!r} in the "

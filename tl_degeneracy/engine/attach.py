@@ -83,21 +83,20 @@ def _attached(
     if check_weights:
         # the caller of attach or ablate_nodes, through two context managers
         warn_if_fitted_elsewhere(model, result, stacklevel=6)
-    hook_names = []
+    replaced: list[tuple[str, HookPoint | None]] = []  # an attach inside another shadows it
     hooks: list = []
-    for b in bases:
-        hp = HookPoint()
-        name = feature_hook_name(b)
-        register_hook_point(model, name, hp)
-        hook_names.append(name)
-        hooks += _site_hooks(model, b, hp, kept.get(b.site.name))
     try:
+        for b in bases:
+            hp = HookPoint()
+            name = feature_hook_name(b)
+            replaced.append((name, register_hook_point(model, name, hp)))
+            hooks += _site_hooks(model, b, hp, kept.get(b.site.name))
         with ExitStack() as stack:
             stack.enter_context(temporary_hooks(model, hooks))
             yield model
     finally:
-        for name in hook_names:
-            unregister_hook_point(model, name)
+        for name, previous in reversed(replaced):
+            unregister_hook_point(model, name, previous)
 
 
 @contextmanager

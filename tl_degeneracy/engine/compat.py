@@ -9,6 +9,7 @@ Everything else in the package talks to a model through the hook surface both AP
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -422,34 +423,55 @@ def temporary_hooks(
 ) -> AbstractContextManager[Any]:
     """`model.hooks(fwd_hooks=...)`: forward hooks for the duration of a `with` block.
 
-    A `HookedTransformer` (or any `HookedRootModule`) gets them at a new context level, and
+    A `HookedTransformer` (or any `HookedRootModule`) gets them at a level of their own, and
     on exit they are removed from the hook points they were put on only. TransformerLens's own
     context walks every hook point of the model on exit (785 in a 30-block model: 2.4 ms
     against 0.3 ms for 61 hooks; on an H100 the bfloat16 Gram pass took 1.26× the forward with
     it, 1.14× with this, docs/devices.md). A Bridge, which removes only its own hooks, keeps
     its own context."""
     hooked: Any = model  # `hooks` is a method of both APIs, not of nn.Module
-    if is_bridge(model) or not hasattr(model, "mod_dict") or not hasattr(model, "context_level"):
-        return hooked.hooks(fwd_hooks=list(fwd_hooks))
-    return _hooks_at_new_level(hooked, fwd_hooks)
+    own = not is_bridge(model) and hasattr(model, "mod_dict") and hasattr(model, "context_level")
+    if not own or not all(isinstance(name, str) for name, _ in fwd_hooks):
+        return hooked.hooks(fwd_hooks=list(fwd_hooks))  # name filters: TransformerLens's way
+    return _hooks_at_own_level(hooked, fwd_hooks)
+
+
+_OWN_LEVELS = itertools.count(-1, -1)
+"""Hook levels of `temporary_hooks` contexts: negative, so never the level of one of
+TransformerLens's own contexts (0, 1, 2, ...)."""
 
 
 @contextmanager
-def _hooks_at_new_level(model: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[Any]:
-    """`HookedRootModule.hooks` for named forward hooks, undone where they were put."""
-    level = model.context_level + 1
-    model.context_level = level
+def _hooks_at_own_level(model: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[Any]:
+    """`HookedRootModule.hooks` for named forward hooks, undone where they were put. Each
+    context's hooks carry a level of their own and `model.context_level` is left alone, so
+    contexts closed out of order (an `attach` and a `model.hooks` of the caller's) each remove
+    their own hooks and nothing else."""
+    level = next(_OWN_LEVELS)
     touched: dict[int, Any] = {}
     try:
         for name, fn in fwd_hooks:
-            point = model.mod_dict[name]
+            point = model.mod_dict.get(name)
+            if not hasattr(point, "add_hook"):
+                raise KeyError(
+                    f"{name!r} is not a hook point of this model"
+                    if point is None
+                    else f"{name!r} is a {type(point).__name__}, not a hook point"
+                )
             point.add_hook(fn, dir="fwd", level=level)
             touched[id(point)] = point
         yield model
     finally:
         for point in touched.values():
             point.remove_hooks("fwd", including_permanent=False, level=level)
-        model.context_level = level - 1
+
+
+def forward_hooks_on(model: nn.Module) -> list[str]:
+    """The modules of `model` that carry forward hooks right now: a caller's (steering,
+    caching, permanent), an enclosing `attach`'s or `ablate_nodes`'s. While there are any,
+    the sections that compute from the weights step aside (`structures.structure_of`), so
+    that every pass sees the model as it runs, hooks included."""
+    return [name for name, module in model.named_modules() if module._forward_hooks]
 
 
 def replace_hooks(
@@ -480,19 +502,27 @@ def replace_hooks(
     return [(hook, rewrite)]
 
 
-def register_hook_point(model: nn.Module, name: str, hook_point: HookPoint) -> None:
-    """Make an extra HookPoint visible to `run_with_cache` and `hooks()` under `name`."""
+def register_hook_point(model: nn.Module, name: str, hook_point: HookPoint) -> HookPoint | None:
+    """Make an extra HookPoint visible to `run_with_cache` and `hooks()` under `name`; returns
+    the one registered under that name before (an `attach` inside another), for
+    `unregister_hook_point` to put back."""
     hook_point.name = name
     hooked: Any = model  # the registries below are attributes of either API, not of nn.Module
     if is_bridge(model):
+        previous = hooked._hook_registry.get(name)
         hooked._hook_registry[name] = hook_point
     else:
+        previous = hooked.mod_dict.get(name)
         hooked.hook_dict[name] = hook_point
         hooked.mod_dict[name] = hook_point
+    return previous
 
 
-def unregister_hook_point(model: nn.Module, name: str) -> None:
-    """Undo `register_hook_point`."""
+def unregister_hook_point(model: nn.Module, name: str, previous: HookPoint | None = None) -> None:
+    """Undo `register_hook_point`: remove `name`, or put back the hook point it replaced."""
+    if previous is not None:
+        register_hook_point(model, name, previous)
+        return
     hooked: Any = model
     if is_bridge(model):
         hooked._hook_registry.pop(name, None)

@@ -15,6 +15,10 @@ ablation, the SGLD forward, the fit pipeline) asks it and nothing else:
 
 Each fast structure is an optimisation tested against `Generic`, never a second meaning; inside
 `with autograd_only():` every section is `Generic` (and the whole model its own forward).
+The structures that compute from the weights (all but `BlockLocal` and `Generic`) would not see
+a hook on the model, so while any module carries a forward hook (the caller's steering or
+caching hook, an enclosing `attach`) they step aside for those that run the model's own
+modules (`compat.forward_hooks_on`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from tl_degeneracy.engine.compat import is_transformer
+from tl_degeneracy.engine.compat import forward_hooks_on, is_transformer
 from tl_degeneracy.engine.sections import Section
 from tl_degeneracy.engine.sites import Site
 from tl_degeneracy.engine.structures.affine import FormStructure
@@ -66,15 +70,19 @@ def fast_structures_enabled() -> bool:
 def structure_of(model: nn.Module, section: Section) -> Structure:
     """The structure that computes `section` of `model` (see the module's table)."""
     fast = fast_structures_enabled()
+    from_weights = fast and not forward_hooks_on(model)  # see the module's docstring
     if section.inp == INPUTS:
-        if fast and is_transformer(model) and is_plain(model):
+        if from_weights and is_transformer(model) and is_plain(model):
             return PlainForward(model, section)
         return Generic(model, section)
     if not fast:
         return Generic(model, section)
     if not is_transformer(model):
-        form = uses_declared_form(model, section)
+        form = uses_declared_form(model, section) if from_weights else None
         return Generic(model, section) if form is None else FormStructure(model, section, form)
+    if not from_weights:
+        layer = block_local_layer(model, section)
+        return Generic(model, section) if layer is None else BlockLocal(model, section, layer)
     form = transformer_form(model, section)
     if section.out.is_logits:
         tail = PlainTail.of(model)
