@@ -281,3 +281,22 @@ def test_help_shows_the_defaults_the_code_applies(capsys):
     degeneracy = command_help("degeneracy", capsys)
     assert "for a checkpoint saved without them (e.g. its base model's folder)" in degeneracy
     assert "tokens per row of a language model (default: 32)" in degeneracy
+
+
+def test_fit_modadd_takes_threads_and_names_a_damaged_checkpoint(tmp_path, capsys, monkeypatch):
+    """`--threads` as `fit` takes it; a pickle in place of model.safetensors: one line naming
+    the file, exit status 2 (not a SafetensorError traceback)."""
+    from tl_degeneracy.engine.compat import available_apis, build_model
+    from tl_degeneracy.models.modadd import save_checkpoint
+    from tl_degeneracy.models.modadd.train import model_config
+
+    assert cli.build_parser().parse_args(["fit-modadd", "--threads", "1"]).threads == 1
+    folder = save_checkpoint(
+        tmp_path / "ck", build_model(model_config(5), None, available_apis()[0]), {}
+    )
+    torch.save({"W_E": torch.zeros(2)}, folder / "model.safetensors")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave the test's threads
+    args = ["fit-modadd", str(folder), "--threads", "1", "--out", str(tmp_path / "out")]
+    assert cli.main([*args, "--quiet"]) == 2
+    err = one_line_error(capsys)
+    assert f"{folder / 'model.safetensors'} is not a safetensors file" in err

@@ -58,7 +58,12 @@ from tl_degeneracy.engine.statistics import (
     StatisticsMismatchError,
     collect_statistics,
 )
-from tl_degeneracy.engine.streaming import Checkpointing, CheckpointMismatchError, EmptyDataError
+from tl_degeneracy.engine.streaming import (
+    CheckpointDamagedError,
+    Checkpointing,
+    CheckpointMismatchError,
+    EmptyDataError,
+)
 from tl_degeneracy.engine.structures import autograd_only, structure_of
 from tl_degeneracy.engine.tokens import PaddingWarning, TokenError, validate_tokens
 
@@ -71,6 +76,7 @@ __all__ = [
     "AttributionComparison",
     "AttributionGapWarning",
     "BasisResult",
+    "CheckpointDamagedError",
     "CheckpointMismatchError",
     "Checkpointing",
     "DistContext",

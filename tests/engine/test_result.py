@@ -1,6 +1,7 @@
 import copy
 import hashlib
 import json
+import math
 import warnings
 
 import pytest
@@ -334,3 +335,217 @@ def test_a_basis_is_looked_up_by_name_site_or_short_form(fitted):
     assert result.top_features((("resid_mid", 0), "last"), 2) == result.top_features(name, 2)
     with pytest.raises(KeyError, match=r"\['blocks.0.hook_resid_mid\[-1\]'\] is at the same hook"):
         result[("resid_mid", 0)]
+
+
+# -- every result type: edited files are refused at load, naming the file and the entry -------
+
+_A, _B = Site("blocks.0.hook_resid_pre", "all"), Site("blocks.0.hook_resid_mid", "all")
+_F64 = torch.float64
+
+
+def _gram_statistics():
+    from tl_degeneracy.engine.statistics import GramStatistics, SiteStatistics
+
+    stats = SiteStatistics(_A, 5, torch.ones(3, dtype=_F64), torch.eye(3, dtype=_F64))
+    return GramStatistics([_A], {_A.name: stats})
+
+
+def _interaction_graph():
+    from tl_degeneracy.engine.edges import InteractionGraph, SectionEdges
+    from tl_degeneracy.engine.sections import Section
+
+    section = Section(_A, _B)
+    edges = SectionEdges(
+        section, torch.ones(2, 3, dtype=_F64), torch.ones(2, dtype=_F64), 8, "exact"
+    )
+    return InteractionGraph(BasisResult({}, {}), {section.name: edges})
+
+
+def _ablation_curve():
+    from tl_degeneracy.engine.ablation import AblationCurve
+
+    return AblationCurve(_B.name, "lib", {1: 0.5, 3: 0.7}, 0.8)
+
+
+def _edge_ablation():
+    from tl_degeneracy.engine.edge_ablation import EdgeAblation
+
+    return EdgeAblation("a->b", 6, 0.8, {3: 0.7, 6: 0.8}, 6)
+
+
+def _jacobian_gram():
+    from tl_degeneracy.engine.jacobians import JacobianGram
+    from tl_degeneracy.engine.sections import Section
+
+    eye = torch.eye(3, dtype=_F64)
+    return JacobianGram(Section(_A, _B), 4 * eye, 4, torch.stack([eye, eye]), "exact")
+
+
+def _prompt_graph():
+    from tl_degeneracy.engine.prompt_graph import PromptGraph
+    from tl_degeneracy.engine.prompt_graph.edges import CandidateGraph
+    from tl_degeneracy.engine.prompt_graph.graph import PromptGraphConfig
+
+    def longs(n):
+        return torch.zeros(n, dtype=torch.long)
+
+    def ones(*shape):
+        return torch.ones(*shape, dtype=_F64)
+
+    nodes = {f: longs(4) for f in ("layer", "position", "feature", "kind")}
+    candidates = CandidateGraph(
+        **nodes,
+        activation=ones(4),
+        attribution=ones(4),
+        src=longs(3),
+        dst=longs(3),
+        weight=ones(3),
+        input_abs=ones(4),
+    )
+    return PromptGraph(
+        tokens=torch.tensor([1, 2]),
+        str_tokens=["a", "b"],
+        sites=[_A.hook],
+        target={"name": "logit(5)", "position": 1, "kind": "logit", "token": 5},
+        value=1.0,
+        site_positions=[torch.tensor([0, 1])],
+        features=[ones(2, 3)],
+        attributions=[ones(2, 3)],
+        rest=[ones(2)],
+        site_totals=ones(1),
+        embedding=ones(2),
+        candidates=candidates,
+        influence=ones(4),
+        kept_nodes=torch.ones(4, dtype=torch.bool),
+        kept_edges=torch.ones(3, dtype=torch.bool),
+        config=PromptGraphConfig(),
+    )
+
+
+def _patching_comparison():
+    from tl_degeneracy.engine.prompt_graph import PatchingComparison
+
+    site = {
+        "site": _A.hook,
+        "nodes (attribution patching)": 1.0,
+        "rest (attribution patching)": 0.0,
+        "TransformerLens": 1.0,
+        "nodes (graph)": 0.9,
+        "site patching": 1.1,
+    }
+    node = {"site": _A.hook, "position": 1, "feature": 0, "attribution patching": 0.5}
+    nodes = [{**node, "graph attribution": 0.4, "patching": p} for p in (0.3, 0.6)]
+    return PatchingComparison([site], nodes, 1.0, 0.5)
+
+
+def _attribution_comparison():
+    from tl_degeneracy.engine.attribution import AttributionComparison
+    from tl_degeneracy.engine.attribution.site_scores import SiteAttribution
+
+    v = torch.tensor([0.3, 0.2, 0.1], dtype=_F64)
+    site = SiteAttribution(_A.name, "lib", v, v.flip(0), v, 0.6, 0.6, 0.7, 3)
+    return AttributionComparison({_A.name: site}, 1.0, 0.5)
+
+
+_M, _T = "metadata.json", "tensors.safetensors"
+_GRAM_SITE = _A.name
+_SECTION = f"{_A.name}->{_B.name}"
+RESULT_TYPES = {
+    # builder: (a key to remove, a key and a wrong value for it, a tensor to remove, one to resize)
+    "GramStatistics": (
+        _gram_statistics,
+        "sites",
+        ("sites", {"hook": _A.hook}),
+        f"{_GRAM_SITE}/m2",
+        f"{_GRAM_SITE}/mean",
+    ),
+    "InteractionGraph": (
+        _interaction_graph,
+        "sections",
+        ("modules", [1]),
+        f"{_SECTION}/mean_edges",
+        f"{_SECTION}/edges",
+    ),
+    "AblationCurve": (_ablation_curve, "baseline", ("kind", 3), "k", "k"),
+    "EdgeAblation": (_edge_ablation, "scores", ("baseline", "0.8"), "n", "score"),
+    "JacobianGram": (_jacobian_gram, "count", ("method", 1), "total", "halves"),
+    "PromptGraph": (_prompt_graph, "format", ("target", 7), "candidates/src", "kept_edges"),
+    "PatchingComparison": (
+        _patching_comparison,
+        "node_rows",
+        ("site_rows", [{"site": 1}]),
+        "values",
+        "values",
+    ),
+    "AttributionComparison": (
+        _attribution_comparison,
+        "comparison",
+        ("comparison", [1]),
+        f"{_A.name}/importance",
+        f"{_A.name}/patching",
+    ),
+}
+
+
+def _damage(kind, spec):
+    """(metadata edit, tensors edit, the file named, the entry named) of one kind of damage."""
+    _, missing, (key, value), dropped, resized = spec
+    if kind == "metadata key missing":
+        return (lambda m: m.pop(missing)), None, _M, missing
+    if kind == "metadata key of the wrong type":
+        return (lambda m: m.update({key: value})), None, _M, key
+    if kind == "tensor missing":
+        return None, (lambda t: t.pop(dropped)), _T, dropped
+    if kind == "tensor resized":
+        return None, (lambda t: t.update({resized: torch.zeros(5, dtype=_F64)})), _T, resized
+    extra = "blocks.9.hook_resid_pre/C"
+    return None, (lambda t: t.update({extra: torch.zeros(2, dtype=_F64)})), _T, extra
+
+
+DAMAGES = [
+    "metadata key missing",
+    "metadata key of the wrong type",
+    "tensor missing",
+    "tensor resized",
+    "extra tensor",
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("kind", sorted(RESULT_TYPES))
+def test_every_result_type_refuses_an_edited_file_naming_it(kind, damage, tmp_path):
+    """`metadata.json` is not under the tensors' checksum: an edited entry, or tensors replaced
+    with the checksum updated, is refused at load by an `ArtifactError` naming the file and the
+    entry, where it raised a raw KeyError or TypeError, failed only when rendered, or loaded
+    inconsistent tensors silently."""
+    result = RESULT_TYPES[kind][0]()
+    folder = result.save(tmp_path / "r")
+    type(result).load(folder)  # intact, it loads
+    meta_fn, tensors_fn, file, entry = _damage(damage, RESULT_TYPES[kind])
+    _rewrite(folder, meta_fn, tensors_fn)
+    with pytest.raises(ArtifactError) as refused:
+        type(result).load(folder)
+    message = str(refused.value)
+    assert str(folder / file) in message and f"'{entry}" in message, message
+
+
+def test_numbers_saved_as_null_load_as_nan(tmp_path):
+    """A NaN baseline or score is written as null (`jsonable`) and read back as NaN."""
+    from tl_degeneracy.engine.ablation import AblationCurve
+    from tl_degeneracy.engine.edge_ablation import EdgeAblation
+
+    curve = AblationCurve(_B.name, "lib", {1: float("nan"), 3: 0.7}, float("nan"))
+    loaded = AblationCurve.load(curve.save(tmp_path / "curve"))
+    assert math.isnan(loaded.baseline) and math.isnan(loaded.scores[1]) and loaded.undecided
+    edges = EdgeAblation("a->b", 6, float("nan"), {3: float("nan"), 6: 0.8}, None)
+    loaded_edges = EdgeAblation.load(edges.save(tmp_path / "edges"))
+    assert math.isnan(loaded_edges.baseline) and math.isnan(loaded_edges.scores[3])
+
+
+def test_a_rebuilding_error_of_any_type_names_the_folder(tmp_path):
+    """The backstop of `Result.load`: an entry no schema covers (a section of three sites)
+    still gives an `ArtifactError` naming metadata.json, not a raw ValueError."""
+    result = _jacobian_gram()
+    folder = _rewrite(result.save(tmp_path / "j"), lambda m: m["section"].append(m["section"][0]))
+    with pytest.raises(ArtifactError, match=f"{folder / _M}.*ValueError"):
+        type(result).load(folder)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from support import random_tokens, tiny_config, tiny_model
 
@@ -470,3 +471,185 @@ def test_rounded_digests_ignore_rounding_and_see_changes():
     assert streaming.rounded_digest(x) == streaming.rounded_digest(x * (1 + 1e-15))
     assert streaming.rounded_digest(x) != streaming.rounded_digest(x * (1 + 1e-6))
     assert streaming.rounded_digest(x) != streaming.rounded_digest(x.T.contiguous())
+
+
+# -- damaged checkpoints: refused by name, never resumed into wrong numbers --------------------
+
+JAC_KEY = "jacobian.blocks.0.hook_resid_post->blocks.1.hook_resid_pre"
+"""The state of the M' pass under way after 16 forwards (2 of its 12 batches done)."""
+
+
+def _damaged_fit(tmp_path: Path, at: int, key: str, change: Callable[[dict, dict], None]):
+    """A fit interrupted at the `at`-th forward, its state `key` rewritten by `change(tensors,
+    header)`; returns the refusal of resuming it (and asserts that it is refused)."""
+    model = tiny_model(API, "ln", seed=5, n_layers=2)
+    tokens = random_tokens(model, 24, seed=6)
+    ckpt = tmp_path / "ckpt"
+    _interrupted_fit(model, tokens, _config(ckpt), at=at)
+    file = ckpt / f"{key}.safetensors"
+    tensors = load_file(str(file))
+    with safe_open(str(file), "pt") as f:
+        header = dict(f.metadata())
+    change(tensors, header)
+    save_file(tensors, str(file), metadata=header)
+    try:
+        result = fit_basis(model, tokens, _config(ckpt))
+    except Exception as error:  # asserted below: the refusal, not any failure
+        refused = error
+    else:
+        n = result.metadata["n_tokens"]
+        pytest.fail(f"a damaged checkpoint was resumed: {n} tokens counted of {tokens.numel()}")
+    assert isinstance(refused, streaming.CheckpointDamagedError), repr(refused)
+    assert f"checkpoint file {file} is damaged" in str(refused)
+    assert "run again without resuming" in str(refused)
+    return refused
+
+
+@pytest.mark.parametrize(
+    ("key", "at", "done"),
+    [
+        ("gram", 6, "-5"),  # read as 5 from the end: batches folded in twice
+        ("gram", 6, "99"),  # read as finished: a Gram of 5 batches of 12
+        ("gram", 6, "3"),  # a count of 5 batches' tokens: batches 3 and 4 folded in twice
+        ("gram", 6, "abc"),
+        ("gram", 6, "1.5"),
+        (JAC_KEY, 16, "999"),  # an M' pass of 2 batches taken as all 12
+    ],
+)
+def test_a_batch_count_out_of_range_is_refused(tmp_path, key, at, done):
+    """`batches_done` of a state file is a whole number from 0 to the pass's batches, and no
+    fewer than its token counts need: a negative count used to resume from the end (every
+    batch counted twice), one past the end to return a part of the pass as the whole."""
+
+    def change(tensors: dict, header: dict) -> None:
+        header["batches_done"] = done
+
+    refused = _damaged_fit(tmp_path, at, key, change)
+    assert "batches_done" in str(refused) or "tokens" in str(refused)
+
+
+def _gram_m2(tensors: dict) -> str:
+    return next(k for k in tensors if k.endswith("/m2"))
+
+
+@pytest.mark.parametrize(
+    ("key", "at", "damage"),
+    [
+        ("gram", 16, lambda t: t.update({_gram_m2(t): t[_gram_m2(t)].long()})),  # rounded
+        ("gram", 6, lambda t: t.update({_gram_m2(t): t[_gram_m2(t)][:1, :1].clone()})),
+        ("gram", 6, lambda t: t[_gram_m2(t)].fill_(float("nan"))),
+        (JAC_KEY, 16, lambda t: t.update(total=torch.zeros(4, 4, dtype=torch.float64))),
+        (JAC_KEY, 16, lambda t: t.pop("count")),
+    ],
+    ids=["int64", "shape", "nan", "jacobian-shape", "no-count"],
+)
+def test_a_state_of_another_dtype_or_shape_is_refused(tmp_path, key, at, damage):
+    """A saved state's tensors are the accumulator's: float64 sums of its shapes, finite, and
+    its counts. An int64 Gram used to be resumed (and rounded); other shapes failed somewhere
+    later with a bare RuntimeError or KeyError."""
+    refused = _damaged_fit(tmp_path, at, key, lambda tensors, header: damage(tensors))
+    assert "tensor" in str(refused) or "state" in str(refused)
+
+
+def _pickle_bomb(marker: Path) -> object:
+    """An object whose unpickling creates `marker`: a state file must never be unpickled."""
+
+    class Bomb:
+        def __reduce__(self):
+            return (os.makedirs, (str(marker),))
+
+    return Bomb()
+
+
+def _huge_shape(file: Path) -> None:
+    """Declare a 100000 x 100000 tensor in the header without its bytes."""
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [100000, 100000]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "pickled", "huge-shape", "fingerprint"])
+def test_an_unreadable_state_file_is_refused_by_name(tmp_path, damage):
+    """A truncated, empty or pickled state file, one whose header declares more than it holds
+    or whose fingerprint is not JSON, used to end the run with a bare SafetensorError or
+    JSONDecodeError that did not name the file; it is never unpickled."""
+    model = tiny_model(API, "ln", seed=5, n_layers=2)
+    tokens = random_tokens(model, 24, seed=6)
+    ckpt = tmp_path / "ckpt"
+    _interrupted_fit(model, tokens, _config(ckpt), at=6)
+    file, marker = ckpt / "gram.safetensors", tmp_path / "unpickled"
+    if damage == "truncated":
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    elif damage == "empty":
+        file.write_bytes(b"")
+    elif damage == "pickled":
+        torch.save({"x": _pickle_bomb(marker)}, file)
+    elif damage == "huge-shape":
+        _huge_shape(file)
+    else:
+        save_file(load_file(str(file)), str(file), metadata={"fingerprint": "{not json"})
+    with pytest.raises(streaming.CheckpointDamagedError, match=f"checkpoint file {file} is"):
+        fit_basis(model, tokens, _config(ckpt))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"a string"'])
+def test_a_damaged_stamp_is_refused_by_name(tmp_path, text):
+    """A `fingerprint.json` that is not a JSON object used to raise a bare JSONDecodeError or
+    AttributeError; it is refused, naming the file and the way out."""
+    model = tiny_model(API, "ln", seed=5, n_layers=2)
+    tokens = random_tokens(model, 24, seed=6)
+    ckpt = tmp_path / "ckpt"
+    _interrupted_fit(model, tokens, _config(ckpt), at=6)
+    stamp = ckpt / "fingerprint.json"
+    stamp.write_text(text)
+    with pytest.raises(streaming.CheckpointDamagedError, match="use another folder") as refused:
+        fit_basis(model, tokens, _config(ckpt))
+    assert f"checkpoint file {stamp} is damaged" in str(refused.value)
+
+
+def test_a_damaged_file_is_refused_like_a_mismatch():
+    """The command line shows a `CheckpointMismatchError` as one line (exit 2) after labelling
+    its settings; a damaged file is one and names no settings."""
+    error = streaming.CheckpointDamagedError("/x/gram.safetensors", "it is truncated")
+    assert isinstance(error, streaming.CheckpointMismatchError)
+    assert error.labelled({"settings": "--flag"}) is error
+    assert str(error).startswith("checkpoint file /x/gram.safetensors is damaged: it is")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickled", "no-act", "width", "dtype"])
+def test_a_damaged_stored_activation_is_refused_by_name(tmp_path, damage):
+    """A batch file of the activation store that is truncated, pickled, lacks its tensor or
+    holds another width or dtype than its site's other batches used to fail with a bare
+    SafetensorError, KeyError or RuntimeError deep in a section's forward."""
+    model = tiny_model(API, "mlp", seed=5, n_layers=2)
+    tokens = random_tokens(model, 24, seed=6)
+    ckpt = tmp_path / "ckpt"
+    config = _config(ckpt, STORE_SITES, store="disk")
+    _interrupted_fit(model, tokens, config, at=16, exc=lambda: signal.raise_signal(signal.SIGINT))
+    firsts = sorted((ckpt / "activations").glob("*/0000000.safetensors"))
+    assert firsts, "the interrupted run left no store"
+    marker = tmp_path / "unpickled"
+    for file in firsts:  # batch 0 of every stored site: the resumed run reads one of them
+        act = load_file(str(file))["act"]
+        if damage == "truncated":
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 3])
+        elif damage == "pickled":
+            torch.save({"act": _pickle_bomb(marker)}, file)
+        elif damage == "no-act":
+            save_file({"other": act}, str(file))
+        elif damage == "width":
+            save_file({"act": act[..., :5].contiguous()}, str(file))
+        else:
+            save_file({"act": act.float()}, str(file))
+    with pytest.raises(streaming.CheckpointDamagedError) as refused:
+        fit_basis(model, tokens, config)
+    text = str(refused.value)
+    assert any(f"checkpoint file {file} is damaged" in text for file in firsts), text
+    assert "computed again from the model" in text
+    assert not marker.exists()

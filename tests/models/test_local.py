@@ -470,3 +470,40 @@ def test_what_from_hf_cannot_load_is_named(checkpoints, tmp_path):
 
     with pytest.raises(TypeError, match="merge_and_unload"):
         from_hf(WithAdapters(), tiny_tokenizer())
+
+
+def test_damaged_weights_are_named(checkpoints, tmp_path):
+    """A truncated model.safetensors, and a pickle in its place (never unpickled): a ValueError
+    naming the file, not transformers' SafetensorError."""
+    folder = copy_without(checkpoints["llama"], tmp_path / "truncated")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"truncated/model.safetensors is not a safetensors file"):
+        load_local(folder)
+    folder = copy_without(checkpoints["llama"], tmp_path / "pickled")
+    torch.save({"weight": torch.zeros(2)}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"pickled/model.safetensors is not a safetensors file"):
+        load_local(folder)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("sixteen", r"does not describe a LlamaForCausalLM \(.*'hidden_size'"),
+        (32, r"does not fit the weights beside it: .* has shape \[50, 16\] .* gives it \[50, 32\]"),
+    ],
+)
+def test_a_config_json_that_does_not_fit_is_named(checkpoints, tmp_path, value, message):
+    folder = copy_without(checkpoints["llama"], tmp_path / "edited")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": value}))
+    with pytest.raises(ValueError, match=f"edited/config.json {message}"):
+        load_hf(folder)
+
+
+def test_a_broken_tokenizer_file_is_named(checkpoints, tmp_path):
+    folder = copy_without(checkpoints["llama"], tmp_path / "tok")
+    (folder / "tokenizer.json").write_text("{broken")
+    for load in (load_tokenizer, load_hf):
+        with pytest.raises(ValueError, match=r"tok/tokenizer.json is not valid JSON \(Expecting"):
+            load(folder)

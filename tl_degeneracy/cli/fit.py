@@ -47,6 +47,7 @@ def _fit_modadd_args(p: argparse.ArgumentParser) -> None:
         choices=["lib", "ib", "pca", "neuron"],
         help="bases to fit",
     )
+    p.add_argument("--threads", type=THREADS, default=None, help="torch threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -54,9 +55,13 @@ def _fit_modadd_args(p: argparse.ArgumentParser) -> None:
     _fit_modadd_args
 )
 def run_fit_modadd(args: argparse.Namespace) -> int:
+    import torch
+
     from tl_degeneracy.experiments.modadd_fit import fit_modadd, write_fit
 
     check_model_folder(args.checkpoint)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     fit = fit_modadd(args.checkpoint, tuple(args.kinds), api=args.api, progress=not args.quiet)
     out = write_fit(fit, args.out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tl_degeneracy.engine.artifacts import Result
+from tl_degeneracy.engine.artifacts import NUMBER_OR_NAN, Result, check_saved, saved_float
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.capture import capture_sites, injection_hooks
@@ -190,8 +191,29 @@ class AblationCurve(Result):
         return {**self.metadata, **self.to_json()}
 
     @classmethod
+    def _check_artifact(
+        cls, tensors: dict[str, Tensor], meta: dict[str, Any], folder: Path
+    ) -> None:
+        """What `from_json` and the page read, and the tensors `k` and `score`, one per score."""
+        keys = {
+            "site": str,
+            "kind": str,
+            "baseline": NUMBER_OR_NAN,
+            "higher_is_better?": bool,
+            "scores": {"*": NUMBER_OR_NAN},
+        }
+
+        def shapes(meta: dict[str, Any]) -> dict[str, tuple[int | str, ...]]:
+            return {"k": (len(meta["scores"]),), "score": (len(meta["scores"]),)}
+
+        check_saved(folder, cls.ARTIFACT, meta, tensors, keys, shapes)
+
+    @classmethod
     def _from_artifact(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> AblationCurve:
-        return cls.from_json(meta, meta)
+        scores = {k: saved_float(v) for k, v in meta["scores"].items()}
+        return cls.from_json(
+            {**meta, "baseline": saved_float(meta["baseline"]), "scores": scores}, meta
+        )
 
     def _html_sections(self) -> list:
         from tl_degeneracy.viz.html import PageSection, table

@@ -7,7 +7,10 @@ Every result type (`BasisResult`, `GramStatistics`, `JacobianGram`, `Interaction
   independent: always written from the CPU) and `metadata.json` (what the result was computed
   from, built by `build_metadata`, plus a checksum of the tensor file). Nothing is pickled.
 - `load(path, model=None)` reads it back, checks its format (and, per result type, its
-  entries: `Result._check_artifact`) and, given a model, refuses one the result was not
+  entries: `Result._check_artifact`, mostly one `check_saved` schema of the metadata keys and
+  tensor shapes it needs; `metadata.json` is not under the tensors' checksum) and turns any
+  other failure to rebuild it into an `ArtifactError` naming the folder's files. Given a
+  model, it refuses one the result was not
   computed on (every weight is fingerprinted, so a rescaled, sign-flipped or permuted block
   shows). The same weights in another dtype, on another device or through the other
   TransformerLens API are accepted within the coarser dtype's rounding: results are float64
@@ -22,9 +25,11 @@ import hashlib
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -75,6 +80,15 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+NUMBER_OR_NAN: tuple[type, None] = (float, None)
+"""A number of metadata.json that may be NaN, which `jsonable` writes as null."""
+
+
+def saved_float(value: Any) -> float:
+    """A number read back from metadata.json: null (a NaN or infinity `jsonable` wrote) as NaN."""
+    return math.nan if value is None else float(value)
 
 
 def build_metadata(model: nn.Module, sites: Sequence[Any] = (), **fields: Any) -> dict[str, Any]:
@@ -330,6 +344,177 @@ def _check_format(meta: dict[str, Any], meta_path: Path) -> None:
         )
 
 
+SITE_JSON: dict[str, Any] = {"hook": str, "positions": (str, list)}
+"""The schema of a site as `Site.to_json` writes it (for `check_saved`)."""
+
+Shapes = Mapping[str, tuple[int | str, ...]]
+
+
+def check_saved(
+    folder: Path | None,
+    what: str,
+    meta: dict[str, Any],
+    tensors: dict[str, Tensor],
+    keys: Mapping[str, Any],
+    shapes: Shapes | Callable[[dict[str, Any]], Shapes],
+    finite: bool = False,
+) -> None:
+    """Raise `ArtifactError` naming the file, the entry and the fix unless `meta` has the
+    `keys` and `tensors` are exactly those of `shapes`: the declarative check of a result
+    type's `_check_artifact`, so that an edited file is refused at load, not when used.
+
+    `keys` maps a metadata key (a trailing `?`: optional) to its JSON schema: `str`, `int`,
+    `float` (any number), `bool`, `list`, `dict`, `None` (null), a tuple of alternatives, a
+    one-item list `[schema]` (a list of such entries) or a dict of keys (an object; `"*"`:
+    every value). `shapes` (or a function of the checked metadata giving it) maps each tensor
+    to its sizes: an int, or a name that must be the same size wherever it appears. With
+    `finite`, every floating tensor must be finite. `folder` None names the files alone
+    (`rebuilding` adds the folder)."""
+    where = Path() if folder is None else folder
+    fix = f"the file was edited or damaged: restore it or compute the {_words(what)} again"
+    problem = json_problem(meta, dict(keys), "")
+    if problem is not None:
+        raise ArtifactError(f"{where / METADATA_FILE}: {problem}; {fix}")
+    expected = shapes(meta) if callable(shapes) else shapes
+    problem = _shape_problem(tensors, expected, finite)
+    if problem is not None:
+        raise ArtifactError(f"{where / TENSORS_FILE}: {problem}; {fix}")
+
+
+_JSON_NAMES = {
+    str: "a string",
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+    list: "a list",
+    dict: "an object",
+}
+
+
+def describe_schema(schema: Any) -> str:
+    if isinstance(schema, tuple):
+        return " or ".join(describe_schema(s) for s in schema)
+    if schema is None:
+        return "null"
+    if isinstance(schema, list):
+        return "a list"
+    if isinstance(schema, dict):
+        return "an object"
+    return _JSON_NAMES.get(schema, str(schema))
+
+
+def json_problem(value: Any, schema: Any, where: str) -> str | None:
+    """What is wrong with the JSON `value` at `where` against `schema` (see `check_saved`;
+    the one check of saved JSON, also of a study's view files, `viz.report_artifacts`)."""
+    if isinstance(schema, tuple):
+        if any(json_problem(value, s, where) is None for s in schema):
+            return None
+    elif isinstance(schema, list):
+        if isinstance(value, list):
+            problems = (json_problem(v, schema[0], f"{where}[{i}]") for i, v in enumerate(value))
+            return next((p for p in problems if p is not None), None)
+    elif isinstance(schema, dict):
+        if isinstance(value, dict):
+            return _keys_problem(value, schema, where)
+    elif schema is None:
+        if value is None:
+            return None
+    elif schema in (int, float):
+        if isinstance(value, (int, float) if schema is float else int) and not isinstance(
+            value, bool
+        ):
+            return None
+    elif isinstance(value, schema):
+        return None
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return f"{where or 'the file'!r} is {shown}, not {describe_schema(schema)}"
+
+
+def _keys_problem(obj: dict[str, Any], schema: dict[str, Any], where: str) -> str | None:
+    for key, sub in schema.items():
+        if key == "*":
+            for k, v in obj.items():
+                problem = json_problem(v, sub, f"{where}[{k!r}]")
+                if problem is not None:
+                    return problem
+            continue
+        name = key.removesuffix("?")
+        path = f"{where}.{name}" if where else name
+        if name not in obj:
+            if key.endswith("?"):
+                continue
+            return f"{path!r} is missing"
+        problem = json_problem(obj[name], sub, path)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _shape_problem(tensors: dict[str, Tensor], shapes: Shapes, finite: bool) -> str | None:
+    """What is wrong with the tensors against `shapes` (see `check_saved`), or None."""
+    sizes: dict[str, tuple[int, str]] = {}  # a named size: its value and the tensor it is from
+    for name, dims in shapes.items():
+        if name not in tensors:
+            return f"tensor {name!r} is missing"
+        shape = list(tensors[name].shape)
+        want = [sizes[d][0] if isinstance(d, str) and d in sizes else d for d in dims]
+        if len(shape) != len(dims):
+            return f"tensor {name!r} has shape {shape}, but it should have {len(dims)} dimensions"
+        if any(isinstance(w, int) and w != n for w, n in zip(want, shape)):
+            should = [w if isinstance(w, int) else "any" for w in want]
+            origins = sorted({sizes[d][1] for d in dims if isinstance(d, str) and d in sizes})
+            by = f" (to fit {', '.join(map(repr, origins))})" if origins else ""
+            return f"tensor {name!r} has shape {shape}, but it should be {should}{by}"
+        for d, n in zip(dims, shape):
+            if isinstance(d, str):
+                sizes.setdefault(d, (n, name))
+        t = tensors[name]
+        if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"tensor {name!r} holds NaN or infinite values"
+    extra = sorted(set(tensors) - set(shapes))
+    if extra:
+        return (
+            f"it holds tensors that {METADATA_FILE} does not describe ({extra[:3]}), so the two "
+            "do not belong together"
+        )
+    return None
+
+
+def _words(artifact: str) -> str:
+    """A result's `ARTIFACT` name as words: "ablation curve"."""
+    return artifact.replace("_", " ")
+
+
+@contextmanager
+def rebuilding(meta_path: Path, tensor_path: Path, what: str) -> Iterator[None]:
+    """The backstop of loading a saved result (`Result.load`, `DegeneracyReport.load`): any
+    error while it is checked or rebuilt from `meta_path` (JSON) and `tensor_path` becomes an
+    `ArtifactError` that names the files and the fix (an `ArtifactError` naming a file alone
+    gets its folder)."""
+    what = _words(what)
+    fix = f"restore the files or compute the {what} again"
+    try:
+        yield
+    except ArtifactError as e:
+        message = str(e)
+        if str(meta_path) in message or str(tensor_path) in message:
+            raise
+        if message.startswith((meta_path.name, tensor_path.name)):  # a file named alone
+            raise ArtifactError(os.path.join(meta_path.parent, message)) from e
+        raise ArtifactError(f"{meta_path}: {message}") from e
+    except KeyError as e:
+        raise ArtifactError(
+            f"{meta_path} (or {tensor_path.name} beside it) lacks the entry {e}, which a saved "
+            f"{what} has: the files were edited or damaged; {fix}"
+        ) from e
+    except (TypeError, ValueError, IndexError, AttributeError) as e:
+        raise ArtifactError(
+            f"{meta_path}: an entry of this saved {what} (or a tensor of {tensor_path.name}) "
+            f"does not fit ({type(e).__name__}: {e}): the files were edited or damaged; {fix}"
+        ) from e
+
+
 class Rendered:
     """Gives an object `_repr_html_` (Jupyter) and `save_html` from `_html_sections()`; the
     views are leaves, imported only when something is rendered."""
@@ -375,7 +560,8 @@ class Result(BriefRepr, Rendered):
     ) -> None:
         """Raise `ArtifactError` naming the file, the entry and the problem when the saved
         tensors and metadata do not form a valid result (an edited or damaged file that the
-        checksum does not catch). Subclasses check what they read; the default checks nothing."""
+        checksum does not catch). Subclasses check what they read, most with one `check_saved`
+        schema; the default checks nothing (`load` still names the files of any failure)."""
 
     def save(self, path: str | Path) -> Path:
         """Write the result to the folder `path` (created); returns the folder."""
@@ -384,12 +570,17 @@ class Result(BriefRepr, Rendered):
     @classmethod
     def load(cls: type[R], path: str | Path, model: nn.Module | None = None) -> R:
         """Read a result saved with `save`; with `model`, check it is the model it was
-        computed on (`ArtifactError` says how it differs)."""
+        computed on (`ArtifactError` says how it differs). Damaged or edited files are refused
+        with an `ArtifactError` naming the file (`_check_artifact`, then `rebuilding`)."""
         tensors, meta = read_artifact(path, cls.ARTIFACT)
-        cls._check_artifact(tensors, meta, Path(path))
+        folder = Path(path)
+        files = folder / METADATA_FILE, folder / TENSORS_FILE
+        with rebuilding(*files, cls.ARTIFACT):
+            cls._check_artifact(tensors, meta, folder)
         if model is not None:
             check_model(meta, model, cls.ARTIFACT)
-        return cls._from_artifact(tensors, meta)
+        with rebuilding(*files, cls.ARTIFACT):
+            return cls._from_artifact(tensors, meta)
 
     def check_model(self, model: nn.Module) -> None:
         """Raise `ArtifactError` when `model` is not the one this result was computed on."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from tl_degeneracy.engine.ablation import Metric, evaluate, per_sequence, reads_last_position_only
-from tl_degeneracy.engine.artifacts import Result
+from tl_degeneracy.engine.artifacts import NUMBER_OR_NAN, Result, check_saved, saved_float
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.capture import as_positions, capture_sites, injection_hooks
 from tl_degeneracy.engine.compat import frozen_parameters, run_with_hooks
@@ -195,12 +196,32 @@ class EdgeAblation(Result):
         return {**self.metadata, **self.to_json()}
 
     @classmethod
+    def _check_artifact(
+        cls, tensors: dict[str, Tensor], meta: dict[str, Any], folder: Path
+    ) -> None:
+        """What `to_json` wrote and the page reads, and the tensors `n` and `score`, one per
+        score."""
+        keys = {
+            "section": str,
+            "total_edges": int,
+            "baseline": NUMBER_OR_NAN,
+            "tolerance": float,
+            "edges_required": (int, None),
+            "scores": {"*": NUMBER_OR_NAN},
+        }
+
+        def shapes(meta: dict[str, Any]) -> dict[str, tuple[int | str, ...]]:
+            return {"n": (len(meta["scores"]),), "score": (len(meta["scores"]),)}
+
+        check_saved(folder, cls.ARTIFACT, meta, tensors, keys, shapes)
+
+    @classmethod
     def _from_artifact(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> EdgeAblation:
-        scores = {int(k): float(v) for k, v in meta["scores"].items()}
+        scores = {int(k): saved_float(v) for k, v in meta["scores"].items()}
         return cls(
             meta["section"],
             meta["total_edges"],
-            meta["baseline"],
+            saved_float(meta["baseline"]),
             scores,
             meta["edges_required"],
             meta["tolerance"],

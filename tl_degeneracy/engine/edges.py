@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.artifacts import Result, build_metadata
+from tl_degeneracy.engine.artifacts import SITE_JSON, Result, build_metadata, check_saved
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.basis_result import BasisResult
 from tl_degeneracy.engine.brief_repr import BriefRepr
@@ -171,6 +171,13 @@ def section_edges(
     )
 
 
+_GRAPH_KEYS = {
+    "sections": [{"name": str, "section": [SITE_JSON], "count": int, "method": str}],
+    "modules?": {"*": [int]},
+}
+"""The metadata an `InteractionGraph` is rebuilt from (`artifacts.check_saved`)."""
+
+
 @dataclass(repr=False)
 class InteractionGraph(Result):
     """Edges of every consecutive section of a fitted basis, with node importances."""
@@ -253,6 +260,22 @@ class InteractionGraph(Result):
             for name, s in self.sections.items()
         ]
         return {**self.metadata, "sections": sections, "modules": self.modules}
+
+    @classmethod
+    def _check_artifact(
+        cls, tensors: dict[str, Tensor], meta: dict[str, Any], folder: Path
+    ) -> None:
+        """Each section's entry, and its finite edges (k_out×k_in) and mean edges (k_out)."""
+
+        def shapes(meta: dict[str, Any]) -> dict[str, tuple[int | str, ...]]:
+            out: dict[str, tuple[int | str, ...]] = {}
+            for entry in meta["sections"]:
+                name = entry["name"]
+                out[f"{name}/edges"] = (f"{name} out", f"{name} in")
+                out[f"{name}/mean_edges"] = (f"{name} out",)
+            return out
+
+        check_saved(folder, cls.ARTIFACT, meta, tensors, _GRAPH_KEYS, shapes, finite=True)
 
     @classmethod
     def _from_artifact(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> InteractionGraph:

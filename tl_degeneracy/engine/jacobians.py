@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.artifacts import Result, build_metadata
+from tl_degeneracy.engine.artifacts import SITE_JSON, Result, build_metadata, check_saved
 from tl_degeneracy.engine.bases import SiteBasis
 from tl_degeneracy.engine.checks import whole_number
 from tl_degeneracy.engine.compat import usable_device
@@ -131,6 +132,15 @@ class JacobianGram(Result):
             "count": self.count,
             "method": self.method,
         }
+
+    @classmethod
+    def _check_artifact(
+        cls, tensors: dict[str, Tensor], meta: dict[str, Any], folder: Path
+    ) -> None:
+        """The section, count and method, and a finite `total` (d×d) with its `halves` (2×d×d)."""
+        keys = {"section": [SITE_JSON], "count": int, "method": str}
+        shapes = {"total": ("d", "d"), "halves": (2, "d", "d")}
+        check_saved(folder, cls.ARTIFACT, meta, tensors, keys, shapes, finite=True)
 
     @classmethod
     def _from_artifact(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> JacobianGram:

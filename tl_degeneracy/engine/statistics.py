@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.artifacts import Result, build_metadata
+from tl_degeneracy.engine.artifacts import SITE_JSON, Result, build_metadata, check_saved
 from tl_degeneracy.engine.brief_repr import BriefRepr
 from tl_degeneracy.engine.capture import NonFiniteActivationError, capture_sites, check_finite
 from tl_degeneracy.engine.compat import is_transformer, model_device, usable_device
@@ -233,6 +234,23 @@ class GramStatistics(Result):
 
     def _metadata(self) -> dict[str, Any]:
         return {**self.metadata, "sites": [s.to_json() for s in self.sites]}
+
+    @classmethod
+    def _check_artifact(
+        cls, tensors: dict[str, Tensor], meta: dict[str, Any], folder: Path
+    ) -> None:
+        """The sites, and per site a count, a mean (d) and a finite m2 (d×d)."""
+
+        def shapes(meta: dict[str, Any]) -> dict[str, tuple[int | str, ...]]:
+            names = [Site.from_json(s).name for s in meta["sites"]]
+            return {
+                f"{n}/{f}": dims
+                for n in names
+                for f, dims in (("count", (1,)), ("mean", (n,)), ("m2", (n, n)))
+            }
+
+        keys = {"sites": [SITE_JSON]}
+        check_saved(folder, cls.ARTIFACT, meta, tensors, keys, shapes, finite=True)
 
     @classmethod
     def _from_artifact(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> GramStatistics:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 from jaxtyping import Int
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -28,6 +29,9 @@ from tqdm.auto import tqdm
 
 @runtime_checkable
 class Accumulator(Protocol):
+    """Folds batches into a state of float64 sums and int64 counts of one element (a resume
+    refuses a saved state of anything else, `stream`)."""
+
     def update(self, batch_index: int, tokens: Int[Tensor, "batch pos"]) -> None: ...
 
     def state_dict(self) -> dict[str, Tensor]: ...
@@ -114,19 +118,53 @@ def _save_checkpoint(
 
 def _saved_header(path: Path, key: str) -> tuple[int, object] | None:
     """(batches done, the fingerprint it was saved with or None) of a state saved under
-    `key`, from the state file's header alone; None when there is none."""
+    `key`, from the state file's header alone; None when there is none. A file that cannot
+    be read back is refused (`CheckpointDamagedError`), never resumed from."""
     meta, tensors = path / f"{key}.json", path / f"{key}.safetensors"
     if not tensors.exists():
         return None
-    with safe_open(str(tensors), "pt") as f:
-        header = f.metadata() or {}
-    stored = header.get("batches_done")
+    try:
+        with safe_open(str(tensors), "pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointDamagedError(
+            tensors, f"it is not a readable safetensors file ({error})"
+        ) from error
+    stored: object = header.get("batches_done")
+    source = tensors
     if stored is None:  # a checkpoint written before the count moved into the state file
         if not meta.exists():
             return None
-        stored = json.loads(meta.read_text())["batches_done"]
+        source = meta
+        try:
+            record = json.loads(meta.read_text())
+            stored = record["batches_done"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointDamagedError(
+                meta, f"its batch count cannot be read ({error!r})"
+            ) from error
+    done = _batch_count(stored)
+    if done is None:
+        raise CheckpointDamagedError(
+            source, f"batches_done is {stored!r}, not a whole number of at least 0"
+        )
     saved = header.get("fingerprint")
-    return int(stored), None if saved is None else json.loads(saved)
+    if saved is None:
+        return done, None
+    try:
+        return done, json.loads(saved)
+    except ValueError as error:
+        raise CheckpointDamagedError(tensors, f"its fingerprint is not JSON ({error})") from error
+
+
+def _batch_count(stored: object) -> int | None:
+    """A saved `batches_done` as an int (digits in a header, an int in JSON); None if it is
+    anything else."""
+    if isinstance(stored, str) and re.fullmatch(r"[0-9]+", stored):
+        return int(stored)
+    if isinstance(stored, int) and not isinstance(stored, bool) and stored >= 0:
+        return stored
+    return None
 
 
 def _load_checkpoint(path: Path, key: str) -> tuple[int, dict[str, Tensor], object] | None:
@@ -135,7 +173,57 @@ def _load_checkpoint(path: Path, key: str) -> tuple[int, dict[str, Tensor], obje
     if header is None:
         return None
     done, fingerprint = header
-    return done, load_file(str(path / f"{key}.safetensors")), fingerprint
+    file = path / f"{key}.safetensors"
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointDamagedError(file, f"its tensors cannot be read ({error})") from error
+    return done, state, fingerprint
+
+
+def _check_state(
+    file: Path,
+    state: Mapping[str, Tensor],
+    fresh: Mapping[str, Tensor],
+    done: int,
+    batches: Sequence[Tensor],
+) -> None:
+    """Refuse a saved state that its accumulator did not write: a batch count outside
+    `0..len(batches)`, a tensor a fresh state has in another dtype or shape (or lacks), a sum
+    that is not float64 and finite or a count that is not one int64, or a token count larger
+    than the `done` batches hold."""
+    if done > len(batches):
+        raise CheckpointDamagedError(
+            file, f"batches_done is {done}, but this pass has only {len(batches)} batches"
+        )
+    for name, tensor in fresh.items():
+        if name not in state:
+            raise CheckpointDamagedError(file, f"it has no tensor {name!r}")
+        if state[name].dtype != tensor.dtype or state[name].shape != tensor.shape:
+            raise CheckpointDamagedError(
+                file,
+                f"tensor {name!r} is {_spec(state[name])}, the accumulator keeps {_spec(tensor)}",
+            )
+    tokens = sum(int(b.numel()) for b in batches[:done])
+    for name, tensor in state.items():
+        count = tensor.dtype == torch.int64 and tensor.numel() == 1
+        if not count and tensor.dtype != torch.float64:
+            raise CheckpointDamagedError(
+                file,
+                f"tensor {name!r} is {_spec(tensor)}, not a float64 sum or one int64 count",
+            )
+        if not count and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointDamagedError(file, f"tensor {name!r} holds NaN or infinite values")
+        if count and name.rsplit("/", 1)[-1] == "count" and not 0 <= int(tensor) <= tokens:
+            raise CheckpointDamagedError(
+                file,
+                f"tensor {name!r} counts {int(tensor)} tokens, but its {done} batches hold "
+                f"{tokens}",
+            )
+
+
+def _spec(tensor: Tensor) -> str:
+    return f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"
 
 
 def saved_batches(checkpoint: Checkpointing | None, key: str) -> int:
@@ -161,10 +249,14 @@ def stream(
     what the state is of (`run_fingerprint`: model, data, settings): a state saved for
     anything else is refused (`CheckpointMismatchError`) rather than returned as this call's
     result. A folder a fit stamped as a whole (`claim_checkpoint_folder`) is checked there.
+    A damaged state (unreadable, a batch count out of range, tensors the accumulator does not
+    keep) is refused too (`CheckpointDamagedError`).
     """
     start = 0
     ckpt_dir = Path(checkpoint.path) if checkpoint else None
     expected = None
+    resumed: dict[str, str] | None = None  # the resumed state's tensors, checked once
+    file = Path()
     if ckpt_dir is not None:
         if fingerprint is not None and not (ckpt_dir / STAMP_FILE).exists():
             expected = jsonable_roundtrip(fingerprint())
@@ -176,7 +268,15 @@ def stream(
                 raise CheckpointMismatchError(
                     f"{ckpt_dir} (state {key!r})", _differences(old, expected)
                 )
-            accumulator.load_state_dict(state)
+            file = ckpt_dir / f"{key}.safetensors"
+            _check_state(file, state, accumulator.state_dict(), start, batches)
+            try:
+                accumulator.load_state_dict(state)
+            except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as error:
+                raise CheckpointDamagedError(
+                    file, f"its state cannot be restored ({error!r})"
+                ) from error
+            resumed = {k: _spec(v) for k, v in state.items()}
             if progress and start:
                 tqdm.write(
                     f"{description}: resumed from its checkpoint at batch {start} of "
@@ -193,8 +293,28 @@ def stream(
         initial=sum(int(b.numel()) for b in batches[:start]),
     )
     for i in range(start, len(batches)):
-        accumulator.update(i, batches[i])
+        if resumed is None:
+            accumulator.update(i, batches[i])
+        else:  # the first batch after a resume: a saved sum of another shape fails here
+            try:
+                accumulator.update(i, batches[i])
+            except torch.cuda.OutOfMemoryError:  # not the checkpoint's fault
+                raise
+            except RuntimeError as error:
+                raise CheckpointDamagedError(
+                    file, f"the next batch cannot be folded into its state ({error})"
+                ) from error
         bar.update(int(batches[i].numel()))
+        if resumed is not None:  # ... or broadcasts silently
+            now = {k: _spec(v) for k, v in accumulator.state_dict().items()}
+            changed = [k for k in resumed if now.get(k) != resumed[k]]
+            if changed:
+                raise CheckpointDamagedError(
+                    file,
+                    f"tensor {changed[0]!r} is {resumed[changed[0]]}, the accumulator keeps "
+                    f"{now.get(changed[0], '(none)')}",
+                )
+            resumed = None
         if ckpt_dir is not None and checkpoint is not None:
             if (i + 1) % checkpoint.every == 0 or i + 1 == len(batches):
                 _save_checkpoint(ckpt_dir, key, i + 1, accumulator.state_dict(), expected)
@@ -275,6 +395,26 @@ class CheckpointMismatchError(ValueError):
         return CheckpointMismatchError(self.folder, self.differences, labels)
 
 
+class CheckpointDamagedError(CheckpointMismatchError):
+    """A checkpoint file that cannot be read back as what it claims to be (truncated, not
+    safetensors, a batch count out of range, tensors of another dtype or shape): refused,
+    naming the file, rather than resumed into wrong numbers."""
+
+    def __init__(self, file: str | os.PathLike, problem: str, fix: str | None = None):
+        self.file, self.problem = Path(file), problem
+        self.folder, self.differences, self.labels = self.file.parent, [], None
+        if fix is None:
+            fix = (
+                f"delete {file} to compute that pass again, or run again without resuming "
+                f"(another folder, another --out on the command line, or delete {self.folder})"
+            )
+        ValueError.__init__(self, f"checkpoint file {file} is damaged: {problem}; {fix}")
+
+    def labelled(self, labels: Mapping[str, str]) -> CheckpointDamagedError:
+        """Itself: a damaged file names no settings."""
+        return self
+
+
 def _label(path: str, labels: Mapping[str, str] | None) -> str:
     """`path`, with the label of its longest labelled prefix in parentheses."""
     if not labels:
@@ -303,7 +443,18 @@ def claim_checkpoint_folder(
     fingerprint = hashlib.sha256(text.encode()).hexdigest()[:20]
     stamp = folder / STAMP_FILE
     if stamp.exists():
-        saved = json.loads(stamp.read_text())
+        try:
+            saved = json.loads(stamp.read_text())
+        except (OSError, ValueError) as error:
+            saved = error
+        if not isinstance(saved, dict):
+            problem = f"it is not a JSON object ({saved!r})"[:200]
+            raise CheckpointDamagedError(
+                stamp,
+                problem,
+                "use another folder (another --out on the command line), or delete "
+                f"{folder} to start over",
+            )
         if saved.get("format") != STAMP_FORMAT:
             raise ValueError(
                 f"checkpoint folder {folder} was written by an older tl_degeneracy (checkpoint "

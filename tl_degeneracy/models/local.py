@@ -70,7 +70,7 @@ def check_folder(folder: str | os.PathLike[str], tokenizer: bool = True) -> dict
     config = read_config(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = _shards(index)
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise FileNotFoundError(
@@ -98,20 +98,62 @@ def check_folder(folder: str | os.PathLike[str], tokenizer: bool = True) -> dict
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """The folder's `config.json` as a dict; a file that is not a JSON object is named, with
     the fix."""
-    config_path = Path(folder).expanduser() / "config.json"
+    return _read_json_object(Path(folder).expanduser() / "config.json", "model.save_pretrained")
+
+
+def _read_json_object(path: Path, writer: str) -> dict[str, Any]:
+    """A JSON object from `path`; anything else is named, with the fix (`writer`: what wrote
+    the file, e.g. "tokenizer.save_pretrained")."""
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:  # a JSONDecodeError, or bytes that are not UTF-8
         raise ValueError(
-            f"{config_path} is not valid JSON ({error}); fix the file, or write it again with "
-            "model.save_pretrained(folder)"
+            f"{path} is not valid JSON ({error}); fix the file, or write it again with "
+            f"{writer}(folder)"
         ) from error
-    if not isinstance(config, dict):
+    if not isinstance(data, dict):
         raise ValueError(
-            f"{config_path} holds a JSON {type(config).__name__}, not an object of settings; "
-            "write it again with model.save_pretrained(folder)"
+            f"{path} holds a JSON {type(data).__name__}, not an object of settings; "
+            f"write it again with {writer}(folder)"
         )
-    return config
+    return data
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a `model.safetensors.index.json` lists."""
+    weight_map = _read_json_object(index, "model.save_pretrained").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(
+            f"{index} has no 'weight_map' of tensor names to shard files; write the weights "
+            "again with model.save_pretrained(folder)"
+        )
+    return sorted(set(weight_map.values()))
+
+
+def weight_shapes(folder: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a folder's weights (`model.safetensors`, or the shards its
+    index lists), read from the headers only. A file that is not safetensors (a truncated
+    copy, a pickle: never unpickled) is named, with the fix."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder).expanduser()
+    index = folder / "model.safetensors.index.json"
+    files = (
+        [folder / s for s in _shards(index)] if index.is_file() else [folder / "model.safetensors"]
+    )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in (f for f in files if f.is_file()):
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                for key in weights.keys():
+                    shapes[key] = tuple(weights.get_slice(key).get_shape())
+        except SafetensorError as error:
+            raise ValueError(
+                f"{path} is not a safetensors file ({error}): a truncated copy, or another "
+                "format (pickles are never loaded); copy it again, or write the weights with "
+                "model.save_pretrained(folder)"
+            ) from error
+    return shapes
 
 
 def _has_tokenizer_files(folder: Path) -> bool:
@@ -153,16 +195,73 @@ def load_hf(
     import transformers
 
     overrides = _context_override(arch, config, n_ctx, api)
+    hf_class = getattr(transformers, arch.hf_class)
+    _check_config_fits_weights(folder, hf_class, overrides)
     with quiet_transformers():
-        model = getattr(transformers, arch.hf_class).from_pretrained(
-            folder,
-            local_files_only=True,
-            use_safetensors=True,
-            dtype=dtype,
-            attn_implementation="eager",
-            **overrides,
-        )
+        try:
+            model = hf_class.from_pretrained(
+                folder,
+                local_files_only=True,
+                use_safetensors=True,
+                dtype=dtype,
+                attn_implementation="eager",
+                **overrides,
+            )
+        except _LOAD_ERRORS as error:
+            raise ValueError(
+                f"{folder}: transformers cannot load {arch.hf_class} from config.json and the "
+                f"weights ({_one_line(error)}); write the folder again with "
+                "model.save_pretrained(folder)"
+            ) from error
     return model.eval(), tokenizer if tokenizer is not None else _read_tokenizer(folder)
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    """`Type: message` of an error on one line, cut at `limit` characters."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    """What building a `transformers` config or model from bad settings raises."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError, RuntimeError)
+
+
+_LOAD_ERRORS = (ValueError, TypeError, KeyError, RuntimeError, OSError)
+"""What `from_pretrained` raises on files it cannot use (after the checks above)."""
+
+
+def _check_config_fits_weights(folder: Path, hf_class: Any, overrides: dict) -> None:
+    """Refuse, naming the file and key, a `config.json` that `transformers` cannot build a
+    model from (a size given as text, a negative one) or that gives the weights other shapes
+    than the safetensors headers, and weights that are not safetensors: before
+    `from_pretrained`, whose own errors name neither (and whose mismatch report is a table)."""
+    config_path = folder / "config.json"
+    shapes = weight_shapes(folder)
+    try:
+        hf_config = hf_class.config_class.from_pretrained(
+            folder, local_files_only=True, **overrides
+        )
+        with torch.device("meta"), quiet_transformers(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = {k: tuple(v.shape) for k, v in hf_class(hf_config).state_dict().items()}
+    except _config_errors() as error:
+        raise ValueError(
+            f"{config_path} does not describe a {hf_class.__name__} ({_one_line(error)}); fix "
+            "the setting, or write the file again with model.save_pretrained(folder)"
+        ) from error
+    wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+    if wrong:
+        key = wrong[0]
+        more = f" (and {len(wrong) - 1} more tensors)" if len(wrong) > 1 else ""
+        raise ValueError(
+            f"{config_path} does not fit the weights beside it: {key} has shape "
+            f"{list(shapes[key])} in the safetensors, but config.json gives it "
+            f"{list(expected[key])}{more}; give the checkpoint's own config.json, or write "
+            "both again with model.save_pretrained(folder)"
+        )
 
 
 @contextmanager
@@ -179,10 +278,32 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+TOKENIZER_JSON = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+)
+"""Tokenizer files that are JSON, checked by name before `transformers` reads them."""
+
+
 def _read_tokenizer(folder: str | os.PathLike[str]) -> Any:
+    """The tokenizer in `folder`; a damaged file is named, with the fix."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    folder = Path(folder)
+    for name in TOKENIZER_JSON:
+        if (folder / name).is_file():
+            _read_json_object(folder / name, "tokenizer.save_pretrained")
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as error:  # the tokenizers library raises bare Exceptions
+        raise ValueError(
+            f"{folder}: transformers cannot read the tokenizer files ({_one_line(error)}); write "
+            "them again with tokenizer.save_pretrained(folder), or give another tokenizer "
+            "(--tokenizer FOLDER; tokenizer= in Python)"
+        ) from error
 
 
 def _context_override(

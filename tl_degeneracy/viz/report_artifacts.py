@@ -7,14 +7,138 @@ load_study_artifacts`, behind `tl-degeneracy report OUT_DIR`).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tl_degeneracy.viz.feature_views import LogitEffects, TopkExamples
 from tl_degeneracy.viz.report import StudyReportInputs
 
-__all__ = ["load_report_views", "save_report_views"]
+__all__ = ["ViewError", "expect", "load_report_views", "read_view", "save_report_views", "within"]
+
+T = TypeVar("T")
+VIEW_FIX = (
+    "run the command that wrote this folder again to write the views again, or delete the file "
+    "(the report then leaves that view out)"
+)
+"""The fix a damaged view file names."""
+_PARSE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError)
+"""What building a view from JSON of the wrong shape raises."""
+
+
+class ViewError(ValueError):
+    """An entry of a saved JSON file that is not what was written there: `problem`, at the
+    entry `keys` (outermost first). `read_view` adds the file and the fix."""
+
+    def __init__(self, problem: str, keys: Sequence[str | int] = ()) -> None:
+        self.problem = problem
+        self.keys = tuple(keys)
+        where = "".join(f"[{json.dumps(k)}]" for k in self.keys)
+        super().__init__(f"{where}: {problem}" if where else problem)
+
+
+def expect(value: Any, schema: Any, *keys: str | int) -> Any:
+    """`value` if it fits the JSON `schema` (`artifacts.check_saved`'s: `dict`, `list`, `str`,
+    `float` for any number, `int`, `bool`, ...), else a `ViewError` at `keys`."""
+    from tl_degeneracy.engine.artifacts import describe_schema, json_problem
+
+    if json_problem(value, schema, "") is not None:
+        raise ViewError(
+            f"is {_json_type(value)} ({value!r:.40}), expected {describe_schema(schema)}", keys
+        )
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false"}
+    return "null" if value is None else names.get(type(value), "a number")
+
+
+@contextmanager
+def within(*keys: str | int) -> Iterator[None]:
+    """Errors raised inside, located at `keys` (prefixed to a `ViewError`'s own; any other
+    error of parsing becomes one, with its message)."""
+    try:
+        yield
+    except ViewError as error:
+        raise ViewError(error.problem, (*keys, *error.keys)) from error
+    except _PARSE_ERRORS as error:
+        message = " ".join(str(error).split())
+        raise ViewError(f"{type(error).__name__}: {message}", keys) from error
+
+
+def read_view(path: str | Path, parse: Callable[[Any], T], fix: str = VIEW_FIX) -> T:
+    """`parse` of the JSON in `path`, the one reader of a study's saved JSON files: a file that
+    is not JSON, or whose entries `parse` cannot use, is refused as one `ValueError` naming
+    the file, the entry and `fix`."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # a JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path} is not valid JSON ({error}); {fix}") from error
+    try:
+        with within():
+            return parse(raw)
+    except ViewError as error:
+        raise ValueError(f"{path}: {error}; {fix}") from error
+
+
+def _by_site(cls: Any, fields: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
+    """A parser of `{site: cls.to_json()}` whose entries hold the lists `fields` and optional
+    integer `feature_ids`."""
+
+    def parse(raw: Any) -> dict[str, Any]:
+        expect(raw, dict)
+        out = {}
+        for site, entry in raw.items():
+            with within(site):
+                expect(entry, dict)
+                for key in fields:
+                    if key not in entry:
+                        raise ViewError("is missing", (key,))
+                    expect(entry[key], list, key)
+                for i, feature in enumerate(
+                    expect(entry.get("feature_ids", []), list, "feature_ids")
+                ):
+                    expect(feature, int, "feature_ids", i)
+                out[site] = cls.from_json(entry)
+        return out
+
+    return parse
+
+
+_VIEW_PARSERS = {
+    "examples": _by_site(
+        TopkExamples, ("values", "seq_idx", "pos_idx", "tokens", "acts", "center")
+    ),
+    "logit_effects": _by_site(LogitEffects, ("promoted", "suppressed")),
+}
+
+
+def _diagnostic(raw: Any) -> Any:
+    from tl_degeneracy.engine.diagnostics import DominantDirection, SinkDiagnostic
+
+    expect(raw, dict)
+    expect(raw.get("threshold"), float, "threshold")
+    for site, share in expect(raw.get("shares"), dict, "shares").items():
+        expect(share, float, "shares", site)
+    expect(raw.get("n_tokens", 0), int, "n_tokens")
+    for i, entry in enumerate(expect(raw.get("directions", []), list, "directions")):
+        with within("directions", i):
+            expect(entry, dict)
+            DominantDirection.from_json(entry)
+    return SinkDiagnostic.from_json(raw)
+
+
+def _attribution(raw: Any) -> Any:
+    from tl_degeneracy.engine.attribution import AttributionComparison, SiteAttribution
+
+    expect(raw, dict)
+    for name, entry in expect(raw.get("sites"), dict, "sites").items():
+        with within("sites", name):
+            SiteAttribution.from_json(expect(entry, dict))
+    return AttributionComparison.from_json(raw)
 
 
 def save_report_views(inputs: StudyReportInputs, out_dir: str | Path) -> Path:
@@ -36,23 +160,19 @@ def save_report_views(inputs: StudyReportInputs, out_dir: str | Path) -> Path:
 def load_report_views(out_dir: str | Path, kinds: Sequence[str]) -> dict[str, Any]:
     """What `save_report_views` wrote into `out_dir` (missing parts are empty): keyword
     arguments for `StudyReportInputs` (`examples`, `logit_effects`, `attribution`,
-    `diagnostic`)."""
-    from tl_degeneracy.engine.attribution import AttributionComparison
-    from tl_degeneracy.engine.diagnostics import SinkDiagnostic
-
+    `diagnostic`). A damaged file is refused by `read_view`, naming the file and the entry."""
     out = Path(out_dir)
     views: dict[str, Any] = {"examples": {}, "logit_effects": {}}
-    for name, cls in (("examples", TopkExamples), ("logit_effects", LogitEffects)):
+    for name, parse in _VIEW_PARSERS.items():
         for kind in kinds:
             path = out / f"{name}_{kind}.json"
             if path.exists():
-                raw = json.loads(path.read_text())
-                views[name][kind] = {s: cls.from_json(v) for s, v in raw.items()}
+                views[name][kind] = read_view(path, parse)
     views["attribution"] = {
-        k: AttributionComparison.load_json(out / f"attribution_{k}.json")
+        k: read_view(out / f"attribution_{k}.json", _attribution)
         for k in kinds
         if (out / f"attribution_{k}.json").exists()
     }
     diag_path = out / "diagnostic.json"
-    views["diagnostic"] = SinkDiagnostic.load(diag_path) if diag_path.exists() else None
+    views["diagnostic"] = read_view(diag_path, _diagnostic) if diag_path.exists() else None
     return views

@@ -166,3 +166,47 @@ def test_a_section_without_an_estimate_still_sets_its_pace(tiny, tokens_for, api
     scales = dict(seen[-1].step_scales)  # the whole model's run
     assert len(seen) == len(report.sections) + 1 and len(scales) == len(report.sections)
     assert scales[section_filter(report.sections[0].name)] == pytest.approx(0.3)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:50])
+
+
+REPORT_DAMAGES = {
+    # a damage of the files of a saved report: (what to do to which file, the file named)
+    "report.json holds a list": (lambda json_, arrays: json_.write_text("[]"), "json"),
+    "report.json without its format": (
+        lambda json_, arrays: json_.write_text(json.dumps({"sections": []})),
+        "json",
+    ),
+    "report.json with an empty section": (
+        lambda json_, arrays: json_.write_text(
+            json.dumps({"format": "tl_degeneracy.DegeneracyReport/1", "sections": [{}]})
+        ),
+        "json",
+    ),
+    "report.safetensors pickled": (
+        lambda json_, arrays: torch.save({"eps_grid": torch.zeros(2)}, arrays),
+        "safetensors",
+    ),
+    "report.safetensors truncated": (lambda json_, arrays: _truncate(arrays), "safetensors"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(REPORT_DAMAGES))
+def test_a_damaged_report_is_refused_naming_the_file(damage, tmp_path):
+    """Where `load` raised a raw TypeError, KeyError or SafetensorError, or loaded a JSON file
+    of no report, it names the file and the problem (`ArtifactError`). The damage comes
+    before any use of the content, so a stand-in report does."""
+    from safetensors.torch import save_file
+
+    from tl_degeneracy.engine.artifacts import ArtifactError
+
+    json_, arrays = tmp_path / "rep.json", tmp_path / "rep.safetensors"
+    json_.write_text(json.dumps({"format": "tl_degeneracy.DegeneracyReport/1", "sections": []}))
+    save_file({"eps_grid": torch.zeros(2, dtype=torch.float64)}, str(arrays))
+    edit, named = REPORT_DAMAGES[damage]
+    edit(json_, arrays)
+    with pytest.raises(ArtifactError) as refused:
+        DegeneracyReport.load(tmp_path / "rep")
+    assert str(tmp_path / f"rep.{named}") in str(refused.value), str(refused.value)

@@ -112,3 +112,50 @@ def test_reference_weights_survive_both_apis():
         back = hooked_state_dict(ckpt.model(api=api))
         for name, weight in ckpt.state_dict.items():
             torch.testing.assert_close(back[name], weight, rtol=0, atol=0)
+
+
+def _small_checkpoint(folder, p: int = 5):
+    """A tiny checkpoint (p = 5) written by `save_checkpoint`, to damage."""
+    model = build_model(model_config(p), None, api=APIS[0])
+    return save_checkpoint(folder, model, {"dataset": {"modulus": p, "frac_train": 0.4}})
+
+
+def _edit_config(folder, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_damaged_weights_are_named_never_unpickled(tmp_path):
+    """A pickle in place of model.safetensors (never unpickled) and a weight of another shape:
+    one ValueError naming the file, not a SafetensorError or a state_dict RuntimeError."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _small_checkpoint(tmp_path / "pickled")
+    torch.save({"W_E": torch.zeros(2)}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"pickled/model.safetensors is not a safetensors file"):
+        load_checkpoint(folder)
+    folder = _small_checkpoint(tmp_path / "shape")
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["blocks.0.attn.W_K"] = torch.zeros(3, 3)
+    save_file(weights, str(folder / "model.safetensors"))
+    for api in APIS:
+        with pytest.raises(ValueError, match=r"W_K has shape \[3, 3\], but .*config.json gives"):
+            load_checkpoint(folder, api=api)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c["model"].update(d_model="x"), "model.d_model is 'x'; it must be a whole"),
+        (lambda c: c.update(model=[1]), "'model' is a JSON list, not an object"),
+        (lambda c: c["dataset"].update(modulus="x"), "dataset.modulus is 'x', but model.d_vocab"),
+        (lambda c: c["dataset"].update(frac_train=2), "dataset.frac_train is 2; it must be"),
+    ],
+)
+def test_a_config_of_the_wrong_types_is_named(tmp_path, edit, message):
+    folder = _small_checkpoint(tmp_path / "ck")
+    _edit_config(folder, edit)
+    with pytest.raises(ValueError, match=r"ck/config.json: ") as caught:
+        load_checkpoint(folder)
+    assert message in str(caught.value) and "save_checkpoint" in str(caught.value)

@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.artifacts import Result, build_metadata
+from tl_degeneracy.engine.artifacts import Result, build_metadata, check_saved
 from tl_degeneracy.engine.attribution.gradients import (
     AttributionMetric,
     batch_metric,
@@ -68,6 +68,28 @@ def _first_part_width(model: nn.Module, site: Any, total: int) -> int:
     if len(site_parts(model, site)) == 1:
         return total
     return total - int(model_cfg(model).d_model)
+
+
+_SCORES = ("attribution", "patching", "importance")
+_COMPARISON_KEYS = {
+    "comparison": {
+        "clean_metric": float,
+        "corrupted_metric": float,
+        "sites": {
+            "*": {
+                "site": str,
+                "kind": str,
+                "d": int,
+                "site_attribution": float,
+                "tl_site_attribution": (float, None),
+                "site_patching": float,
+                "seconds?": float,
+                "tl_comparable?": (float, None),
+            }
+        },
+    }
+}
+"""The metadata an `AttributionComparison` is rebuilt from (`artifacts.check_saved`)."""
 
 
 @dataclass
@@ -135,6 +157,18 @@ class AttributionComparison(Result):
             for f in ("attribution", "patching", "importance"):
                 entry.pop(f)
         return {**self.metadata, "comparison": data}
+
+    @classmethod
+    def _check_artifact(
+        cls, tensors: dict[str, Tensor], meta: dict[str, Any], folder: Path
+    ) -> None:
+        """What `from_json` reads, and per site its three score vectors of one length."""
+
+        def shapes(meta: dict[str, Any]) -> dict[str, tuple[int | str, ...]]:
+            names = meta["comparison"]["sites"]
+            return {f"{n}/{f}": (n,) for n in names for f in _SCORES}
+
+        check_saved(folder, cls.ARTIFACT, meta, tensors, _COMPARISON_KEYS, shapes)
 
     @classmethod
     def _from_artifact(

@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from tl_degeneracy.engine.artifacts import ArtifactError, rebuilding
 from tl_degeneracy.engine.brief_repr import BriefRepr
 from tl_degeneracy.engine.degeneracy.additivity import AdditivityResult
 from tl_degeneracy.engine.degeneracy.calibrated import CalibratedLLC
@@ -112,6 +114,10 @@ class SectionReport(BriefRepr):
                     f". {label}: {setting}: N_eff = {_pm(r.n_eff, r.n_eff_se)}, R-hat {r.rhat:.3f}"
                 )
         return text
+
+
+REPORT_FORMAT = "tl_degeneracy.DegeneracyReport/1"
+"""The `format` entry of a saved report's JSON file (`DegeneracyReport.save`)."""
 
 
 @dataclass(repr=False)
@@ -277,7 +283,7 @@ class DegeneracyReport(BriefRepr):
         stem.parent.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, Tensor] = {"eps_grid": torch.tensor(self.eps_grid, dtype=torch.float64)}
         meta: dict[str, Any] = {
-            "format": "tl_degeneracy.DegeneracyReport/1",
+            "format": REPORT_FORMAT,
             "eps": self.eps,
             "cutoff": self.cutoff,
             "n_data": self.n_data,
@@ -325,8 +331,15 @@ class DegeneracyReport(BriefRepr):
                 "(out/report for out/report.json and out/report.safetensors) or the folder "
                 "`tl-degeneracy degeneracy --out` wrote"
             )
-        meta = json.loads(stem.with_suffix(".json").read_text())
-        arrays = load_file(str(stem.with_suffix(".safetensors")))
+        meta, arrays = _read_report(stem.with_suffix(".json"), stem.with_suffix(".safetensors"))
+        with rebuilding(
+            stem.with_suffix(".json"), stem.with_suffix(".safetensors"), "degeneracy report"
+        ):
+            return cls._from_files(meta, arrays)
+
+    @classmethod
+    def _from_files(cls, meta: dict[str, Any], arrays: dict[str, Tensor]) -> DegeneracyReport:
+        """The report of the JSON and arrays `save` wrote."""
 
         def result(prefix: str, entry: dict[str, Any]) -> LLCResult:
             parts = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
@@ -364,6 +377,32 @@ class DegeneracyReport(BriefRepr):
             meta["versions"],
             sensitivity,
         )
+
+
+def _read_report(json_path: Path, tensor_path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A saved report's JSON object (of `REPORT_FORMAT`) and arrays, or an `ArtifactError`
+    naming the damaged file."""
+    fix = "restore it or build the report again (`tl-degeneracy degeneracy`)"
+    try:
+        meta = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{json_path} is corrupted (invalid JSON: {e}); {fix}") from e
+    if not isinstance(meta, dict):
+        raise ArtifactError(
+            f"{json_path} is corrupted (a JSON {type(meta).__name__}, not an object); {fix}"
+        )
+    if meta.get("format") != REPORT_FORMAT:
+        found = repr(meta["format"]) if "format" in meta else "missing"
+        raise ArtifactError(
+            f"{json_path}: 'format' is {found} where a saved degeneracy report has "
+            f"{REPORT_FORMAT!r}: this is not a report this version reads, or the file was "
+            f"edited; {fix}"
+        )
+    try:
+        arrays = load_file(str(tensor_path))
+    except (SafetensorError, ValueError) as e:
+        raise ArtifactError(f"{tensor_path} is corrupted ({e}); {fix}") from e
+    return meta, arrays
 
 
 def plot_llc_results(

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from tl_degeneracy.engine.artifacts import Result
+from tl_degeneracy.engine.artifacts import Result, check_saved
 from tl_degeneracy.engine.attribution import spearman, tl_sites_attribution
 from tl_degeneracy.engine.attribution.patching import (
     corrupted_baseline,
@@ -37,6 +37,22 @@ from tl_degeneracy.engine.prompt_graph.nodes import check_prompt, node_attributi
 from tl_degeneracy.engine.prompt_graph.target import TargetLike, as_target
 from tl_degeneracy.engine.sites import Positions, SiteLike
 from tl_degeneracy.engine.tokens import validate_pair
+
+_SITE_ROW = {
+    "site": str,
+    "nodes (attribution patching)": float,
+    "TransformerLens": (float, None),
+    "nodes (graph)": float,
+    "site patching": float,
+}
+_NODE_ROW = {
+    "site": str,
+    "position": int,
+    "feature": int,
+    "attribution patching": float,
+    "patching": float,
+}
+"""The entries of a saved comparison's rows that it reads (`artifacts.check_saved`)."""
 
 
 @dataclass(repr=False)
@@ -56,6 +72,14 @@ class PatchingComparison(Result):
 
     def _metadata(self) -> dict[str, Any]:
         return {**self.metadata, "site_rows": self.sites, "node_rows": self.nodes}
+
+    @classmethod
+    def _check_artifact(
+        cls, tensors: dict[str, Tensor], meta: dict[str, Any], folder: Path
+    ) -> None:
+        """The rows the tables, plot and correlations read, and the two target values."""
+        keys = {"site_rows": [_SITE_ROW], "node_rows": [_NODE_ROW]}
+        check_saved(folder, cls.ARTIFACT, meta, tensors, keys, {"values": (2,)})
 
     @classmethod
     def _from_artifact(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> PatchingComparison:

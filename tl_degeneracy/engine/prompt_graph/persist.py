@@ -4,11 +4,12 @@ JSON metadata, and the graph rebuilt from both."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from tl_degeneracy.engine.artifacts import ArtifactError
+from tl_degeneracy.engine.artifacts import ArtifactError, check_saved
 from tl_degeneracy.engine.prompt_graph.edges import CandidateGraph
 from tl_degeneracy.engine.prompt_graph.graph import PromptGraph, PromptGraphConfig
 
@@ -16,6 +17,7 @@ FORMAT = "tl_degeneracy.prompt_graph/1"
 TENSORS_FILE = "tensors.safetensors"
 METADATA_FILE = "metadata.json"
 _CANDIDATE_FIELDS = [f.name for f in dataclasses.fields(CandidateGraph)]
+_EDGE_FIELDS = ("src", "dst", "weight")
 _PER_SITE = ("site_positions", "features", "attributions", "rest")
 
 
@@ -61,10 +63,58 @@ def _config(d: dict[str, Any]) -> PromptGraphConfig:
     return PromptGraphConfig(**d)
 
 
-def graph_from_artifact(t: dict[str, torch.Tensor], meta: dict[str, Any]) -> PromptGraph:
-    """The graph of `graph_tensors` and `graph_metadata`."""
+_KEYS = {
+    "str_tokens": [str],
+    "graph_sites": [str],
+    "target": {"name": str, "position": int, "kind?": str},
+    "value": float,
+    "config": dict,
+    "graph_metadata?": dict,
+    "details?": (dict, None),
+}
+"""The metadata a `PromptGraph` is rebuilt from and the viewer reads (`check_saved`)."""
+
+
+def check_graph_artifact(
+    t: dict[str, torch.Tensor], meta: dict[str, Any], folder: Path | None = None
+) -> None:
+    """Refuse (`ArtifactError` naming the file and entry) a saved graph of another format,
+    without an entry it is rebuilt from, or whose tensors do not fit together: one per token,
+    per site, per candidate node and per candidate edge."""
+    where = Path() if folder is None else folder
     if meta.get("format") != FORMAT:
-        raise ArtifactError(f"this folder holds {meta.get('format')!r}, not a {FORMAT} graph")
+        found = repr(meta["format"]) if "format" in meta else "missing"
+        raise ArtifactError(
+            f"{where / METADATA_FILE}: 'format' is {found} where a saved prompt graph has "
+            f"{FORMAT!r}: this is not a graph this version reads, or the file was edited; "
+            "restore it or build the graph again"
+        )
+
+    def shapes(meta: dict[str, Any]) -> dict[str, tuple[int | str, ...]]:
+        n_tokens, n_sites = len(meta["str_tokens"]), len(meta["graph_sites"])
+        out: dict[str, tuple[int | str, ...]] = {
+            "tokens": (n_tokens,),
+            "embedding": (n_tokens,),
+            "site_totals": (n_sites,),
+            "influence": ("nodes",),
+            "kept_nodes": ("nodes",),
+            "kept_edges": ("edges",),
+        }
+        for layer in range(n_sites):
+            p, k = f"positions of site {layer}", f"features of site {layer}"
+            out |= {f"site_positions/{layer}": (p,), f"rest/{layer}": (p,)}
+            out |= {f"features/{layer}": (p, k), f"attributions/{layer}": (p, k)}
+        for name in _CANDIDATE_FIELDS:
+            out[f"candidates/{name}"] = ("edges",) if name in _EDGE_FIELDS else ("nodes",)
+        return out
+
+    check_saved(folder, "prompt graph", meta, t, _KEYS, shapes)
+
+
+def graph_from_artifact(t: dict[str, torch.Tensor], meta: dict[str, Any]) -> PromptGraph:
+    """The graph of `graph_tensors` and `graph_metadata`, checked (`check_graph_artifact`;
+    `Result.load` names the folder)."""
+    check_graph_artifact(t, meta)
     n_sites = len(meta["graph_sites"])
     per_site = {name: [t[f"{name}/{layer}"] for layer in range(n_sites)] for name in _PER_SITE}
     site_positions, features, attributions, rest = (per_site[n] for n in _PER_SITE)

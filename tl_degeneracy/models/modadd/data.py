@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -69,7 +70,20 @@ class ModAddDataset:
     @classmethod
     def from_split_file(cls, path: str | Path, p: int | None = None) -> ModAddDataset:
         """The split stored in `split.safetensors` (`train_indices`, `test_indices`)."""
-        split = load_file(str(path))
+        try:
+            split = load_file(str(path))
+        except SafetensorError as error:
+            raise ValueError(
+                f"{path} is not a safetensors file ({error}): a truncated copy, or another "
+                "format (pickles are never loaded); copy it again, or write it with "
+                "ModAddDataset.save_split(path)"
+            ) from error
+        missing = [k for k in ("train_indices", "test_indices") if k not in split]
+        if missing:
+            raise ValueError(
+                f"{path} has no {' or '.join(repr(k) for k in missing)} (it holds "
+                f"{sorted(split)}); write it with ModAddDataset.save_split(path)"
+            )
         train, test = split["train_indices"].long(), split["test_indices"].long()
         n = train.numel() + test.numel()
         p_from_file = round(n**0.5)
