@@ -18,6 +18,13 @@ SITES = (
 )
 
 
+def zero_top(feats, hook=None):
+    """An edit of attached features: the top one set to 0."""
+    feats = feats.clone()
+    feats[..., 0] = 0
+    return feats
+
+
 def test_attached_features_are_cacheable_and_exact(api, tiny, tokens_for):
     model = tiny(api)
     toks = tokens_for(model, 30)
@@ -45,11 +52,6 @@ def test_an_attach_inside_another_gives_the_outer_features_back(api, tiny, token
     toks = tokens_for(model, 10)
     result = fit_basis(model, toks, LIBConfig(SITES, progress=False))
     name = feature_hook_name(result[SITES[1]])
-
-    def zero_top(feats, hook=None):
-        feats = feats.clone()
-        feats[..., 0] = 0
-        return feats
 
     with torch.no_grad(), attach(model, result):
         edited = model.run_with_hooks(toks, fwd_hooks=[(name, zero_top)])
@@ -95,11 +97,6 @@ def test_editing_a_feature_changes_the_output(api, tiny, tokens_for):
     toks = tokens_for(model, 10)
     result = fit_basis(model, toks, LIBConfig(SITES, progress=False))
     name = feature_hook_name(result[SITES[1]])
-
-    def zero_top(feats, hook=None):
-        feats = feats.clone()
-        feats[..., 0] = 0
-        return feats
 
     with torch.no_grad():
         base = model(toks)
