@@ -64,8 +64,8 @@ FIT = (
 
     folder, ckpt, out, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     model = load_model_file(folder, api="API_NAME")
-    if delay:  # slow every forward down so that the parent can kill us mid-pass
-        model.add_hook("blocks.0.hook_resid_pre", lambda a, hook: time.sleep(delay),
+    if delay:  # slow every pass through block 1 down so that the parent can kill us mid-pass
+        model.add_hook("blocks.1.hook_resid_pre", lambda a, hook: time.sleep(delay),
                        is_permanent=True)
     tokens = load_file(folder + "/tokens.safetensors")["tokens"]
     config = LIBConfig(SITES, kind="lib", final_basis="pca",
