@@ -372,7 +372,7 @@ def check_saved(
     (`rebuilding` adds the folder)."""
     where = Path() if folder is None else folder
     fix = f"the file was edited or damaged: restore it or compute the {_words(what)} again"
-    problem = json_problem(meta, dict(keys), "")
+    problem = _json_problem(meta, dict(keys), "")
     if problem is not None:
         raise ArtifactError(f"{where / METADATA_FILE}: {problem}; {fix}")
     expected = shapes(meta) if callable(shapes) else shapes
@@ -391,9 +391,9 @@ _JSON_NAMES = {
 }
 
 
-def describe_schema(schema: Any) -> str:
+def _describe(schema: Any) -> str:
     if isinstance(schema, tuple):
-        return " or ".join(describe_schema(s) for s in schema)
+        return " or ".join(_describe(s) for s in schema)
     if schema is None:
         return "null"
     if isinstance(schema, list):
@@ -403,15 +403,14 @@ def describe_schema(schema: Any) -> str:
     return _JSON_NAMES.get(schema, str(schema))
 
 
-def json_problem(value: Any, schema: Any, where: str) -> str | None:
-    """What is wrong with the JSON `value` at `where` against `schema` (see `check_saved`;
-    the one check of saved JSON, also of a study's view files, `viz.report_artifacts`)."""
+def _json_problem(value: Any, schema: Any, where: str) -> str | None:
+    """What is wrong with the JSON `value` at `where` against `schema` (see `check_saved`)."""
     if isinstance(schema, tuple):
-        if any(json_problem(value, s, where) is None for s in schema):
+        if any(_json_problem(value, s, where) is None for s in schema):
             return None
     elif isinstance(schema, list):
         if isinstance(value, list):
-            problems = (json_problem(v, schema[0], f"{where}[{i}]") for i, v in enumerate(value))
+            problems = (_json_problem(v, schema[0], f"{where}[{i}]") for i, v in enumerate(value))
             return next((p for p in problems if p is not None), None)
     elif isinstance(schema, dict):
         if isinstance(value, dict):
@@ -428,14 +427,14 @@ def json_problem(value: Any, schema: Any, where: str) -> str | None:
         return None
     shown = json.dumps(value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return f"{where or 'the file'!r} is {shown}, not {describe_schema(schema)}"
+    return f"{where or 'the file'!r} is {shown}, not {_describe(schema)}"
 
 
 def _keys_problem(obj: dict[str, Any], schema: dict[str, Any], where: str) -> str | None:
     for key, sub in schema.items():
         if key == "*":
             for k, v in obj.items():
-                problem = json_problem(v, sub, f"{where}[{k!r}]")
+                problem = _json_problem(v, sub, f"{where}[{k!r}]")
                 if problem is not None:
                     return problem
             continue
@@ -445,7 +444,7 @@ def _keys_problem(obj: dict[str, Any], schema: dict[str, Any], where: str) -> st
             if key.endswith("?"):
                 continue
             return f"{path!r} is missing"
-        problem = json_problem(obj[name], sub, path)
+        problem = _json_problem(obj[name], sub, path)
         if problem is not None:
             return problem
     return None

@@ -38,15 +38,24 @@ class ViewError(ValueError):
         super().__init__(f"{where}: {problem}" if where else problem)
 
 
-def expect(value: Any, schema: Any, *keys: str | int) -> Any:
-    """`value` if it fits the JSON `schema` (`artifacts.check_saved`'s: `dict`, `list`, `str`,
-    `float` for any number, `int`, `bool`, ...), else a `ViewError` at `keys`."""
-    from tl_degeneracy.engine.artifacts import describe_schema, json_problem
+_KINDS: dict[type, str] = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    float: "a number",
+    int: "an integer",
+    bool: "true or false",
+}
+"""The JSON kinds `expect` checks, by the Python type that stands for each (`float`: any
+number). `viz` reads files without the engine (docs/architecture.md), so this is its own small
+cousin of `engine.artifacts.check_saved`."""
 
-    if json_problem(value, schema, "") is not None:
-        raise ViewError(
-            f"is {_json_type(value)} ({value!r:.40}), expected {describe_schema(schema)}", keys
-        )
+
+def expect(value: Any, kind: type, *keys: str | int) -> Any:
+    """`value` if it is of the JSON `kind` (a key of `_KINDS`), else a `ViewError` at `keys`."""
+    types = (int, float) if kind is float else kind
+    if not isinstance(value, types) or (kind is not bool and isinstance(value, bool)):
+        raise ViewError(f"is {_json_type(value)} ({value!r:.40}), expected {_KINDS[kind]}", keys)
     return value
 
 
