@@ -1,5 +1,6 @@
-"""`tl-degeneracy report` on edited JSON files of a saved study: each refused as one line naming
-the file and the entry (`load_study_artifacts`, `load_report_views`), not a raw traceback."""
+"""`tl-degeneracy report` (and `Study.load`) on edited JSON files of a saved study: each
+refused as one line naming the file and the entry (`Study.load`, `load_report_views`), not a
+raw traceback."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import pytest
 
 from tl_degeneracy import cli
+from tl_degeneracy.experiments.study import Study
 from tl_degeneracy.experiments.study_output import load_study_artifacts
 from tl_degeneracy.viz.report_artifacts import load_report_views
 
@@ -48,9 +50,10 @@ def test_a_damaged_study_json_names_the_entry(tmp_path, capsys, edit, where):
     record = {"config": {}, "timings_s": {}, "n_tokens": 1, "jacobian_errors": {},
               "used_store": False, "curves": []}  # fmt: skip
     (tmp_path / "study.json").write_text(json.dumps({**record, **edit}))
-    with pytest.raises(ValueError, match="study.json: ") as caught:
-        load_study_artifacts(tmp_path)
-    assert where in str(caught.value)
+    for load in (load_study_artifacts, Study.load):  # the report, and Python
+        with pytest.raises(ValueError, match="study.json: ") as caught:
+            load(tmp_path)
+        assert where in str(caught.value)
     (tmp_path / "summary.json").write_text("{}")
     assert cli.main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err

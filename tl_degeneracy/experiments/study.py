@@ -15,7 +15,7 @@ import json
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +47,7 @@ from tl_degeneracy.engine.jacobians import JacobianConfig, checkpoint_key
 from tl_degeneracy.engine.progress import Log
 from tl_degeneracy.engine.sites import Site, SiteLike, validate_sites
 from tl_degeneracy.engine.streaming import Checkpointing, iter_batches
+from tl_degeneracy.viz.report_artifacts import ViewError, expect, read_view, within
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class Study:
     def load(cls, path: str | Path, model: nn.Module | None = None) -> Study:
         """A study written by `save` (no refit)."""
         out = Path(path)
-        record = json.loads((out / "study.json").read_text())
+        record = read_view(out / "study.json", _study_record, STUDY_FIX)
         kinds = [p.name for p in sorted((out / "bases").iterdir())]
         bases = {k: BasisResult.load(out / "bases" / k, model) for k in kinds}
         graphs = (
@@ -195,6 +196,48 @@ class Study:
             record["used_store"],
             record.get("metadata", {}),
         )
+
+
+STUDY_FIX = (
+    "restore the file the run wrote (tl-degeneracy report re-renders what fit wrote), or run "
+    "the fit again into this folder"
+)
+"""The fix a damaged `study.json` names."""
+
+
+def _study_record(record: Any) -> dict[str, Any]:
+    """A `study.json` record that `Study.load` can read, else a `ViewError` naming the entry
+    (the settings as an object of `StudyConfig` fields, the curves as a list of
+    `{site, kind, folder}`, the counts and timings)."""
+    expect(record, dict)
+    kinds = {
+        "config": dict,
+        "timings_s": dict,
+        "n_tokens": int,
+        "jacobian_errors": dict,
+        "used_store": bool,
+        "curves": list,
+    }
+    for key, kind in kinds.items():
+        if key not in record:
+            raise ViewError("is missing", (key,))
+        expect(record[key], kind, key)
+    expect(record.get("metadata", {}), dict, "metadata")
+    known = [f.name for f in fields(StudyConfig)]
+    for key in record["config"]:
+        if key not in known:
+            raise ViewError(
+                f"is not a setting (StudyConfig has {', '.join(known)})", ("config", key)
+            )
+    with within("config"):
+        _config_from_json(record["config"])
+    for i, entry in enumerate(record["curves"]):
+        expect(entry, dict, "curves", i)
+        for key in ("site", "kind", "folder"):
+            expect(entry.get(key), str, "curves", i, key)
+        if Path(entry["folder"]).name != entry["folder"]:
+            raise ViewError("is not a folder name in curves/", ("curves", i, "folder"))
+    return record
 
 
 def _config_from_json(d: dict[str, Any]) -> StudyConfig:

@@ -98,62 +98,14 @@ def load_study_artifacts(out: str | Path) -> Any:
     """The report's inputs from a folder written by `write_study`, without refitting; without
     saved views, the dominant-direction shares come from the saved PCA spectra."""
     from tl_degeneracy.engine.diagnostics import dominant_directions
-    from tl_degeneracy.viz.report_artifacts import load_report_views, read_view
+    from tl_degeneracy.viz.report_artifacts import load_report_views
 
-    if (Path(out) / "study.json").is_file():  # a missing one: Study.load names it
-        read_view(Path(out) / "study.json", _check_study_record, STUDY_FIX)
     study = Study.load(out)
     views = load_report_views(out, list(study.bases))
     if views["diagnostic"] is None:
         source = study.bases.get("pca") or next(iter(study.bases.values()))
         views["diagnostic"] = dominant_directions(source)
     return report_inputs(study, **views)
-
-
-STUDY_FIX = (
-    "restore the file the run wrote (tl-degeneracy report re-renders what fit wrote), or run "
-    "the fit again into this folder"
-)
-"""The fix a damaged `study.json` names."""
-
-
-def _check_study_record(record: Any) -> None:
-    """Refuse a `study.json` that `Study.load` cannot read, naming the entry: a `ViewError`
-    (the settings as an object of `StudyConfig` fields, the curves as a list of
-    `{site, kind, folder}`, the counts and timings)."""
-    from dataclasses import fields
-
-    from tl_degeneracy.experiments.study import StudyConfig, _config_from_json
-    from tl_degeneracy.viz.report_artifacts import ViewError, expect, within
-
-    expect(record, dict)
-    kinds = {
-        "config": dict,
-        "timings_s": dict,
-        "n_tokens": int,
-        "jacobian_errors": dict,
-        "used_store": bool,
-        "curves": list,
-    }
-    for key, kind in kinds.items():
-        if key not in record:
-            raise ViewError("is missing", (key,))
-        expect(record[key], kind, key)
-    expect(record.get("metadata", {}), dict, "metadata")
-    known = [f.name for f in fields(StudyConfig)]
-    for key in record["config"]:
-        if key not in known:
-            raise ViewError(
-                f"is not a setting (StudyConfig has {', '.join(known)})", ("config", key)
-            )
-    with within("config"):
-        _config_from_json(record["config"])
-    for i, entry in enumerate(record["curves"]):
-        expect(entry, dict, "curves", i)
-        for key in ("site", "kind", "folder"):
-            expect(entry.get(key), str, "curves", i, key)
-        if Path(entry["folder"]).name != entry["folder"]:
-            raise ViewError("is not a folder name in curves/", ("curves", i, "folder"))
 
 
 def write_language_model_study(
