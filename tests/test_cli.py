@@ -39,6 +39,9 @@ def test_demo_fits_smollm2_then_modular_addition(calls, tmp_path, monkeypatch):
         assert getattr(lm, field) == getattr(defaults, field), field
     assert modadd.out == str(tmp_path / "demo" / "modadd")
     assert modadd.checkpoint == tmp_path / "checkpoint" and modadd.kinds == ["lib", "pca"]
+    defaults = vars(cli.build_parser().parse_args(["fit-modadd"]))
+    for field in set(defaults) - {"out", "checkpoint"}:  # every flag, the later ones too
+        assert getattr(modadd, field) == defaults[field], field
 
 
 def test_demo_without_smollm2_says_so_and_runs_modular_addition(

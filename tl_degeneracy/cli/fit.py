@@ -334,6 +334,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     "(OUT/lm, with report.html), then on the modular-addition model (OUT/modadd)",
 )(_demo_args)
 def run_demo(args: argparse.Namespace) -> int:
+    from tl_degeneracy.cli import build_parser
     from tl_degeneracy.models.corpus import wiki_path
     from tl_degeneracy.models.smollm2.loader import smollm2_gguf_path
 
@@ -346,17 +347,12 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"skipping the SmolLM2 part of the demo: {missing}")
         else:
             lm_args = ["fit-lm", "--out", str(out / "lm"), "--threads", str(args.threads)]
-            from tl_degeneracy.cli import build_parser
-
             run_fit_lm(build_parser().parse_args(lm_args))
             print(f"SmolLM2 part done after {time.perf_counter() - start:.0f} s")
-    modadd = argparse.Namespace(
-        checkpoint=demo_checkpoint(),
-        out=str(out / "modadd"),
-        api="auto",
-        kinds=["lib", "pca"],
-        quiet=False,
-    )
+    # through the parser, as fit-lm above: every flag at its default (a Namespace written here
+    # missed the one added later, --threads, and the demo failed)
+    modadd = build_parser().parse_args(["fit-modadd", "--out", str(out / "modadd")])
+    modadd.checkpoint = demo_checkpoint()
     run_fit_modadd(modadd)
     print(f"demo done in {time.perf_counter() - start:.0f} s: {out}")
     return 0
